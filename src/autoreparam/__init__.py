@@ -1,0 +1,20 @@
+"""autoreparam: find the likelihood-invariant directions of a NumPyro model and reparameterize it."""
+
+from .analysis import analyze
+from .errors import AutoreparamError, InputError, ModelError
+from .report import Funnel, Invariance, Report, Term
+from .trace import Plate, Site
+
+__all__ = [
+    "analyze",
+    "AutoreparamError",
+    "Funnel",
+    "InputError",
+    "Invariance",
+    "ModelError",
+    "Plate",
+    "Report",
+    "Site",
+    "Term",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,192 @@
+"""The result of ``analyze``: plain data with a readable ``str`` and a JSON form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+from .linear_maps import LinearMap, SharedSubspace
+from .trace import Site
+
+__all__ = ["Term", "Invariance", "Funnel", "Report"]
+
+
+@dataclass(frozen=True)
+class Term:
+    """Latent ``site`` enters ``observed``'s distribution ``params`` through a constant linear map.
+
+    ``structure`` is ``"gather"`` (indexing, broadcasting, covariate scaling: one element of the
+    site per predictor entry), ``"dense"`` (a small site such as ``X @ beta``) or
+    ``"unstructured"`` (additive, but too large and too mixed to analyse without a dense Jacobian).
+    """
+
+    observed: str
+    site: str
+    params: tuple[str, ...]
+    structure: str
+    linear_map: LinearMap | None = field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        return {"site": self.site, "params": list(self.params), "structure": self.structure}
+
+
+@dataclass(frozen=True)
+class Invariance:
+    """A direction in (A, B) that leaves ``observed``'s distribution unchanged.
+
+    ``sites`` is (A, B) with A first in program order. For ``kind == "additive"``,
+    ``absorption`` holds the map G from A into B's coordinates (``absorption.absorb(a)``)
+    and bases of the ``dim``-dimensional shared subspace; ``residual`` is the relative change
+    of the observed site's parameters measured with a JVP along a random invariant direction.
+    ``kind == "multiplicative"`` marks a direction that exists only at a point (the scale
+    trade-off of ``u_i * v_j``); it has no absorption map and is never planned as additive.
+    """
+
+    observed: str
+    sites: tuple[str, str]
+    kind: str
+    dim: int
+    residual: float
+    structure: str = "linear"
+    absorption: SharedSubspace | None = field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        out = {
+            "observed": self.observed,
+            "sites": list(self.sites),
+            "kind": self.kind,
+            "dim": self.dim,
+            "residual": float(self.residual),
+            "structure": self.structure,
+        }
+        if self.absorption is not None:
+            out["absorption"] = {
+                "shape": [self.absorption.E.shape[0], self.absorption.M.shape[1]],
+                "rank": self.absorption.dim,
+                "nnz": int(self.absorption.E.nnz + self.absorption.M.nnz),
+            }
+        return out
+
+    def describe(self) -> str:
+        a, b = self.sites
+        if self.kind != "additive":
+            return f"{a} <-> {b}: local {self.kind} trade-off (not planned)"
+        how = {
+            "broadcast": f"{b} absorbs {a} (broadcast)",
+            "gather": f"{b} absorbs {a} (each level of {b} sits in one level of {a})",
+            "mean": f"{b} absorbs the mean of {a}",
+            "covariate": f"{b} absorbs {a} through a {b}-level covariate",
+            "linear": f"{b} absorbs a linear function of {a}",
+        }[self.structure]
+        return how
+
+
+@dataclass(frozen=True)
+class Funnel:
+    """A latent loc-scale site with real support whose scale depends on other latent sites."""
+
+    site: str
+    distribution: str
+    scale_parents: tuple[str, ...]
+    loc_parents: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {
+            "site": self.site,
+            "distribution": self.distribution,
+            "scale_parents": list(self.scale_parents),
+            "loc_parents": list(self.loc_parents),
+        }
+
+
+@dataclass
+class Report:
+    """What ``analyze`` found. See ``autoreparam.analyze`` for an example."""
+
+    model_name: str
+    sites: dict[str, Site]
+    graph: nx.DiGraph
+    terms: dict[str, list[Term]]
+    invariances: list[Invariance]
+    funnels: list[Funnel]
+    notes: list[str] = field(default_factory=list)
+
+    def additive(self) -> list[Invariance]:
+        return [inv for inv in self.invariances if inv.kind == "additive"]
+
+    def pairs(self, kind: str = "additive") -> dict[tuple[str, str, str], int]:
+        """``{(observed, A, B): dim}`` for the invariances of one kind, handy in tests."""
+        return {(i.observed, *i.sites): i.dim for i in self.invariances if i.kind == kind}
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model_name,
+            "sites": [s.to_json() for s in self.sites.values()],
+            "terms": {obs: [t.to_json() for t in terms] for obs, terms in self.terms.items()},
+            "invariances": [i.to_json() for i in self.invariances],
+            "funnels": [f.to_json() for f in self.funnels],
+            "notes": list(self.notes),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"autoreparam analysis of {self.model_name}", ""]
+        latent = [s for s in self.sites.values() if s.type == "latent"]
+        observed = [s for s in self.sites.values() if s.type == "observed"]
+        lines.append(f"sites: {len(latent)} latent ({_count(latent)} values), "
+                     f"{len(observed)} observed ({_count(observed)} values)")
+        width = max(len(s.name) for s in self.sites.values())
+        for s in self.sites.values():
+            if s.type == "param":
+                desc = f"param        {_shape(s.shape)}"
+            elif s.type == "deterministic":
+                desc = f"deterministic {_shape(s.shape)}"
+            else:
+                plates = ", ".join(p.name for p in s.plates)
+                desc = (f"{s.type:<9}{s.distribution} {_shape(s.shape)}"
+                        + (f"  plates: {plates}" if plates else "")
+                        + ("  [discrete: left out]" if s.is_discrete and s.type == "latent" else ""))
+            lines.append(f"  {s.name:<{width}}  {desc}")
+        lines.append("")
+        for obs, terms in self.terms.items():
+            if terms:
+                lines.append(f"additive terms of {obs}: " + " + ".join(
+                    t.site + ("" if t.structure != "unstructured" else " (unstructured)") for t in terms))
+            else:
+                lines.append(f"additive terms of {obs}: none")
+        additive = self.additive()
+        lines.append("")
+        if additive:
+            lines.append(f"likelihood-invariant pairs ({len(additive)}):")
+            pw = max(len(f"{a}, {b}") for a, b in (i.sites for i in additive))
+            for inv in additive:
+                pair = f"{inv.sites[0]}, {inv.sites[1]}"
+                lines.append(f"  {{{pair}}}{'':<{pw - len(pair)}}  dim {inv.dim:<4} in {inv.observed}: "
+                             f"{inv.describe()}   residual {inv.residual:.0e}")
+        else:
+            lines.append("likelihood-invariant pairs: none")
+        local = [i for i in self.invariances if i.kind != "additive"]
+        if local:
+            lines.append("local (non-additive) trade-offs, not planned:")
+            for inv in local:
+                lines.append(f"  {{{inv.sites[0]}, {inv.sites[1]}}}  dim {inv.dim} in {inv.observed} "
+                             f"({inv.kind})")
+        lines.append("")
+        if self.funnels:
+            lines.append("funnels (candidates for non-centring):")
+            for f in self.funnels:
+                lines.append(f"  {f.site} ~ {f.distribution}: scale depends on {', '.join(f.scale_parents)}")
+        else:
+            lines.append("funnels: none")
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        return "\n".join(lines)
+
+
+def _count(sites) -> int:
+    return int(sum(np.prod(s.shape, dtype=np.int64) for s in sites))
+
+
+def _shape(shape) -> str:
+    return "scalar" if not shape else "(" + ", ".join(str(d) for d in shape) + ")"

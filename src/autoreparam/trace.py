@@ -1,0 +1,403 @@
+"""Run a NumPyro model under effect handlers and record its sites.
+
+The first pass is shape-only (``jax.eval_shape``, as ``numpyro.infer.inspect`` does);
+a model whose Python code needs concrete data values falls back to one eager run.
+Concrete points for the numerical checks come from ``init_to_uniform``: every
+continuous latent site is drawn uniformly in (-2, 2) of its unconstrained space.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro import handlers
+import numpyro.distributions as dist
+from numpyro.distributions import constraints
+from numpyro.infer.initialization import init_to_uniform
+from numpyro.primitives import Messenger
+
+from .errors import InputError, ModelError
+
+__all__ = ["Plate", "Site", "ModelTrace", "trace_model", "unwrap_distribution"]
+
+_TRACER_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerArrayConversionError,
+)
+
+
+@dataclass(frozen=True)
+class Plate:
+    """A ``numpyro.plate`` as seen by a site: name, full size, batch dim, subsample size."""
+
+    name: str
+    size: int
+    dim: int
+    subsample_size: int
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "size": self.size, "dim": self.dim,
+                "subsample_size": self.subsample_size}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One site of the model, in program order.
+
+    ``type`` is ``"latent"``, ``"observed"``, ``"deterministic"`` or ``"param"``.
+    ``distribution`` is the name of the innermost distribution (``Normal`` for
+    ``Normal(0, 1).expand([3]).to_event(1)``) and ``params`` its parameter names.
+    """
+
+    name: str
+    type: str
+    order: int
+    shape: tuple[int, ...]
+    distribution: str | None = None
+    batch_shape: tuple[int, ...] = ()
+    event_shape: tuple[int, ...] = ()
+    support: str | None = None
+    is_discrete: bool = False
+    plates: tuple[Plate, ...] = ()
+    params: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "order": self.order,
+            "distribution": self.distribution,
+            "shape": list(self.shape),
+            "batch_shape": list(self.batch_shape),
+            "event_shape": list(self.event_shape),
+            "support": self.support,
+            "is_discrete": self.is_discrete,
+            "plates": [p.to_json() for p in self.plates],
+            "params": list(self.params),
+        }
+
+
+def unwrap_distribution(fn):
+    """The innermost distribution under Independent/Expanded/Masked wrappers."""
+    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+def support_name(constraint) -> str:
+    """A short name for a constraint: ``real``, ``positive``, ``interval(0, 2)``..."""
+    if isinstance(constraint, constraints.independent):
+        base = support_name(constraint.base_constraint)
+        return f"{base}_vector" if base == "real" else f"{base}^{constraint.reinterpreted_batch_ndims}"
+    name = type(constraint).__name__.lstrip("_")
+    name = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    bounds = [getattr(constraint, b) for b in ("lower_bound", "upper_bound") if hasattr(constraint, b)]
+    if isinstance(constraint, (constraints.interval, constraints.greater_than)) and name not in (
+        "positive", "unit_interval", "nonnegative"
+    ):
+        return f"{name}({', '.join(_fmt_bound(b) for b in bounds)})"
+    return name
+
+
+def _fmt_bound(b) -> str:
+    try:
+        return f"{float(b):g}"
+    except (TypeError, ValueError):
+        return "array"
+
+
+class _SiteRecorder(Messenger):
+    """Records static facts about every site (shapes, plates, distributions) in order."""
+
+    def __init__(self, fn=None):
+        super().__init__(fn)
+        self.records: list[dict] = []
+        self.plate_sizes: dict[str, tuple[int, int]] = {}
+        self.scan_sites: list[str] = []
+        self.last_site: str | None = None
+
+    def process_message(self, msg):
+        if msg["type"] in ("sample", "deterministic", "param"):
+            self.last_site = msg["name"]
+
+    def postprocess_message(self, msg):
+        kind = msg["type"]
+        if kind == "plate":
+            size, subsample_size = msg["args"][:2]
+            self.plate_sizes[msg["name"]] = (int(size), int(subsample_size or size))
+            return
+        if kind == "control_flow":
+            inner = msg["value"][1][0].trace
+            self.scan_sites += [n for n, s in inner.items() if s["type"] in ("sample", "deterministic")]
+            return
+        if kind not in ("sample", "deterministic", "param"):
+            return
+        record = {"name": msg["name"], "shape": tuple(jnp.shape(msg["value"]))}
+        if kind == "sample":
+            fn = msg["fn"]
+            base = unwrap_distribution(fn)
+            if msg["is_observed"]:
+                kind = "observed"
+                _check_observed_shape(msg["name"], fn, record["shape"])
+            else:
+                kind = "latent"
+            record.update(
+                distribution=type(base).__name__,
+                batch_shape=tuple(fn.batch_shape),
+                event_shape=tuple(fn.event_shape),
+                support=support_name(fn.support),
+                is_discrete=bool(fn.support.is_discrete),
+                params=tuple(base.arg_constraints),
+                plates=tuple(
+                    (f.name, int(f.size), int(f.dim)) for f in msg["cond_indep_stack"]
+                ),
+            )
+        elif kind == "param":
+            constraint = msg["kwargs"].get("constraint", constraints.real)
+            record.update(support=support_name(constraint))
+        record["type"] = kind
+        self.records.append(record)
+
+
+def _check_observed_shape(name, fn, value_shape):
+    dist_shape = tuple(fn.batch_shape) + tuple(fn.event_shape)
+    try:
+        np.broadcast_shapes(dist_shape, value_shape)
+    except ValueError:
+        raise ModelError(
+            f"observed site '{name}': its value has shape {value_shape} but its "
+            f"distribution has shape {dist_shape}; they must broadcast"
+        ) from None
+
+
+def check_model_inputs(args: tuple, kwargs: dict) -> None:
+    """Raise InputError for model inputs that are not arrays, numbers, strings or None."""
+    allowed = (np.ndarray, jax.Array, np.generic, int, float, complex, bool, str, type(None))
+
+    def check(value, where):
+        if isinstance(value, allowed):
+            return
+        if isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                check(v, f"{where}[{i}]")
+            return
+        if isinstance(value, dict):
+            for k, v in value.items():
+                check(v, f"{where}[{k!r}]")
+            return
+        raise InputError(
+            f"model input {where} is a {type(value).__module__}.{type(value).__qualname__}; "
+            "expected arrays (numpy or jax), numbers, strings, None, or lists/tuples/dicts of those"
+        )
+
+    for i, a in enumerate(args):
+        check(a, f"args[{i}]")
+    for k, v in kwargs.items():
+        check(v, f"{k}=")
+
+
+def describe_exception(exc: BaseException) -> str:
+    """The first line of an exception message, prefixed with its type."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+@dataclass
+class ModelTrace:
+    """The sites of a model run on example inputs, and a way to re-run it at chosen values."""
+
+    model: Callable
+    args: tuple
+    kwargs: dict
+    sites: dict[str, Site]
+    shape_only: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def latent_names(self) -> list[str]:
+        """Continuous latent sample sites, in program order."""
+        return [n for n, s in self.sites.items() if s.type == "latent" and not s.is_discrete]
+
+    @property
+    def observed_names(self) -> list[str]:
+        return [n for n, s in self.sites.items() if s.type == "observed"]
+
+    def run(self, values: dict[str, Any], rng_seed: int = 0):
+        """Run the model with latent sites set to ``values``; returns the NumPyro trace.
+
+        The seed is fixed so that plate subsamples and unset sites are the same on every run.
+        """
+        model = handlers.substitute(handlers.seed(self.model, rng_seed), data=values)
+        return handlers.trace(model).get_trace(*self.args, **self.kwargs)
+
+    def point(self, rng_seed: int) -> dict[str, jax.Array]:
+        """Values of all latent sample sites, uniform in (-2, 2) of the unconstrained space."""
+        model = handlers.substitute(
+            handlers.seed(self.model, rng_seed), substitute_fn=init_to_uniform(radius=2)
+        )
+        tr = _run_guarded(lambda: handlers.trace(model).get_trace(*self.args, **self.kwargs))
+        return {
+            n: s["value"]
+            for n, s in tr.items()
+            if s["type"] == "sample" and not s["is_observed"]
+        }
+
+
+def _run_guarded(fn, recorder: _SiteRecorder | None = None):
+    try:
+        return fn()
+    except ModelError:
+        raise
+    except _TRACER_ERRORS:
+        raise
+    except Exception as exc:  # the user's model raised: say so in one line
+        where = f" (at or after site '{recorder.last_site}')" if recorder and recorder.last_site else ""
+        raise ModelError(
+            f"the model raised {describe_exception(exc)}{where} when run on the example inputs"
+        ) from exc
+
+
+def trace_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -> ModelTrace:
+    """Trace ``model(*args, **kwargs)`` and return its sites in program order.
+
+    >>> def model(y):
+    ...     mu = numpyro.sample("mu", dist.Normal(0, 1))
+    ...     with numpyro.plate("n", 3):
+    ...         numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+    >>> [(s.name, s.type, s.shape) for s in trace_model(model, (jnp.zeros(3),)).sites.values()]
+    [('mu', 'latent', ()), ('y', 'observed', (3,))]
+    """
+    if not callable(model):
+        raise InputError(f"model must be a callable NumPyro model, got {type(model).__name__}")
+    kwargs = dict(kwargs or {})
+    check_model_inputs(tuple(args), kwargs)
+
+    def run():
+        recorder = _SiteRecorder()
+        seeded = handlers.substitute(handlers.seed(model, 0), substitute_fn=init_to_uniform(radius=2))
+        with recorder:
+            _run_guarded(lambda: seeded(*args, **kwargs), recorder)
+        return recorder
+
+    shape_only = True
+    box = {}
+
+    def shape_run():
+        box["recorder"] = run()
+        return 0
+
+    try:
+        jax.eval_shape(shape_run)
+    except _TRACER_ERRORS:
+        # The model's Python code looks at data values (e.g. ``int(idx.max())``): run it eagerly.
+        shape_only = False
+        try:
+            box["recorder"] = run()
+        except _TRACER_ERRORS as exc:
+            raise ModelError(f"the model cannot be run on the example inputs: {describe_exception(exc)}") from exc
+    recorder = box["recorder"]
+
+    if recorder.scan_sites:
+        names = ", ".join(f"'{n}'" for n in recorder.scan_sites)
+        raise ModelError(
+            f"site {names} is sampled inside numpyro.contrib.control_flow.scan, which autoreparam "
+            "cannot analyse; write the loop with plates or a vectorised distribution "
+            "(e.g. dist.GaussianRandomWalk)"
+        )
+
+    sites: dict[str, Site] = {}
+    for order, rec in enumerate(recorder.records):
+        plates = tuple(
+            Plate(name, size, dim, recorder.plate_sizes.get(name, (size, size))[1])
+            for name, size, dim in sorted(rec.get("plates", ()), key=lambda p: p[2])
+        )
+        sites[rec["name"]] = Site(
+            name=rec["name"],
+            type=rec["type"],
+            order=order,
+            shape=rec["shape"],
+            distribution=rec.get("distribution"),
+            batch_shape=rec.get("batch_shape", ()),
+            event_shape=rec.get("event_shape", ()),
+            support=rec.get("support"),
+            is_discrete=rec.get("is_discrete", False),
+            plates=plates,
+            params=rec.get("params", ()),
+        )
+    mt = ModelTrace(model, tuple(args), kwargs, sites, shape_only)
+    if not mt.observed_names:
+        raise ModelError(
+            "the model has no observed site (a numpyro.sample with obs=...); "
+            "pass the data so the likelihood can be analysed"
+        )
+    for name, site in sites.items():
+        if site.type == "latent" and site.is_discrete:
+            mt.notes.append(
+                f"site '{name}' is discrete ({site.distribution}, support {site.support}); "
+                "it is held fixed and left out of the analysis"
+            )
+    return mt
+
+
+class _KeepComputedDeterministic(Messenger):
+    """Innermost handler: keeps a deterministic site's computed value before substitution."""
+
+    def __init__(self, fn=None):
+        super().__init__(fn)
+        self.computed: dict[str, Any] = {}
+
+    def process_message(self, msg):
+        if msg["type"] == "deterministic":
+            self.computed[msg["name"]] = msg["value"]
+
+
+def site_dependencies(mt: ModelTrace, values: dict[str, Any]) -> dict[str, set[str]] | None:
+    """Direct parents of every sample and deterministic site, by exact provenance tracking.
+
+    Deterministic and param sites are inputs of their own, so a site that reads a
+    deterministic predictor depends on it rather than on the latents behind it. Returns None
+    when the model cannot be traced abstractly (then callers fall back to JVP probes).
+    """
+    from numpyro.ops.provenance import eval_provenance
+
+    tr = mt.run(values)
+    inputs = {
+        n: jnp.asarray(s["value"])
+        for n, s in tr.items()
+        if s["type"] in ("deterministic", "param") or (s["type"] == "sample" and not s["is_observed"])
+    }
+
+    def outputs(**inp):
+        keep = _KeepComputedDeterministic()
+        with handlers.trace() as tr2, handlers.seed(rng_seed=0), handlers.substitute(data=inp), keep:
+            mt.model(*mt.args, **mt.kwargs)
+        out = {}
+        for name, site in tr2.items():
+            if site["type"] == "sample":
+                base = unwrap_distribution(site["fn"])
+                out[name] = [jnp.asarray(getattr(base, p)) for p in base.arg_constraints
+                             if hasattr(base, p)]
+            elif site["type"] == "deterministic":
+                out[name] = jnp.asarray(keep.computed[name])
+        return out
+
+    try:
+        prov = eval_provenance(outputs, **inputs)
+    except Exception:  # noqa: BLE001 - abstract tracing is best effort; JVP probes are the fallback
+        return None
+    deps = {}
+    for name, p in prov.items():
+        found = set().union(*jax.tree.leaves(p, is_leaf=lambda x: isinstance(x, frozenset))) if p else set()
+        deps[name] = {d for d in found if d != name}
+    return deps

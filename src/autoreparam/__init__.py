@@ -2,11 +2,21 @@
 
 from .analysis import analyze
 from .errors import AutoreparamError, InputError, ModelError
+from .plan import Offset, Plan, PlanError, SitePlan
+from .reparam import ConditionalOffsetReparam, auto, record_values, reparameterize
 from .report import Funnel, Invariance, Report, Term
 from .trace import Plate, Site
 
 __all__ = [
     "analyze",
+    "auto",
+    "reparameterize",
+    "record_values",
+    "ConditionalOffsetReparam",
+    "Offset",
+    "Plan",
+    "PlanError",
+    "SitePlan",
     "AutoreparamError",
     "Funnel",
     "InputError",

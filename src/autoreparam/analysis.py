@@ -23,7 +23,15 @@ from .errors import ModelError
 from .graph import build_graph
 from .linear_maps import DenseMap, GatherMap, shared_subspace
 from .report import Funnel, Invariance, Report, Term
-from .trace import _TRACER_ERRORS, ModelTrace, describe_exception, site_dependencies, trace_model, unwrap_distribution
+from .trace import (
+    _TRACER_ERRORS,
+    ModelTrace,
+    describe_exception,
+    isolated_from_handlers,
+    site_dependencies,
+    trace_model,
+    unwrap_distribution,
+)
 
 __all__ = ["analyze"]
 
@@ -51,6 +59,11 @@ def analyze(model: Callable, *args, **kwargs) -> Report:
     >>> report.invariances[0].absorption.absorb(np.array([2.0]))  # a absorbs mu by broadcast
     array([2., 2., 2., 2.])
     """
+    with isolated_from_handlers():
+        return _analyze(model, args, kwargs)
+
+
+def _analyze(model, args, kwargs) -> Report:
     mt = trace_model(model, args, kwargs)
     probe = _Probe(mt)
     notes = list(mt.notes)
@@ -93,7 +106,7 @@ def analyze(model: Callable, *args, **kwargs) -> Report:
     if parents is None:
         parents = probe.jvp_dependencies()
     graph = build_graph(mt.sites, parents, invariances)
-    return Report(_model_name(model), mt.sites, graph, terms, invariances, funnels, notes)
+    return Report(_model_name(model), mt.sites, graph, terms, invariances, funnels, notes, mt)
 
 
 def _model_name(model) -> str:

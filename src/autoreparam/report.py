@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -112,6 +113,18 @@ class Report:
     invariances: list[Invariance]
     funnels: list[Funnel]
     notes: list[str] = field(default_factory=list)
+    model_trace: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def plan(self):
+        """The default plan: offsets along every additive pair, analytic xi, non-centred funnels."""
+        return self.make_plan()
+
+    def make_plan(self, init: str = "analytic", noncentre: Any = "auto", at: dict | None = None):
+        """A plan with chosen options (see ``autoreparam.reparameterize`` for their meaning)."""
+        from .plan import build_plan
+
+        return build_plan(self, init=init, noncentre=noncentre, at=at)
 
     def additive(self) -> list[Invariance]:
         return [inv for inv in self.invariances if inv.kind == "additive"]

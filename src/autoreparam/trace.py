@@ -9,6 +9,7 @@ continuous latent site is drawn uniformly in (-2, 2) of its unconstrained space.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,7 +20,7 @@ from numpyro import handlers
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_uniform
-from numpyro.primitives import Messenger
+from numpyro.primitives import _PYRO_STACK, Messenger
 
 from .errors import InputError, ModelError
 
@@ -86,6 +87,17 @@ class Site:
             "plates": [p.to_json() for p in self.plates],
             "params": list(self.params),
         }
+
+
+@contextmanager
+def isolated_from_handlers():
+    """Run with an empty NumPyro handler stack (e.g. analysing a model from inside a model run)."""
+    saved = list(_PYRO_STACK)
+    _PYRO_STACK.clear()
+    try:
+        yield
+    finally:
+        _PYRO_STACK[:] = saved
 
 
 def unwrap_distribution(fn):

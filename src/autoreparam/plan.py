@@ -1,0 +1,483 @@
+"""Plans: which latent sites get conditional offsets (and from which parents) or non-centring.
+
+A ``Plan`` is plain, frozen data derived from a ``Report``; it can be edited, saved and
+loaded as JSON, and turned into a NumPyro reparam config with ``plan.to_config()``.
+
+For every latent site B it lists offset parents A (earlier additive partners) with the
+absorption map ``G_{B|A} = E @ M`` and the initial ``xi_{B|A}`` (shape of B's batch shape):
+
+    B = B_base + sum_A xi_{B|A} * G_{B|A}(A)
+
+The analytic ``xi`` is the response of B to a shift of A along their shared direction, with
+all sites before B held fixed and B and the later sites that share the direction free to
+respond: the minimiser of the log joint's local quadratic, restricted to those directions and
+solved by preconditioned conjugate gradients on Hessian-vector products (O(model) each).
+For ``y_ij ~ Normal(mu + a_i, sigma)``, ``a_i ~ Normal(0, tau)`` it is exactly
+``-n_i tau^2 / (n_i tau^2 + sigma^2)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import InputError
+
+__all__ = ["Plan", "SitePlan", "Offset", "SparseMap", "PlanError"]
+
+PLAN_FORMAT = 1
+
+
+class PlanError(InputError):
+    """A plan that does not fit its model, or an edit that makes no sense."""
+
+
+@dataclass(frozen=True)
+class SparseMap:
+    """A sparse matrix as plain data (rows, cols, vals, shape); JSON-friendly."""
+
+    shape: tuple[int, int]
+    rows: tuple[int, ...]
+    cols: tuple[int, ...]
+    vals: tuple[float, ...]
+
+    @classmethod
+    def from_scipy(cls, m) -> "SparseMap":
+        m = sp.coo_matrix(m)
+        return cls((int(m.shape[0]), int(m.shape[1])), tuple(int(r) for r in m.row),
+                   tuple(int(c) for c in m.col), tuple(float(v) for v in m.data))
+
+    def to_scipy(self) -> sp.csr_matrix:
+        return sp.csr_matrix((np.asarray(self.vals, dtype=np.float64),
+                              (np.asarray(self.rows, dtype=np.int64), np.asarray(self.cols, dtype=np.int64))),
+                             shape=self.shape)
+
+    def apply(self, x):
+        """``self @ x`` for a flat JAX or numpy vector, as a segment sum (jit-friendly)."""
+        rows = np.asarray(self.rows, dtype=np.int32)
+        cols = np.asarray(self.cols, dtype=np.int32)
+        vals = jnp.asarray(np.asarray(self.vals), dtype=jnp.result_type(x))
+        return jax.ops.segment_sum(vals * x[cols], rows, num_segments=self.shape[0])
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "rows": list(self.rows), "cols": list(self.cols),
+                "vals": list(self.vals)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SparseMap":
+        return cls(tuple(d["shape"]), tuple(d["rows"]), tuple(d["cols"]), tuple(d["vals"]))
+
+
+@dataclass(frozen=True)
+class Offset:
+    """``xi * G(parent)`` added to a site; ``G = E @ M`` maps the parent into the site's coordinates."""
+
+    parent: str
+    E: SparseMap
+    M: SparseMap
+    init: tuple[float, ...]  # xi's initial value, flattened over the site's batch shape
+    structure: str = "linear"
+
+    def absorb(self, parent_value, site_shape):
+        """``G(parent)`` reshaped to the site's full shape."""
+        flat = jnp.reshape(parent_value, (-1,))
+        return jnp.reshape(self.E.apply(self.M.apply(flat)), site_shape)
+
+    def to_json(self) -> dict:
+        return {"parent": self.parent, "structure": self.structure, "init": list(self.init),
+                "E": self.E.to_json(), "M": self.M.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Offset":
+        return cls(d["parent"], SparseMap.from_json(d["E"]), SparseMap.from_json(d["M"]),
+                   tuple(d["init"]), d.get("structure", "linear"))
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """What happens to one latent site: its offsets, and its centredness if non-centred.
+
+    ``centered`` is None (left centred, no decentring), a tuple of per-element values in
+    [0, 1] over the batch shape (0 = fully non-centred), used as the initial value when
+    ``learn_centered`` is True.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    batch_shape: tuple[int, ...]
+    offsets: tuple[Offset, ...] = ()
+    centered: tuple[float, ...] | None = None
+    learn_centered: bool = True
+
+    @property
+    def parents(self) -> tuple[str, ...]:
+        return tuple(o.parent for o in self.offsets)
+
+    @property
+    def noncentred(self) -> bool:
+        return self.centered is not None
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "batch_shape": list(self.batch_shape),
+                "offsets": [o.to_json() for o in self.offsets],
+                "centered": None if self.centered is None else list(self.centered),
+                "learn_centered": self.learn_centered}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SitePlan":
+        return cls(d["name"], tuple(d["shape"]), tuple(d["batch_shape"]),
+                   tuple(Offset.from_json(o) for o in d["offsets"]),
+                   None if d.get("centered") is None else tuple(d["centered"]),
+                   d.get("learn_centered", True))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The reparameterization of a model, as plain data.
+
+    >>> plan = autoreparam.analyze(model, group, y=y).plan        # doctest: +SKIP
+    >>> print(plan)                                               # doctest: +SKIP
+    plan for model: 1 site with offsets, 0 non-centred
+      a  <- mu (broadcast)   xi init mean -0.97
+    >>> plan.without_parent("a", "mu").save("plan.json")          # doctest: +SKIP
+    >>> Plan.load("plan.json").to_config()                        # doctest: +SKIP
+    {'a': ConditionalOffsetReparam(site='a', parents=('mu',), ...)}
+    """
+
+    model: str
+    sites: tuple[SitePlan, ...]
+    candidates: tuple[tuple[str, Offset], ...] = field(default=(), compare=False)
+    latent: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()  # (name, shape, batch shape)
+    init: str = "analytic"
+
+    # -- lookup -------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> SitePlan:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise PlanError(f"the plan has no site '{name}' (sites: {', '.join(self.names) or 'none'})")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.sites)
+
+    def is_empty(self) -> bool:
+        return not any(s.offsets or s.noncentred for s in self.sites)
+
+    # -- edits (each returns a new Plan) ---------------------------------------------------------
+    def _replace_site(self, site: SitePlan) -> "Plan":
+        sites = tuple(site if s.name == site.name else s for s in self.sites)
+        if site.name not in self.names:
+            sites = tuple(sorted(sites + (site,), key=self._position))
+        return replace(self, sites=tuple(s for s in sites if s.offsets or s.noncentred))
+
+    def _position(self, s: SitePlan) -> int:
+        return self.order.index(s.name) if s.name in self.order else len(self.order)
+
+    def without_site(self, name: str) -> "Plan":
+        """Leave ``name`` as it is in the model (no offsets, no non-centring)."""
+        self[name]
+        return replace(self, sites=tuple(s for s in self.sites if s.name != name))
+
+    def without_parent(self, name: str, parent: str) -> "Plan":
+        site = self[name]
+        if parent not in site.parents:
+            raise PlanError(f"site '{name}' has no offset parent '{parent}' (parents: "
+                            f"{', '.join(site.parents) or 'none'})")
+        return self._replace_site(replace(site, offsets=tuple(o for o in site.offsets if o.parent != parent)))
+
+    def with_parent(self, name: str, parent: str) -> "Plan":
+        """Add an offset from ``parent`` found by the analysis (see ``plan.candidates``)."""
+        for child, off in self.candidates:
+            if child == name and off.parent == parent:
+                site = self._site_or_new(name)
+                if parent in site.parents:
+                    return self
+                offsets = tuple(sorted(site.offsets + (off,), key=lambda o: self._order_of(o.parent)))
+                return self._replace_site(replace(site, offsets=offsets))
+        known = [f"{c} <- {o.parent}" for c, o in self.candidates]
+        raise PlanError(f"no additive partner '{parent}' for site '{name}' in the analysis; "
+                        f"available: {', '.join(known) or 'none'}")
+
+    def _order_of(self, name: str) -> int:
+        return self.order.index(name) if name in self.order else -1
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        return tuple(n for n, _, _ in self.latent)
+
+    def _site_or_new(self, name) -> SitePlan:
+        if name in self.names:
+            return self[name]
+        for n, shape, batch_shape in self.latent:
+            if n == name:
+                return SitePlan(name, shape, batch_shape)
+        raise PlanError(f"site '{name}' is not a latent site of {self.model} "
+                        f"(latent sites: {', '.join(self.order) or 'none'})")
+
+    def with_centering(self, name: str, centered: float | None, learn: bool = True) -> "Plan":
+        """Force a site centred (``centered=1`` or None) or (partially) non-centred (0 <= c < 1)."""
+        site = self._site_or_new(name)
+        if centered is None or centered == 1:
+            return self._replace_site(replace(site, centered=None))
+        if not 0 <= centered <= 1:
+            raise PlanError(f"centered for site '{name}' must be in [0, 1], got {centered}")
+        n = int(np.prod(site.batch_shape, dtype=np.int64))
+        return self._replace_site(replace(site, centered=(float(centered),) * n, learn_centered=learn))
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"format": PLAN_FORMAT, "model": self.model, "init": self.init,
+                "latent": [{"name": n, "shape": list(s), "batch_shape": list(b)} for n, s, b in self.latent],
+                "sites": [s.to_json() for s in self.sites],
+                "candidates": [{"site": c, **o.to_json()} for c, o in self.candidates]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Plan":
+        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
+            raise PlanError(f"not an autoreparam plan (expected a JSON object with \"format\": {PLAN_FORMAT})")
+        try:
+            return cls(d["model"], tuple(SitePlan.from_json(s) for s in d["sites"]),
+                       tuple((c["site"], Offset.from_json(c)) for c in d.get("candidates", [])),
+                       tuple((x["name"], tuple(x["shape"]), tuple(x["batch_shape"])) for x in d.get("latent", ())),
+                       d.get("init", "analytic"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc
+
+    def save(self, path) -> None:
+        """Write the plan as JSON (atomically: a failed write leaves no half-written file)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json()))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"{path}: no such plan file") from None
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        try:
+            return cls.from_json(data)
+        except PlanError as exc:
+            raise PlanError(f"{path}: {exc}") from None
+
+    def to_config(self, learn: bool = True):
+        """A NumPyro reparam config; apply it with ``handlers.reparam(config.record(model), config=config)``."""
+        from .reparam import build_config
+
+        return build_config(self, learn=learn)
+
+    def __str__(self) -> str:
+        with_offsets = [s for s in self.sites if s.offsets]
+        nc = [s for s in self.sites if s.noncentred]
+        lines = [f"plan for {self.model}: {len(with_offsets)} site{'s' if len(with_offsets) != 1 else ''} "
+                 f"with offsets, {len(nc)} non-centred (xi init: {self.init})"]
+        if not self.sites:
+            lines.append("  (empty: the model is left as it is)")
+        width = max((len(s.name) for s in self.sites), default=0)
+        for s in self.sites:
+            parts = [f"{o.parent} ({o.structure}, xi {_summary(o.init)})" for o in s.offsets]
+            line = f"  {s.name:<{width}}"
+            if parts:
+                line += " <- " + ", ".join(parts)
+            if s.noncentred:
+                line += f"  non-centred (centered {_summary(s.centered)}{', learned' if s.learn_centered else ''})"
+            lines.append(line)
+        return "\n".join(lines)
+
+
+def _summary(values) -> str:
+    v = np.asarray(values, dtype=float)
+    if v.size == 1 or np.allclose(v, v.flat[0]):
+        return f"{v.flat[0]:.2f}"
+    return f"{v.min():.2f}..{v.max():.2f}"
+
+
+# -- building a plan from a report ----------------------------------------------------------------
+def build_plan(report, init: str = "analytic", noncentre: Any = "auto", at: dict | None = None) -> Plan:
+    """Derive a plan from a report: offsets along every additive pair, non-centring of funnels."""
+    if init not in ("analytic", "zero"):
+        raise InputError(f"init must be 'analytic' or 'zero', got {init!r}")
+    if noncentre not in ("auto", True, False, None):
+        raise InputError(f"noncentre must be 'auto', True or False, got {noncentre!r}")
+    from .trace import isolated_from_handlers
+
+    with isolated_from_handlers():
+        return _build_plan(report, init, noncentre, at)
+
+
+def _build_plan(report, init, noncentre, at) -> Plan:
+    sites = report.sites
+    mt = report.model_trace
+    latent = [n for n, s in sites.items() if s.type == "latent"]
+    eligible = {n for n in latent if sites[n].support in ("real", "real_vector") and not sites[n].is_discrete}
+
+    pairs: dict[tuple[str, str], Any] = {}
+    for inv in report.additive():
+        a, b = inv.sites
+        if b in eligible and (b, a) not in pairs:
+            pairs[(b, a)] = inv
+    for name in latent:
+        if name not in eligible and any(b == name for b, _ in pairs):
+            report.notes.append(f"site '{name}' has support {sites[name].support}; it gets no offsets")
+
+    xi: dict[tuple[str, str], np.ndarray] = {}
+    centered: dict[str, np.ndarray] = {}
+    funnel_sites = [f.site for f in report.funnels if f.site in eligible] if noncentre else []
+    if init == "analytic" and (pairs or funnel_sites):
+        curv = _Curvature(mt, at)
+        for (b, a), inv in pairs.items():
+            xi[(b, a)] = curv.response(b, a, inv, pairs)
+        for name in funnel_sites:
+            centered[name] = curv.centeredness(name)
+    candidates = []
+    for (b, a), inv in pairs.items():
+        site = sites[b]
+        n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
+        init_xi = xi.get((b, a), np.zeros(n_batch))
+        candidates.append((b, Offset(a, SparseMap.from_scipy(inv.absorption.E), SparseMap.from_scipy(inv.absorption.M),
+                                     tuple(float(v) for v in np.ravel(init_xi)), inv.structure)))
+    order = tuple(latent)
+    candidates.sort(key=lambda co: (order.index(co[0]), order.index(co[1].parent)))
+
+    plan_sites = []
+    for name in latent:
+        offs = tuple(o for c, o in candidates if c == name)
+        site = sites[name]
+        n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
+        cen = None
+        if name in funnel_sites:
+            cen = tuple(float(v) for v in np.ravel(centered.get(name, np.zeros(n_batch))))
+        if offs or cen is not None:
+            plan_sites.append(SitePlan(name, tuple(site.shape), tuple(site.batch_shape), offs, cen))
+    shapes = tuple((n, tuple(sites[n].shape), tuple(sites[n].batch_shape)) for n in latent)
+    return Plan(report.model_name, tuple(plan_sites), tuple(candidates), shapes, init)
+
+
+class _Curvature:
+    """Hessian-vector products of the negative log joint at one point (jit once, reuse)."""
+
+    def __init__(self, mt, at: dict | None):
+        from numpyro.infer.util import log_density
+        from numpyro import handlers
+        from numpyro.infer.initialization import init_to_median
+
+        self.mt = mt
+        model = handlers.substitute(handlers.seed(mt.model, 0), substitute_fn=init_to_median(num_samples=15))
+        tr = handlers.trace(model).get_trace(*mt.args, **mt.kwargs)
+        values = {n: s["value"] for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
+        if at:
+            unknown = set(at) - set(values)
+            if unknown:
+                raise InputError(f"at: no latent site named {', '.join(sorted(unknown))}")
+            values.update({k: jnp.asarray(v) for k, v in at.items()})
+        self.names = mt.latent_names
+        self.point = {n: jnp.asarray(values[n]) for n in self.names}
+        fixed = {n: v for n, v in values.items() if n not in self.point}
+        self.values = values
+        seeded = handlers.seed(mt.model, 0)
+
+        def neg_log_joint(theta):
+            return -log_density(seeded, mt.args, mt.kwargs, {**theta, **fixed})[0]
+
+        grad = jax.grad(neg_log_joint)
+        self._hvp = jax.jit(lambda t: jax.jvp(grad, (self.point,), (t,))[1])
+
+    def hvp(self, tangent: dict[str, Any]) -> dict[str, np.ndarray]:
+        full = {n: jnp.asarray(tangent[n], dtype=self.point[n].dtype).reshape(self.point[n].shape)
+                if n in tangent else jnp.zeros_like(self.point[n]) for n in self.names}
+        return {n: np.asarray(v, dtype=np.float64) for n, v in self._hvp(full).items()}
+
+    def _batch_reduce(self, name, v):
+        """Sum a site-shaped array over its event dims -> batch shape (flattened)."""
+        site = self.mt.sites[name]
+        n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
+        return np.asarray(v).reshape(n_batch, -1).sum(axis=1)
+
+    def _expand(self, name, s, g):
+        site = self.mt.sites[name]
+        n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
+        return (np.asarray(s).reshape(n_batch, 1) * np.asarray(g).reshape(n_batch, -1)).reshape(site.shape)
+
+    def response(self, b: str, a: str, inv, pairs) -> np.ndarray:
+        """xi_{b|a}: B's per-element response to a shift of A along their shared direction."""
+        order = self.mt.sites
+        sub = inv.absorption
+        u = np.asarray(sub.U @ np.ones(sub.dim)).reshape(order[a].shape)
+        # Sites from b onwards that share a direction with a respond; earlier sites stay fixed.
+        free = {c: p.absorption for (c, p_a), p in pairs.items()
+                if p_a == a and order[c].order >= order[b].order}
+        g = {c: np.asarray(m.absorb(u.ravel())).reshape(order[c].shape) for c, m in free.items()}
+        names = sorted(g, key=lambda c: order[c].order)
+
+        def op(s):
+            h = self.hvp({c: self._expand(c, s[c], g[c]) for c in names})
+            return {c: self._batch_reduce(c, h[c] * g[c]) for c in names}
+
+        h_u = self.hvp({a: u})
+        rhs = {c: -self._batch_reduce(c, h_u[c] * g[c]) for c in names}
+        diag = {}
+        for c in names:
+            ones = {k: (np.ones_like(rhs[k]) if k == c else np.zeros_like(rhs[k])) for k in names}
+            d = np.abs(op(ones)[c])
+            diag[c] = np.where(d > 0, d, 1.0)
+        s = _pcg(op, rhs, diag)
+        active = self._batch_reduce(b, np.abs(g[b])) > 0
+        return np.where(active, s[b], 0.0)
+
+    def centeredness(self, name: str) -> np.ndarray:
+        """Per-element centredness: the share of a site's curvature that does not come from its prior."""
+        site = self.mt.sites[name]
+        n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
+        ones = np.ones(site.shape)
+        total = self._batch_reduce(name, self.hvp({name: ones})[name])
+        from numpyro import handlers
+        from .trace import unwrap_distribution
+
+        tr = handlers.trace(handlers.substitute(handlers.seed(self.mt.model, 0), data=self.values)).get_trace(
+            *self.mt.args, **self.mt.kwargs)
+        fn = tr[name]["fn"]
+        scale = np.broadcast_to(np.asarray(unwrap_distribution(fn).scale, dtype=np.float64), site.shape)
+        prior = self._batch_reduce(name, 1.0 / scale**2)
+        c = 1.0 - prior / np.where(total > 0, total, np.inf)
+        return np.clip(np.where(total > 0, c, 0.0), 0.0, 1.0).reshape(n_batch)
+
+
+def _pcg(op, rhs: dict, diag: dict, maxiter: int = 200, rtol: float = 1e-6) -> dict:
+    """Jacobi-preconditioned conjugate gradients on dicts of flat arrays."""
+    dot = lambda x, y: sum(float(np.dot(x[k], y[k])) for k in x)  # noqa: E731
+    x = {k: np.zeros_like(v) for k, v in rhs.items()}
+    r = {k: v.copy() for k, v in rhs.items()}
+    z = {k: r[k] / diag[k] for k in r}
+    p = {k: v.copy() for k, v in z.items()}
+    rz = dot(r, z)
+    norm0 = np.sqrt(dot(rhs, rhs))
+    if norm0 == 0:
+        return x
+    for _ in range(maxiter):
+        ap = op(p)
+        denom = dot(p, ap)
+        if denom <= 0:
+            break
+        alpha = rz / denom
+        for k in x:
+            x[k] += alpha * p[k]
+            r[k] -= alpha * ap[k]
+        if np.sqrt(dot(r, r)) <= rtol * norm0:
+            break
+        z = {k: r[k] / diag[k] for k in r}
+        rz_new = dot(r, z)
+        p = {k: z[k] + (rz_new / rz) * p[k] for k in p}
+        rz = rz_new
+    return x

@@ -1,0 +1,488 @@
+"""A zoo of small NumPyro models with hand-derived likelihood-invariant pairs.
+
+Every entry is a ``ZooModel``: the model, its example inputs, and, written by hand from the
+math (not from running anything), the additive pairs ``{(observed, A, B): dim}`` with A first
+in program order, the additive terms of each observed site, and the funnels.
+
+The rule used throughout: a term that is a function of a set of factors spans the functions
+of those factors on the observed rows; two terms share the functions they can both express.
+On a complete crossing, functions of S1 and functions of S2 share exactly the functions of
+S1 & S2 (dim = product of their sizes, 1 for the constants). With index arrays the shared
+part of a[i] and b[j] is one constant per connected component of the bipartite graph of
+observed (i, j) pairs; a nested r[region_of[d]] vs d[d] shares one dim per observed region.
+A covariate u[county] * w lies in the span of county effects; an individual-level x * beta
+does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+
+import tensor_model
+
+
+@dataclass
+class ZooModel:
+    name: str
+    model: Callable
+    args: tuple
+    kwargs: dict
+    pairs: dict  # {(observed, A, B): dim}, additive
+    terms: dict  # {observed: [site, ...]} in program order
+    funnels: dict = field(default_factory=dict)  # {site: scale_parents}
+    control: bool = False
+    local: set = field(default_factory=set)  # pairs with only a local (multiplicative) direction
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. the seed's order-three tensor model (examples/tensor_model.py), I, J, T = 4, 3, 5
+# --------------------------------------------------------------------------------------------
+def _tensor():
+    I, J, T = 4, 3, 5
+    # program order: mu, ..., z, a, A, b, B, C. Factors: mu {}, z {t}, a {i}, A {i,t}, b {j},
+    # B {j,t}, C {i,j}; complete crossing -> dim = prod of sizes of the shared factors.
+    factors = {"mu": "", "z": "t", "a": "i", "A": "it", "b": "j", "B": "jt", "C": "ij"}
+    size = {"i": I, "j": J, "t": T}
+    order = list(factors)
+    pairs = {}
+    for k, a in enumerate(order):
+        for b in order[k + 1:]:
+            shared = set(factors[a]) & set(factors[b])
+            pairs[("y", a, b)] = int(np.prod([size[f] for f in shared], dtype=int))
+    # spelled out, so the rule above is checked against the brief's examples
+    assert pairs[("y", "mu", "a")] == 1 and pairs[("y", "a", "C")] == I
+    assert pairs[("y", "z", "A")] == T and pairs[("y", "A", "B")] == T and len(pairs) == 21
+    return ZooModel(
+        "tensor", tensor_model.model, (I, J, T), {"y": tensor_model.simulate(I, J, T)},
+        pairs, {"y": order},
+        funnels={"a": ("sigma_a",), "b": ("sigma_b",), "C": ("sigma_C",)},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 2. random intercepts with a county-level covariate u[county] * w and an individual-level x
+# --------------------------------------------------------------------------------------------
+def county_model(county, u, x, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+    beta = numpyro.sample("beta", dist.Normal(0.0, 1.0))
+    sigma_a = numpyro.sample("sigma_a", dist.HalfNormal(1.0))
+    with numpyro.plate("county", u.shape[0]):
+        a = numpyro.sample("a", dist.Normal(0.0, sigma_a))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("data", county.shape[0]):
+        numpyro.sample("y", dist.Normal(mu + a[county] + u[county] * w + x * beta, sigma), obs=y)
+
+
+COUNTY_U = np.array([0.5, -1.2, 2.0, 0.8, -0.3], dtype=np.float32)
+
+
+def _county():
+    r = _rng(1)
+    n_county, n = 5, 40
+    county = np.concatenate([np.arange(n_county), r.integers(0, n_county, n - n_county)])
+    x = r.normal(size=n).astype(np.float32)
+    y = r.normal(size=n).astype(np.float32)
+    return ZooModel(
+        "county", county_model, (county, COUNTY_U, x), {"y": y},
+        # a absorbs mu (constants) and w (u[county] is a function of county); beta is not absorbed;
+        # mu vs w: ones is not proportional to u[county]
+        {("y", "mu", "a"): 1, ("y", "w", "a"): 1},
+        {"y": ["mu", "w", "beta", "a"]},
+        funnels={"a": ("sigma_a",)},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 3. crossed effects through index arrays, unbalanced; connected and disconnected designs
+# --------------------------------------------------------------------------------------------
+def crossed_model(ia, ib, n_a, n_b, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    with numpyro.plate("A", n_a):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+    with numpyro.plate("B", n_b):
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    numpyro.sample("y", dist.Normal(mu + a[ia] + b[ib], sigma).to_event(1), obs=y)
+
+
+def _crossed():
+    # 5 levels of a (level 4 never observed), 3 of b; unbalanced but connected:
+    # a0-b0, a0-b1, a1-b1, a2-b2, a3-b2, a1-b2 -> one component
+    ia = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 1, 0, 0, 3])
+    ib = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2, 2, 2, 0, 0, 2])
+    y = _rng(2).normal(size=ia.size).astype(np.float32)
+    return ZooModel(
+        "crossed", crossed_model, (ia, ib, 5, 3), {"y": y},
+        {("y", "mu", "a"): 1, ("y", "mu", "b"): 1, ("y", "a", "b"): 1},
+        {"y": ["mu", "a", "b"]},
+    )
+
+
+def _crossed_disconnected():
+    # {a0, a1} x {b0, b1} and {a2, a3} x {b2, b3}: two components -> {a, b} has dim 2
+    ia = np.array([0, 0, 1, 1, 1, 2, 3, 3, 2, 0])
+    ib = np.array([0, 1, 0, 1, 1, 2, 2, 3, 3, 0])
+    y = _rng(3).normal(size=ia.size).astype(np.float32)
+    return ZooModel(
+        "crossed_disconnected", crossed_model, (ia, ib, 4, 4), {"y": y},
+        {("y", "mu", "a"): 1, ("y", "mu", "b"): 1, ("y", "a", "b"): 2},
+        {"y": ["mu", "a", "b"]},
+    )
+
+
+def signed_model(ia, ib, y=None):
+    """a[i] - 2 b[j]: the coefficients differ, the shared directions do not."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    a = numpyro.sample("a", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    b = numpyro.sample("b", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    with numpyro.plate("data", ia.shape[0]):
+        numpyro.sample("y", dist.Normal(mu + a[ia] - 2.0 * b[ib], 0.5), obs=y)
+
+
+def _signed():
+    ia = np.array([0, 1, 2, 0, 1, 2, 0])
+    ib = np.array([0, 0, 0, 1, 1, 1, 1])
+    return ZooModel(
+        "signed", signed_model, (ia, ib), {"y": np.zeros(7, np.float32)},
+        {("y", "mu", "a"): 1, ("y", "mu", "b"): 1, ("y", "a", "b"): 1},
+        {"y": ["mu", "a", "b"]},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 4. nested groups: district within region through an index map
+# --------------------------------------------------------------------------------------------
+def nested_model(region_of, district, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau_r = numpyro.sample("tau_r", dist.HalfNormal(1.0))
+    with numpyro.plate("region", int(region_of.max()) + 1):
+        r = numpyro.sample("r", dist.Normal(0.0, tau_r))
+    with numpyro.plate("district", region_of.shape[0]):
+        d = numpyro.sample("d", dist.Normal(0.0, 1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("data", district.shape[0]):
+        numpyro.sample("y", dist.Normal(mu + r[region_of[district]] + d[district], sigma), obs=y)
+
+
+NESTED_REGION_OF = np.array([0, 0, 1, 1, 1, 2])
+
+
+def _nested():
+    district = np.array([0, 1, 2, 3, 4, 5, 0, 0, 1, 3, 3, 5, 5, 5, 2, 4, 1, 0])
+    y = _rng(4).normal(size=district.size).astype(np.float32)
+    return ZooModel(
+        "nested", nested_model, (NESTED_REGION_OF, district), {"y": y},
+        # d absorbs r by a gather: 3 observed regions
+        {("y", "mu", "r"): 1, ("y", "mu", "d"): 1, ("y", "r", "d"): 3},
+        {"y": ["mu", "r", "d"]},
+        funnels={"r": ("tau_r",)},
+    )
+
+
+def _nested_sparse():
+    # 4 regions, 8 districts; region 3 (districts 6, 7) and district 2 are never observed
+    region_of = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    district = np.array([0, 1, 3, 4, 5, 0, 3, 5, 4, 1])
+    y = _rng(5).normal(size=district.size).astype(np.float32)
+    return ZooModel(
+        "nested_sparse", nested_model, (region_of, district), {"y": y},
+        {("y", "mu", "r"): 1, ("y", "mu", "d"): 1, ("y", "r", "d"): 3},
+        {"y": ["mu", "r", "d"]},
+        funnels={"r": ("tau_r",)},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 5. an interaction c[age_edu] next to a[age] and b[edu]
+# --------------------------------------------------------------------------------------------
+def interaction_model(age, edu, n_age, n_edu, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    with numpyro.plate("age", n_age):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+    with numpyro.plate("edu", n_edu):
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+    with numpyro.plate("age_edu", n_age * n_edu):
+        c = numpyro.sample("c", dist.Normal(0.0, 1.0))
+    age_edu = age * n_edu + edu
+    with numpyro.plate("data", age.shape[0]):
+        numpyro.sample("y", dist.Normal(mu + a[age] + b[edu] + c[age_edu], 1.0), obs=y)
+
+
+def _interaction():
+    age = np.array([0, 0, 1, 1, 2, 2, 0, 1, 2, 2, 1, 0, 0])
+    edu = np.array([0, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0, 0, 1])
+    y = _rng(6).normal(size=age.size).astype(np.float32)
+    return ZooModel(
+        "interaction", interaction_model, (age, edu, 3, 2), {"y": y},
+        {("y", "mu", "a"): 1, ("y", "mu", "b"): 1, ("y", "mu", "c"): 1,
+         ("y", "a", "b"): 1, ("y", "a", "c"): 3, ("y", "b", "c"): 2},
+        {"y": ["mu", "a", "b", "c"]},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 6. links: Bernoulli(logits) with crossed effects, Poisson(exp) with nested effects
+# --------------------------------------------------------------------------------------------
+def bernoulli_model(ia, ib, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
+    with numpyro.plate("A", 4):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+    with numpyro.plate("B", 3):
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+    with numpyro.plate("data", ia.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=mu + a[ia] + b[ib]), obs=y)
+
+
+def _bernoulli():
+    r = _rng(7)
+    ia = np.concatenate([np.arange(4), r.integers(0, 4, 26)])
+    ib = np.concatenate([np.array([0, 1, 2, 0]), r.integers(0, 3, 26)])
+    y = r.integers(0, 2, ia.size).astype(np.float32)
+    return ZooModel(
+        "bernoulli", bernoulli_model, (ia, ib), {"y": y},
+        {("y", "mu", "a"): 1, ("y", "mu", "b"): 1, ("y", "a", "b"): 1},
+        {"y": ["mu", "a", "b"]},
+    )
+
+
+def poisson_model(region_of, district, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("region", 3):
+        r = numpyro.sample("r", dist.Normal(0.0, 0.5))
+    with numpyro.plate("district", region_of.shape[0]):
+        d = numpyro.sample("d", dist.Normal(0.0, 0.5))
+    eta = mu + r[region_of[district]] + d[district]
+    with numpyro.plate("data", district.shape[0]):
+        numpyro.sample("y", dist.Poisson(rate=jnp.exp(eta)), obs=y)
+
+
+def _poisson():
+    district = np.array([0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0, 0, 2, 4])
+    y = _rng(8).poisson(2.0, district.size).astype(np.float32)
+    return ZooModel(
+        "poisson", poisson_model, (NESTED_REGION_OF, district), {"y": y},
+        {("y", "mu", "r"): 1, ("y", "mu", "d"): 1, ("y", "r", "d"): 3},
+        {"y": ["mu", "r", "d"]},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 7. the predictor written through a numpyro.deterministic site
+# --------------------------------------------------------------------------------------------
+def deterministic_model(ia, ib, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    with numpyro.plate("A", 3):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+    with numpyro.plate("B", 3):
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+    eta = numpyro.deterministic("eta", mu + a[ia] + b[ib])
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("data", ia.shape[0]):
+        numpyro.sample("y", dist.Normal(eta, sigma), obs=y)
+
+
+def _deterministic():
+    ia = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
+    ib = np.array([0, 1, 2, 1, 2, 0, 0, 1, 1, 2])
+    y = _rng(9).normal(size=ia.size).astype(np.float32)
+    return ZooModel(
+        "deterministic", deterministic_model, (ia, ib), {"y": y},
+        {("y", "mu", "a"): 1, ("y", "mu", "b"): 1, ("y", "a", "b"): 1},
+        {"y": ["mu", "a", "b"]},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 8. vector sites via .expand([K]).to_event(1) (and a matrix site with to_event(2))
+# --------------------------------------------------------------------------------------------
+def vector_model(ia, ib, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    a = numpyro.sample("a", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    b = numpyro.sample("b", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    C = numpyro.sample("C", dist.Normal(0.0, 1.0).expand([3, 2]).to_event(2))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("data", ia.shape[0]):
+        numpyro.sample("y", dist.Normal(mu + a[ia] + b[ib] + C[ia, ib], sigma), obs=y)
+
+
+def _vector():
+    ia = np.array([0, 0, 1, 1, 2, 2, 0, 1, 2, 0, 2])  # every (i, j) cell observed
+    ib = np.array([0, 1, 0, 1, 0, 1, 1, 1, 0, 0, 1])
+    y = _rng(10).normal(size=ia.size).astype(np.float32)
+    return ZooModel(
+        "vector", vector_model, (ia, ib), {"y": y},
+        {("y", "mu", "a"): 1, ("y", "mu", "b"): 1, ("y", "mu", "C"): 1,
+         ("y", "a", "b"): 1, ("y", "a", "C"): 3, ("y", "b", "C"): 2},
+        {"y": ["mu", "a", "b", "C"]},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 9. X @ beta with group-level columns
+# --------------------------------------------------------------------------------------------
+def design_model(X, group, n_group, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    beta = numpyro.sample("beta", dist.Normal(0.0, 1.0).expand([X.shape[1]]).to_event(1))
+    with numpyro.plate("group", n_group):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Normal(mu + X @ beta + a[group], sigma), obs=y)
+
+
+def _design():
+    r = _rng(11)
+    n, n_group = 30, 5
+    group = np.concatenate([np.arange(n_group), r.integers(0, n_group, n - n_group)])
+    U = r.normal(size=(n_group, 2))  # two group-level covariates
+    X = np.column_stack([U[group, 0], r.normal(size=n), U[group, 1], r.normal(size=n)])
+    y = r.normal(size=n).astype(np.float32)
+    return ZooModel(
+        "design", design_model, (X.astype(np.float32), group, n_group), {"y": y},
+        # a absorbs the 2 group-level columns of X; ones is not in span(X) -> {mu, beta}: 0
+        {("y", "mu", "a"): 1, ("y", "beta", "a"): 2},
+        {"y": ["mu", "beta", "a"]},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# extra: heteroscedastic scale terms, two observed sites, multi-membership (a dense map)
+# --------------------------------------------------------------------------------------------
+def hetero_model(g, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    a = numpyro.sample("a", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    s0 = numpyro.sample("s0", dist.Normal(0.0, 1.0))
+    s = numpyro.sample("s", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    with numpyro.plate("data", g.shape[0]):
+        numpyro.sample("y", dist.Normal(mu + a[g], jnp.exp(s0 + s[g])), obs=y)
+
+
+def _hetero():
+    g = np.array([0, 1, 2, 0, 1, 2, 2])
+    y = _rng(12).normal(size=g.size).astype(np.float32)
+    return ZooModel(
+        "hetero", hetero_model, (g,), {"y": y},
+        # loc terms and log-scale terms live in different parameters: no cross pairs
+        {("y", "mu", "a"): 1, ("y", "s0", "s"): 1},
+        {"y": ["mu", "a", "s0", "s"]},
+    )
+
+
+def two_obs_model(g1, g2, h2, y1=None, y2=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    a = numpyro.sample("a", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    b = numpyro.sample("b", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    with numpyro.plate("n1", g1.shape[0]):
+        numpyro.sample("y1", dist.Normal(mu + a[g1], 1.0), obs=y1)
+    with numpyro.plate("n2", g2.shape[0]):
+        numpyro.sample("y2", dist.Normal(a[g2] + b[h2], 1.0), obs=y2)
+
+
+def _two_obs():
+    g1 = np.array([0, 1, 2, 2])
+    g2 = np.array([0, 1, 2, 0, 1])
+    h2 = np.array([0, 0, 1, 1, 1])
+    return ZooModel(
+        "two_obs", two_obs_model, (g1, g2, h2),
+        {"y1": np.zeros(4, np.float32), "y2": np.zeros(5, np.float32)},
+        {("y1", "mu", "a"): 1, ("y2", "a", "b"): 1},
+        {"y1": ["mu", "a"], "y2": ["a", "b"]},
+    )
+
+
+def multi_membership_model(i1, i2, j, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    a = numpyro.sample("a", dist.Normal(0.0, 1.0).expand([4]).to_event(1))
+    b = numpyro.sample("b", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    with numpyro.plate("data", i1.shape[0]):
+        numpyro.sample("y", dist.Normal(mu + a[i1] + a[i2] + b[j], 1.0), obs=y)
+
+
+def _multi_membership():
+    # each row reads two levels of a: not a gather. Constant a = c/2 matches constant mu = c
+    # and constant b = c; nothing else is shared (a's rows: 0+1, 1+2, 2+3, 3+0, 0+2, 1+3 ...)
+    i1 = np.array([0, 1, 2, 3, 0, 1, 0, 2])
+    i2 = np.array([1, 2, 3, 0, 2, 3, 1, 3])
+    j = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    return ZooModel(
+        "multi_membership", multi_membership_model, (i1, i2, j), {"y": np.zeros(8, np.float32)},
+        {("y", "mu", "a"): 1, ("y", "mu", "b"): 1, ("y", "a", "b"): 1},
+        {"y": ["mu", "a", "b"]},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# controls
+# --------------------------------------------------------------------------------------------
+def regression_model(X, y=None):
+    alpha = numpyro.sample("alpha", dist.Normal(0.0, 5.0))
+    beta = numpyro.sample("beta", dist.Normal(0.0, 1.0).expand([X.shape[1]]).to_event(1))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Normal(alpha + X @ beta, sigma), obs=y)
+
+
+def _regression():
+    r = _rng(13)
+    X = r.normal(size=(20, 3)).astype(np.float32)
+    return ZooModel("regression", regression_model, (X,), {"y": r.normal(size=20).astype(np.float32)},
+                    {}, {"y": ["alpha", "beta"]}, control=True)
+
+
+def factor_model(I, J, y=None):
+    with numpyro.plate("i", I):
+        u = numpyro.sample("u", dist.Normal(0.0, 1.0))
+    with numpyro.plate("j", J):
+        v = numpyro.sample("v", dist.Normal(0.0, 1.0))
+    with numpyro.plate("i2", I, dim=-2), numpyro.plate("j2", J, dim=-1):
+        numpyro.sample("y", dist.Normal(u[:, None] * v[None, :], 0.5), obs=y)
+
+
+def _factor():
+    return ZooModel("factor", factor_model, (4, 3), {"y": _rng(14).normal(size=(4, 3)).astype(np.float32)},
+                    {}, {"y": []}, control=True, local={("y", "u", "v")})
+
+
+def eight_schools(J, sigma, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
+    with numpyro.plate("J", J):
+        theta = numpyro.sample("theta", dist.Normal(mu, tau))
+        numpyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+
+def _eight_schools():
+    y = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], np.float32)
+    sigma = np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0], np.float32)
+    return ZooModel("eight_schools", eight_schools, (8, sigma), {"y": y},
+                    {}, {"obs": ["theta"]}, funnels={"theta": ("tau",)}, control=True)
+
+
+BUILDERS = [
+    _tensor, _county, _crossed, _crossed_disconnected, _signed, _nested, _nested_sparse,
+    _interaction, _bernoulli, _poisson, _deterministic, _vector, _design, _hetero, _two_obs,
+    _multi_membership, _regression, _factor, _eight_schools,
+]
+
+
+def zoo() -> list[ZooModel]:
+    return [b() for b in BUILDERS]
+
+
+def by_name(name: str) -> ZooModel:
+    for b in BUILDERS:
+        zm = b()
+        if zm.name == name:
+            return zm
+    raise KeyError(name)

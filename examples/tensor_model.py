@@ -24,27 +24,23 @@ def model(I, J, T, y=None):
     step_B = numpyro.sample("step_B", dist.HalfNormal(1.0))
     sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
 
-    z = numpyro.sample("z", dist.GaussianRandomWalk(step_z, num_steps=T))
-    with numpyro.plate("i", I):
-        a = numpyro.sample("a", dist.Normal(0.0, sigma_a))
-        A = numpyro.sample("A", dist.GaussianRandomWalk(step_A, num_steps=T))
-    with numpyro.plate("j", J):
-        b = numpyro.sample("b", dist.Normal(0.0, sigma_b))
-        B = numpyro.sample("B", dist.GaussianRandomWalk(step_B, num_steps=T))
-    with numpyro.plate("i", I, dim=-2), numpyro.plate("j", J, dim=-1):
-        C = numpyro.sample("C", dist.Normal(0.0, sigma_C))
+    # Plates keep one dim each throughout (i: -2, j: -1); t is the event dim of the random walks
+    # and of the likelihood.
+    plate_i = numpyro.plate("i", I, dim=-2)
+    plate_j = numpyro.plate("j", J, dim=-1)
+    z = numpyro.sample("z", dist.GaussianRandomWalk(step_z, num_steps=T))  # (T,)
+    with plate_i:
+        a = numpyro.sample("a", dist.Normal(0.0, sigma_a))  # (I, 1)
+        A = numpyro.sample("A", dist.GaussianRandomWalk(step_A, num_steps=T))  # (I, 1, T)
+    with plate_j:
+        b = numpyro.sample("b", dist.Normal(0.0, sigma_b))  # (J,)
+        B = numpyro.sample("B", dist.GaussianRandomWalk(step_B, num_steps=T))  # (J, T)
+    with plate_i, plate_j:
+        C = numpyro.sample("C", dist.Normal(0.0, sigma_C))  # (I, J)
 
-    loc = (
-        mu
-        + a[:, None, None]
-        + b[None, :, None]
-        + z[None, None, :]
-        + A[:, None, :]
-        + B[None, :, :]
-        + C[:, :, None]
-    )
-    with numpyro.plate("i", I, dim=-3), numpyro.plate("j", J, dim=-2), numpyro.plate("t", T, dim=-1):
-        numpyro.sample("y", dist.Normal(loc, sigma), obs=y)
+    loc = mu + a[..., None] + b[:, None] + z + A + B + C[..., None]  # (I, J, T)
+    with plate_i, plate_j:
+        numpyro.sample("y", dist.Normal(loc, sigma).to_event(1), obs=y)
 
 
 def simulate(I=8, J=6, T=10, sigma=0.1, seed=0):

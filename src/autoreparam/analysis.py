@@ -26,6 +26,8 @@ from .report import Funnel, Invariance, Report, Term
 from .trace import (
     _TRACER_ERRORS,
     ModelTrace,
+    _SiteRecorder,
+    site_of_exception,
     describe_exception,
     isolated_from_handlers,
     site_dependencies,
@@ -134,6 +136,7 @@ class _Probe:
         self.theta1 = {n: jnp.asarray(p1[n]) for n in self.names}
         self.theta2 = {n: jnp.asarray(p2[n]) for n in self.names}
         self.rng = np.random.default_rng(0)
+        self._check_traceable()
         self.lin1 = self._linearize(self.theta1)
         self.lin2 = self._linearize(self.theta2)
         self.layout = self._layout()
@@ -158,6 +161,22 @@ class _Probe:
             out[name] = params
         return out
 
+    def _check_traceable(self):
+        """Python control flow on latent values breaks jit/NUTS: find it with a batch of two points."""
+        stacked = jax.tree.map(lambda x, y: jnp.stack([x, y]), self.theta1, self.theta2)
+        recorder = _SiteRecorder()
+        try:
+            with recorder:
+                jax.vmap(self._outputs)(stacked)
+        except _TRACER_ERRORS as exc:
+            raise ModelError(
+                f"the model uses the value of a latent site in Python control flow or a conversion"
+                f"{site_of_exception(exc, recorder)} (if/while, int(), float(), np.asarray), which "
+                f"cannot be traced; write it with jnp.where or lax.cond ({describe_exception(exc)})"
+            ) from exc
+        except Exception:  # noqa: BLE001 - vmap is only a probe for control flow; linearize reports the rest
+            pass
+
     def _linearize(self, theta):
         try:
             _, f = jax.linearize(self._outputs, theta)
@@ -176,12 +195,12 @@ class _Probe:
 
     def _layout(self):
         """Per sample site: the parameter names and their slices in the flattened output."""
-        shapes = jax.eval_shape(self._outputs, self.theta1)
+        shapes = jax.tree.map(jnp.shape, self._outputs(self.theta1))
         layout = {}
         for name, params in shapes.items():
             start, slices = 0, {}
             for p, s in params.items():
-                n = int(np.prod(s.shape, dtype=np.int64))
+                n = int(np.prod(s, dtype=np.int64))
                 slices[p] = slice(start, start + n)
                 start += n
             layout[name] = (slices, start)

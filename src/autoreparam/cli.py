@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import AutoreparamError, InputError
+from .trace import describe_exception
 
 __all__ = ["main", "load_model", "model_inputs"]
 
@@ -27,12 +28,15 @@ def load_module(path: str):
     spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(file.parent.resolve()))
+    sys.modules[name] = module  # dataclasses and pickling look the module up by name
     try:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
+        sys.modules.pop(name, None)
         raise InputError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from exc
     except Exception as exc:
-        raise InputError(f"{path}: importing it raised {type(exc).__name__}: {exc}") from exc
+        sys.modules.pop(name, None)
+        raise InputError(f"{path}: importing it raised {describe_exception(exc)}") from exc
     finally:
         sys.path.remove(str(file.parent.resolve()))
     return module
@@ -61,15 +65,16 @@ def model_inputs(module, path: str, args_expr: str | None) -> tuple[tuple, dict]
             value = eval(args_expr, vars(module))  # noqa: S307 - the user's own expression, by design
         except Exception as exc:
             raise InputError(f"--args {args_expr!r}: evaluating it in {path} raised "
-                             f"{type(exc).__name__}: {exc}") from exc
+                             f"{describe_exception(exc)}") from exc
         source = f"--args {args_expr!r}"
     elif callable(getattr(module, "model_args", None)):
         try:
             value = module.model_args()
         except Exception as exc:
-            raise InputError(f"{path}: model_args() raised {type(exc).__name__}: {exc}") from exc
+            raise InputError(f"{path}: model_args() raised {describe_exception(exc)}") from exc
         source = f"{path}: model_args()"
-        if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict)):
+        if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], (tuple, list))
+                and isinstance(value[1], dict)):
             raise InputError(f"{source} must return a pair (args, kwargs), got {_kind(value)}")
     else:
         return (), {}

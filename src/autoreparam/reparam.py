@@ -24,7 +24,6 @@ import numpyro
 from numpyro import handlers
 from numpyro.distributions import constraints
 import numpyro.distributions as dist
-from numpyro.distributions.transforms import AffineTransform
 from numpyro.infer.reparam import LocScaleReparam, Reparam
 from numpyro.primitives import Messenger
 
@@ -144,13 +143,46 @@ class ConditionalOffsetReparam(Reparam):
                 name, shifted, None)
         else:
             # Draw the base value with density p_a(a_base + offset).
-            shifted = fn if offset is None else dist.TransformedDistribution(
-                fn, AffineTransform(-offset, 1.0, domain=fn.support))
+            shifted = fn if offset is None else shift_distribution(self, fn, -offset)
             base_value = numpyro.sample(f"{name}_base", shifted)
 
         # Differentiably transform; the handler turns the site into a deterministic one.
         value = base_value if offset is None else base_value + offset
         return None, value
+
+
+class ShiftedDistribution(dist.Distribution):
+    """The law of ``x + delta`` for ``x ~ base`` (real support, so the Jacobian is one)."""
+
+    arg_constraints = {}
+    pytree_data_fields = ("base", "delta")
+
+    def __init__(self, base, delta, *, validate_args=None):
+        self.base = base
+        self.delta = delta
+        super().__init__(base.batch_shape, base.event_shape, validate_args=validate_args)
+
+    @property
+    def support(self):
+        return self.base.support
+
+    @property
+    def has_rsample(self):
+        return self.base.has_rsample
+
+    def sample(self, key, sample_shape=()):
+        return self.base.sample(key, sample_shape) + self.delta
+
+    def log_prob(self, value):
+        return self.base.log_prob(value - self.delta)
+
+
+def shift_distribution(reparam: Reparam, fn, delta):
+    """``fn`` shifted by ``delta``: the same family with a moved loc where possible."""
+    base, _, _ = reparam._unwrap(fn)
+    if isinstance(base, LOC_SCALE_FAMILIES):
+        return _shift_loc(reparam, fn, delta, None)
+    return ShiftedDistribution(fn, delta)
 
 
 def _shift_loc(reparam: Reparam, fn, delta, name):

@@ -155,6 +155,8 @@ class _SiteRecorder(Messenger):
             return
         if kind not in ("sample", "deterministic", "param"):
             return
+        if kind == "sample" and msg["is_observed"]:
+            _check_observed_value(msg["name"], msg["value"])
         record = {"name": msg["name"], "shape": tuple(jnp.shape(msg["value"]))}
         if kind == "sample":
             fn = msg["fn"]
@@ -182,6 +184,15 @@ class _SiteRecorder(Messenger):
         self.records.append(record)
 
 
+def _check_observed_value(name, value):
+    ok = isinstance(value, (jax.Array, np.ndarray, np.generic, int, float, bool)) and \
+        np.dtype(getattr(value, "dtype", np.asarray(value).dtype)).kind in "biuf"
+    if not ok:
+        raise ModelError(f"observed site '{name}': its value is a {type(value).__name__}"
+                         f"{' of dtype ' + str(value.dtype) if hasattr(value, 'dtype') else ''}; "
+                         "expected a numeric array")
+
+
 def _check_observed_shape(name, fn, value_shape):
     dist_shape = tuple(fn.batch_shape) + tuple(fn.event_shape)
     try:
@@ -198,6 +209,9 @@ def check_model_inputs(args: tuple, kwargs: dict) -> None:
     allowed = (np.ndarray, jax.Array, np.generic, int, float, complex, bool, str, type(None))
 
     def check(value, where):
+        if isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind not in "biufcUS":
+            raise InputError(f"model input {where} is a numpy array of dtype {value.dtype}; expected a "
+                             "numeric array (convert it, e.g. np.asarray(x, dtype=float) or an integer code)")
         if isinstance(value, allowed):
             return
         if isinstance(value, (list, tuple)):
@@ -266,6 +280,22 @@ class ModelTrace:
         }
 
 
+def site_of_exception(exc: BaseException, recorder=None) -> str:
+    """" at site 'x'" when the error came from inside a numpyro.sample/deterministic/param call."""
+    tb, name = exc.__traceback__, None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name in ("sample", "deterministic", "param") and \
+                frame.f_globals.get("__name__") == "numpyro.primitives":
+            name = frame.f_locals.get("name")
+        tb = tb.tb_next
+    if isinstance(name, str):
+        return f" at site '{name}'"
+    if recorder is not None and recorder.last_site:
+        return f" (at or after site '{recorder.last_site}')"
+    return ""
+
+
 def _run_guarded(fn, recorder: _SiteRecorder | None = None):
     try:
         return fn()
@@ -274,7 +304,7 @@ def _run_guarded(fn, recorder: _SiteRecorder | None = None):
     except _TRACER_ERRORS:
         raise
     except Exception as exc:  # the user's model raised: say so in one line
-        where = f" (at or after site '{recorder.last_site}')" if recorder and recorder.last_site else ""
+        where = site_of_exception(exc, recorder)
         raise ModelError(
             f"the model raised {describe_exception(exc)}{where} when run on the example inputs"
         ) from exc
@@ -331,7 +361,8 @@ def trace_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -
     sites: dict[str, Site] = {}
     for order, rec in enumerate(recorder.records):
         plates = tuple(
-            Plate(name, size, dim, recorder.plate_sizes.get(name, (size, size))[1])
+            Plate(name, *recorder.plate_sizes.get(name, (size, size))[:1], dim,
+                  recorder.plate_sizes.get(name, (size, size))[1])
             for name, size, dim in sorted(rec.get("plates", ()), key=lambda p: p[2])
         )
         sites[rec["name"]] = Site(

@@ -2,7 +2,9 @@
 
     python benchmarks/bench_analysis.py            # N ~ 1e4, 1e5, 3e5, 1e6 observations
     python benchmarks/bench_analysis.py --quick    # N ~ 1e4, 1e5 only
+    python benchmarks/bench_analysis.py --sizes 260 320 450   # any I = J values (T = 10)
     python benchmarks/bench_analysis.py --profile  # also cProfile analyze at the largest size
+                                                   # (its first-call time then includes cProfile's overhead)
 
 The model is ``examples/tensor_model.py``'s ``model`` (y_ijt = mu + a_i + b_j + z_t + A_it + B_jt
 + C_ij + noise) with T = 10 and I = J growing; at I = J = 320 there are 1,024,000 observations
@@ -15,12 +17,15 @@ Per size the benchmark records the wall time of the first ``analyze`` call (it i
 tracing and compilation), of a second call on the same inputs, the peak RSS, the number of
 additive invariant pairs and whether each pair's dimension is the one the model's structure
 implies (e.g. {a, C}: I, {z, A}: T, {mu, a}: 1). It prints a markdown table and writes
-``benchmarks/results/analysis_scale.json``.
+``benchmarks/results/analysis_scale.json``. A size whose analysis raises (or is killed, or times
+out) is recorded as failed with the exception and the autoreparam line it came from, and the
+ladder goes on; the exit code is 1 if any size failed or found the wrong dimensions.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -64,6 +69,20 @@ def _maxrss_bytes() -> int:
     return int(kb) * (1 if sys.platform == "darwin" else 1024)
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _current_rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as f:
@@ -95,35 +114,42 @@ def child_baseline(I: int, J: int, T: int) -> dict:
 
 
 def child_analyze(I: int, J: int, T: int, second: bool, profile: str | None) -> dict:
+    import autoreparam
     from autoreparam import analyze
 
     model, y, t_data = _build(I, J, T)
-    out = {"data_seconds": t_data, "rss_before": _maxrss_bytes(), "data_bytes": int(y.nbytes)}
+    out = {"data_seconds": t_data, "rss_before": _maxrss_bytes(), "data_bytes": int(y.nbytes),
+           "autoreparam_file": autoreparam.__file__}
 
     prof = None
     if profile:
         import cProfile
 
         prof = cProfile.Profile()
-    t0 = time.perf_counter()
+    out["load_before"] = _load()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     try:
         if prof:
             prof.enable()
         report = analyze(model, I, J, T, y=y)
     except Exception as exc:  # noqa: BLE001 - a failure is a result: record it and where it happened
-        out.update(_failure(exc), first_seconds=time.perf_counter() - t0, peak_rss=_maxrss_bytes())
+        out.update(_failure(exc), first_seconds=time.perf_counter() - t0,
+                   first_cpu_seconds=_cpu_seconds() - c0, peak_rss=_maxrss_bytes(), load_after=_load())
         return out
     finally:
         if prof:
             prof.disable()
             prof.dump_stats(profile)
     out["first_seconds"] = time.perf_counter() - t0
+    out["first_cpu_seconds"] = _cpu_seconds() - c0
     out["rss_after_first"] = _maxrss_bytes()
 
     if second:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         report = analyze(model, I, J, T, y=y)
         out["second_seconds"] = time.perf_counter() - t0
+        out["second_cpu_seconds"] = _cpu_seconds() - c0
+    out["load_after"] = _load()
     out["peak_rss"] = _maxrss_bytes()
     out["rss_end"] = _current_rss_bytes()
 
@@ -155,7 +181,7 @@ def _failure(exc: BaseException) -> dict:
     import traceback
 
     frames = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in frames if "autoreparam" in f.filename.replace(os.sep, "/")]
+    ours = [f for f in frames if "/autoreparam/" in f.filename.replace(os.sep, "/")]
     where = ours[-1] if ours else (frames[-1] if frames else None)
     text = str(exc).strip().splitlines()
     return {
@@ -171,7 +197,7 @@ def run_child(kind: str, I: int, J: int, T: int, args) -> dict:
     if kind == "analyze" and not args.no_second:
         cmd.append("--second")
     if kind == "analyze" and args.profile and I == args._largest:
-        prof = HERE / "results" / f"analyze_profile_I{I}.pstats"
+        prof = args.out.parent / f"analyze_profile_I{I}.pstats"
         cmd += ["--profile-out", str(prof)]
     t0 = time.perf_counter()
     try:
@@ -212,7 +238,24 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
+                               capture_output=True, text=True).stdout.strip()
+        info["git"] = rev + (" (src/ modified)" if dirty else "")
+        example = EXAMPLES / "tensor_model.py"
+        changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", str(example)],
+                                 capture_output=True, text=True).stdout.strip()
+        info["example"] = {"path": "examples/tensor_model.py", "modified_vs_git": bool(changed),
+                           "sha256": hashlib.sha256(example.read_bytes()).hexdigest()[:16]}
+    except OSError:
+        pass
     import importlib.metadata as md
+    import importlib.util
+
+    spec = importlib.util.find_spec("autoreparam")
+    info["autoreparam_file"] = spec.origin if spec else None
 
     for pkg in ("jax", "jaxlib", "numpyro", "numpy", "scipy", "autoreparam"):
         try:
@@ -239,18 +282,13 @@ def mib(b) -> str:
     return f"{b / 2**20:.0f}"
 
 
-def _cell(r, key, fmt) -> str:
-    v = r.get(key)
-    return "-" if v is None else fmt(v)
-
-
 def _cell(r: dict, key: str, fmt) -> str:
     v = r.get(key)
     return "-" if v is None else fmt(v)
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| I=J | T | N obs | latent elems | size of C | analyze 1st (s) | analyze 2nd (s) "
+    head = ("| I=J | T | N obs | latent elems | size of C | analyze 1st (s) | 1st CPU (s) | analyze 2nd (s) "
             "| peak RSS (MiB) | baseline RSS (MiB) | analysis RSS (MiB) | analysis B/obs | pairs | dims ok |")
     sep = "|" + "---|" * (head.count("|") - 1)
     lines = [head, sep]
@@ -258,11 +296,12 @@ def table(rows: list[dict]) -> str:
         failed = "error" in r
         first = _cell(r, "first_seconds", lambda v: f"{v:.1f}") + (" (failed)" if failed else "")
         second = _cell(r, "second_seconds", lambda v: f"{v:.1f}")
-        per_obs = _cell(r, "analysis_rss", lambda v: f"{v / r['N']:.0f}")
+        per_obs = "-" if failed else _cell(r, "analysis_rss", lambda v: f"{v / r['N']:.0f}")
         pairs = _cell(r, "pairs", lambda v: f"{v}/{r['pairs_expected']}")
         ok = "FAILED" if failed else "yes" if r["dims_ok"] else "NO"
         lines.append(
-            f"| {r['I']} | {r['T']} | {r['N']:,} | {r['latent']:,} | {r['C_size']:,} | {first} | {second} "
+            f"| {r['I']} | {r['T']} | {r['N']:,} | {r['latent']:,} | {r['C_size']:,} | {first} "
+            f"| {_cell(r, 'first_cpu_seconds', lambda v: f'{v:.1f}')} | {second} "
             f"| {_cell(r, 'peak_rss', mib)} | {_cell(r, 'baseline_rss', mib)} | {_cell(r, 'analysis_rss', mib)} "
             f"| {per_obs} | {pairs} | {ok} |"
         )
@@ -301,10 +340,13 @@ def main(argv=None) -> int:
         return 0
 
     ladder = args.sizes or (QUICK_LADDER if args.quick else FULL_LADDER)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args._largest = max(ladder)
     machine = machine_info()
+    machine["load_at_start"] = _load()
     print(f"machine: {machine.get('cpu')} x{machine.get('nproc')}, {machine.get('ram_gib')} GiB RAM; "
-          f"jax {machine.get('jax')}, numpyro {machine.get('numpyro')}", flush=True)
+          f"jax {machine.get('jax')}, numpyro {machine.get('numpyro')}; "
+          f"autoreparam from {machine.get('autoreparam_file')} (git {machine.get('git')})", flush=True)
 
     rows = []
     for I in ladder:
@@ -329,6 +371,7 @@ def main(argv=None) -> int:
             raise RuntimeError(f"size mismatch: report has {res['latent_in_report']} latent, "
                                f"{res['observed_in_report']} observed values")
         second = f", 2nd {res['second_seconds']:.1f} s" if "second_seconds" in res else ""
+        second += f", load avg {res.get('load_before')}"
         print(f"1st {res['first_seconds']:.1f} s{second}, peak RSS {mib(res['peak_rss'])} MiB "
               f"(baseline {mib(base['peak_rss'])} MiB), pairs {res['pairs']}, "
               f"dims {'ok' if res['dims_ok'] else 'WRONG'}", flush=True)
@@ -345,13 +388,25 @@ def main(argv=None) -> int:
         "first_call_intercept_seconds": t0,
     }
 
+    machine["load_at_end"] = _load()
     print()
     print(table(rows))
+    print(f"\n1-minute load average: {machine['load_at_start'][0] if machine['load_at_start'] else '?'} at start, "
+          f"{machine['load_at_end'][0] if machine['load_at_end'] else '?'} at end "
+          f"({machine['nproc']} CPUs); a load above the CPU count means other processes shared them "
+          "and the wall times are inflated")
     print()
     if c1 is not None:
         print(f"analysis memory (peak RSS - baseline) ~ {c0 / 2**20:.0f} MiB + {c1:.0f} bytes/observation "
               f"(least squares over the {len(ok_rows)} sizes that completed)")
         print(f"first-call time ~ {t0:.1f} s + {t1 * 1e6:.1f} s per 10^6 observations")
+        steps = [f"{a['N']:,} -> {b['N']:,}: {(b['analysis_rss'] - a['analysis_rss']) / (b['N'] - a['N']):.0f}"
+                 for a, b in zip(ok_rows, ok_rows[1:])]
+        print("marginal analysis memory, bytes per added observation: " + "; ".join(steps))
+        fit["marginal_bytes_per_obs"] = [
+            {"from_N": a["N"], "to_N": b["N"],
+             "bytes_per_obs": (b["analysis_rss"] - a["analysis_rss"]) / (b["N"] - a["N"])}
+            for a, b in zip(ok_rows, ok_rows[1:])]
     else:
         print(f"no fit: {len(ok_rows)} size(s) completed, need at least 2")
     for r in ok_rows:
@@ -361,7 +416,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "autoreparam.analyze on examples/tensor_model.py",
-        "command": "python benchmarks/bench_analysis.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python", "benchmarks/bench_analysis.py", *(sys.argv[1:] if argv is None else argv)]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine,
         "fit": fit,

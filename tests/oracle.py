@@ -39,34 +39,41 @@ ORACLE_SEEDS = (101, 202)
 RANK_RTOL = 1e-5  # relative to the largest singular value; float32 Jacobians, O(1) structure
 
 
-def rank(m: np.ndarray, scale: float | None = None) -> int:
+def _column_scale(m: np.ndarray) -> np.ndarray:
+    """1 / column norms (1 for zero columns): ranks and nullities do not depend on units."""
+    norms = np.linalg.norm(m, axis=0)
+    return 1.0 / np.where(norms > 0, norms, 1.0)
+
+
+def rank(m: np.ndarray) -> int:
+    """Numerical rank, after scaling every column to unit norm."""
     if m.size == 0:
         return 0
-    s = np.linalg.svd(m, compute_uv=False)
-    top = s[0] if scale is None else scale
-    if top == 0:
+    s = np.linalg.svd(m * _column_scale(m), compute_uv=False)
+    if s[0] == 0:
         return 0
-    return int(np.count_nonzero(s > RANK_RTOL * top))
+    return int(np.count_nonzero(s > RANK_RTOL * s[0]))
 
 
-def null_space(m: np.ndarray, scale: float | None = None) -> np.ndarray:
-    """Orthonormal basis (columns) of the null space of ``m``."""
+def null_space(m: np.ndarray) -> np.ndarray:
+    """Orthonormal basis (columns) of the null space of ``m`` (rank decided as in ``rank``)."""
     n = m.shape[1]
     if m.shape[0] == 0 or n == 0:
         return np.eye(n)
-    _, s, vt = np.linalg.svd(m, full_matrices=True)
-    top = s[0] if scale is None else scale
-    if top == 0:
+    d = _column_scale(m)
+    _, s, vt = np.linalg.svd(m * d, full_matrices=True)
+    if s[0] == 0:
         return np.eye(n)
-    r = int(np.count_nonzero(s > RANK_RTOL * top))
-    return vt[r:].T
+    r = int(np.count_nonzero(s > RANK_RTOL * s[0]))
+    basis = d[:, None] * vt[r:].T  # m @ (d * x) = 0 for x in null(m * d)
+    return np.linalg.qr(basis)[0] if basis.shape[1] else basis
 
 
 def orth(m: np.ndarray) -> np.ndarray:
-    """Orthonormal basis (columns) of the range of ``m``."""
+    """Orthonormal basis (columns) of the range of ``m`` (columns scaled to unit norm first)."""
     if m.size == 0:
         return np.zeros((m.shape[0], 0))
-    u, s, _ = np.linalg.svd(m, full_matrices=False)
+    u, s, _ = np.linalg.svd(m * _column_scale(m), full_matrices=False)
     if s[0] == 0:
         return np.zeros((m.shape[0], 0))
     return u[:, s > RANK_RTOL * s[0]]
@@ -118,18 +125,26 @@ class OracleResult:
     def J(self, obs: str, site: str, which: int = 0) -> np.ndarray:
         return self.jac[which][obs][site]
 
+    def shared_basis(self, obs: str, a: str, b: str) -> np.ndarray:
+        """Orthonormal basis of S = range(J_A) & range(J_B) (at point 1), in parameter space."""
+        qa, qb = orth(self.J(obs, a)), orth(self.J(obs, b))
+        if qa.shape[1] == 0 or qb.shape[1] == 0:
+            return np.zeros((qa.shape[0], 0))
+        u, cos, _ = np.linalg.svd(qa.T @ qb, full_matrices=False)
+        return qa @ u[:, cos > 1.0 - 1e-6]
+
     def shared_projector(self, obs: str, a: str, b: str) -> np.ndarray:
-        """Orthogonal projector onto range(J_A) & range(J_B) (at point 1)."""
-        ja, jb = self.J(obs, a), self.J(obs, b)
-        ns = null_space(np.hstack([ja, jb]))
-        q = orth(ja @ ns[: ja.shape[1]])
+        """Orthogonal projector onto S = range(J_A) & range(J_B) (at point 1)."""
+        q = self.shared_basis(obs, a, b)
         return q @ q.T
 
     def shared_part_of_a(self, obs: str, a: str, b: str) -> np.ndarray:
-        """Columns spanning {v : J_A v in range(J_B)} modulo null(J_A)."""
-        ja, jb = self.J(obs, a), self.J(obs, b)
-        ns = null_space(np.hstack([ja, jb]))
-        return orth(ns[: ja.shape[1]])
+        """Columns v (one per dim of S) with J_A v spanning S."""
+        ja = self.J(obs, a)
+        q = self.shared_basis(obs, a, b)
+        d = _column_scale(ja)
+        v = d[:, None] * np.linalg.lstsq(ja * d, q, rcond=None)[0]
+        return np.linalg.qr(v)[0] if v.shape[1] else v
 
 
 class _Model:

@@ -155,12 +155,12 @@ def test_moving_along_absorption_leaves_predictor_unchanged(name):
             values[a] = values[a] + v.reshape(values[a].shape).astype(values[a].dtype)
             values[b] = values[b] - gv.reshape(values[b].shape).astype(values[b].dtype)
             after = orc.params_at(values)[obs]
-            np.testing.assert_allclose(after, before, atol=1e-5 * (1 + np.abs(before).max()),
-                                       err_msg=f"{obs}: {a} -> {b}")
-            # and A alone does move it
-            moved = orc.point(which)
-            moved[a] = moved[a] + v.reshape(moved[a].shape).astype(moved[a].dtype)
-            assert np.abs(orc.params_at(moved)[obs] - before).max() > 0.1
+            # A alone does move it
+            alone = orc.point(which)
+            alone[a] = alone[a] + v.reshape(alone[a].shape).astype(alone[a].dtype)
+            effect = np.abs(orc.params_at(alone)[obs] - before).max()
+            assert effect > 0, (obs, a, b)
+            assert np.abs(after - before).max() <= 1e-4 * effect, (obs, a, b)
 
 
 def _entry(name, a, b, obs="y"):

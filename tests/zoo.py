@@ -356,6 +356,15 @@ def _design():
     )
 
 
+def _design_unscaled():
+    """The same design in natural units: a group-level column in the thousands (income), another
+    in hundredths (a proportion). Units change no rank: {beta, a} still has dim 2."""
+    zm = _design()
+    X = zm.args[0] * np.array([1e3, 1.0, 1e-2, 1.0], np.float32)
+    zm.name, zm.args = "design_unscaled", (X.astype(np.float32),) + zm.args[1:]
+    return zm
+
+
 # --------------------------------------------------------------------------------------------
 # extra: heteroscedastic scale terms, two observed sites, multi-membership (a dense map)
 # --------------------------------------------------------------------------------------------
@@ -469,10 +478,28 @@ def _eight_schools():
                     {}, {"obs": ["theta"]}, funnels={"theta": ("tau",)}, control=True)
 
 
+def eight_schools_noncentered(J, sigma, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
+    with numpyro.plate("J", J):
+        theta_tilde = numpyro.sample("theta_tilde", dist.Normal(0.0, 1.0))
+        numpyro.sample("obs", dist.Normal(mu + tau * theta_tilde, sigma), obs=y)
+
+
+def _eight_schools_noncentered():
+    zm = _eight_schools()
+    # mu + tau * theta_tilde: (mu + c, theta_tilde - c / tau) and (tau * k, theta_tilde / k) are
+    # invariant only for the current tau / theta_tilde: local, not additive; no funnel left
+    return ZooModel("eight_schools_noncentered", eight_schools_noncentered, zm.args, zm.kwargs,
+                    {}, {"obs": ["mu"]}, control=True,
+                    local={("obs", "mu", "theta_tilde"), ("obs", "tau", "theta_tilde")})
+
+
 BUILDERS = [
     _tensor, _county, _crossed, _crossed_disconnected, _signed, _nested, _nested_sparse,
-    _interaction, _bernoulli, _poisson, _deterministic, _vector, _design, _hetero, _two_obs,
-    _multi_membership, _regression, _factor, _eight_schools,
+    _interaction, _bernoulli, _poisson, _deterministic, _vector, _design, _design_unscaled,
+    _hetero, _two_obs, _multi_membership, _regression, _factor, _eight_schools,
+    _eight_schools_noncentered,
 ]
 
 

@@ -72,11 +72,11 @@ def _analyze(model, args, kwargs) -> Report:
 
     terms: dict[str, list[Term]] = {y: [] for y in mt.observed_names}
     nonadditive: dict[str, list[str]] = {y: [] for y in mt.observed_names}
+    params_of: dict[tuple[str, str], tuple[str, ...]] = {}
     for a in probe.names:
         found = probe.classify(a)
         for y, (kind, lmap, params) in found.items():
-            if y not in terms:
-                continue
+            params_of[(y, a)] = params
             if kind == "additive":
                 structure = ("gather" if isinstance(lmap, GatherMap) else
                              "dense" if isinstance(lmap, DenseMap) else "unstructured")
@@ -99,7 +99,7 @@ def _analyze(model, args, kwargs) -> Report:
                     residual = probe.residual(y, ta.site, tb.site, sub)
                     invariances.append(Invariance(y, (ta.site, tb.site), "additive", sub.dim,
                                                   residual, sub.structure, sub))
-        invariances += probe.local_tradeoffs(y, [t.site for t in terms[y]], nonadditive[y])
+        invariances += probe.local_tradeoffs(y, [t.site for t in terms[y]], nonadditive[y], params_of)
     invariances.sort(key=lambda inv: (mt.sites[inv.observed].order, mt.sites[inv.sites[0]].order,
                                       mt.sites[inv.sites[1]].order))
 
@@ -108,7 +108,8 @@ def _analyze(model, args, kwargs) -> Report:
     if parents is None:
         parents = probe.jvp_dependencies()
     graph = build_graph(mt.sites, parents, invariances)
-    return Report(_model_name(model), mt.sites, graph, terms, invariances, funnels, notes, mt)
+    return Report(_model_name(model), mt.sites, graph, terms, invariances, funnels, notes, mt,
+                  probe.hyperparameters())
 
 
 def _model_name(model) -> str:
@@ -262,7 +263,7 @@ class _Probe:
                                 self.jvp({a: pr["r2"]}))
             lmap = self._gather(y, size, gather_probe, pr["r2"])
             if lmap is None and (size <= DENSE_MAX_SIZE or size * v1.size <= DENSE_MAX_ENTRIES):
-                lmap = DenseMap(self.dense_jacobian(a)[y])
+                lmap = DenseMap(self.dense_jacobian(a, y))
             found[y] = ("additive", lmap, params)
         return found
 
@@ -279,47 +280,62 @@ class _Probe:
             return None
         return GatherMap(index, np.where(on, c, 0.0), size)
 
-    def dense_jacobian(self, a: str) -> dict[str, np.ndarray]:
-        """d outputs / d a as {site: N_site x size} matrices (only for small sites)."""
-        if a not in self._dense_cache:
+    def dense_jacobian(self, a: str, y: str) -> np.ndarray:
+        """d y's parameters / d a as an N_y x size matrix (only for small sites)."""
+        key = (a, y)
+        if key not in self._dense_cache:
             size = self.mt.sites[a].size
-            cols: dict[str, list[np.ndarray]] = {}
-            basis_fn = jax.jit(jax.vmap(lambda t: self.lin1(self._tangent({a: t}))))
-            for start in range(0, size, 64):
-                eye = np.eye(size, dtype=np.float32)[start:start + 64]
-                out = basis_fn(jnp.asarray(eye))
-                for site, (slices, n) in self.layout.items():
-                    parts = [np.asarray(out[site][p], dtype=np.float64).reshape(eye.shape[0], -1)
-                             for p in slices]
-                    block = np.concatenate(parts, axis=1) if parts else np.zeros((eye.shape[0], 0))
-                    cols.setdefault(site, []).append(block)
-            self._dense_cache[a] = {s: np.concatenate(c, axis=0).T for s, c in cols.items()}
-        return self._dense_cache[a]
+            slices, _ = self.layout[y]
+
+            def column(t):
+                out = self.lin1(self._tangent({a: t}))[y]
+                return jnp.concatenate([jnp.ravel(out[p]) for p in slices]) if slices else jnp.zeros(0)
+
+            basis_fn = jax.jit(jax.vmap(column))
+            blocks = [np.asarray(basis_fn(jnp.asarray(np.eye(size, dtype=np.float32)[s:s + 64])))
+                      for s in range(0, size, 64)]
+            self._dense_cache[key] = np.concatenate(blocks, axis=0).T.astype(np.float64)
+        return self._dense_cache[key]
 
     # -- pairs ------------------------------------------------------------------------------
-    def residual(self, y: str, a: str, b: str, sub) -> float:
+    def residual(self, y: str, a: str, b: str, sub, rows=None) -> float:
         """Relative change of y's parameters along a random direction (U r, -E r)."""
         r = self.rng.standard_normal(sub.dim)
         da, db = sub.U @ r, -(sub.E @ r)
         moved = self._flat(self.jvp({a: da, b: db}), y)
         alone = self._flat(self.jvp({a: da}), y)
+        if rows is not None:
+            moved, alone = moved[rows], alone[rows]
         return float(np.linalg.norm(moved) / max(np.linalg.norm(alone), 1e-30))
 
-    def local_tradeoffs(self, y: str, additive: list[str], nonadditive: list[str]) -> list[Invariance]:
-        """Directions that leave y unchanged only at a point (products of latent sites)."""
+    def local_tradeoffs(self, y: str, additive: list[str], nonadditive: list[str],
+                        params_of: dict) -> list[Invariance]:
+        """Directions that leave y unchanged only at a point (products of latent sites).
+
+        Checked with dense Jacobians, so only for small sites, and only for pairs that enter
+        a common distribution parameter (elsewhere their effects cannot cancel).
+        """
         out = []
         order = self.mt.sites
+        slices, n_rows = self.layout[y]
         candidates = sorted(set(additive) | set(nonadditive), key=lambda n: order[n].order)
         small = [n for n in candidates if order[n].size <= LOCAL_MAX_SIZE]
         for i, a in enumerate(small):
             for b in small[i + 1:]:
                 if a not in nonadditive and b not in nonadditive:
                     continue
-                ja, jb = DenseMap(self.dense_jacobian(a)[y]), DenseMap(self.dense_jacobian(b)[y])
+                common = set(params_of[(y, a)]) & set(params_of[(y, b)])
+                if not common:
+                    continue
+                rows = np.concatenate([np.arange(n_rows)[slices[p]] for p in slices if p in common])
+                if rows.size * (order[a].size + order[b].size) > DENSE_MAX_ENTRIES:
+                    continue
+                ja = DenseMap(self.dense_jacobian(a, y)[rows])
+                jb = DenseMap(self.dense_jacobian(b, y)[rows])
                 sub = shared_subspace(ja, jb)
                 if sub.dim:
                     out.append(Invariance(y, (a, b), "multiplicative", sub.dim,
-                                          self.residual(y, a, b, sub), "local"))
+                                          self.residual(y, a, b, sub, rows), "local"))
         return out
 
     # -- funnels and dependencies -----------------------------------------------------------
@@ -334,6 +350,13 @@ class _Probe:
                 loc_parents = tuple(a for a in self.names if a != theta and self.depends(a, theta, "loc"))
                 out.append(Funnel(theta, site.distribution, scale_parents, loc_parents))
         return out
+
+    def hyperparameters(self) -> tuple[str, ...]:
+        """Latent sites read by another latent site's prior through a parameter other than ``loc``."""
+        return tuple(
+            h for h in self.names
+            if any(self.depends(h, s, p) for s in self.names if s != h for p in self.layout[s][0] if p != "loc")
+        )
 
     def jvp_dependencies(self) -> dict[str, set[str]]:
         deps: dict[str, set[str]] = {}

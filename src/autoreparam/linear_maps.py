@@ -96,14 +96,22 @@ class DenseMap:
     def rmatvec(self, v):
         return self.matrix.T @ v
 
+    def _column_scale(self) -> np.ndarray:
+        # Ranks are decided on unit-norm columns, so a covariate's units (dollars next to a
+        # proportion) cannot push a real direction under the cutoff.
+        norms = np.linalg.norm(self.matrix, axis=0)
+        return np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0)
+
     def orthonormal_range(self) -> np.ndarray:
-        u, s, _ = np.linalg.svd(self.matrix, full_matrices=False)
+        u, s, _ = np.linalg.svd(self.matrix * self._column_scale(), full_matrices=False)
         if s.size == 0 or s[0] == 0:
             return np.zeros((self.n_out, 0))
         return u[:, s > s[0] * RANK_RTOL]
 
     def pinv(self, v):
-        return np.linalg.lstsq(self.matrix, v, rcond=RANK_RTOL)[0]
+        d = self._column_scale()
+        y = np.linalg.lstsq(self.matrix * d, v, rcond=RANK_RTOL)[0]
+        return d[:, None] * y if y.ndim == 2 else d * y
 
     def project(self, v):
         q = self.orthonormal_range()
@@ -252,7 +260,8 @@ def _shared_dense(ja: LinearMap, jb: LinearMap) -> SharedSubspace:
     if q.shape[1] == 0:
         return _empty(ja.n_in, jb.n_in)
     residual = q - other.project(q)
-    _, s, vt = np.linalg.svd(residual, full_matrices=True)
+    # Thin SVD: q has few columns and N rows (a full one would build an N x N factor).
+    _, s, vt = np.linalg.svd(residual, full_matrices=residual.shape[0] < residual.shape[1])
     s_full = np.zeros(q.shape[1])
     s_full[: s.size] = s
     null = vt[s_full < NULL_TOL].T

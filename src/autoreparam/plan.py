@@ -336,7 +336,7 @@ def _build_plan(report, init, noncentre, at) -> Plan:
     centered: dict[str, np.ndarray] = {}
     funnel_sites = [f.site for f in report.funnels if f.site in eligible] if noncentre else []
     if init == "analytic" and (pairs or funnel_sites):
-        curv = _Curvature(mt, at)
+        curv = _Curvature(mt, at, report.hyperparameters)
         for (b, a), inv in pairs.items():
             xi[(b, a)] = curv.response(b, a, inv, pairs)
         for name in funnel_sites:
@@ -366,31 +366,50 @@ def _build_plan(report, init, noncentre, at) -> Plan:
 
 
 class _Curvature:
-    """Hessian-vector products of the negative log joint at one point (jit once, reuse)."""
+    """Hessian-vector products of the negative log joint at one point (jit once, reuse).
 
-    def __init__(self, mt, at: dict | None):
-        from numpyro.infer.util import log_density
+    The point is ``at`` if given (a dict of latent values, or ``"median"`` for the prior
+    median). By default (``at=None`` or ``"map"``) it starts at the prior median and
+    maximises the log joint over every latent site except the hyperparameters (sites that
+    scale other sites' priors, which a MAP would collapse), so that the observation noise
+    and the effects sit where the data put them.
+    """
+
+    def __init__(self, mt, at, hyperparameters=()):
         from numpyro import handlers
-        from numpyro.infer.initialization import init_to_median
+        from numpyro.infer.initialization import init_to_feasible, init_to_median
+        from numpyro.infer.util import log_density
 
         self.mt = mt
-        model = handlers.substitute(handlers.seed(mt.model, 0), substitute_fn=init_to_median(num_samples=15))
+        model = handlers.substitute(handlers.seed(mt.model, 0), substitute_fn=init_to_median(num_samples=101))
         tr = handlers.trace(model).get_trace(*mt.args, **mt.kwargs)
         values = {n: s["value"] for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
-        if at:
-            unknown = set(at) - set(values)
-            if unknown:
-                raise InputError(f"at: no latent site named {', '.join(sorted(unknown))}")
-            values.update({k: jnp.asarray(v) for k, v in at.items()})
+        if at in (None, "map"):
+            # Start the non-hyperparameters at the centre of their unconstrained space: a prior
+            # median drawn from samples of a wide prior (Normal(0, 100)) lands far from the data.
+            model = handlers.substitute(handlers.seed(mt.model, 0), substitute_fn=init_to_feasible)
+            tr0 = handlers.trace(model).get_trace(*mt.args, **mt.kwargs)
+            values.update({n: tr0[n]["value"] for n in mt.latent_names if n not in hyperparameters})
         self.names = mt.latent_names
-        self.point = {n: jnp.asarray(values[n]) for n in self.names}
-        fixed = {n: v for n, v in values.items() if n not in self.point}
-        self.values = values
+        fixed = {n: v for n, v in values.items() if n not in self.names}
         seeded = handlers.seed(mt.model, 0)
 
         def neg_log_joint(theta):
             return -log_density(seeded, mt.args, mt.kwargs, {**theta, **fixed})[0]
 
+        if isinstance(at, dict):
+            unknown = set(at) - set(values)
+            if unknown:
+                raise InputError(f"at: no latent site named {', '.join(sorted(unknown))}")
+            values.update({k: jnp.asarray(v) for k, v in at.items()})
+        elif at in (None, "map"):
+            free = [n for n in self.names if n not in hyperparameters]
+            supports = {n: tr[n]["fn"].support for n in free}
+            values.update(_map_point(neg_log_joint, {n: jnp.asarray(values[n]) for n in self.names}, supports))
+        elif at != "median":
+            raise InputError(f"at must be None, 'map', 'median' or a dict of latent values, got {at!r}")
+        self.point = {n: jnp.asarray(values[n]) for n in self.names}
+        self.values = values
         grad = jax.grad(neg_log_joint)
         self._hvp = jax.jit(lambda t: jax.jvp(grad, (self.point,), (t,))[1])
 
@@ -452,6 +471,37 @@ class _Curvature:
         prior = self._batch_reduce(name, 1.0 / scale**2)
         c = 1.0 - prior / np.where(total > 0, total, np.inf)
         return np.clip(np.where(total > 0, c, 0.0), 0.0, 1.0).reshape(n_batch)
+
+
+def _map_point(neg_log_joint, theta: dict, supports: dict, steps: int = 500, lr: float = 0.05) -> dict:
+    """A few hundred Adam steps on the unconstrained values of the sites in ``supports``."""
+    from numpyro.distributions import biject_to
+
+    transforms = {n: biject_to(c) for n, c in supports.items()}
+    fixed = {n: v for n, v in theta.items() if n not in transforms}
+    u0 = {n: t.inv(theta[n]) for n, t in transforms.items()}
+
+    def loss(u):
+        return neg_log_joint({**fixed, **{n: t(u[n]) for n, t in transforms.items()}})
+
+    grad = jax.grad(loss)
+
+    def step(i, state):
+        u, m, v = state
+        g = grad(u)
+        m = jax.tree.map(lambda m_, g_: 0.9 * m_ + 0.1 * g_, m, g)
+        v = jax.tree.map(lambda v_, g_: 0.999 * v_ + 0.001 * g_**2, v, g)
+        t = i + 1.0
+        u = jax.tree.map(lambda u_, m_, v_: u_ - lr * (m_ / (1 - 0.9**t)) / (jnp.sqrt(v_ / (1 - 0.999**t)) + 1e-8),
+                         u, m, v)
+        return u, m, v
+
+    zeros = jax.tree.map(jnp.zeros_like, u0)
+    u, _, _ = jax.jit(lambda u: jax.lax.fori_loop(0, steps, step, (u, zeros, zeros)))(u0)
+    out = {n: t(u[n]) for n, t in transforms.items()}
+    if not all(bool(jnp.all(jnp.isfinite(v))) for v in out.values()):
+        return {}  # keep the prior median rather than a diverged point
+    return out
 
 
 def _pcg(op, rhs: dict, diag: dict, maxiter: int = 200, rtol: float = 1e-6) -> dict:

@@ -114,6 +114,7 @@ class Report:
     funnels: list[Funnel]
     notes: list[str] = field(default_factory=list)
     model_trace: Any = field(default=None, repr=False, compare=False)
+    hyperparameters: tuple[str, ...] = ()  # latent sites that scale other latent sites' priors
 
     @property
     def plan(self):

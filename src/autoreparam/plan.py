@@ -33,6 +33,9 @@ from .errors import InputError
 __all__ = ["Plan", "SitePlan", "Offset", "SparseMap", "PlanError"]
 
 PLAN_FORMAT = 1
+# Measured on the tensor model (benchmarks/): learning xi at Adam's full rate from the analytic
+# start loses ELBO to gradient noise; a step of 0.02 keeps the start and still refines it.
+ANALYTIC_XI_STEP = 0.02
 
 
 class PlanError(InputError):
@@ -156,6 +159,17 @@ class Plan:
     candidates: tuple[tuple[str, Offset], ...] = field(default=(), compare=False)
     latent: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()  # (name, shape, batch shape)
     init: str = "analytic"
+    # Offset parents enter as ``G(P - center)``: centring at the point where xi was measured
+    # keeps a change of xi from moving the site's mean (and keeps xi's SVI gradient quiet).
+    centers: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    # Learned xi = init + xi_step * param; see ConditionalOffsetReparam.
+    xi_step: float = 1.0
+
+    def center_of(self, name: str):
+        for n, values in self.centers:
+            if n == name:
+                return values
+        return None
 
     # -- lookup -------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> SitePlan:
@@ -235,6 +249,7 @@ class Plan:
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self) -> dict:
         return {"format": PLAN_FORMAT, "model": self.model, "init": self.init,
+                "centers": {n: list(v) for n, v in self.centers}, "xi_step": self.xi_step,
                 "latent": [{"name": n, "shape": list(s), "batch_shape": list(b)} for n, s, b in self.latent],
                 "sites": [s.to_json() for s in self.sites],
                 "candidates": [{"site": c, **o.to_json()} for c, o in self.candidates]}
@@ -247,7 +262,9 @@ class Plan:
             return cls(d["model"], tuple(SitePlan.from_json(s) for s in d["sites"]),
                        tuple((c["site"], Offset.from_json(c)) for c in d.get("candidates", [])),
                        tuple((x["name"], tuple(x["shape"]), tuple(x["batch_shape"])) for x in d.get("latent", ())),
-                       d.get("init", "analytic"))
+                       d.get("init", "analytic"),
+                       tuple((n, tuple(v)) for n, v in d.get("centers", {}).items()),
+                       float(d.get("xi_step", 1.0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc
 
@@ -334,6 +351,7 @@ def _build_plan(report, init, noncentre, at) -> Plan:
 
     xi: dict[tuple[str, str], np.ndarray] = {}
     centered: dict[str, np.ndarray] = {}
+    centers: dict[str, tuple[float, ...]] = {}
     funnel_sites = [f.site for f in report.funnels if f.site in eligible] if noncentre else []
     if init == "analytic" and (pairs or funnel_sites):
         curv = _Curvature(mt, at, report.hyperparameters)
@@ -341,6 +359,8 @@ def _build_plan(report, init, noncentre, at) -> Plan:
             xi[(b, a)] = curv.response(b, a, inv, pairs)
         for name in funnel_sites:
             centered[name] = curv.centeredness(name)
+        for _, a in pairs:
+            centers[a] = tuple(float(v) for v in np.ravel(np.asarray(curv.point[a])))
     candidates = []
     for (b, a), inv in pairs.items():
         site = sites[b]
@@ -362,7 +382,9 @@ def _build_plan(report, init, noncentre, at) -> Plan:
         if offs or cen is not None:
             plan_sites.append(SitePlan(name, tuple(site.shape), tuple(site.batch_shape), offs, cen))
     shapes = tuple((n, tuple(sites[n].shape), tuple(sites[n].batch_shape)) for n in latent)
-    return Plan(report.model_name, tuple(plan_sites), tuple(candidates), shapes, init)
+    return Plan(report.model_name, tuple(plan_sites), tuple(candidates), shapes, init,
+                tuple(sorted(centers.items(), key=lambda kv: order.index(kv[0]))),
+                ANALYTIC_XI_STEP if init == "analytic" else 1.0)
 
 
 class _Curvature:

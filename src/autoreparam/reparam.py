@@ -89,16 +89,22 @@ def _expand_batch(x, batch_shape, shape):
 class ConditionalOffsetReparam(Reparam):
     """``a = a_base + sum_P xi_{a|P} * G_{a|P}(P)`` with ``a_base ~ p_a(. + offset)``.
 
-    The change of variables has unit Jacobian, so the model's posterior is unchanged; ``xi``
-    are ``numpyro.param`` sites named ``{a}_offset_{P}`` (plain constants when ``learn=False``).
+    The change of variables has unit Jacobian, so the model's posterior is unchanged. With
+    ``learn=True``, ``xi = init + xi_step * {a}_offset_{P}`` where ``{a}_offset_{P}`` is a
+    ``numpyro.param`` starting at zero (``xi_step`` is 1 for ``init="zero"`` and small for the
+    analytic start, see ``Plan.xi_step``); with ``learn=False`` xi stays at its initial value.
+    Parents enter centred at the plan's ``centers`` (the point where xi was measured).
     With ``site.centered`` set, the shifted distribution is further decentred with NumPyro's
     ``LocScaleReparam`` (latent ``{a}_decentered``; learned centredness ``{a}_centered``).
     """
 
-    def __init__(self, site: SitePlan, store: SiteValues, learn: bool = True):
+    def __init__(self, site: SitePlan, store: SiteValues, learn: bool = True, centers: dict | None = None,
+                 xi_step: float = 1.0):
         self.site = site
         self.store = store
         self.learn = learn
+        self.centers = centers or {}
+        self.xi_step = xi_step
 
     def __repr__(self) -> str:
         return (f"ConditionalOffsetReparam(site={self.site.name!r}, parents={self.site.parents!r}, "
@@ -129,8 +135,14 @@ class ConditionalOffsetReparam(Reparam):
                                 f"before '{name}' in the model")
             xi = jnp.reshape(jnp.asarray(off.init, dtype=jnp.result_type(float)), batch_shape)
             if self.learn:
-                xi = numpyro.param(f"{name}_offset_{off.parent}", xi)
-            term = _expand_batch(xi, batch_shape, shape) * off.absorb(self.store[off.parent], shape)
+                # xi = init + step * param: a small step keeps Adam's noisy updates of xi (the
+                # valley noise again) from undoing a good analytic start; step 1 learns xi directly.
+                xi = xi + self.xi_step * numpyro.param(f"{name}_offset_{off.parent}", jnp.zeros_like(xi))
+            parent_value = self.store[off.parent]
+            if off.parent in self.centers:
+                center = jnp.asarray(self.centers[off.parent], dtype=jnp.result_type(parent_value))
+                parent_value = parent_value - jnp.reshape(center, jnp.shape(parent_value))
+            term = _expand_batch(xi, batch_shape, shape) * off.absorb(parent_value, shape)
             offset = term if offset is None else offset + term
 
         if site.noncentred:
@@ -200,7 +212,9 @@ def build_config(plan: Plan, learn: bool = True) -> ReparamConfig:
     """The NumPyro reparam config of a plan (see the module docstring for how to apply it)."""
     store = SiteValues()
     store.active = False
-    return ReparamConfig({s.name: ConditionalOffsetReparam(s, store, learn) for s in plan.sites}, store=store)
+    centers = dict(plan.centers)
+    return ReparamConfig({s.name: ConditionalOffsetReparam(s, store, learn, centers, plan.xi_step)
+                          for s in plan.sites}, store=store)
 
 
 def validate_plan(plan: Plan, mt) -> None:

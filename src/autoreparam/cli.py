@@ -114,17 +114,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = load_model(module, args.file, args.model)
         margs, mkwargs = model_inputs(module, args.file, args.args_expr)
         report = analyze(model, *margs, **mkwargs)
+        plan = report.plan
     except InputError as exc:
         print(f"autoreparam: error: {exc}", file=sys.stderr)
         return 2
     except AutoreparamError as exc:
         print(f"autoreparam: error: {args.file}: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        json.dump(report.to_json(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(report)
+    try:
+        if args.json:
+            json.dump({**report.to_json(), "plan": plan.to_json()}, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            print(report)
+            print()
+            print(plan)
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped into head
+        sys.stdout = None
     return 0
 
 

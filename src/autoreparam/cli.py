@@ -101,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="Python expression, evaluated in the file's namespace, giving a tuple of "
                         "positional arguments or a pair (args, kwargs) (default: model_args() if defined)")
     a.add_argument("--json", action="store_true", help="print the report as JSON and nothing else")
+    a.add_argument("--emit", choices=("source", "config"),
+                   help="write the reparameterized model source, or a module building the reparam config")
+    a.add_argument("-o", "--output", metavar="OUT", help="file to write with --emit (default: stdout)")
+    a.add_argument("--in-place", action="store_true",
+                   help="with --emit source: rewrite FILE itself, keeping a copy as FILE.bak")
     return p
 
 
@@ -121,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AutoreparamError as exc:
         print(f"autoreparam: error: {args.file}: {exc}", file=sys.stderr)
         return 1
+    if args.emit:
+        return _emit(args, model, plan)
     try:
         if args.json:
             json.dump({**report.to_json(), "plan": plan.to_json()}, sys.stdout, indent=2)
@@ -132,6 +139,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
     except BrokenPipeError:  # e.g. piped into head
         sys.stdout = None
+    return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.autoreparam-tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _emit(args, model, plan) -> int:
+    from .emit import emit_config, emit_source
+
+    source_path = Path(args.file)
+    if args.in_place and args.output:
+        print("autoreparam: error: --in-place and -o are exclusive", file=sys.stderr)
+        return 2
+    if args.in_place and args.emit != "source":
+        print("autoreparam: error: --in-place only applies to --emit source", file=sys.stderr)
+        return 2
+    if args.output and Path(args.output).resolve() == source_path.resolve():
+        print(f"autoreparam: error: -o {args.output} is the input file; use --in-place to rewrite it "
+              "(a .bak copy is kept)", file=sys.stderr)
+        return 2
+    name = getattr(model, "__name__", "model")
+    try:
+        if args.emit == "source":
+            result = emit_source(source_path.read_text(), name, plan)
+            text, warnings = result.source, result.warnings
+        else:
+            text, warnings = emit_config(plan, function=name), []
+    except AutoreparamError as exc:
+        print(f"autoreparam: error: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    for w in warnings:
+        print(f"autoreparam: warning: {args.file}: {w}", file=sys.stderr)
+    try:
+        if args.in_place:
+            backup = source_path.with_name(source_path.name + ".bak")
+            _write_atomic(backup, source_path.read_text())
+            _write_atomic(source_path, text)
+        elif args.output:
+            _write_atomic(Path(args.output), text)
+        else:
+            sys.stdout.write(text)
+    except OSError as exc:
+        print(f"autoreparam: error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
     return 0
 
 

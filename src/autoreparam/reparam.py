@@ -170,9 +170,11 @@ class ShiftedDistribution(dist.Distribution):
     pytree_data_fields = ("base", "delta")
 
     def __init__(self, base, delta, *, validate_args=None):
-        self.base = base
+        ndim = jnp.ndim(delta) - len(base.event_shape)
+        batch_shape = jnp.broadcast_shapes(base.batch_shape, jnp.shape(delta)[:max(ndim, 0)])
+        self.base = base.expand(batch_shape)
         self.delta = delta
-        super().__init__(base.batch_shape, base.event_shape, validate_args=validate_args)
+        super().__init__(batch_shape, base.event_shape, validate_args=validate_args)
 
     @property
     def support(self):

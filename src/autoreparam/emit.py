@@ -1,0 +1,414 @@
+"""Rewrite a model's source so it carries a plan's reparameterization (a libcst codemod).
+
+Every ``x = numpyro.sample("x", fn)`` statement of a planned site becomes explicit NumPyro
+code: the offset parameters, the offset, the sample of ``x_base`` with the shifted density and
+``x = numpyro.deterministic("x", x_base + x_offset)`` (or a ``LocScaleReparam`` block for a
+non-centred site). Everything else keeps its formatting byte for byte. The output imports
+only jax, numpy and numpyro. Statements that cannot be rewritten safely are left as they are,
+with a warning naming the site and line.
+"""
+
+from __future__ import annotations
+
+import pprint
+from dataclasses import dataclass, field
+
+import libcst as cst
+import libcst.matchers as m
+from libcst.metadata import MetadataWrapper, PositionProvider
+
+from .errors import InputError
+from .plan import Plan
+
+__all__ = ["EmitResult", "emit_source", "emit_config", "MARKER"]
+
+MARKER = "# autoreparam: reparameterized model"
+
+
+@dataclass(frozen=True)
+class EmitResult:
+    """The rewritten source and the warnings about statements left unchanged."""
+
+    source: str
+    warnings: list[str] = field(default_factory=list)
+    rewritten: tuple[str, ...] = ()
+
+
+def _is_sample_call(node) -> bool:
+    return m.matches(node, m.Call(func=m.Attribute(value=m.Name("numpyro"), attr=m.Name("sample")))) or \
+        m.matches(node, m.Call(func=m.Name("sample")))
+
+
+def _site_name(call: cst.Call) -> str | None:
+    args = [a for a in call.args if a.keyword is None]
+    named = [a for a in call.args if a.keyword is not None and a.keyword.value == "name"]
+    node = args[0].value if args else (named[0].value if named else None)
+    if isinstance(node, cst.SimpleString):
+        return node.evaluated_value
+    return None
+
+
+def _dist_arg(call: cst.Call) -> cst.BaseExpression | None:
+    positional = [a for a in call.args if a.keyword is None]
+    if len(positional) >= 2:
+        return positional[1].value
+    for a in call.args:
+        if a.keyword is not None and a.keyword.value == "fn":
+            return a.value
+    return None
+
+
+def _has_obs(call: cst.Call) -> bool:
+    return any(a.keyword is not None and a.keyword.value == "obs" for a in call.args) or \
+        len([a for a in call.args if a.keyword is None]) >= 3
+
+
+class _SiteRewriter(cst.CSTTransformer):
+    """Rewrites the planned sample statements of one function."""
+
+    METADATA_DEPENDENCIES = (PositionProvider,)
+
+    def __init__(self, function: str, plan: Plan, module: cst.Module):
+        super().__init__()
+        self.function = function
+        self.plan = plan
+        self.module = module
+        self.planned = set(plan.names)
+        self.depth = 0  # > 0 inside the target function
+        self.loops = 0
+        self.found_function = False
+        self.rewritten: list[str] = []
+        self.warnings: list[str] = []
+        self.seen_sites: set[str] = set()
+
+    def _line(self, node) -> int:
+        return self.get_metadata(PositionProvider, node).start.line
+
+    # -- scope tracking ---------------------------------------------------------------------
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+        if self.depth == 0 and node.name.value == self.function:
+            self.found_function = True
+            self.depth = 1
+            return True
+        if self.depth:
+            self.depth += 1
+        return True
+
+    def leave_FunctionDef(self, original, updated):
+        if self.depth:
+            self.depth -= 1
+        return updated
+
+    def _enter_loop(self, node) -> bool:
+        if self.depth:
+            self.loops += 1
+        return True
+
+    def _leave_loop(self, original, updated):
+        if self.depth:
+            self.loops -= 1
+        return updated
+
+    visit_For = visit_While = visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _enter_loop
+    leave_For = leave_While = leave_ListComp = leave_SetComp = leave_DictComp = leave_GeneratorExp = _leave_loop
+
+    # -- sample calls that are not simple statements: warn ----------------------------------
+    def visit_Call(self, node: cst.Call) -> bool:
+        if self.depth != 1 or not _is_sample_call(node):
+            return True
+        name = _site_name(node)
+        if name is None:
+            self.warnings.append(f"line {self._line(node)}: numpyro.sample with a non-literal site name is "
+                                 "left unchanged (autoreparam can only rewrite literal site names)")
+            return True
+        self.seen_sites.add(name)
+        if name in self.planned and name not in self._simple_sites:
+            why = "inside a loop or comprehension" if self.loops else "not bound to a simple name"
+            self.warnings.append(f"line {self._line(node)}: site '{name}' is {why}; left unchanged")
+        return True
+
+    def visit_SimpleStatementLine(self, node: cst.SimpleStatementLine) -> bool:
+        if self.depth == 1 and not self.loops:
+            target = self._simple_assignment(node)
+            if target is not None:
+                self._simple_sites.add(target[1])
+        return True
+
+    @property
+    def _simple_sites(self) -> set:
+        if not hasattr(self, "_simple"):
+            self._simple = set()
+        return self._simple
+
+    @staticmethod
+    def _simple_assignment(node: cst.SimpleStatementLine):
+        if len(node.body) != 1 or not isinstance(node.body[0], cst.Assign):
+            return None
+        assign = node.body[0]
+        if len(assign.targets) != 1 or not isinstance(assign.targets[0].target, cst.Name):
+            return None
+        call = assign.value
+        if not isinstance(call, cst.Call) or not _is_sample_call(call):
+            return None
+        name = _site_name(call)
+        if name is None or _has_obs(call) or _dist_arg(call) is None:
+            return None
+        return assign.targets[0].target.value, name, call
+
+    def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine):
+        if self.depth != 1 or self.loops:
+            return updated
+        found = self._simple_assignment(original)
+        if found is None or found[1] not in self.planned:
+            return updated
+        var, site_name, call = found
+        fn_code = self.module.code_for_node(_dist_arg(call))
+        lines = _site_code(self.plan, self.plan[site_name], var, fn_code)
+        statements = [cst.parse_statement(line) for line in lines]
+        comment = cst.EmptyLine(comment=cst.Comment(
+            f"# autoreparam: '{site_name}' reparameterized (exact change of variables)"))
+        first = statements[0].with_changes(leading_lines=(*original.leading_lines, comment))
+        last = statements[-1]
+        if isinstance(last, cst.SimpleStatementLine) and isinstance(original, cst.SimpleStatementLine):
+            last = last.with_changes(trailing_whitespace=original.trailing_whitespace)
+        statements = [first, *statements[1:-1], last] if len(statements) > 1 else [
+            first.with_changes(trailing_whitespace=original.trailing_whitespace)]
+        self.rewritten.append(site_name)
+        return cst.FlattenSentinel(statements)
+
+
+def _shape_literal(shape) -> str:
+    shape = tuple(int(d) for d in shape)
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _site_code(plan: Plan, site, var: str, fn_code: str) -> list[str]:
+    """The statements that replace ``var = numpyro.sample(site.name, fn)``."""
+    name = site.name
+    batch = tuple(site.batch_shape)
+    event_dims = len(site.shape) - len(batch)
+    expand = _shape_literal(batch + (1,) * event_dims)
+    lines = []
+    offset_terms = []
+    for off in site.offsets:
+        key = f"{name}|{off.parent}"
+        xi = f"xi_{name}_{off.parent}"
+        init = f"_AUTOREPARAM_XI[{key!r}]"
+        if plan.xi_step == 1.0:
+            lines.append(f"{xi} = {init} + numpyro.param({name + '_offset_' + off.parent!r}, "
+                         f"jnp.zeros({_shape_literal(batch)}))")
+        else:
+            lines.append(f"{xi} = {init} + {plan.xi_step!r} * numpyro.param("
+                         f"{name + '_offset_' + off.parent!r}, jnp.zeros({_shape_literal(batch)}))")
+        center = f" - _AUTOREPARAM_CENTER[{off.parent!r}]" if plan.center_of(off.parent) is not None else ""
+        offset_terms.append(f"jnp.reshape({xi}, {expand}) * _autoreparam_absorb({off.parent}{center}, {key!r})")
+    offset = f"{var}_offset"
+    if offset_terms:
+        lines.append(f"{offset} = " + " + ".join(offset_terms))
+    if site.noncentred:
+        centered = f"{name}_centered"
+        init = f"jnp.reshape(_AUTOREPARAM_CENTERED[{name!r}], {expand})"
+        if site.learn_centered:
+            lines.append(f"{centered} = numpyro.param({centered!r}, {init}, "
+                         "constraint=numpyro.distributions.constraints.unit_interval)")
+        else:
+            lines.append(f"{centered} = {init}")
+        if offset_terms:
+            base = f"{name}_base"
+            lines.append(
+                f"with numpyro.handlers.reparam(config={{{base!r}: LocScaleReparam(centered={centered})}}):\n"
+                f"    {var}_base = numpyro.sample({base!r}, _autoreparam_shift_loc({fn_code}, -{offset}))")
+            lines.append(f"{var} = numpyro.deterministic({name!r}, {var}_base + {offset})")
+        else:
+            lines.append(
+                f"with numpyro.handlers.reparam(config={{{name!r}: LocScaleReparam(centered={centered})}}):\n"
+                f"    {var} = numpyro.sample({name!r}, {fn_code})")
+    else:
+        lines.append(f"{var}_base = numpyro.sample({name + '_base'!r}, AutoreparamShifted({fn_code}, -{offset}))")
+        lines.append(f"{var} = numpyro.deterministic({name!r}, {var}_base + {offset})")
+    return lines
+
+
+_HELPERS = '''
+
+# --- autoreparam: helpers and plan data for the reparameterized sites below -------------------
+# Generated by `autoreparam analyze --emit source`; this file does not import autoreparam.
+import jax
+import jax.numpy as jnp
+import numpyro
+from numpyro.infer.reparam import LocScaleReparam
+
+
+class AutoreparamShifted(numpyro.distributions.Distribution):
+    """The law of x + delta for x ~ base (real support: unit Jacobian)."""
+
+    arg_constraints = {}
+    pytree_data_fields = ("base", "delta")
+
+    def __init__(self, base, delta, *, validate_args=None):
+        ndim = jnp.ndim(delta) - len(base.event_shape)
+        batch_shape = jnp.broadcast_shapes(base.batch_shape, jnp.shape(delta)[:max(ndim, 0)])
+        self.base, self.delta = base.expand(batch_shape), delta
+        super().__init__(batch_shape, base.event_shape, validate_args=validate_args)
+
+    @property
+    def support(self):
+        return self.base.support
+
+    def sample(self, key, sample_shape=()):
+        return self.base.sample(key, sample_shape) + self.delta
+
+    def log_prob(self, value):
+        return self.base.log_prob(value - self.delta)
+
+
+def _autoreparam_shift_loc(fn, delta):
+    """The same loc-scale family with its loc moved by delta (so LocScaleReparam applies)."""
+    shape, event_dim = jnp.broadcast_shapes(fn.shape(), jnp.shape(delta)), fn.event_dim
+    base = fn
+    while isinstance(base, (numpyro.distributions.Independent, numpyro.distributions.ExpandedDistribution)):
+        base = base.base_dist
+    params = {k: getattr(base, k) for k in base.arg_constraints if hasattr(base, k)}
+    params["loc"] = params["loc"] + delta
+    shifted = type(base)(**params)
+    shifted = shifted.expand(shape[: len(shape) - shifted.event_dim])
+    return shifted.to_event(event_dim - shifted.event_dim) if shifted.event_dim < event_dim else shifted
+
+
+def _autoreparam_absorb(value, key):
+    """G(value): a parent's shared contribution in the child's coordinates (G = E @ M)."""
+    (m_rows, m_cols, m_vals, m_n), (e_rows, e_cols, e_vals, e_n), shape = _AUTOREPARAM_MAPS[key]
+    flat = jnp.reshape(value, (-1,))
+    shared = jax.ops.segment_sum(jnp.asarray(m_vals) * flat[jnp.asarray(m_cols, dtype=jnp.int32)],
+                                 jnp.asarray(m_rows, dtype=jnp.int32), num_segments=m_n)
+    out = jax.ops.segment_sum(jnp.asarray(e_vals) * shared[jnp.asarray(e_cols, dtype=jnp.int32)],
+                              jnp.asarray(e_rows, dtype=jnp.int32), num_segments=e_n)
+    return jnp.reshape(out, shape)
+
+
+'''
+
+
+def _plan_data(plan: Plan) -> str:
+    maps, xi, centered = {}, {}, {}
+    for site in plan.sites:
+        for off in site.offsets:
+            key = f"{site.name}|{off.parent}"
+            maps[key] = ((list(off.M.rows), list(off.M.cols), _nested(off.M.vals, None), off.M.shape[0]),
+                         (list(off.E.rows), list(off.E.cols), _nested(off.E.vals, None), off.E.shape[0]),
+                         tuple(site.shape))
+            xi[key] = _nested(off.init, site.batch_shape)
+        if site.noncentred:
+            centered[site.name] = _nested(site.centered, site.batch_shape)
+    centers = {n: _nested(v, None) for n, v in plan.centers}
+    fmt = lambda x: pprint.pformat(x, width=100, compact=True, sort_dicts=False)  # noqa: E731
+    return (f"_AUTOREPARAM_MAPS = {fmt(maps)}\n"
+            f"_AUTOREPARAM_XI = {{k: jnp.asarray(v) for k, v in {fmt(xi)}.items()}}\n"
+            f"_AUTOREPARAM_CENTER = {{k: jnp.asarray(v) for k, v in {fmt(centers)}.items()}}\n"
+            f"_AUTOREPARAM_CENTERED = {{k: jnp.asarray(v) for k, v in {fmt(centered)}.items()}}\n")
+
+
+def _nested(values, shape):
+    import numpy as np
+
+    arr = np.asarray(values, dtype=float)
+    if shape is not None:
+        arr = arr.reshape(tuple(shape))
+    arr = np.vectorize(lambda v: float(f"{v:.8g}"), otypes=[float])(arr) if arr.size else arr
+    return arr.tolist() if arr.ndim else float(arr)
+
+
+def emit_source(source: str, function: str, plan: Plan) -> EmitResult:
+    """Rewrite ``function`` in ``source`` to carry ``plan``; returns the new source and warnings.
+
+    >>> result = emit_source(open("model.py").read(), "model", plan)      # doctest: +SKIP
+    >>> print(result.source)                                              # doctest: +SKIP
+    """
+    if not isinstance(plan, Plan):
+        raise InputError(f"emit_source: plan must be an autoreparam.Plan, got {type(plan).__name__}")
+    try:
+        module = cst.parse_module(source)
+    except cst.ParserSyntaxError as exc:
+        raise InputError(f"emit_source: the source does not parse (line {exc.raw_line}): {exc.message}") from None
+    if MARKER in source:
+        return EmitResult(source, [f"'{function}' is already reparameterized by autoreparam; nothing to do"])
+    if plan.is_empty():
+        return EmitResult(source, [f"the plan for '{function}' is empty; the model is left as it is"])
+    rewriter = _SiteRewriter(function, plan, module)
+    new_module = MetadataWrapper(module).visit(rewriter)
+    if not rewriter.found_function:
+        raise InputError(f"emit_source: no top-level function named '{function}' in the source")
+    warnings = list(rewriter.warnings)
+    for name in plan.names:
+        if name not in rewriter.rewritten and name not in rewriter.seen_sites:
+            warnings.append(f"site '{name}' is not sampled by a literal numpyro.sample statement in "
+                            f"'{function}' (maybe in a helper function); left unchanged")
+    if not rewriter.rewritten:
+        return EmitResult(source, warnings)
+    plan_for_data = Plan(plan.model, tuple(s for s in plan.sites if s.name in rewriter.rewritten),
+                         (), plan.latent, plan.init, plan.centers, plan.xi_step)
+    header = [cst.EmptyLine(comment=cst.Comment(c)) for c in (
+        f"{MARKER} ({', '.join(rewriter.rewritten)}).",
+        f"# Generated by `autoreparam analyze --emit source` from the plan of '{function}' (xi init: {plan.init}).",
+        "# Each rewritten site is x = x_base + offset, an exact change of variables (see each site).",
+    )]
+    helpers = cst.parse_module(_HELPERS + _plan_data(plan_for_data))
+    existing = {new_module.code_for_node(s).strip() for s in new_module.body
+                if m.matches(s, m.SimpleStatementLine(body=[m.OneOf(m.Import(), m.ImportFrom())]))}
+    helpers = helpers.with_changes(body=[s for s in helpers.body if helpers.code_for_node(s).strip() not in existing])
+    at = _after_imports(new_module)
+    body = list(new_module.body)
+    new_module = new_module.with_changes(header=[*header, *new_module.header],
+                                         body=[*body[:at], *helpers.body, *body[at:]])
+    new_source = new_module.code
+    try:
+        cst.parse_module(new_source)
+    except cst.ParserSyntaxError as exc:  # never emit code that does not parse
+        raise InputError(f"emit_source: internal error, the rewritten source does not parse: {exc.message}") \
+            from None
+    return EmitResult(new_source, warnings, tuple(rewriter.rewritten))
+
+
+def _after_imports(module: cst.Module) -> int:
+    """Index of the first module statement after the docstring and the leading imports."""
+    for i, stmt in enumerate(module.body):
+        is_doc = m.matches(stmt, m.SimpleStatementLine(body=[m.Expr(m.SimpleString())]))
+        is_import = m.matches(stmt, m.SimpleStatementLine(body=[m.OneOf(m.Import(), m.ImportFrom())]))
+        if not (is_doc or is_import):
+            return i
+    return len(module.body)
+
+
+def emit_config(plan: Plan, model_module: str | None = None, function: str = "model") -> str:
+    """A small Python module that builds the plan's reparam config (it imports autoreparam)."""
+    import json
+
+    data = json.dumps(plan.to_json())
+    lines = [
+        '"""Reparam config for ' + function + ', generated by `autoreparam analyze --emit config`.',
+        "",
+        "    config = make_config()",
+        "    reparam_model = numpyro.handlers.reparam(config.record(model), config=config)",
+        '"""',
+        "",
+        "import json",
+        "",
+        "from autoreparam import Plan",
+        "",
+        f"PLAN = Plan.from_json(json.loads({data!r}))",
+        "",
+        "",
+        "def make_config(learn=True):",
+        '    """The NumPyro reparam config (site -> Reparam); apply it with config.record(model)."""',
+        "    return PLAN.to_config(learn=learn)",
+        "",
+        "",
+        "def reparameterize(model, learn=True):",
+        '    """``model`` with the plan applied, ready for SVI or MCMC."""',
+        "    import numpyro",
+        "",
+        "    config = make_config(learn)",
+        "    return numpyro.handlers.reparam(config.record(model), config=config)",
+        "",
+    ]
+    return "\n".join(lines)

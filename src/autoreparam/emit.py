@@ -300,7 +300,8 @@ def _plan_data(plan: Plan) -> str:
             xi[key] = _nested(off.init, site.batch_shape)
         if site.noncentred:
             centered[site.name] = _nested(site.centered, site.batch_shape)
-    centers = {n: _nested(v, None) for n, v in plan.centers}
+    shapes = {n: s for n, s, _ in plan.latent}
+    centers = {n: _nested(v, shapes.get(n)) for n, v in plan.centers}
     fmt = lambda x: pprint.pformat(x, width=100, compact=True, sort_dicts=False)  # noqa: E731
     return (f"_AUTOREPARAM_MAPS = {fmt(maps)}\n"
             f"_AUTOREPARAM_XI = {{k: jnp.asarray(v) for k, v in {fmt(xi)}.items()}}\n"

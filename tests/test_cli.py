@@ -299,7 +299,7 @@ def test_model_that_raises(tmp_path, capsys):
     path = write(tmp_path, "model_raises.py", GOOD.replace(
         'mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))',
         'mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))\n    raise RuntimeError("boom")', 1))
-    assert_error(capsys, 1, [path], path, "RuntimeError", "boom", "'mu'")
+    assert_error(capsys, 2, [path], path, "RuntimeError", "boom", "'mu'")
 
 
 def test_model_without_observed_site(tmp_path, capsys):
@@ -307,12 +307,12 @@ def test_model_without_observed_site(tmp_path, capsys):
 def model():
     numpyro.sample("mu", dist.Normal(0.0, 1.0))
 """)
-    assert_error(capsys, 1, [path], path, "no observed site")
+    assert_error(capsys, 2, [path], path, "no observed site")
 
 
 def test_observed_shape_mismatch(tmp_path, capsys):
     path = write(tmp_path, "good.py", GOOD)
-    assert_error(capsys, 1, [path, "--args", "(GROUP,), {'y': np.zeros(5)}"], path, "'y'", "(5,)")
+    assert_error(capsys, 2, [path, "--args", "(GROUP,), {'y': np.zeros(5)}"], path, "'y'", "(5,)")
 
 
 def test_control_flow_on_latent(tmp_path, capsys):
@@ -328,7 +328,7 @@ def model(y=None):
 def model_args():
     return (), {"y": np.zeros(3)}
 """)
-    assert_error(capsys, 1, [path], path)
+    assert_error(capsys, 2, [path], path)
 
 
 def test_discrete_site_is_a_note(tmp_path, capsys):

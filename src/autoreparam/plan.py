@@ -242,7 +242,7 @@ class Plan:
         """Force a site centred (``centered=1`` or None) or (partially) non-centred (0 <= c < 1)."""
         site = self._site_or_new(name)
         if centered is None or centered == 1:
-            return self._replace_site(replace(site, centered=None))
+            return self._replace_site(replace(site, centered=None, learn_centered=True))
         if not 0 <= centered <= 1:
             raise PlanError(f"centered for site '{name}' must be in [0, 1], got {centered}")
         n = int(np.prod(site.batch_shape, dtype=np.int64))
@@ -272,10 +272,12 @@ class Plan:
 
     def save(self, path) -> None:
         """Write the plan as JSON (atomically: a failed write leaves no half-written file)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json()))
-        tmp.replace(path)
+        from .files import write_atomic
+
+        try:
+            write_atomic(path, json.dumps(self.to_json()))
+        except OSError as exc:
+            raise PlanError(f"{path}: cannot write the plan ({exc.strerror or exc})") from None
 
     @classmethod
     def load(cls, path) -> "Plan":
@@ -286,6 +288,10 @@ class Plan:
             raise PlanError(f"{path}: no such plan file") from None
         except json.JSONDecodeError as exc:
             raise PlanError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except UnicodeDecodeError:
+            raise PlanError(f"{path}: not a text file (expected a JSON plan written by plan.save)") from None
+        except OSError as exc:
+            raise PlanError(f"{path}: cannot read the plan ({exc.strerror or exc})") from None
         try:
             return cls.from_json(data)
         except PlanError as exc:

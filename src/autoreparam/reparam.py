@@ -27,7 +27,7 @@ import numpyro.distributions as dist
 from numpyro.infer.reparam import LocScaleReparam, Reparam
 from numpyro.primitives import Messenger
 
-from .errors import InputError
+from .errors import InputError, ModelError
 from .plan import Plan, PlanError, SitePlan
 
 __all__ = ["ConditionalOffsetReparam", "ReparamConfig", "record_values", "reparameterize", "auto",
@@ -250,7 +250,8 @@ def validate_plan(plan: Plan, mt) -> None:
 def _signature(args, kwargs):
     def leaf(x):
         if hasattr(x, "shape") and hasattr(x, "dtype"):
-            return ("array", tuple(x.shape), str(x.dtype))
+            # Canonical dtype: numpy int64 arrives as int32 under jit when x64 is off.
+            return ("array", tuple(x.shape), str(jax.dtypes.canonicalize_dtype(x.dtype)))
         if isinstance(x, (int, float, bool, str, type(None))):
             return ("value", x)
         return ("object", type(x).__name__)
@@ -287,7 +288,14 @@ def reparameterize(model: Callable, plan: Plan | None = None, *, init: str = "an
         key = _signature(args, kwargs)
         config = cache.get(key)
         if config is None:
-            config = _prepare(model, plan, args, kwargs, init, noncentre, at, learn)
+            try:
+                config = _prepare(model, plan, args, kwargs, init, noncentre, at, learn)
+            except ModelError as exc:
+                # Predictive without data (y=None) has nothing to analyse: reuse the last plan,
+                # whose sites are checked against this call's shapes as they are sampled.
+                if "no observed site" not in str(exc) or not cache:
+                    raise
+                config = next(reversed(cache.values()))
             cache[key] = config
         with handlers.reparam(config=config):
             return config.record(model)(*args, **kwargs)

@@ -1,0 +1,131 @@
+"""SVI on the original and the reparameterized model, side by side (``autoreparam compare``)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from .errors import InputError
+from .files import write_atomic
+
+__all__ = ["GUIDES", "compare", "Comparison", "FitSummary"]
+
+GUIDES = ("AutoNormal", "AutoDiagonalNormal", "AutoLowRankMultivariateNormal")
+
+
+@dataclass
+class FitSummary:
+    """One SVI run: final ELBO (mean and standard error over batches of particles), time, sites."""
+
+    label: str
+    elbo: float
+    elbo_se: float
+    seconds: float
+    losses: np.ndarray = field(repr=False)
+    sites: dict[str, tuple[float, float]] = field(default_factory=dict)  # site -> (mean, sd), averaged
+
+
+@dataclass
+class Comparison:
+    guide: str
+    steps: int
+    fits: list[FitSummary]
+
+    def table(self) -> str:
+        orig, rep = self.fits
+        lines = [f"SVI with {self.guide}, Adam, {self.steps} steps, same seed for both:", "",
+                 f"{'':<16}{'ELBO':>22}{'time (s)':>11}",
+                 f"{orig.label:<16}{orig.elbo:>12.2f} +- {orig.elbo_se:<7.2f}{orig.seconds:>11.1f}",
+                 f"{rep.label:<16}{rep.elbo:>12.2f} +- {rep.elbo_se:<7.2f}{rep.seconds:>11.1f}", "",
+                 "posterior per site (mean and sd averaged over the site's elements):",
+                 f"{'site':<12}{'mean orig':>12}{'mean reparam':>14}{'sd orig':>11}{'sd reparam':>12}{'sd ratio':>10}"]
+        for name, (m0, s0) in orig.sites.items():
+            m1, s1 = rep.sites[name]
+            ratio = s1 / s0 if s0 > 0 else float("nan")
+            lines.append(f"{name:<12}{m0:>12.3f}{m1:>14.3f}{s0:>11.3f}{s1:>12.3f}{ratio:>10.2f}")
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        if path.suffix.lower() not in (".png", ".svg"):
+            raise InputError(f"--plot {path}: expected a file ending in .png or .svg")
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for fit in self.fits:
+            elbo = -np.asarray(fit.losses, dtype=float)
+            w = max(1, len(elbo) // 50)
+            smooth = np.convolve(elbo, np.ones(w) / w, mode="valid")
+            ax1.plot(np.arange(len(smooth)) + w, smooth, label=fit.label)
+        ax1.set_xlabel("step")
+        ax1.set_ylabel("ELBO (moving average)")
+        lo = min(np.percentile(-np.asarray(f.losses), 5) for f in self.fits)
+        hi = max(np.max(-np.asarray(f.losses)) for f in self.fits)
+        ax1.set_ylim(lo, hi + 0.05 * abs(hi - lo))
+        ax1.legend()
+        names = list(self.fits[0].sites)
+        x = np.arange(len(names))
+        for k, fit in enumerate(self.fits):
+            ax2.bar(x + (k - 0.5) * 0.4, [fit.sites[n][1] for n in names], width=0.4, label=fit.label)
+        ax2.set_xticks(x, names, rotation=45, ha="right")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("posterior sd (mean over elements)")
+        ax2.legend()
+        fig.suptitle(f"{self.guide}, {self.steps} steps")
+        fig.tight_layout()
+        try:
+            write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:].lower()))
+        finally:
+            plt.close(fig)
+        return path
+
+
+def _fit(label, model, guide_name, args, kwargs, steps, lr, seed, progress, sites) -> FitSummary:
+    import numpyro
+    from numpyro.infer import SVI, Predictive, Trace_ELBO
+    from numpyro.infer import autoguide
+
+    guide = getattr(autoguide, guide_name)(model)
+    svi = SVI(model, guide, numpyro.optim.Adam(lr), Trace_ELBO())
+    start = time.perf_counter()
+    result = svi.run(jax.random.PRNGKey(seed), steps, *args, progress_bar=progress, **kwargs)
+    jax.block_until_ready(result.params)
+    seconds = time.perf_counter() - start
+    batches, per_batch = 20, 50
+    estimator = Trace_ELBO(num_particles=per_batch)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), batches)
+    elbos = np.array([-float(estimator.loss(k, result.params, model, guide, *args, **kwargs)) for k in keys])
+    draws = Predictive(model, guide=guide, params=result.params, num_samples=1000, return_sites=sites)(
+        jax.random.PRNGKey(seed + 2), *args, **kwargs)
+    summary = {n: (float(np.mean(draws[n])), float(np.mean(np.std(draws[n], axis=0)))) for n in sites if n in draws}
+    return FitSummary(label, float(elbos.mean()), float(elbos.std(ddof=1) / np.sqrt(batches)), seconds,
+                      np.asarray(result.losses), summary)
+
+
+def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "AutoNormal", lr: float = 1e-2,
+            seed: int = 0, progress: bool = False) -> Comparison:
+    """Fit ``model`` and ``reparameterize(model)`` with the same guide family, optimizer, seed and steps.
+
+    >>> c = compare(model, (county, u), {"y": y}, steps=2000)     # doctest: +SKIP
+    >>> print(c.table())                                           # doctest: +SKIP
+    """
+    from .analysis import analyze
+    from .reparam import reparameterize
+
+    if guide not in GUIDES:
+        raise InputError(f"--guide {guide}: expected one of {', '.join(GUIDES)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"--steps must be a positive integer, got {steps!r}")
+    kwargs = dict(kwargs or {})
+    report = analyze(model, *args, **kwargs)
+    sites = [n for n, s in report.sites.items() if s.type == "latent" and not s.is_discrete]
+    fits = [_fit("original", model, guide, args, kwargs, steps, lr, seed, progress, sites),
+            _fit("reparameterized", reparameterize(model), guide, args, kwargs, steps, lr, seed, progress, sites)]
+    return Comparison(guide, steps, fits)

@@ -78,7 +78,7 @@ class Invariance:
             "broadcast": f"{b} absorbs {a} (broadcast)",
             "gather": f"{b} absorbs {a} (each level of {b} sits in one level of {a})",
             "mean": f"{b} absorbs the mean of {a}",
-            "covariate": f"{b} absorbs {a} through a {b}-level covariate",
+            "covariate": f"{b} absorbs {a} times a covariate constant within levels of {b}",
             "linear": f"{b} absorbs a linear function of {a}",
         }[self.structure]
         return how

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import inspect
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -35,7 +36,7 @@ def load_module(path: str):
     except SyntaxError as exc:
         sys.modules.pop(name, None)
         raise InputError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         sys.modules.pop(name, None)
         raise InputError(f"{path}: importing it raised {describe_exception(exc)}") from exc
     finally:
@@ -168,12 +169,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(exc: BaseException, debug: bool, code: int = 2) -> int:
+    """Print one error line (and with --debug the traceback of what caused it); return ``code``."""
     if debug:
         import traceback
 
-        traceback.print_exception(exc)
+        traceback.print_exception(exc.__cause__ or exc)
     print(f"autoreparam: error: {exc}", file=sys.stderr)
     return code
+
+
+def _check_writable(path: str, option: str) -> None:
+    """Refuse an output path before any work is done or any file is written."""
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise InputError(f"{option} {path}: cannot write there: it is a directory, not a file")
+    if not parent.is_dir():
+        raise InputError(f"{option} {path}: cannot write there: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{option} {path}: cannot write there: folder {parent} is not writable")
+
+
+def _write_error(exc: OSError) -> InputError:
+    err = InputError(f"cannot write {exc.filename}: {exc.strerror}")
+    err.__cause__ = exc
+    return err
 
 
 def _load(args):
@@ -190,9 +210,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     0 success; 1 the analysis found what ``--fail-on-invariance`` asked to fail on;
     2 usage or input error (including a model that cannot be run or analysed on its inputs).
     """
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command == "compare":
         return _compare(args)
+    try:
+        _check_analyze_options(args)
+    except AutoreparamError as exc:
+        return _fail(exc, args.debug)
+    if args.emit == "source":
+        already = _already_emitted(args)
+        if already is not None:
+            return already
     from .analysis import analyze
 
     try:
@@ -203,21 +234,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError(f"{args.file}: {exc} [called with {_inputs_source(module, args.file, args.args_expr)}]") \
                 from exc
         plan = report.plan
+        emitted = _emit_text(args, model, plan) if args.emit else None
         if args.graph:
             from .draw import draw_graph
 
-            if args.json:
-                raise InputError("--graph and --json are exclusive (--json prints only JSON)")
             draw_graph(report, args.graph)
+        if emitted is not None:
+            _write_emitted(args, emitted)
     except AutoreparamError as exc:
         return _fail(exc, args.debug)
     except OSError as exc:
-        return _fail(InputError(f"cannot write {exc.filename}: {exc.strerror}"), args.debug)
-    if args.emit:
-        code = _emit(args, model, plan)
-        if code:
-            return code
-    else:
+        return _fail(_write_error(exc), args.debug)
+    if not args.emit:
         try:
             if args.json:
                 json.dump({**report.to_json(), "plan": plan.to_json()}, sys.stdout, indent=2)
@@ -238,13 +266,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _check_analyze_options(args) -> None:
+    if args.json and (args.emit or args.graph):
+        raise InputError(f"--json prints only the JSON report; it cannot be combined with "
+                         f"{'--emit' if args.emit else '--graph'}")
+    if (args.output or args.in_place) and not args.emit:
+        raise InputError(f"{'-o' if args.output else '--in-place'} needs --emit source or --emit config")
+    if args.in_place and args.output:
+        raise InputError("--in-place and -o are exclusive")
+    if args.in_place and args.emit != "source":
+        raise InputError("--in-place only applies to --emit source")
+    if args.output and Path(args.output).resolve() == Path(args.file).resolve():
+        raise InputError(f"-o {args.output} is the input file; use --in-place to rewrite it (a .bak copy is kept)")
+    if args.graph:
+        if Path(args.graph).suffix.lower() not in (".png", ".svg", ".dot"):
+            raise InputError(f"--graph {args.graph}: expected a file ending in .png, .svg or .dot")
+        _check_writable(args.graph, "--graph")
+    if args.output:
+        _check_writable(args.output, "-o")
+
+
 def _compare(args) -> int:
     from .compare import compare
 
     try:
+        if args.plot:
+            if Path(args.plot).suffix.lower() not in (".png", ".svg"):
+                raise InputError(f"--plot {args.plot}: expected a file ending in .png or .svg")
+            _check_writable(args.plot, "--plot")
         module, model, margs, mkwargs = _load(args)
-        if args.plot and Path(args.plot).suffix.lower() not in (".png", ".svg"):
-            raise InputError(f"--plot {args.plot}: expected a file ending in .png or .svg")
         try:
             result = compare(model, margs, mkwargs, steps=args.steps, guide=args.guide,
                              progress=not args.no_progress)
@@ -260,49 +310,61 @@ def _compare(args) -> int:
     except AutoreparamError as exc:
         return _fail(exc, args.debug)
     except OSError as exc:
-        return _fail(InputError(f"cannot write {exc.filename}: {exc.strerror}"), args.debug)
+        return _fail(_write_error(exc), args.debug)
     return 0
 
 
-def _emit(args, model, plan) -> int:
+def _read_source(path: Path) -> str:
+    return path.read_bytes().decode("utf-8")  # no newline translation: CRLF files round-trip
+
+
+def _already_emitted(args) -> int | None:
+    """Exit code for a FILE that autoreparam already rewrote (nothing to do), else None."""
+    from .emit import MARKER
+
+    path = Path(args.file)
+    try:
+        source = _read_source(path)
+    except (OSError, UnicodeDecodeError):
+        return None  # the normal loading path reports it
+    if MARKER not in source:
+        return None
+    print(f"autoreparam: warning: {args.file}: already reparameterized by autoreparam; nothing to do",
+          file=sys.stderr)
+    if not args.in_place and not args.output:
+        sys.stdout.write(source)
+    elif args.output and Path(args.output).resolve() != path.resolve():
+        write_atomic(Path(args.output), source)
+    return 0
+
+
+def _emit_text(args, model, plan) -> str:
+    """The text that --emit writes; warnings go to stderr."""
     from .emit import emit_config, emit_source
 
-    source_path = Path(args.file)
-    if args.in_place and args.output:
-        print("autoreparam: error: --in-place and -o are exclusive", file=sys.stderr)
-        return 2
-    if args.in_place and args.emit != "source":
-        print("autoreparam: error: --in-place only applies to --emit source", file=sys.stderr)
-        return 2
-    if args.output and Path(args.output).resolve() == source_path.resolve():
-        print(f"autoreparam: error: -o {args.output} is the input file; use --in-place to rewrite it "
-              "(a .bak copy is kept)", file=sys.stderr)
-        return 2
     name = getattr(model, "__name__", "model")
     try:
         if args.emit == "source":
-            result = emit_source(source_path.read_text(), name, plan)
+            result = emit_source(_read_source(Path(args.file)), name, plan)
             text, warnings = result.source, result.warnings
         else:
             text, warnings = emit_config(plan, function=name), []
     except AutoreparamError as exc:
-        print(f"autoreparam: error: {args.file}: {exc}", file=sys.stderr)
-        return 2
+        raise InputError(f"{args.file}: {exc}") from exc
     for w in warnings:
         print(f"autoreparam: warning: {args.file}: {w}", file=sys.stderr)
-    try:
-        if args.in_place:
-            backup = source_path.with_name(source_path.name + ".bak")
-            write_atomic(backup, source_path.read_text())
-            write_atomic(source_path, text)
-        elif args.output:
-            write_atomic(Path(args.output), text)
-        else:
-            sys.stdout.write(text)
-    except OSError as exc:
-        print(f"autoreparam: error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
-        return 2
-    return 0
+    return text
+
+
+def _write_emitted(args, text: str) -> None:
+    source_path = Path(args.file)
+    if args.in_place:
+        write_atomic(source_path.with_name(source_path.name + ".bak"), _read_source(source_path))
+        write_atomic(source_path, text)
+    elif args.output:
+        write_atomic(Path(args.output), text)
+    else:
+        sys.stdout.write(text)
 
 
 if __name__ == "__main__":

@@ -125,7 +125,19 @@ def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "Aut
         raise InputError(f"--steps must be a positive integer, got {steps!r}")
     kwargs = dict(kwargs or {})
     report = analyze(model, *args, **kwargs)
-    sites = [n for n, s in report.sites.items() if s.type == "latent" and not s.is_discrete]
-    fits = [_fit("original", model, guide, args, kwargs, steps, lr, seed, progress, sites),
-            _fit("reparameterized", reparameterize(model), guide, args, kwargs, steps, lr, seed, progress, sites)]
+    discrete = [n for n, s in report.sites.items() if s.type == "latent" and s.is_discrete]
+    if discrete:
+        raise InputError(f"compare: site '{discrete[0]}' is a discrete latent site; SVI with {guide} needs "
+                         "continuous latent sites (marginalise it, e.g. with numpyro's enumeration)")
+    sites = [n for n, s in report.sites.items() if s.type == "latent"]
+    fits = []
+    for label, m in (("original", model), ("reparameterized", reparameterize(model))):
+        try:
+            fits.append(_fit(label, m, guide, args, kwargs, steps, lr, seed, progress, sites))
+        except InputError:
+            raise
+        except Exception as exc:
+            from .trace import describe_exception
+
+            raise InputError(f"compare: SVI on the {label} model failed: {describe_exception(exc)}") from exc
     return Comparison(guide, steps, fits)

@@ -11,6 +11,7 @@ with a warning naming the site and line.
 from __future__ import annotations
 
 import pprint
+import re
 from dataclasses import dataclass, field
 
 import libcst as cst
@@ -80,13 +81,24 @@ class _SiteRewriter(cst.CSTTransformer):
         self.rewritten: list[str] = []
         self.warnings: list[str] = []
         self.seen_sites: set[str] = set()
+        self.classes = 0
+        self.variables: dict[str, str] = {}  # site name -> the variable its value is bound to
+        self.nonliteral_lines: list[int] = []
 
     def _line(self, node) -> int:
         return self.get_metadata(PositionProvider, node).start.line
 
     # -- scope tracking ---------------------------------------------------------------------
+    def visit_ClassDef(self, node: cst.ClassDef) -> bool:
+        self.classes += 1
+        return True
+
+    def leave_ClassDef(self, original, updated):
+        self.classes -= 1
+        return updated
+
     def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
-        if self.depth == 0 and node.name.value == self.function:
+        if self.depth == 0 and not self.classes and node.name.value == self.function:
             self.found_function = True
             self.depth = 1
             return True
@@ -118,8 +130,9 @@ class _SiteRewriter(cst.CSTTransformer):
             return True
         name = _site_name(node)
         if name is None:
-            self.warnings.append(f"line {self._line(node)}: numpyro.sample with a non-literal site name is "
-                                 "left unchanged (autoreparam can only rewrite literal site names)")
+            self.nonliteral_lines.append(self._line(node))
+            self.warnings.append(f"line {self._line(node)}: {self.module.code_for_node(node)[:60]} has a "
+                                 "non-literal site name; left unchanged (only literal site names are rewritten)")
             return True
         self.seen_sites.add(name)
         if name in self.planned and name not in self._simple_sites:
@@ -132,6 +145,9 @@ class _SiteRewriter(cst.CSTTransformer):
             target = self._simple_assignment(node)
             if target is not None:
                 self._simple_sites.add(target[1])
+            bound = _bound_site(node)
+            if bound is not None:
+                self.variables[bound[1]] = bound[0]
         return True
 
     @property
@@ -162,19 +178,56 @@ class _SiteRewriter(cst.CSTTransformer):
         if found is None or found[1] not in self.planned:
             return updated
         var, site_name, call = found
+        site = self.plan[site_name]
+        missing = [o.parent for o in site.offsets if o.parent not in self.variables]
+        if missing:
+            self.warnings.append(f"line {self._line(original)}: site '{site_name}' has offset parent "
+                                 f"'{missing[0]}', whose value is not bound to a simple name earlier in "
+                                 f"'{self.function}'; left unchanged")
+            return updated
         fn_code = self.module.code_for_node(_dist_arg(call))
-        lines = _site_code(self.plan, self.plan[site_name], var, fn_code)
+        lines = _site_code(self.plan, site, var, fn_code, self.variables)
         statements = [cst.parse_statement(line) for line in lines]
         comment = cst.EmptyLine(comment=cst.Comment(
             f"# autoreparam: '{site_name}' reparameterized (exact change of variables)"))
-        first = statements[0].with_changes(leading_lines=(*original.leading_lines, comment))
-        last = statements[-1]
-        if isinstance(last, cst.SimpleStatementLine) and isinstance(original, cst.SimpleStatementLine):
-            last = last.with_changes(trailing_whitespace=original.trailing_whitespace)
-        statements = [first, *statements[1:-1], last] if len(statements) > 1 else [
-            first.with_changes(trailing_whitespace=original.trailing_whitespace)]
+        statements[0] = statements[0].with_changes(leading_lines=(*original.leading_lines, comment))
+        statements[-1] = _with_trailing(statements[-1], original.trailing_whitespace)
         self.rewritten.append(site_name)
         return cst.FlattenSentinel(statements)
+
+
+def _bound_site(node: cst.SimpleStatementLine):
+    """(variable, site) for ``var = numpyro.sample("site", ...)`` or ``numpyro.deterministic``."""
+    if len(node.body) != 1 or not isinstance(node.body[0], cst.Assign):
+        return None
+    assign = node.body[0]
+    if len(assign.targets) != 1 or not isinstance(assign.targets[0].target, cst.Name):
+        return None
+    call = assign.value
+    det = m.Call(func=m.OneOf(m.Attribute(value=m.Name("numpyro"), attr=m.Name("deterministic")),
+                              m.Name("deterministic")))
+    if isinstance(call, cst.Call) and (_is_sample_call(call) or m.matches(call, det)):
+        name = _site_name(call)
+        if name is not None:
+            return assign.targets[0].target.value, name
+    return None
+
+
+def _with_trailing(stmt, trailing):
+    """Move the original statement's trailing comment onto the last emitted statement."""
+    if isinstance(stmt, cst.SimpleStatementLine):
+        return stmt.with_changes(trailing_whitespace=trailing)
+    if isinstance(stmt, cst.With) and isinstance(stmt.body, cst.IndentedBlock) and stmt.body.body:
+        inner = list(stmt.body.body)
+        inner[-1] = _with_trailing(inner[-1], trailing)
+        return stmt.with_changes(body=stmt.body.with_changes(body=inner))
+    return stmt
+
+
+def _ident(name: str) -> str:
+    """A Python identifier made from a site name (site names may contain any character)."""
+    out = re.sub(r"\W", "_", name)
+    return out if out and not out[0].isdigit() else f"_{out}"
 
 
 def _shape_literal(shape) -> str:
@@ -182,47 +235,44 @@ def _shape_literal(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def _site_code(plan: Plan, site, var: str, fn_code: str) -> list[str]:
+def _site_code(plan: Plan, site, var: str, fn_code: str, variables: dict[str, str]) -> list[str]:
     """The statements that replace ``var = numpyro.sample(site.name, fn)``."""
     name = site.name
     batch = tuple(site.batch_shape)
-    event_dims = len(site.shape) - len(batch)
-    expand = _shape_literal(batch + (1,) * event_dims)
+    shape = _shape_literal(site.shape)
+    expand = _shape_literal(batch + (1,) * (len(site.shape) - len(batch)))
     lines = []
     offset_terms = []
     for off in site.offsets:
         key = f"{name}|{off.parent}"
-        xi = f"xi_{name}_{off.parent}"
+        xi = f"xi_{_ident(name)}_{_ident(off.parent)}"
         init = f"_AUTOREPARAM_XI[{key!r}]"
-        if plan.xi_step == 1.0:
-            lines.append(f"{xi} = {init} + numpyro.param({name + '_offset_' + off.parent!r}, "
-                         f"jnp.zeros({_shape_literal(batch)}))")
-        else:
-            lines.append(f"{xi} = {init} + {plan.xi_step!r} * numpyro.param("
-                         f"{name + '_offset_' + off.parent!r}, jnp.zeros({_shape_literal(batch)}))")
+        param = f"numpyro.param({name + '_offset_' + off.parent!r}, jnp.zeros({_shape_literal(batch)}))"
+        step = "" if plan.xi_step == 1.0 else f"{plan.xi_step!r} * "
+        lines.append(f"{xi} = {init} + {step}{param}")
+        parent = variables[off.parent]
         center = f" - _AUTOREPARAM_CENTER[{off.parent!r}]" if plan.center_of(off.parent) is not None else ""
-        offset_terms.append(f"jnp.reshape({xi}, {expand}) * _autoreparam_absorb({off.parent}{center}, {key!r})")
+        offset_terms.append(f"jnp.reshape({xi}, {expand}) * _autoreparam_absorb({parent}{center}, {key!r})")
     offset = f"{var}_offset"
     if offset_terms:
         lines.append(f"{offset} = " + " + ".join(offset_terms))
     if site.noncentred:
-        centered = f"{name}_centered"
+        centered = f"{_ident(name)}_centered"
         init = f"jnp.reshape(_AUTOREPARAM_CENTERED[{name!r}], {expand})"
         if site.learn_centered:
-            lines.append(f"{centered} = numpyro.param({centered!r}, {init}, "
+            lines.append(f"{centered} = numpyro.param({name + '_centered'!r}, {init}, "
                          "constraint=numpyro.distributions.constraints.unit_interval)")
         else:
             lines.append(f"{centered} = {init}")
+        # The site's distribution is expanded to its full shape before LocScaleReparam sees it
+        # (the reparam handler runs inside the plates, before they expand it).
+        delta = f"-{offset}" if offset_terms else "0.0"
+        target, sample_name = (f"{var}_base", f"{name}_base") if offset_terms else (var, name)
+        lines.append(
+            f"with numpyro.handlers.reparam(config={{{sample_name!r}: LocScaleReparam(centered={centered})}}):\n"
+            f"    {target} = numpyro.sample({sample_name!r}, _autoreparam_shift_loc({fn_code}, {delta}, {shape}))")
         if offset_terms:
-            base = f"{name}_base"
-            lines.append(
-                f"with numpyro.handlers.reparam(config={{{base!r}: LocScaleReparam(centered={centered})}}):\n"
-                f"    {var}_base = numpyro.sample({base!r}, _autoreparam_shift_loc({fn_code}, -{offset}))")
             lines.append(f"{var} = numpyro.deterministic({name!r}, {var}_base + {offset})")
-        else:
-            lines.append(
-                f"with numpyro.handlers.reparam(config={{{name!r}: LocScaleReparam(centered={centered})}}):\n"
-                f"    {var} = numpyro.sample({name!r}, {fn_code})")
     else:
         lines.append(f"{var}_base = numpyro.sample({name + '_base'!r}, AutoreparamShifted({fn_code}, -{offset}))")
         lines.append(f"{var} = numpyro.deterministic({name!r}, {var}_base + {offset})")
@@ -262,9 +312,9 @@ class AutoreparamShifted(numpyro.distributions.Distribution):
         return self.base.log_prob(value - self.delta)
 
 
-def _autoreparam_shift_loc(fn, delta):
-    """The same loc-scale family with its loc moved by delta (so LocScaleReparam applies)."""
-    shape, event_dim = jnp.broadcast_shapes(fn.shape(), jnp.shape(delta)), fn.event_dim
+def _autoreparam_shift_loc(fn, delta, shape):
+    """The loc-scale family of fn with loc + delta, expanded to the site's shape (for LocScaleReparam)."""
+    event_dim = fn.event_dim
     base = fn
     while isinstance(base, (numpyro.distributions.Independent, numpyro.distributions.ExpandedDistribution)):
         base = base.base_dist
@@ -340,10 +390,18 @@ def emit_source(source: str, function: str, plan: Plan) -> EmitResult:
     if not rewriter.found_function:
         raise InputError(f"emit_source: no top-level function named '{function}' in the source")
     warnings = list(rewriter.warnings)
+    elsewhere = _literal_sites(MetadataWrapper(module))
     for name in plan.names:
         if name not in rewriter.rewritten and name not in rewriter.seen_sites:
-            warnings.append(f"site '{name}' is not sampled by a literal numpyro.sample statement in "
-                            f"'{function}' (maybe in a helper function); left unchanged")
+            if name in elsewhere:
+                where_fn, line = elsewhere[name]
+                warnings.append(f"line {line}: site '{name}' is sampled in '{where_fn}', not in "
+                                f"'{function}'; left unchanged (move the sample statement into '{function}')")
+            else:
+                lines = ", ".join(str(n) for n in rewriter.nonliteral_lines)
+                hint = f" (it may be one of the non-literal names at line {lines})" if lines else ""
+                warnings.append(f"site '{name}' is not sampled by a literal numpyro.sample statement in "
+                                f"'{function}'{hint}; left unchanged")
     if not rewriter.rewritten:
         return EmitResult(source, warnings)
     plan_for_data = Plan(plan.model, tuple(s for s in plan.sites if s.name in rewriter.rewritten),
@@ -353,14 +411,25 @@ def emit_source(source: str, function: str, plan: Plan) -> EmitResult:
         f"# Generated by `autoreparam analyze --emit source` from the plan of '{function}' (xi init: {plan.init}).",
         "# Each rewritten site is x = x_base + offset, an exact change of variables (see each site).",
     )]
-    helpers = cst.parse_module(_HELPERS + _plan_data(plan_for_data))
-    existing = {new_module.code_for_node(s).strip() for s in new_module.body
-                if m.matches(s, m.SimpleStatementLine(body=[m.OneOf(m.Import(), m.ImportFrom())]))}
-    helpers = helpers.with_changes(body=[s for s in helpers.body if helpers.code_for_node(s).strip() not in existing])
     at = _after_imports(new_module)
     body = list(new_module.body)
-    new_module = new_module.with_changes(header=[*header, *new_module.header],
-                                         body=[*body[:at], *helpers.body, *body[at:]])
+    helpers = cst.parse_module(_HELPERS + _plan_data(plan_for_data))
+    existing = {new_module.code_for_node(s).strip() for s in body[:at]
+                if m.matches(s, m.SimpleStatementLine(body=[m.OneOf(m.Import(), m.ImportFrom())]))}
+    helper_body = [s for s in helpers.body if helpers.code_for_node(s).strip() not in existing]
+    helper_body[0] = helper_body[0].with_changes(
+        leading_lines=(*helpers.header, *helper_body[0].leading_lines))
+    # A shebang or coding line must stay first.
+    keep = 0
+    for line in new_module.header:
+        text = line.comment.value if line.comment else ""
+        if keep < 2 and (text.startswith("#!") or re.match(r"#.*coding[:=]", text)):
+            keep += 1
+        else:
+            break
+    new_module = new_module.with_changes(
+        header=[*new_module.header[:keep], *header, *new_module.header[keep:]],
+        body=[*body[:at], *helper_body, *body[at:]])
     new_source = new_module.code
     try:
         cst.parse_module(new_source)
@@ -368,6 +437,33 @@ def emit_source(source: str, function: str, plan: Plan) -> EmitResult:
         raise InputError(f"emit_source: internal error, the rewritten source does not parse: {exc.message}") \
             from None
     return EmitResult(new_source, warnings, tuple(rewriter.rewritten))
+
+
+class _LiteralSites(cst.CSTVisitor):
+    METADATA_DEPENDENCIES = (PositionProvider,)
+
+    def __init__(self):
+        super().__init__()
+        self.functions: list[str] = []
+        self.found: dict[str, tuple[str, int]] = {}
+
+    def visit_FunctionDef(self, node):
+        self.functions.append(node.name.value)
+
+    def leave_FunctionDef(self, node):
+        self.functions.pop()
+
+    def visit_Call(self, node):
+        if _is_sample_call(node) and (name := _site_name(node)) is not None and name not in self.found:
+            where = self.functions[-1] if self.functions else "<module>"
+            self.found[name] = (where, self.get_metadata(PositionProvider, node).start.line)
+
+
+def _literal_sites(wrapper: MetadataWrapper) -> dict[str, tuple[str, int]]:
+    """Site name -> (function, line) of every literal numpyro.sample call in a module."""
+    visitor = _LiteralSites()
+    wrapper.visit(visitor)
+    return visitor.found
 
 
 def _after_imports(module: cst.Module) -> int:

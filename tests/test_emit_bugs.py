@@ -207,10 +207,6 @@ def test_method_with_the_model_name_is_not_rewritten():
     assert result.source == autoreparam.emit_source(source, "model", plan).source + method
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a parent's variable is looked up by the last sample statement that bound it, so rebinding it "
-    "afterwards ('mu = numpyro.sample(\"mu\", ...)' then 'mu = mu + 100.0') goes unnoticed: the offsets of "
-    "'a' and 'b' are computed from mu + 100 instead of the value of site 'mu', silently (no warning)"))
 def test_parent_variable_rebound_before_the_child(tmp_path):
     source, plan = crossed()
     rebound = source.replace('    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))\n',

@@ -184,6 +184,8 @@ def _check_writable(path: str, option: str) -> None:
     parent = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise InputError(f"{option} {path}: cannot write there: it is a directory, not a file")
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"{option} {path}: cannot write there: {parent} is a file, not a folder")
     if not parent.is_dir():
         raise InputError(f"{option} {path}: cannot write there: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
@@ -191,7 +193,7 @@ def _check_writable(path: str, option: str) -> None:
 
 
 def _write_error(exc: OSError) -> InputError:
-    err = InputError(f"cannot write {exc.filename}: {exc.strerror}")
+    err = InputError(f"cannot write {exc.filename}: {exc.strerror or exc}")
     err.__cause__ = exc
     return err
 

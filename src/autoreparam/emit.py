@@ -145,7 +145,12 @@ class _SiteRewriter(cst.CSTTransformer):
             target = self._simple_assignment(node)
             if target is not None:
                 self._simple_sites.add(target[1])
-            bound = _bound_site(node)
+        if self.depth == 1:
+            # A variable assigned again no longer holds its site's value.
+            for name in _assigned_names(node):
+                for site in [s for s, v in self.variables.items() if v == name]:
+                    del self.variables[site]
+            bound = _bound_site(node) if not self.loops else None
             if bound is not None:
                 self.variables[bound[1]] = bound[0]
         return True
@@ -211,6 +216,20 @@ def _bound_site(node: cst.SimpleStatementLine):
         if name is not None:
             return assign.targets[0].target.value, name
     return None
+
+
+def _assigned_names(node: cst.SimpleStatementLine) -> set[str]:
+    """Names (re)bound by a statement: ``x = ...``, ``x += ...``, ``x: T = ...``, ``a, b = ...``."""
+    names: set[str] = set()
+    for small in node.body:
+        targets = []
+        if isinstance(small, cst.Assign):
+            targets = [t.target for t in small.targets]
+        elif isinstance(small, (cst.AugAssign, cst.AnnAssign)):
+            targets = [small.target]
+        for t in targets:
+            names |= {n.value for n in m.findall(t, m.Name())}
+    return names
 
 
 def _with_trailing(stmt, trailing):

@@ -18,6 +18,7 @@ For ``y_ij ~ Normal(mu + a_i, sigma)``, ``a_i ~ Normal(0, tau)`` it is exactly
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -93,7 +94,36 @@ class Offset:
     def absorb(self, parent_value, site_shape):
         """``G(parent)`` reshaped to the site's full shape."""
         flat = jnp.reshape(parent_value, (-1,))
-        return jnp.reshape(self.E.apply(self.M.apply(flat)), site_shape)
+        kind, data = self._kernel
+        dtype = jnp.result_type(flat)
+        if kind == "scaled":  # one parent element per child element: a gather with coefficients
+            index, coef = data
+            out = jnp.asarray(coef, dtype=dtype) * flat[index]
+        elif kind == "dense":
+            out = jnp.asarray(data, dtype=dtype) @ flat
+        else:
+            out = self.E.apply(self.M.apply(flat))
+        return jnp.reshape(out, site_shape)
+
+    @functools.cached_property
+    def _kernel(self):
+        """The cheapest exact way to apply G (the factored segment sums cost ~3x a plain gather)."""
+        e, mm = self.E.to_scipy(), self.M.to_scipy()
+        n_b, n_a = e.shape[0], mm.shape[1]
+        if e.nnz + mm.nnz == 0:
+            return "scaled", (np.zeros(n_b, dtype=np.int32), np.zeros(n_b))
+        g = (e @ mm).tocsr()
+        per_row = np.diff(g.indptr)
+        if per_row.max(initial=0) <= 1:
+            index = np.zeros(n_b, dtype=np.int32)
+            coef = np.zeros(n_b)
+            rows = np.flatnonzero(per_row)
+            index[rows] = g.indices[g.indptr[rows]]
+            coef[rows] = g.data[g.indptr[rows]]
+            return "scaled", (index, coef)
+        if n_b * n_a <= 65536:
+            return "dense", g.toarray()
+        return "factored", None
 
     def to_json(self) -> dict:
         return {"parent": self.parent, "structure": self.structure, "init": list(self.init),

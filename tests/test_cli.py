@@ -5,7 +5,6 @@ import os
 import sys
 import textwrap
 
-import numpyro.primitives
 import pytest
 
 from autoreparam.cli import main
@@ -42,12 +41,6 @@ def other(y=None):
 def model_args():
     return (GROUP,), {"y": np.zeros(6, dtype=np.float32)}
 """
-
-
-@pytest.fixture(autouse=True)
-def clean_handler_stack():
-    yield
-    assert numpyro.primitives._PYRO_STACK == []
 
 
 def write(tmp_path, name, text):

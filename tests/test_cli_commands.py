@@ -21,7 +21,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import numpyro.primitives
 import pytest
 
 import autoreparam
@@ -96,12 +95,6 @@ def {name}(y=None):
     with numpyro.plate("obs", 4):
         numpyro.sample("y", dist.Normal(mu + b, 0.5), obs=y)
 """
-
-
-@pytest.fixture(autouse=True)
-def clean_handler_stack():
-    yield
-    assert numpyro.primitives._PYRO_STACK == []
 
 
 # -- helpers -------------------------------------------------------------------------------------

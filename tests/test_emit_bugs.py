@@ -18,12 +18,6 @@ from autoreparam.emit import MARKER
 from emit_support import case_path, import_source, load, plan_for, read, trace
 
 
-@pytest.fixture(autouse=True)
-def clean_handler_stack():
-    yield
-    assert numpyro.primitives._PYRO_STACK == []
-
-
 def crossed():
     return read(case_path("crossed")), plan_for(case_path("crossed"))
 

@@ -19,12 +19,6 @@ from autoreparam.emit import MARKER
 from emit_support import case_path, load, plan_for, read, trace
 
 
-@pytest.fixture(autouse=True)
-def clean_handler_stack():
-    yield
-    assert numpyro.primitives._PYRO_STACK == []
-
-
 @pytest.fixture
 def model_file(tmp_path):
     """A copy of the crossed-effects case (fast to analyse) in an otherwise empty directory."""

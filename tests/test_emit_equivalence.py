@@ -12,8 +12,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-import numpyro.primitives
 import pytest
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import log_density
@@ -22,12 +20,6 @@ import autoreparam
 from emit_support import case_path, import_source, latent_names, load, plan_for, prior_samples, random_params, read, trace
 
 OFFSET_CASES = ["tensor", "crossed", "nested", "formatting"]
-
-
-@pytest.fixture(autouse=True)
-def clean_handler_stack():
-    yield
-    assert numpyro.primitives._PYRO_STACK == []
 
 
 def emit_module(name, tmp_path, noncentre="auto"):

@@ -22,12 +22,6 @@ EXAMPLES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(EXAMP
 INPUTS = {"tensor_model": lambda module: module.model_args(3, 2, 4)}
 
 
-@pytest.fixture(autouse=True)
-def clean_handler_stack():
-    yield
-    assert numpyro.primitives._PYRO_STACK == []
-
-
 def test_examples_are_all_covered():
     assert {"tensor_model", "eight_schools", "county_covariate"} <= set(EXAMPLES)
 

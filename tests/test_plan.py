@@ -22,19 +22,8 @@ from numpyro.infer.util import log_density
 
 import autoreparam
 import zoo
+from helpers import one_line
 from autoreparam import ConditionalOffsetReparam, InputError, Plan, PlanError
-
-
-@pytest.fixture(autouse=True)
-def clean_handler_stack():
-    yield
-    assert numpyro.primitives._PYRO_STACK == []
-
-
-def one_line(exc) -> str:
-    msg = str(exc)
-    assert msg.strip() and "\n" not in msg, repr(msg)
-    return msg
 
 
 # -- the normal-normal model: y_ij ~ Normal(mu + a_i, sigma), a_i ~ Normal(0, tau) -------------

@@ -27,20 +27,9 @@ import autoreparam
 import eight_schools
 import tensor_model
 import zoo
+from helpers import one_line
 from autoreparam import InputError, PlanError, SitePlan
 from autoreparam.trace import unwrap_distribution
-
-
-@pytest.fixture(autouse=True)
-def clean_handler_stack():
-    yield
-    assert numpyro.primitives._PYRO_STACK == []
-
-
-def one_line(exc) -> str:
-    msg = str(exc)
-    assert msg.strip() and "\n" not in msg, repr(msg)
-    return msg
 
 
 # -- models ------------------------------------------------------------------------------------

@@ -22,12 +22,6 @@ from autoreparam.trace import (
 )
 
 
-@pytest.fixture(autouse=True)
-def clean_handler_stack():
-    yield
-    assert numpyro.primitives._PYRO_STACK == []
-
-
 def rich_model(X, y=None):
     p = numpyro.param("p", jnp.ones(2), constraint=constraints.positive)
     mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))

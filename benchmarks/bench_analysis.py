@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -217,33 +216,11 @@ def run_child(kind: str, I: int, J: int, T: int, args) -> dict:
 
 # -- reporting -------------------------------------------------------------------------------
 def machine_info() -> dict:
-    info = {"nproc": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    sys.path.insert(0, str(HERE))
+    from machine import machine_info as base_machine_info
+
+    info = base_machine_info()
     try:
-        info["nproc_available"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            for ln in f:
-                if ln.startswith("model name"):
-                    info["cpu"] = ln.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for ln in f:
-                if ln.startswith("MemTotal"):
-                    info["ram_gib"] = round(int(ln.split()[1]) / 2**20, 1)
-                    break
-    except OSError:
-        pass
-    try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
-                               capture_output=True, text=True).stdout.strip()
-        info["git"] = rev + (" (src/ modified)" if dirty else "")
         example = EXAMPLES / "tensor_model.py"
         changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", str(example)],
                                  capture_output=True, text=True).stdout.strip()

@@ -37,7 +37,9 @@ PLAN_FORMAT = 1
 # Measured on the tensor model (benchmarks/): learning xi at Adam's full rate from the analytic
 # start loses ELBO to gradient noise; a step of 0.02 keeps the start and still refines it.
 ANALYTIC_XI_STEP = 0.02
-# A funnel site whose analytic centredness averages above this is left centred.
+# A funnel site whose every element has an analytic centredness above this is left centred; one
+# element below it (a county with one house among counties with a hundred) non-centres the site,
+# each element at its own centredness, so the well-informed elements stay (nearly) centred.
 CENTRED_ENOUGH = 0.9
 
 
@@ -418,7 +420,7 @@ def _build_plan(report, init, noncentre, at) -> Plan:
         if name in funnel_sites:
             # Analytic centredness near 1 means the data dominate: the centred form is right.
             c = np.ravel(centered.get(name, np.full(n_batch, 0.5)))
-            if c.mean() < CENTRED_ENOUGH:
+            if c.min() < CENTRED_ENOUGH:
                 cen = tuple(float(v) for v in c)
         if offs or cen is not None:
             plan_sites.append(SitePlan(name, tuple(site.shape), tuple(site.batch_shape), offs, cen))
@@ -473,6 +475,7 @@ class _Curvature:
             raise InputError(f"at must be None, 'map', 'median' or a dict of latent values, got {at!r}")
         self.point = {n: jnp.asarray(values[n]) for n in self.names}
         self.values = values
+        self.at_map = at in (None, "map")
         grad = jax.grad(neg_log_joint)
         self._hvp = jax.jit(lambda t: jax.jvp(grad, (self.point,), (t,))[1])
 
@@ -519,7 +522,15 @@ class _Curvature:
         return np.where(active, s[b], 0.0)
 
     def centeredness(self, name: str) -> np.ndarray:
-        """Per-element centredness: the share of a site's curvature that does not come from its prior."""
+        """Per-element centredness: the share of a site's curvature that does not come from its prior.
+
+        At a MAP point the hyperparameters sit at their prior median, which for a vague prior
+        (``Uniform(0, 100)`` on a scale) is far too wide and would call every element data-dominated.
+        There the prior scale is first rescaled by the method-of-moments estimate
+        ``k^2 = mean_j [e_j^2 - 1 / d_j] / scale_j^2`` over the elements with data curvature ``d_j > 0``,
+        where ``e_j`` is ``a_j - loc_j`` less its mean (the deviations of nearly unpooled estimates
+        include their sampling variance ``1/d_j``).
+        """
         site = self.mt.sites[name]
         n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
         ones = np.ones(site.shape)
@@ -529,9 +540,24 @@ class _Curvature:
 
         tr = handlers.trace(handlers.substitute(handlers.seed(self.mt.model, 0), data=self.values)).get_trace(
             *self.mt.args, **self.mt.kwargs)
-        fn = tr[name]["fn"]
-        scale = np.broadcast_to(np.asarray(unwrap_distribution(fn).scale, dtype=np.float64), site.shape)
+        fn = unwrap_distribution(tr[name]["fn"])
+        scale = np.broadcast_to(np.asarray(fn.scale, dtype=np.float64), site.shape)
         prior = self._batch_reduce(name, 1.0 / scale**2)
+        if self.at_map:
+            data = total - prior
+            event = int(np.prod(site.shape, dtype=np.int64)) // max(n_batch, 1)
+            # Deviations from their mean: the MAP leaves a loc that the vague scale barely informs
+            # (a grand mean near its own prior) off by a common shift.
+            dev = np.asarray(self.point[name], np.float64) - np.broadcast_to(np.asarray(fn.loc, np.float64),
+                                                                            site.shape)
+            dev2 = self._batch_reduce(name, (dev - dev.mean()) ** 2 if dev.size > 1 else dev**2)
+            s2 = self._batch_reduce(name, scale**2) / event
+            informed = data > 0
+            if informed.any():
+                r = (dev2[informed] / event - event / data[informed]) / s2[informed]
+                k2 = float(np.clip(np.mean(np.maximum(r, 0.0)), 1e-4, 1e4))
+                prior = prior / k2
+                total = data + prior
         c = 1.0 - prior / np.where(total > 0, total, np.inf)
         return np.clip(np.where(total > 0, c, 0.0), 0.0, 1.0).reshape(n_batch)
 

@@ -156,7 +156,7 @@ _AUTOREPARAM_CENTER = {k: jnp.asarray(v) for k, v in {'mu': 0.37482196,
  'b': [0.25380251, 0.12413843],
  'B': [[0.22969316, 0.049164265, 0.011936083, -0.24470285],
        [0.089202955, -0.087978274, 0.038051043, 0.01780748]]}.items()}
-_AUTOREPARAM_CENTERED = {k: jnp.asarray(v) for k, v in {}.items()}
+_AUTOREPARAM_CENTERED = {k: jnp.asarray(v) for k, v in {'a': [[0.56924018], [0.56924018], [0.56924018]]}.items()}
 
 # I, J, T = 3, 2, 4 (simulated from the model's own story with sigma = 0.1, rounded)
 Y = np.array([
@@ -190,7 +190,9 @@ def model(I, J, T, y=None):
         xi_a_mu = _AUTOREPARAM_XI['a|mu'] + 0.02 * numpyro.param('a_offset_mu', jnp.zeros((3, 1)))
         xi_a_z = _AUTOREPARAM_XI['a|z'] + 0.02 * numpyro.param('a_offset_z', jnp.zeros((3, 1)))
         a_offset = jnp.reshape(xi_a_mu, (3, 1)) * _autoreparam_absorb(mu - _AUTOREPARAM_CENTER['mu'], 'a|mu') + jnp.reshape(xi_a_z, (3, 1)) * _autoreparam_absorb(z - _AUTOREPARAM_CENTER['z'], 'a|z')
-        a_base = numpyro.sample('a_base', AutoreparamShifted(dist.Normal(0.0, sigma_a), -a_offset))
+        a_centered = numpyro.param('a_centered', jnp.reshape(_AUTOREPARAM_CENTERED['a'], (3, 1)), constraint=numpyro.distributions.constraints.unit_interval)
+        with numpyro.handlers.reparam(config={'a_base': LocScaleReparam(centered=a_centered)}):
+            a_base = numpyro.sample('a_base', _autoreparam_shift_loc(dist.Normal(0.0, sigma_a), -a_offset, (3, 1)))
         a = numpyro.deterministic('a', a_base + a_offset)  # (I, 1)
         # autoreparam: 'A' reparameterized (exact change of variables)
         xi_A_mu = _AUTOREPARAM_XI['A|mu'] + 0.02 * numpyro.param('A_offset_mu', jnp.zeros((3, 1)))

@@ -1,0 +1,1 @@
+"""The benchmark harness (python -m benchmarks) and the older single-purpose scripts."""

@@ -1,0 +1,160 @@
+"""``python -m benchmarks [--quick] [--models ...] [--jobs N]``: run the harness and publish its results.
+
+Run from the repository root. Writes ``benchmarks/results/harness.json`` (``harness_quick.json``
+with ``--quick``), the plots ``benchmarks/plots/elbo_vs_steps.png`` and
+``benchmarks/plots/sd_ratio_per_site.png`` (``*_quick.png``), and the markdown tables
+(``benchmarks/results/harness.md`` / ``harness_quick.md``, also printed), which are pasted into
+``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse(argv):
+    from .models import MODELS
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, few steps, short NUTS (CI; < 2 min)")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), metavar="MODEL",
+                   help=f"models to run (default: all of {', '.join(MODELS)})")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="models run in this many child processes at once (default: 2, or 1 on a 1-CPU "
+                        "machine; 1 runs everything in this process). The methods of one model always share "
+                        "a process, so their timings are comparable")
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/harness[_quick].json)")
+    p.add_argument("--plots", type=Path, default=None, help="plot directory (default benchmarks/plots)")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# Quick mode is dominated by XLA's CPU compile time: unoptimised code without the new fusion emitters
+# compiles about twice as fast (measured on the tensor model). An unknown XLA flag aborts the
+# process, so each set is tried in a child first; the children of --jobs inherit the environment.
+QUICK_XLA_FLAGS = (["--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"],
+                   ["--xla_backend_optimization_level=0"])
+
+
+def quick_xla_flags() -> None:
+    base = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" in base:
+        return
+    for flags in QUICK_XLA_FLAGS:
+        env = dict(os.environ, XLA_FLAGS=" ".join([base, *flags]).strip())
+        probe = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; (jnp.zeros(2) + 1).block_until_ready()"],
+                               env=env, capture_output=True)
+        if probe.returncode == 0:
+            os.environ["XLA_FLAGS"] = env["XLA_FLAGS"]
+            return
+
+
+# Rough relative costs, for splitting the models between --jobs workers (longest first).
+COST = {"full": {"tensor_small": 7, "tensor_large": 16, "radon_mn": 1.5, "eight_schools": 1, "crossed_logistic": 4},
+        "quick": {"tensor_small": 5, "tensor_large": 5, "radon_mn": 2, "eight_schools": 1.5, "crossed_logistic": 2}}
+
+
+def partition(models, jobs, mode):
+    """Models split into at most ``jobs`` groups of similar total cost; in quick mode the models of
+    one example file share a group (and so a process and its compilation cache)."""
+    from .models import MODELS
+
+    units = {}
+    for m in models:
+        key = MODELS[m].example if mode == "quick" else m
+        units.setdefault(key, []).append(m)
+    cost = lambda unit: sum(COST[mode].get(m, 1) for m in unit)  # noqa: E731
+    groups = [[] for _ in range(min(jobs, len(units)))]
+    for unit in sorted(units.values(), key=cost, reverse=True):
+        min(groups, key=lambda g: cost(g)).extend(unit)
+    return [g for g in groups if g]
+
+
+def main(argv=None) -> int:
+    ns = parse(sys.argv[1:] if argv is None else argv)
+    mode = "quick" if ns.quick else "full"
+    if ns.jobs is None:
+        ns.jobs = min(2, os.cpu_count() or 1)
+    if ns.quick and not ns.worker and "jax" not in sys.modules:
+        quick_xla_flags()
+    from . import harness
+
+    if ns.worker:
+        harness.model_worker(ns.worker.split(","), mode, ns.worker_out)
+        return 0
+
+    from .report import markdown, plots
+
+    t0 = time.perf_counter()
+    machine = harness.machine_info()
+    harness.log(f"{mode} run of {', '.join(ns.models)} on {machine.get('nproc')} CPUs ({machine.get('cpu')}), "
+                f"{ns.jobs} job(s)")
+    results = {}
+    if ns.jobs <= 1:
+        for name in ns.models:
+            results[name] = harness.run_one(name, mode)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            env = dict(os.environ)
+            if ns.quick and "JAX_COMPILATION_CACHE_DIR" not in env:
+                # Quick mode runs both tensor models at the same tiny size in one worker, so the second
+                # one finds its compiled programs in this run's (temporary) compilation cache.
+                env.update(JAX_COMPILATION_CACHE_DIR=str(Path(tmp) / "jax_cache"),
+                           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+            procs = []
+            for i, group in enumerate(partition(ns.models, ns.jobs, mode)):
+                path = Path(tmp) / f"worker{i}.json"
+                cmd = [sys.executable, "-m", "benchmarks", "--worker", ",".join(group), "--worker-out", str(path)]
+                cmd += ["--quick"] if ns.quick else []
+                harness.log(f"worker {i}: {', '.join(group)}")
+                procs.append((group, subprocess.Popen(cmd, cwd=str(HERE.parent), env=env), path))
+            for group, proc, path in procs:
+                proc.wait()
+                got = json.loads(path.read_text()) if path.exists() else {}
+                for name in group:
+                    results[name] = got.get(name) or {
+                        "name": name, "failed": {"error": f"worker exited with {proc.returncode}", "where": None}}
+    results = {name: results[name] for name in ns.models}
+    machine["load_at_end"] = harness.load_avg()
+    total = time.perf_counter() - t0
+    payload = {
+        "benchmark": "autoreparam against plain guides, VIP and NUTS (benchmarks/harness.py)",
+        "command": " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)]),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mode": mode, "config": harness.CONFIGS[mode],
+        "lr": harness.LR, "nat": harness.NAT, "methods": harness.METHOD_NOTES, "jobs": max(ns.jobs, 1),
+        "machine": machine, "total_seconds": total, "cpu_seconds": harness.cpu_seconds(),
+        "models": results,
+    }
+    payload = harness._clean(payload)
+    text = markdown(payload)
+    payload["report_markdown"] = text
+    out = ns.out or HERE / "results" / f"harness{'_quick' if ns.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1) + "\n")
+    out.with_suffix(".md").write_text(text + "\n")
+    if not ns.no_plots:
+        pdir = ns.plots or HERE / "plots"
+        pdir.mkdir(parents=True, exist_ok=True)
+        for p in plots(payload, pdir, "_quick" if ns.quick else ""):
+            harness.log(f"wrote {p}")
+    print(text)
+    harness.log(f"wrote {out} ({total:.0f} s)")
+    failed = [n for n, m in results.items() if "failed" in m]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,600 @@
+"""The benchmark harness: every method on every model, against a reference posterior.
+
+    python -m benchmarks                 # full run (JSON, plots, markdown table)
+    python -m benchmarks --quick         # tiny sizes, few steps, short NUTS: every code path in < 2 min
+    python -m benchmarks --models radon_mn eight_schools
+
+Per model (``benchmarks/models.py``) the methods are:
+
+- VI, all with ``AutoNormal``-family guides, ``Trace_ELBO``, ``numpyro.optim.Adam(LR)`` and the
+  same number of steps: AutoNormal, AutoLowRankMultivariateNormal and AutoMultivariateNormal
+  on the original model; AutoNormal with NumPyro's ``LocScaleReparam(centered=None)`` on every
+  latent loc-scale site (the VIP baseline of Gorinova et al. 2020); AutoNormal on
+  ``autoreparam.reparameterize(model)`` with ``init="zero"`` and with ``init="analytic"``.
+- NUTS on the original model and on ``autoreparam.reparameterize(model)`` (analytic init).
+
+Every VI method runs once per seed; seeds are interleaved across methods (seed 0 of every
+method, then seed 1, ...) so that a change in the machine's load hits all methods alike, and
+the table shows medians over seeds. The SVI steps run in jitted chunks that are compiled ahead
+of time, so the step timings exclude compilation (reported separately).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
+from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal, AutoNormal
+from numpyro.infer.reparam import LocScaleReparam
+
+import autoreparam
+from autoreparam.plan import build_plan
+
+from .machine import machine_info as base_machine_info
+from .models import MODELS, ModelSpec, load_reference
+
+LR = 1e-2
+NAT = 1.0  # "reached" = within this many nats of the best ELBO of the model
+# A run whose final ELBO estimate is not finite, or so noisy that its standard error exceeds this
+# many nats, has diverged (a guide that blew up in float32): its ELBO and moments mean nothing.
+DIVERGED_SE = 1000.0
+
+CONFIGS = {
+    "full": dict(seeds=3, checkpoints=40, ckpt_particles=256, final_particles=4096, draws=4000,
+                 nuts_chains=4, nuts_warmup=500, nuts_samples=500,
+                 ref_chains=4, ref_warmup=1000, ref_samples=2000,
+                 jit_eval=True, nuts_split=True, ref_from_nuts_method=False),
+    # Quick mode exercises every code path at a size where compilation dominates, so it compiles
+    # less: the ELBO and the posterior draws run eagerly (after the first model they are cheap),
+    # NUTS warmup and sampling run in one call (one compile; ESS/s then includes the warmup), and
+    # the reference of the synthetic models is the "NUTS" method's own run (a plumbing check only:
+    # quick-mode numbers mean nothing).
+    "quick": dict(seeds=1, checkpoints=4, ckpt_particles=16, final_particles=64, draws=200,
+                  nuts_chains=2, nuts_warmup=30, nuts_samples=30,
+                  ref_chains=2, ref_warmup=30, ref_samples=30,
+                  jit_eval=False, nuts_split=False, ref_from_nuts_method=True),
+}
+
+VI_METHODS = ["AutoNormal", "AutoLowRankMVN", "AutoMVN", "VIP AutoNormal",
+              "autoreparam zero", "autoreparam analytic"]
+NUTS_METHODS = ["NUTS", "NUTS autoreparam"]
+METHODS = VI_METHODS + NUTS_METHODS
+METHOD_NOTES = {
+    "AutoNormal": "AutoNormal on the original model",
+    "AutoLowRankMVN": "AutoLowRankMultivariateNormal (NumPyro's default rank) on the original model",
+    "AutoMVN": "AutoMultivariateNormal on the original model",
+    "VIP AutoNormal": "AutoNormal, LocScaleReparam(centered=None) on every latent loc-scale site (VIP)",
+    "autoreparam zero": "AutoNormal on autoreparam.reparameterize(model, init='zero') (learned offsets from 0)",
+    "autoreparam analytic": "AutoNormal on autoreparam.reparameterize(model) (init='analytic')",
+    "NUTS": "NUTS on the original model",
+    "NUTS autoreparam": "NUTS on autoreparam.reparameterize(model) (analytic xi)",
+}
+LOC_SCALE = (dist.Normal, dist.Cauchy, dist.Laplace, dist.Logistic, dist.StudentT, dist.Gumbel, dist.SoftLaplace)
+
+
+def load_avg():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {load_avg()}] {msg}", file=sys.stderr, flush=True)
+
+
+def block(x):
+    return jax.block_until_ready(x)
+
+
+def machine_info() -> dict:
+    info = base_machine_info()
+    info.update(jax=jax.__version__, numpyro=numpyro.__version__, numpy=np.__version__, load_at_start=load_avg())
+    return info
+
+
+# -- model variants ---------------------------------------------------------------------------
+def _unwrap(fn):
+    while isinstance(fn, (dist.ExpandedDistribution, dist.Independent, dist.MaskedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+def vip(model):
+    """NumPyro's ``LocScaleReparam(centered=None)`` (learned centredness) on every latent loc-scale site."""
+    def config(msg):
+        if msg["type"] != "sample" or msg.get("is_observed") or msg["name"].endswith("_decentered"):
+            return None
+        return LocScaleReparam(centered=None) if isinstance(_unwrap(msg["fn"]), LOC_SCALE) else None
+    return handlers.reparam(model, config=config)
+
+
+def latent_sites(model, args, kwargs) -> dict:
+    tr = handlers.trace(handlers.seed(model, 0)).get_trace(*args, **kwargs)
+    return {n: tuple(s["value"].shape) for n, s in tr.items()
+            if s["type"] == "sample" and not s["is_observed"]}
+
+
+def vip_sites(model, args, kwargs) -> list:
+    tr = handlers.trace(handlers.seed(vip(model), 0)).get_trace(*args, **kwargs)
+    return [n[: -len("_centered")] for n, s in tr.items() if s["type"] == "param" and n.endswith("_centered")]
+
+
+# -- NUTS ---------------------------------------------------------------------------------------
+def run_nuts(model, args, kwargs, chains, warmup, samples, seed, sites, split=True):
+    """Chains one after another; warmup (with the compile) and sampling are timed separately.
+
+    With ``split=False`` one call does both (one compile instead of two): the sampling time then
+    includes warmup and compilation, and the warmup time is reported as 0."""
+    mcmc = MCMC(NUTS(model), num_warmup=warmup, num_samples=samples, num_chains=chains,
+                chain_method="sequential", progress_bar=False)
+    k_w, k_s = jax.random.split(jax.random.PRNGKey(seed))
+    t_warm = 0.0
+    if split:
+        t0 = time.perf_counter()
+        mcmc.warmup(k_w, *args, **kwargs, collect_warmup=False)
+        block(mcmc.post_warmup_state)
+        t_warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mcmc.run(k_s, *args, **kwargs, extra_fields=("diverging", "num_steps"))
+    block(mcmc.get_samples())
+    t_samp = time.perf_counter() - t0
+    raw = mcmc.get_samples(group_by_chain=True)
+    draws = {s: np.asarray(raw[s], dtype=np.float64) for s in sites}
+    extra = mcmc.get_extra_fields(group_by_chain=True)
+    ess = {s: np.asarray(effective_sample_size(draws[s])).reshape(-1) for s in sites}
+    rhat = {s: np.asarray(split_gelman_rubin(draws[s])).reshape(-1) for s in sites}
+    ess_site = min(sites, key=lambda s: np.nanmin(ess[s]))
+    rhat_site = max(sites, key=lambda s: np.nanmax(rhat[s]))
+    min_ess = float(np.nanmin(ess[ess_site]))
+    steps = np.asarray(extra["num_steps"])
+    pooled = {s: v.reshape((-1,) + v.shape[2:]) for s, v in draws.items()}
+    return {
+        "chains": chains, "warmup": warmup, "samples": samples, "seed": seed, "split_warmup": split,
+        "warmup_seconds": t_warm, "sampling_seconds": t_samp,
+        "divergences": int(np.asarray(extra["diverging"]).sum()),
+        "mean_tree_size": float(steps.mean()), "max_tree_size": int(steps.max()),
+        "min_ess": min_ess, "min_ess_site": ess_site,
+        "min_ess_by_site": {s: float(np.nanmin(ess[s])) for s in sites},
+        "max_rhat": float(np.nanmax(rhat[rhat_site])), "max_rhat_site": rhat_site,
+        "min_ess_per_s": min_ess / t_samp,
+        "min_ess_per_s_incl_warmup": min_ess / (t_warm + t_samp),
+        "load_after": load_avg(),
+        "_moments": {s: (pooled[s].mean(0), pooled[s].std(0, ddof=1)) for s in sites},
+    }
+
+
+# -- comparison against the reference -----------------------------------------------------------
+def compare(moments: dict, ref: dict) -> dict:
+    """Per site: mean error |mean - ref mean| / ref sd and sd ratio sd / ref sd (median, min, max over
+    the site's elements); summary: worst site and median over sites of the per-site medians."""
+    sites = {}
+    for s, r in ref.items():
+        m, sd = (np.asarray(v, dtype=np.float64).reshape(np.shape(r["mean"])) for v in moments[s])
+        err = np.ravel(np.abs(m - r["mean"]) / r["sd"])
+        ratio = np.ravel(sd / r["sd"])
+        sites[s] = {"size": int(err.size),
+                    "mean_err": float(np.median(err)), "mean_err_max": float(err.max()),
+                    "sd_ratio": float(np.median(ratio)), "sd_ratio_min": float(ratio.min()),
+                    "sd_ratio_max": float(ratio.max())}
+    worst_err = max(sites, key=lambda s: sites[s]["mean_err"])
+    worst_sd = max(sites, key=lambda s: abs(np.log(sites[s]["sd_ratio"])))
+    return {"sites": sites, "summary": {
+        "mean_err_worst": sites[worst_err]["mean_err"], "mean_err_worst_site": worst_err,
+        "mean_err_median": float(np.median([v["mean_err"] for v in sites.values()])),
+        "sd_ratio_worst": sites[worst_sd]["sd_ratio"], "sd_ratio_worst_site": worst_sd,
+        "sd_ratio_median": float(np.median([v["sd_ratio"] for v in sites.values()])),
+        "mean_err_max_element": max(v["mean_err_max"] for v in sites.values()),
+        "sd_ratio_min_element": min(v["sd_ratio_min"] for v in sites.values()),
+        "sd_ratio_max_element": max(v["sd_ratio_max"] for v in sites.values()),
+    }}
+
+
+# -- VI -------------------------------------------------------------------------------------------
+GUIDES = {"AutoNormal": AutoNormal, "AutoLowRankMVN": AutoLowRankMultivariateNormal,
+          "AutoMVN": AutoMultivariateNormal, "VIP AutoNormal": AutoNormal,
+          "autoreparam zero": AutoNormal, "autoreparam analytic": AutoNormal}
+
+
+class VIMethod:
+    """One guide on one model variant: chunked SVI, checkpoint ELBOs, final ELBO and moments.
+
+    Full mode compiles three functions once (ahead of time, timed) and reuses them for every seed:
+    a chunk of SVI steps (returning the constrained params), a P-particle ELBO and the posterior
+    draws. Quick mode fuses all three into the chunk function (one compile per method; the final
+    ELBO is then the last checkpoint's and the moments come from the last chunk).
+    """
+
+    def __init__(self, name, model, args, kwargs, sites, steps, cfg):
+        self.name, self.model, self.sites, self.cfg = name, model, list(sites), cfg
+        self.args, self.kwargs = args, kwargs
+        self.guide = GUIDES[name](model)
+        self.svi = SVI(model, self.guide, numpyro.optim.Adam(LR), Trace_ELBO())
+        n_ck = cfg["checkpoints"]
+        self.chunk = max(1, steps // n_ck)
+        self.steps = self.chunk * n_ck
+        self.fused = not cfg["jit_eval"]
+        svi, chunk, fused = self.svi, self.chunk, self.fused
+        elbo = Trace_ELBO()
+        P, D = cfg["ckpt_particles"], cfg["draws"]
+        guide = self.guide
+
+        def elbo_particles(params, key):
+            keys = jax.random.split(key, P)
+            return -jax.vmap(lambda k: elbo.loss(k, params, model, guide, *args, **kwargs))(keys)
+
+        def draws(params, key):
+            pred = Predictive(model, guide=guide, params=params, num_samples=D, return_sites=self.sites,
+                              parallel=True)
+            out = pred(key, *args, **kwargs)
+            return {s: (jnp.mean(out[s], 0), jnp.std(out[s], 0)) for s in self.sites}
+
+        def run_chunk(state, key):
+            def body(s, _):
+                s, loss = svi.update(s, *args, **kwargs)
+                return s, loss
+            state, losses = jax.lax.scan(body, state, None, length=chunk)
+            params = svi.get_params(state)
+            if not fused:
+                return state, losses, params, None, None
+            k1, k2 = jax.random.split(key)
+            return state, losses, params, elbo_particles(params, k1), draws(params, k2)
+
+        t0 = time.perf_counter()
+        self.state0 = state0 = self.svi.init(jax.random.PRNGKey(0), *args, **kwargs)  # = seed 0's start
+        key = jax.random.PRNGKey(0)
+        if not cfg.get("jit", True):
+            self.run_chunk = run_chunk
+        else:
+            self.run_chunk = jax.jit(run_chunk).lower(state0, key).compile()
+        if not fused:
+            params0 = self.svi.get_params(state0)
+            self.elbo_fn = jax.jit(elbo_particles).lower(params0, key).compile()
+            self.draws_fn = jax.jit(draws).lower(params0, key).compile()
+        self.compile_seconds = time.perf_counter() - t0
+
+    def run(self, seed):
+        cfg = self.cfg
+        state = self.state0 if seed == 0 else self.svi.init(jax.random.PRNGKey(seed), *self.args, **self.kwargs)
+        key = jax.random.PRNGKey(10_000 + seed)
+        steps, t_run = 0, 0.0
+        ckpts = []  # (step, seconds of SVI so far, ELBO mean, ELBO se)
+        train = []  # mean training ELBO per chunk
+        params = e = mom = None
+        for _ in range(cfg["checkpoints"]):
+            key, k = jax.random.split(key)
+            t0 = time.perf_counter()
+            state, losses, params, e, mom = self.run_chunk(state, k)
+            block(params)
+            t_run += time.perf_counter() - t0  # quick mode (fused): includes the evaluation
+            steps += self.chunk
+            if not self.fused:
+                key, k = jax.random.split(key)
+                e = self.elbo_fn(params, k)
+            e = np.asarray(e, dtype=np.float64)
+            ckpts.append((steps, t_run, *_mean_se(e)))
+            train.append(-float(np.mean(np.asarray(losses))))
+        if not self.fused:
+            es = []
+            for _ in range(max(1, cfg["final_particles"] // cfg["ckpt_particles"])):
+                key, k = jax.random.split(key)
+                es.append(np.asarray(self.elbo_fn(params, k), dtype=np.float64))
+            e = np.concatenate(es)
+            key, k = jax.random.split(key)
+            mom = self.draws_fn(params, k)
+        moments = {s: (np.asarray(m, np.float64), np.asarray(sd, np.float64)) for s, (m, sd) in mom.items()}
+        finite = bool(np.all(np.isfinite(e)))
+        mean, se = _mean_se(e)
+        diverged = not finite or not (se <= DIVERGED_SE or e.size == 1)
+        return {"seed": seed, "steps": steps, "svi_seconds": t_run,
+                "seconds_per_1000_steps": 1000 * t_run / steps,
+                "elbo": mean, "elbo_se": se, "elbo_finite": finite, "diverged": diverged,
+                "elbo_particles": int(e.size), "checkpoints": ckpts, "train_elbo": train,
+                "load_after": load_avg(), "_moments": moments, "_params": params}
+
+
+def _mean_se(e):
+    e = np.asarray(e, dtype=np.float64)
+    if not np.all(np.isfinite(e)):
+        return float("nan"), float("nan")
+    return float(e.mean()), float(e.std(ddof=1) / np.sqrt(e.size)) if e.size > 1 else float("nan")
+
+
+def xi_summary(plan, params) -> list:
+    """Learned xi per offset (mean over its elements), next to its initial value."""
+    out = []
+    for s in plan.sites:
+        for off in s.offsets:
+            init = np.asarray(off.init, dtype=np.float64)
+            p = params.get(f"{s.name}_offset_{off.parent}") if params is not None else None
+            learned = init if p is None else init + plan.xi_step * np.asarray(p, np.float64).ravel()
+            out.append({"site": s.name, "parent": off.parent, "structure": off.structure,
+                        "init_mean": float(init.mean()), "learned_mean": float(learned.mean()),
+                        "learned_min": float(learned.min()), "learned_max": float(learned.max())})
+    return out
+
+
+# -- one model --------------------------------------------------------------------------------------
+def run_model(spec: ModelSpec, mode: str) -> dict:
+    cfg = CONFIGS[mode]
+    t_model = time.perf_counter()
+    model = spec.module.model
+    args, kwargs = spec.inputs(mode)
+    sites = latent_sites(model, args, kwargs)
+    n_obs = int(sum(np.size(v) for v in kwargs.values() if v is not None))
+    log(f"{spec.name}: {spec.size(mode)}, {len(sites)} latent sites ({sum(int(np.prod(s)) for s in sites.values())} values)")
+    out = {"name": spec.name, "description": spec.description, "size": spec.size(mode), "n_obs": n_obs,
+           "latent_sites": {s: list(v) for s, v in sites.items()}, "reference_kind": spec.reference,
+           "steps": None, "methods": {}, "errors": {}}
+
+    # The analysis once, then both plans from the same report (what reparameterize(model, init=...) does).
+    t0 = time.perf_counter()
+    report = autoreparam.analyze(model, *args, **kwargs)
+    t_an = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plan_an = build_plan(report, init="analytic")
+    t_plan_an = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plan_zero = build_plan(report, init="zero")
+    t_plan_zero = time.perf_counter() - t0
+    out["analysis"] = {"analyze_seconds": t_an, "plan_analytic_seconds": t_plan_an,
+                       "plan_zero_seconds": t_plan_zero, "plan_analytic": str(plan_an),
+                       "plan_zero": str(plan_zero), "pairs": len(report.additive()),
+                       "funnels": [f.site for f in report.funnels]}
+    log(f"{spec.name}: analysis {t_an:.1f} s, analytic plan {t_plan_an:.1f} s\n{plan_an}")
+    variants = {
+        "original": model,
+        "vip": vip(model),
+        "zero": autoreparam.reparameterize(model, plan_zero),
+        "analytic": autoreparam.reparameterize(model, plan_an),
+    }
+    out["vip_sites"] = vip_sites(model, args, kwargs)
+    variant_of = {"AutoNormal": "original", "AutoLowRankMVN": "original", "AutoMVN": "original",
+                  "VIP AutoNormal": "vip", "autoreparam zero": "zero", "autoreparam analytic": "analytic",
+                  "NUTS": "original", "NUTS autoreparam": "analytic"}
+    setup = {"autoreparam zero": t_an + t_plan_zero, "autoreparam analytic": t_an + t_plan_an,
+             "NUTS autoreparam": t_an + t_plan_an}
+
+    # Reference posterior.
+    nuts_runs = {}
+    on_reparam = spec.reference_model == "autoreparam"
+    ref_kind = ("NUTS on autoreparam.reparameterize(model) (analytic xi; same posterior)" if on_reparam
+                else "NUTS on the original model")
+    if spec.reference == "nuts" and cfg["ref_from_nuts_method"]:
+        meth = "NUTS autoreparam" if on_reparam else "NUTS"
+        nuts_runs[meth] = _nuts_method(spec, meth, variants[variant_of[meth]], args, kwargs, cfg, sites, out)
+        ref_run = nuts_runs[meth]
+        ref = {s: {"mean": m, "sd": sd, "mean_se": None} for s, (m, sd) in ref_run["_moments"].items()}
+        out["reference"] = {"kind": f"{ref_kind} (quick mode: the {meth} method's own run)", **_public(ref_run)}
+    elif spec.reference == "nuts":
+        log(f"{spec.name}: reference {ref_kind} ({cfg['ref_chains']} x {cfg['ref_samples']} after "
+            f"{cfg['ref_warmup']})")
+        ref_run = run_nuts(variants["analytic"] if on_reparam else model, args, kwargs, cfg["ref_chains"],
+                           cfg["ref_warmup"], cfg["ref_samples"], seed=1000, sites=list(sites),
+                           split=cfg["nuts_split"])
+        ref = {s: {"mean": m, "sd": sd, "mean_se": sd / np.sqrt(max(ref_run["min_ess_by_site"][s], 1.0))}
+               for s, (m, sd) in ref_run["_moments"].items()}
+        out["reference"] = {"kind": ref_kind, **_public(ref_run)}
+        log(f"{spec.name}: reference min ESS {ref_run['min_ess']:.0f} ({ref_run['min_ess_site']}), "
+            f"max R-hat {ref_run['max_rhat']:.3f}, {ref_run['divergences']} divergences, "
+            f"{ref_run['warmup_seconds'] + ref_run['sampling_seconds']:.0f} s")
+    else:
+        ref = load_reference(spec)
+        missing = set(sites) - set(ref)
+        assert not missing, f"{spec.name}: reference lacks {missing}"
+        out["reference"] = {"kind": {"inference_gym": "inference_gym ground truth (CmdStan)",
+                                     "posteriordb": "posteriordb reference draws (Stan)"}[spec.reference]}
+    ref = {s: ref[s] for s in sites}
+    out["reference_moments"] = {s: {"mean": np.ravel(r["mean"]).tolist(), "sd": np.ravel(r["sd"]).tolist()}
+                                for s, r in ref.items()}
+
+    # VI: compile every method, then seeds interleaved across methods.
+    steps = spec.steps[mode]
+    vi = {}
+    for name in VI_METHODS:
+        try:
+            vi[name] = VIMethod(name, variants[variant_of[name]], args, kwargs, sites, steps, cfg)
+            out["steps"] = vi[name].steps
+            log(f"{spec.name}: {name} compiled in {vi[name].compile_seconds:.1f} s")
+        except Exception as exc:  # a method that cannot run is reported, not fatal
+            out["errors"][name] = _error(exc)
+            log(f"{spec.name}: {name} FAILED: {out['errors'][name]['error']}")
+    runs = {name: [] for name in vi}
+    for seed in range(cfg["seeds"]):
+        for name, m in vi.items():
+            try:
+                r = m.run(seed)
+                r["compare"] = compare(r.pop("_moments"), ref)
+                params = r.pop("_params")
+                if name.startswith("autoreparam"):
+                    r["xi"] = xi_summary(plan_an if name.endswith("analytic") else plan_zero, params)
+                if name == "VIP AutoNormal":
+                    r["centered"] = {s: float(np.mean(np.asarray(params[f"{s}_centered"])))
+                                     for s in out["vip_sites"] if f"{s}_centered" in params}
+                runs[name].append(r)
+                log(f"{spec.name}: {name} seed {seed}: ELBO {r['elbo']:.2f} +- {r['elbo_se']:.2f}, "
+                    f"{r['svi_seconds']:.1f} s, worst sd ratio {r['compare']['summary']['sd_ratio_worst']:.3f} "
+                    f"({r['compare']['summary']['sd_ratio_worst_site']})")
+            except Exception as exc:
+                out["errors"][f"{name} seed {seed}"] = _error(exc)
+                log(f"{spec.name}: {name} seed {seed} FAILED: {exc}")
+    for name, m in vi.items():
+        if runs[name]:
+            out["methods"][name] = {"kind": "vi", "setup_seconds": setup.get(name, 0.0),
+                                    "compile_seconds": m.compile_seconds, "chunk": m.chunk, "runs": runs[name]}
+
+    # NUTS on both parameterizations.
+    for name in NUTS_METHODS:
+        r = nuts_runs.get(name) or _nuts_method(spec, name, variants[variant_of[name]], args, kwargs, cfg, sites, out)
+        if r is None:
+            continue
+        r = dict(r)
+        r["compare"] = compare(r.pop("_moments"), ref)
+        out["methods"][name] = {"kind": "nuts", "setup_seconds": setup.get(name, 0.0), **r}
+
+    summarize(out)
+    out["seconds"] = time.perf_counter() - t_model
+    log(f"{spec.name}: done in {out['seconds']:.0f} s")
+    return out
+
+
+def _nuts_method(spec, name, model, args, kwargs, cfg, sites, out):
+    """One NUTS method (seed = its position in NUTS_METHODS); None (and an entry in errors) if it fails."""
+    try:
+        log(f"{spec.name}: {name} ({cfg['nuts_chains']} x {cfg['nuts_samples']} after {cfg['nuts_warmup']})")
+        r = run_nuts(model, args, kwargs, cfg["nuts_chains"], cfg["nuts_warmup"], cfg["nuts_samples"],
+                     seed=NUTS_METHODS.index(name), sites=list(sites), split=cfg["nuts_split"])
+        log(f"{spec.name}: {name}: min ESS {r['min_ess']:.0f} ({r['min_ess_site']}), "
+            f"{r['min_ess_per_s']:.1f}/s, {r['divergences']} div, R-hat {r['max_rhat']:.3f}")
+        return r
+    except Exception as exc:
+        out["errors"][name] = _error(exc)
+        log(f"{spec.name}: {name} FAILED: {exc}")
+        return None
+
+
+def _public(r: dict) -> dict:
+    return {k: v for k, v in r.items() if not k.startswith("_")}
+
+
+def _error(exc) -> dict:
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = next((f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in reversed(tb)
+                  if "autoreparam" in f.filename and "benchmarks" not in f.filename), None)
+    return {"error": f"{type(exc).__name__}: {exc}"[:2000], "where": where}
+
+
+# -- summaries ------------------------------------------------------------------------------------------
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.median(xs)) if xs else None
+
+
+def summarize(out: dict) -> None:
+    """Medians over seeds; the model's best ELBO; steps and seconds to within NAT of it.
+
+    A diverged run counts as an ELBO of -infinity and as "never reached"; the moments summary
+    is the median over the runs that did not diverge (None if every run diverged)."""
+    vi = {k: v for k, v in out["methods"].items() if v["kind"] == "vi"}
+    ok = lambda r: not r.get("diverged") and r["elbo"] is not None and np.isfinite(r["elbo"])  # noqa: E731
+    finals = {}
+    for k, v in vi.items():
+        med = float(np.median([r["elbo"] if ok(r) else -np.inf for r in v["runs"]]))
+        finals[k] = med if np.isfinite(med) else None
+    best = max((e for e in finals.values() if e is not None), default=None)
+    out["best_elbo"] = best
+    out["best_elbo_method"] = max((k for k in finals if finals[k] is not None), key=lambda k: finals[k],
+                                  default=None)
+    for name, v in vi.items():
+        for r in v["runs"]:
+            r["reach_step"], r["reach_seconds"] = None, None
+            if best is None or not ok(r):
+                continue
+            for step, secs, e, _ in r["checkpoints"]:
+                if e is not None and np.isfinite(e) and e >= best - NAT:
+                    r["reach_step"], r["reach_seconds"] = step, secs
+                    break
+        n = len(v["runs"])
+        good = [r for r in v["runs"] if ok(r)]
+        reached = [r for r in v["runs"] if r["reach_step"] is not None]
+        # The median over seeds, with "not reached" as +infinity.
+        med_step = np.median([r["reach_step"] if r["reach_step"] is not None else np.inf for r in v["runs"]])
+        med_secs = np.median([r["reach_seconds"] if r["reach_seconds"] is not None else np.inf for r in v["runs"]])
+        S = lambda key: _median([r["compare"]["summary"][key] for r in good])  # noqa: E731
+        mode = lambda xs: max(set(xs), key=xs.count) if xs else None  # noqa: E731
+        v["summary"] = {
+            "seeds": n, "diverged": n - len(good), "elbo": finals[name],
+            "elbo_se": _median([r["elbo_se"] for r in good]),
+            "elbo_min": min(r["elbo"] for r in good) if good else None,
+            "elbo_max": max(r["elbo"] for r in good) if good else None,
+            "gap_to_best": None if best is None or finals[name] is None else best - finals[name],
+            "reached": len(reached), "reach_step": None if not np.isfinite(med_step) else float(med_step),
+            "reach_seconds": None if not np.isfinite(med_secs) else float(med_secs),
+            "seconds_per_1000_steps": _median([r["seconds_per_1000_steps"] for r in v["runs"]]),
+            "svi_seconds": _median([r["svi_seconds"] for r in v["runs"]]),
+            "mean_err_worst": S("mean_err_worst"),
+            "mean_err_worst_site": mode([r["compare"]["summary"]["mean_err_worst_site"] for r in good]),
+            "mean_err_median": S("mean_err_median"),
+            "sd_ratio_worst": S("sd_ratio_worst"),
+            "sd_ratio_worst_site": mode([r["compare"]["summary"]["sd_ratio_worst_site"] for r in good]),
+            "sd_ratio_median": S("sd_ratio_median"),
+            "sites": {s: {k: _median([r["compare"]["sites"][s][k] for r in good])
+                          for k in ("mean_err", "mean_err_max", "sd_ratio", "sd_ratio_min", "sd_ratio_max")}
+                      for s in v["runs"][0]["compare"]["sites"]},
+        }
+    # Ratios measured in this run (None where a side diverged).
+    def diff(a, b):
+        return None if a is None or b is None else a - b
+
+    def quot(a, b):
+        return None if a is None or not b else a / b
+
+    ratios = {}
+    an = vi.get("autoreparam analytic", {}).get("summary")
+    for other in ("AutoNormal", "AutoMVN", "VIP AutoNormal"):
+        o = vi.get(other, {}).get("summary")
+        if an and o:
+            ratios[f"elbo_gain_analytic_vs_{other.replace(' ', '_')}"] = diff(an["elbo"], o["elbo"])
+    if an and "AutoNormal" in vi:
+        ratios["worst_sd_ratio_analytic_over_AutoNormal"] = quot(an["sd_ratio_worst"],
+                                                                 vi["AutoNormal"]["summary"]["sd_ratio_worst"])
+    if an and "AutoMVN" in vi:
+        ratios["step_time_AutoMVN_over_analytic"] = quot(vi["AutoMVN"]["summary"]["seconds_per_1000_steps"],
+                                                         an["seconds_per_1000_steps"])
+    nu, nr = out["methods"].get("NUTS"), out["methods"].get("NUTS autoreparam")
+    if nu and nr:
+        ratios["nuts_min_ess_per_s_reparam_over_original"] = quot(nr["min_ess_per_s"], nu["min_ess_per_s"])
+        ratios["nuts_min_ess_per_s_incl_warmup_reparam_over_original"] = quot(
+            nr["min_ess_per_s_incl_warmup"], nu["min_ess_per_s_incl_warmup"])
+    out["ratios"] = ratios
+
+
+def _clean(o):
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _clean(o.tolist())
+    if isinstance(o, (np.floating, float)):
+        v = float(o)
+        return v if np.isfinite(v) else None
+    if isinstance(o, (np.integer, np.bool_)):
+        return o.item()
+    return o
+
+
+def run_one(name: str, mode: str) -> dict:
+    """``run_model`` with a failure recorded instead of raised."""
+    try:
+        return _clean(run_model(MODELS[name], mode))
+    except Exception as exc:
+        res = {"name": name, "failed": _error(exc), "traceback": traceback.format_exc()}
+        log(f"{name}: FAILED\n{res['traceback']}")
+        return res
+
+
+def model_worker(names: list, mode: str, path: str) -> None:
+    """Run models one after another and write {name: result} to ``path`` (for --jobs > 1)."""
+    out = {}
+    for name in names:
+        out[name] = run_one(name, mode)
+        Path(path).write_text(json.dumps(out))
+
+
+def cpu_seconds() -> float:
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))

@@ -1,0 +1,254 @@
+"""Markdown tables and plots from the harness results (``benchmarks/results/harness*.json``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .harness import METHODS, NAT, NUTS_METHODS, VI_METHODS
+
+SHORT = {"AutoNormal": "AutoNormal", "AutoLowRankMVN": "AutoLowRankMVN", "AutoMVN": "AutoMVN",
+         "VIP AutoNormal": "VIP + AutoNormal", "autoreparam zero": "autoreparam zero + AutoNormal",
+         "autoreparam analytic": "autoreparam analytic + AutoNormal", "NUTS": "NUTS",
+         "NUTS autoreparam": "NUTS on autoreparam"}
+COLORS = {"AutoNormal": "#1f77b4", "AutoLowRankMVN": "#17becf", "AutoMVN": "#9467bd",
+          "VIP AutoNormal": "#ff7f0e", "autoreparam zero": "#8c564b", "autoreparam analytic": "#d62728",
+          "NUTS": "#7f7f7f", "NUTS autoreparam": "#2ca02c"}
+
+
+def md_table(head, rows) -> str:
+    out = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def f(x, fmt="{:.2f}", none="-"):
+    return none if x is None else fmt.format(x)
+
+
+def worst(value, site):
+    return "-" if value is None else f"{value:.2f} ({site})"
+
+
+def fmt_seconds(x):
+    if x is None:
+        return "-"
+    return f"{x:.2f}" if x < 10 else f"{x:.0f}"
+
+
+def model_table(m: dict) -> str:
+    head = ["method", "ELBO (+- se)", "below best", f"steps to {NAT:g} nat", f"s to {NAT:g} nat",
+            "s / 1k steps", "mean err: worst site", "median", "sd ratio: worst site", "median",
+            "min-ESS/s", "div.", "max R-hat"]
+    rows = []
+    for name in METHODS:
+        r = m["methods"].get(name)
+        if r is None:
+            err = next((v["error"] for k, v in m.get("errors", {}).items() if k.startswith(name)), None)
+            if err is not None:
+                rows.append([SHORT[name], f"failed: {err[:80]}"] + ["-"] * (len(head) - 2))
+            continue
+        if r["kind"] == "vi":
+            s = r["summary"]
+            reach = (f"{s['reach_step']:,.0f}" if s["reach_step"] is not None else "not reached")
+            if s["seeds"] > 1 and s["reach_step"] is not None and s["reached"] < s["seeds"]:
+                reach += f" ({s['reached']}/{s['seeds']} seeds)"
+            if s["elbo"] is None:
+                elbo = f"diverged ({s['diverged']}/{s['seeds']} seeds)"
+            else:
+                elbo = f"{s['elbo']:.1f} +- {s['elbo_se']:.1f}"
+                if s["diverged"]:
+                    elbo += f" ({s['diverged']}/{s['seeds']} seeds diverged)"
+            rows.append([
+                SHORT[name], elbo, f(s["gap_to_best"], "{:.1f}"), reach, fmt_seconds(s["reach_seconds"]),
+                f(s["seconds_per_1000_steps"]),
+                worst(s["mean_err_worst"], s["mean_err_worst_site"]), f(s["mean_err_median"]),
+                worst(s["sd_ratio_worst"], s["sd_ratio_worst_site"]), f(s["sd_ratio_median"]),
+                "-", "-", "-"])
+        else:
+            c = r["compare"]["summary"]
+            rows.append([
+                SHORT[name], "-", "-", "-", "-", "-",
+                f"{c['mean_err_worst']:.2f} ({c['mean_err_worst_site']})", f(c["mean_err_median"]),
+                f"{c['sd_ratio_worst']:.2f} ({c['sd_ratio_worst_site']})", f(c["sd_ratio_median"]),
+                f"{r['min_ess_per_s']:.1f} ({r['min_ess_site']})", r["divergences"], f"{r['max_rhat']:.3f}"])
+    return md_table(head, rows)
+
+
+def reference_line(m: dict) -> str:
+    ref = m["reference"]
+    if ref["kind"].startswith("NUTS"):
+        return (f"reference: {ref['kind']}, {ref['chains']} chains x {ref['samples']} draws after "
+                f"{ref['warmup']} warmup (min ESS {ref['min_ess']:.0f} at {ref['min_ess_site']}, max R-hat "
+                f"{ref['max_rhat']:.3f}, {ref['divergences']} divergences)")
+    return f"reference: {ref['kind']}"
+
+
+def headline_rows(results: dict) -> list:
+    rows = []
+    for name, m in results["models"].items():
+        if "failed" in m:
+            rows.append([name, "failed"] + ["-"] * 6)
+            continue
+        meth = m["methods"]
+        vi = {k: v["summary"] for k, v in meth.items() if v["kind"] == "vi"}
+        an = vi.get("autoreparam analytic")
+        plain = vi.get("AutoNormal")
+        others = {k: v for k, v in vi.items() if not k.startswith("autoreparam") and v["elbo"] is not None}
+        best_other = max(others, key=lambda k: others[k]["elbo"]) if others else None
+        nu, nr = meth.get("NUTS"), meth.get("NUTS autoreparam")
+        ok = an is not None and an["elbo"] is not None
+        ess_ratio = m["ratios"].get("nuts_min_ess_per_s_reparam_over_original")
+        rows.append([
+            name,
+            f"{SHORT[m['best_elbo_method']]}" if m.get("best_elbo_method") else "-",
+            "-" if not ok or plain is None or plain["elbo"] is None else f"{an['elbo'] - plain['elbo']:+.1f}",
+            "-" if not ok or best_other is None else f"{an['elbo'] - others[best_other]['elbo']:+.1f} ({SHORT[best_other]})",
+            "-" if not ok or plain is None or plain["sd_ratio_worst"] is None else
+            f"{plain['sd_ratio_worst']:.3f} -> {an['sd_ratio_worst']:.3f}",
+            "-" if not ok else worst(an["mean_err_worst"], an["mean_err_worst_site"]),
+            "-" if not (nu and nr) else f"{nu['min_ess_per_s']:.1f} -> {nr['min_ess_per_s']:.1f}"
+                                        + ("" if ess_ratio is None else f" (x{ess_ratio:.2f})"),
+            "-" if not (nu and nr) else f"{nu['divergences']} -> {nr['divergences']}",
+        ])
+    return rows
+
+
+HEADLINE_HEAD = ["model", "best VI (median ELBO)", "ELBO: analytic - AutoNormal",
+                 "ELBO: analytic - best non-autoreparam VI", "worst-site sd ratio: AutoNormal -> analytic",
+                 "analytic: worst-site mean err", "NUTS min-ESS/s: original -> autoreparam", "NUTS divergences"]
+
+
+def markdown(results: dict) -> str:
+    cfg, mach = results["config"], results["machine"]
+    out = []
+    say = out.append
+    say(f"Command: `{results['command']}` ({results['mode']} mode), {results['created']}; total wall time "
+        f"{results['total_seconds']:.0f} s, CPU time {results['cpu_seconds']:.0f} s, {results['jobs']} "
+        f"process{'es' if results['jobs'] > 1 else ''}.")
+    say(f"Machine: {mach.get('nproc')} CPUs (`nproc`), {mach.get('cpu', '?')}, {mach.get('ram_gib', '?')} GiB RAM; "
+        f"1-minute load average {mach.get('load_at_start')} at start, {mach.get('load_at_end')} at end; "
+        f"Python {mach.get('python')}, jax {mach.get('jax')}, numpyro {mach.get('numpyro')}; git {mach.get('git', '?')}.")
+    say(f"VI: `numpyro.optim.Adam({results['lr']})`, `Trace_ELBO`, medians over {cfg['seeds']} seed(s); final "
+        f"ELBO from {cfg['final_particles']} particles (+- its standard error, median over seeds); "
+        f"'below best' = nats below the model's best median ELBO; 'steps / s to {NAT:g} nat' = first of "
+        f"{cfg['checkpoints']} checkpoints (each a {cfg['ckpt_particles']}-particle ELBO) within {NAT:g} nat of "
+        f"that best, median over seeds, seconds of SVI steps only (compilation and the autoreparam analysis "
+        f"are listed below each table); posterior moments from {cfg['draws']} guide draws. NUTS: "
+        f"{cfg['nuts_chains']} chains x {cfg['nuts_samples']} draws after {cfg['nuts_warmup']} warmup, "
+        f"chains run one after another; min-ESS/s = the smallest ESS over every element of every latent site "
+        f"of the original model, divided by the sampling time (warmup and compilation excluded).")
+    say("mean err = |mean - reference mean| / reference sd; sd ratio = sd / reference sd; per site the median "
+        "over its elements, then the worst site (largest mean error; sd ratio furthest from 1 on a log scale) "
+        "and the median over sites. 1 is perfect for the sd ratio, 0 for the mean error.\n")
+    say("### Summary\n")
+    say(md_table(HEADLINE_HEAD, headline_rows(results)) + "\n")
+    for name, m in results["models"].items():
+        say(f"### {name}: {m.get('size', '')}\n")
+        if "failed" in m:
+            say(f"FAILED: {m['failed']['error']} ({m['failed'].get('where')})\n")
+            continue
+        say(f"{m['description']}; {reference_line(m)}; {m['steps']:,} SVI steps per VI method; best median ELBO "
+            f"{m['best_elbo']:.1f} ({SHORT[m['best_elbo_method']]}).\n")
+        say(model_table(m) + "\n")
+        an = m["analysis"]
+        comp = ", ".join(f"{SHORT[k]} {v['compile_seconds']:.1f}" for k, v in m["methods"].items() if v["kind"] == "vi")
+        say(f"autoreparam analysis {an['analyze_seconds']:.1f} s + plan {an['plan_analytic_seconds']:.1f} s "
+            f"(analytic) / {an['plan_zero_seconds']:.1f} s (zero); compile s: {comp}. NUTS warmup + sampling s: "
+            + ", ".join(f"{SHORT[k]} {m['methods'][k]['warmup_seconds']:.0f} + {m['methods'][k]['sampling_seconds']:.0f}"
+                        for k in NUTS_METHODS if k in m["methods"]) + ".")
+        say("```\n" + an["plan_analytic"] + "\n```")
+        if m.get("vip_sites"):
+            say(f"VIP reparameterizes: {', '.join(m['vip_sites'])}.")
+        for k, v in m.get("errors", {}).items():
+            say(f"- {k} failed: {v['error'][:300]} ({v.get('where')})")
+        say("")
+    return "\n".join(out)
+
+
+# -- plots ------------------------------------------------------------------------------------------
+def plots(results: dict, directory, suffix: str = "") -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [(k, m) for k, m in results["models"].items() if "failed" not in m]
+    paths = []
+    if not models:
+        return paths
+    n = len(models)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+
+    # ELBO against steps: nats below the model's best median ELBO, log scale.
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    for ax, (name, m) in zip(axes.flat, models):
+        best = m["best_elbo"]
+        for meth in VI_METHODS:
+            r = m["methods"].get(meth)
+            if r is None:
+                continue
+            runs = [run for run in r["runs"] if not run.get("diverged")]
+            if not runs:
+                continue
+            steps = np.array([c[0] for c in runs[0]["checkpoints"]])
+            E = np.array([[c[2] if c[2] is not None else np.nan for c in run["checkpoints"]] for run in runs])
+            gap = np.clip(best - E, 0.1, None)
+            med = np.nanmedian(gap, axis=0)
+            ax.plot(steps, med, color=COLORS[meth], label=SHORT[meth], lw=1.6)
+            if gap.shape[0] > 1:
+                ax.fill_between(steps, np.nanmin(gap, 0), np.nanmax(gap, 0), color=COLORS[meth], alpha=0.15, lw=0)
+        ax.axhline(NAT, color="k", ls="--", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(f"{name} ({m['size']})", fontsize=9)
+        ax.set_xlabel("Adam steps")
+        ax.set_ylabel("nats below best ELBO")
+        ax.grid(alpha=0.3, which="both", lw=0.4)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle("ELBO against steps (median over seeds that did not diverge, band = min..max; floor 0.1; "
+                 "dashed: 1 nat)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    p = directory / f"elbo_vs_steps{suffix}.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    # sd ratio per site and method.
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    for ax, (name, m) in zip(axes.flat, models):
+        sites = list(m["latent_sites"])
+        present = [k for k in METHODS if k in m["methods"]
+                   and not (m["methods"][k]["kind"] == "vi" and m["methods"][k]["summary"]["elbo"] is None)]
+        width = 0.8 / max(len(present), 1)
+        for j, meth in enumerate(present):
+            r = m["methods"][meth]
+            per = r["summary"]["sites"] if r["kind"] == "vi" else r["compare"]["sites"]
+            x = np.arange(len(sites)) - 0.4 + (j + 0.5) * width
+            y = np.array([per[s]["sd_ratio"] for s in sites])
+            lo = np.array([per[s]["sd_ratio_min"] for s in sites])
+            hi = np.array([per[s]["sd_ratio_max"] for s in sites])
+            ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o" if r["kind"] == "vi" else "s", ms=3.5,
+                        color=COLORS[meth], label=SHORT[meth], lw=0.8, capsize=0,
+                        mfc="none" if r["kind"] == "nuts" else COLORS[meth])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(np.arange(len(sites)))
+        ax.set_xticklabels(sites, rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"{name} ({m['size']})", fontsize=9)
+        ax.set_ylabel("sd / reference sd")
+        ax.grid(alpha=0.3, axis="y", which="both", lw=0.4)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle("posterior sd / reference sd per site (marker: median over the site's elements, bar: min..max)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    p = directory / f"sd_ratio_per_site{suffix}.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths

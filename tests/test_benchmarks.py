@@ -1,0 +1,129 @@
+"""The benchmark harness cannot rot: its quick mode runs here end to end, and its arithmetic is checked."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import harness  # noqa: E402
+from benchmarks.__main__ import partition  # noqa: E402
+from benchmarks.models import MODELS, load_reference  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out / "quick.json"), "--plots", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, json.loads((out / "quick.json").read_text()), proc.stdout
+
+
+def test_quick_run_has_every_model_and_method(quick_run):
+    _, results, _ = quick_run
+    assert list(results["models"]) == list(MODELS)
+    for name, m in results["models"].items():
+        assert "failed" not in m, (name, m.get("failed"))
+        assert m["errors"] == {}, (name, m["errors"])
+        assert set(m["methods"]) == set(harness.METHODS), name
+        for meth, r in m["methods"].items():
+            if r["kind"] == "vi":
+                assert r["summary"]["elbo"] is not None and np.isfinite(r["summary"]["elbo"]), (name, meth)
+                assert len(r["runs"][0]["checkpoints"]) == harness.CONFIGS["quick"]["checkpoints"]
+                assert set(r["summary"]["sites"]) == set(m["latent_sites"])
+            else:
+                # 2 chains x 30 draws: the ESS estimate itself can come out negative; it must exist.
+                assert np.isfinite(r["min_ess"]) and r["divergences"] >= 0 and r["max_rhat"] is not None
+        assert m["best_elbo"] == max(r["summary"]["elbo"] for r in m["methods"].values() if r["kind"] == "vi")
+    assert results["models"]["radon_mn"]["reference"]["kind"].startswith("inference_gym")
+    assert results["models"]["eight_schools"]["reference"]["kind"].startswith("posteriordb")
+
+
+def test_quick_run_writes_table_and_plots(quick_run):
+    out, results, stdout = quick_run
+    md = (out / "quick.md").read_text()
+    assert md == results["report_markdown"] + "\n"
+    assert "### Summary" in stdout and all(f"### {name}:" in md for name in MODELS)
+    for plot in ("elbo_vs_steps_quick.png", "sd_ratio_per_site_quick.png"):
+        data = (out / plot).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+@pytest.mark.parametrize("name", [n for n, s in MODELS.items() if s.reference != "nuts"])
+def test_shipped_reference_matches_the_example_model(name):
+    spec = MODELS[name]
+    args, kwargs = spec.inputs("full")
+    sites = harness.latent_sites(spec.module.model, args, kwargs)
+    ref = load_reference(spec)
+    assert set(ref) == set(sites)
+    for s, shape in sites.items():
+        assert np.shape(ref[s]["mean"]) == shape and np.shape(ref[s]["sd"]) == shape, s
+        assert np.all(ref[s]["sd"] > 0), s
+
+
+def test_compare_measures_mean_error_and_sd_ratio_in_reference_sds():
+    ref = {"a": {"mean": np.zeros(3), "sd": np.array([1.0, 2.0, 4.0]), "mean_se": None},
+           "b": {"mean": np.array(1.0), "sd": np.array(0.5), "mean_se": None}}
+    moments = {"a": (np.array([1.0, 1.0, 1.0]), np.array([1.0, 1.0, 1.0])),
+               "b": (np.array(1.0), np.array(0.05))}
+    got = harness.compare(moments, ref)
+    assert got["sites"]["a"]["mean_err"] == pytest.approx(0.5)  # median of 1, 0.5, 0.25
+    assert got["sites"]["a"]["mean_err_max"] == pytest.approx(1.0)
+    assert got["sites"]["a"]["sd_ratio_min"] == pytest.approx(0.25)
+    assert got["summary"]["sd_ratio_worst_site"] == "b"  # 0.1 is further from 1 than 0.5
+    assert got["summary"]["sd_ratio_worst"] == pytest.approx(0.1)
+    assert got["summary"]["mean_err_worst_site"] == "a"
+
+
+def _vi_run(elbos, seed=0):
+    cmp = {"sites": {"x": {k: 1.0 for k in ("mean_err", "mean_err_max", "sd_ratio", "sd_ratio_min", "sd_ratio_max")}},
+           "summary": {"mean_err_worst": 0.0, "mean_err_worst_site": "x", "mean_err_median": 0.0,
+                       "sd_ratio_worst": 1.0, "sd_ratio_worst_site": "x", "sd_ratio_median": 1.0}}
+    ckpts = [(100 * (i + 1), 0.5 * (i + 1), e, 0.1) for i, e in enumerate(elbos)]
+    return {"seed": seed, "elbo": elbos[-1], "elbo_se": 0.1, "checkpoints": ckpts,
+            "seconds_per_1000_steps": 5.0, "svi_seconds": 0.5 * len(elbos), "compare": cmp}
+
+
+def test_summary_steps_to_one_nat_are_medians_with_unreached_seeds_as_infinite():
+    out = {"methods": {
+        "AutoNormal": {"kind": "vi", "runs": [_vi_run([-50, -20, -10.5]), _vi_run([-50, -30, -12], 1),
+                                               _vi_run([-40, -11, -10], 2)]},
+        "autoreparam analytic": {"kind": "vi", "runs": [_vi_run([-10.2, -10, -10]), _vi_run([-30, -20, -14], 1),
+                                                         _vi_run([-15, -9.8, -9.5], 2)]},
+    }}
+    harness.summarize(out)
+    assert out["best_elbo"] == -10.0  # the median final ELBO of the analytic method
+    an, plain = out["methods"]["autoreparam analytic"]["summary"], out["methods"]["AutoNormal"]["summary"]
+    assert an["reach_step"] == 200  # reached at 100, 200 and never
+    assert an["reached"] == 2
+    assert plain["reach_step"] == 300 and plain["reach_seconds"] == 1.5  # 300, never, 200
+    assert out["ratios"]["elbo_gain_analytic_vs_AutoNormal"] == pytest.approx(0.5)
+
+
+def test_partition_keeps_quick_models_of_one_example_together():
+    groups = partition(list(MODELS), 2, "quick")
+    assert sorted(m for g in groups for m in g) == sorted(MODELS)
+    assert any({"tensor_small", "tensor_large"} <= set(g) for g in groups)
+    assert len(partition(["eight_schools"], 4, "full")) == 1
+
+
+def test_a_diverged_run_is_no_best_elbo_and_never_reaches():
+    blown = _vi_run([-50, 3e24, 3e24])
+    blown["diverged"], blown["elbo_se"] = True, 7e22
+    out = {"methods": {
+        "AutoMVN": {"kind": "vi", "runs": [blown, _vi_run([-50, -40, -30], 1)]},
+        "autoreparam analytic": {"kind": "vi", "runs": [_vi_run([-20, -12, -11])]},
+    }}
+    harness.summarize(out)
+    mvn = out["methods"]["AutoMVN"]["summary"]
+    assert out["best_elbo_method"] == "autoreparam analytic" and out["best_elbo"] == -11
+    assert mvn["diverged"] == 1 and mvn["elbo"] is None  # median of -inf and -30
+    assert mvn["reached"] == 0 and mvn["elbo_max"] == -30
+    assert out["ratios"]["elbo_gain_analytic_vs_AutoMVN"] is None

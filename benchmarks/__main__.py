@@ -36,6 +36,8 @@ def parse(argv):
     p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/harness[_quick].json)")
     p.add_argument("--plots", type=Path, default=None, help="plot directory (default benchmarks/plots)")
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
+    p.add_argument("--rebuild", action="store_true",
+                   help="run nothing: rewrite the markdown and the plots from the existing results JSON")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -97,6 +99,16 @@ def main(argv=None) -> int:
 
     from .report import markdown, plots
 
+    out = ns.out or HERE / "results" / f"harness{'_quick' if ns.quick else ''}.json"
+    if ns.rebuild:
+        if not out.exists():
+            print(f"python -m benchmarks: --rebuild: no results file {out}; run the benchmark first",
+                  file=sys.stderr)
+            return 2
+        payload = json.loads(out.read_text())
+        publish(payload, out, ns, markdown, plots)
+        return 0
+
     t0 = time.perf_counter()
     machine = harness.machine_info()
     harness.log(f"{mode} run of {', '.join(ns.models)} on {machine.get('nproc')} CPUs ({machine.get('cpu')}), "
@@ -139,21 +151,26 @@ def main(argv=None) -> int:
         "models": results,
     }
     payload = harness._clean(payload)
+    publish(payload, out, ns, markdown, plots)
+    harness.log(f"total {total:.0f} s")
+    failed = [n for n, m in results.items() if "failed" in m]
+    return 1 if failed else 0
+
+
+def publish(payload, out, ns, markdown, plots) -> None:
+    """Write the results JSON, its markdown tables (also printed) and the plots."""
     text = markdown(payload)
     payload["report_markdown"] = text
-    out = ns.out or HERE / "results" / f"harness{'_quick' if ns.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=1) + "\n")
     out.with_suffix(".md").write_text(text + "\n")
     if not ns.no_plots:
         pdir = ns.plots or HERE / "plots"
         pdir.mkdir(parents=True, exist_ok=True)
-        for p in plots(payload, pdir, "_quick" if ns.quick else ""):
-            harness.log(f"wrote {p}")
+        for p in plots(payload, pdir, "_quick" if payload["mode"] == "quick" else ""):
+            print(f"wrote {p}", file=sys.stderr)
     print(text)
-    harness.log(f"wrote {out} ({total:.0f} s)")
-    failed = [n for n, m in results.items() if "failed" in m]
-    return 1 if failed else 0
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def model_table(m: dict) -> str:
                 SHORT[name], "-", "-", "-", "-", "-",
                 f"{c['mean_err_worst']:.2f} ({c['mean_err_worst_site']})", f(c["mean_err_median"]),
                 f"{c['sd_ratio_worst']:.2f} ({c['sd_ratio_worst_site']})", f(c["sd_ratio_median"]),
-                f"{r['min_ess_per_s']:.1f} ({r['min_ess_site']})", r["divergences"], f"{r['max_rhat']:.3f}"])
+                f"{r['min_ess_per_s']:.3g} ({r['min_ess_site']})", r["divergences"], f"{r['max_rhat']:.3f}"])
     return md_table(head, rows)
 
 
@@ -106,8 +106,8 @@ def headline_rows(results: dict) -> list:
             "-" if not ok or plain is None or plain["sd_ratio_worst"] is None else
             f"{plain['sd_ratio_worst']:.3f} -> {an['sd_ratio_worst']:.3f}",
             "-" if not ok else worst(an["mean_err_worst"], an["mean_err_worst_site"]),
-            "-" if not (nu and nr) else f"{nu['min_ess_per_s']:.1f} -> {nr['min_ess_per_s']:.1f}"
-                                        + ("" if ess_ratio is None else f" (x{ess_ratio:.2f})"),
+            "-" if not (nu and nr) else f"{nu['min_ess_per_s']:.3g} -> {nr['min_ess_per_s']:.3g}"
+                                        + ("" if ess_ratio is None else f" (x{ess_ratio:.3g})"),
             "-" if not (nu and nr) else f"{nu['divergences']} -> {nr['divergences']}",
         ])
     return rows

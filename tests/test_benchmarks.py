@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import harness  # noqa: E402
-from benchmarks.__main__ import partition  # noqa: E402
+from benchmarks.__main__ import main as bench_main, partition  # noqa: E402
 from benchmarks.models import MODELS, load_reference  # noqa: E402
 
 
@@ -35,13 +35,17 @@ def test_quick_run_has_every_model_and_method(quick_run):
         assert set(m["methods"]) == set(harness.METHODS), name
         for meth, r in m["methods"].items():
             if r["kind"] == "vi":
-                assert r["summary"]["elbo"] is not None and np.isfinite(r["summary"]["elbo"]), (name, meth)
+                s = r["summary"]
+                # A baseline guide may blow up (that is a result); the package's own may not.
+                assert (s["elbo"] is not None and np.isfinite(s["elbo"])) or (
+                    s["diverged"] == s["seeds"] and not meth.startswith("autoreparam")), (name, meth)
                 assert len(r["runs"][0]["checkpoints"]) == harness.CONFIGS["quick"]["checkpoints"]
                 assert set(r["summary"]["sites"]) == set(m["latent_sites"])
             else:
                 # 2 chains x 30 draws: the ESS estimate itself can come out negative; it must exist.
                 assert np.isfinite(r["min_ess"]) and r["divergences"] >= 0 and r["max_rhat"] is not None
-        assert m["best_elbo"] == max(r["summary"]["elbo"] for r in m["methods"].values() if r["kind"] == "vi")
+        assert m["best_elbo"] == max(r["summary"]["elbo"] for r in m["methods"].values()
+                                     if r["kind"] == "vi" and r["summary"]["elbo"] is not None)
     assert results["models"]["radon_mn"]["reference"]["kind"].startswith("inference_gym")
     assert results["models"]["eight_schools"]["reference"]["kind"].startswith("posteriordb")
 
@@ -54,6 +58,17 @@ def test_quick_run_writes_table_and_plots(quick_run):
     for plot in ("elbo_vs_steps_quick.png", "sd_ratio_per_site_quick.png"):
         data = (out / plot).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        (out / plot).unlink()
+    # --rebuild republishes the same tables and plots from the JSON alone.
+    assert bench_main(["--rebuild", "--out", str(out / "quick.json"), "--plots", str(out)]) == 0
+    assert (out / "quick.md").read_text() == md
+    assert all((out / plot).exists() for plot in ("elbo_vs_steps_quick.png", "sd_ratio_per_site_quick.png"))
+
+
+def test_rebuild_without_results_says_so(tmp_path, capsys):
+    assert bench_main(["--rebuild", "--out", str(tmp_path / "none.json")]) == 2
+    assert "none.json" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", [n for n, s in MODELS.items() if s.reference != "nuts"])

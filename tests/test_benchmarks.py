@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import harness  # noqa: E402
-from benchmarks.__main__ import main as bench_main, partition  # noqa: E402
+from benchmarks.__main__ import BEGIN, END, main as bench_main, partition, paste  # noqa: E402
 from benchmarks.models import MODELS, load_reference  # noqa: E402
 
 
@@ -142,3 +142,13 @@ def test_a_diverged_run_is_no_best_elbo_and_never_reaches():
     assert mvn["diverged"] == 1 and mvn["elbo"] is None  # median of -inf and -30
     assert mvn["reached"] == 0 and mvn["elbo_max"] == -30
     assert out["ratios"]["elbo_gain_analytic_vs_AutoMVN"] is None
+
+
+def test_paste_replaces_only_the_marked_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nprose\n{BEGIN}\nold table\n{END}\n\nmore prose\n")
+    assert paste(readme, "| new | table |\n")
+    assert readme.read_text() == f"# Title\n\nprose\n{BEGIN}\n| new | table |\n{END}\n\nmore prose\n"
+    plain = tmp_path / "OTHER.md"
+    plain.write_text("no markers\n")
+    assert not paste(plain, "x") and plain.read_text() == "no markers\n"

@@ -521,6 +521,16 @@ def test_compare_fits_both_models_alike(capsys, tmp_path, fake_fit):
     assert files(tmp_path) == ["cmp.png"]
 
 
+def test_compare_table_columns_line_up_with_long_site_names(capsys, fake_fit):
+    code, out, err = run(capsys, "compare", example("radon_mn"), "--steps", "3", "--no-progress")
+    assert code == 0, err
+    table = out.split("elements):\n", 1)[1].splitlines()
+    assert table[0].split()[0] == "site" and len(table) == 1 + len(fake_fit[0]["sites"])
+    ends = {len(line) for line in table}  # right-aligned columns: every row ends at the same column
+    assert len(ends) == 1, table
+    assert any(line.startswith("county_effect_scale ") for line in table)
+
+
 def test_compare_no_progress(capsys, fake_fit):
     code, out, err = run(capsys, "compare", example("eight_schools"), "--steps", "3", "--no-progress")
     assert code == 0, err

@@ -37,16 +37,17 @@ class Comparison:
 
     def table(self) -> str:
         orig, rep = self.fits
+        w = max([12] + [len(name) + 2 for name in orig.sites])
         lines = [f"SVI with {self.guide}, Adam, {self.steps} steps, same seed for both:", "",
                  f"{'':<16}{'ELBO':>22}{'time (s)':>11}",
                  f"{orig.label:<16}{orig.elbo:>12.2f} +- {orig.elbo_se:<7.2f}{orig.seconds:>11.1f}",
                  f"{rep.label:<16}{rep.elbo:>12.2f} +- {rep.elbo_se:<7.2f}{rep.seconds:>11.1f}", "",
                  "posterior per site (mean and sd averaged over the site's elements):",
-                 f"{'site':<12}{'mean orig':>12}{'mean reparam':>14}{'sd orig':>11}{'sd reparam':>12}{'sd ratio':>10}"]
+                 f"{'site':<{w}}{'mean orig':>12}{'mean reparam':>14}{'sd orig':>11}{'sd reparam':>12}{'sd ratio':>10}"]
         for name, (m0, s0) in orig.sites.items():
             m1, s1 = rep.sites[name]
             ratio = s1 / s0 if s0 > 0 else float("nan")
-            lines.append(f"{name:<12}{m0:>12.3f}{m1:>14.3f}{s0:>11.3f}{s1:>12.3f}{ratio:>10.2f}")
+            lines.append(f"{name:<{w}}{m0:>12.3f}{m1:>14.3f}{s0:>11.3f}{s1:>12.3f}{ratio:>10.2f}")
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:

@@ -33,7 +33,8 @@ def parse(argv):
                    help="models run in this many child processes at once (default: 2, or 1 on a 1-CPU "
                         "machine; 1 runs everything in this process). The methods of one model always share "
                         "a process, so their timings are comparable")
-    p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/harness[_quick].json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results JSON (default benchmarks/results/harness[_quick][_subset].json)")
     p.add_argument("--plots", type=Path, default=None, help="plot directory (default benchmarks/plots)")
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
     p.add_argument("--rebuild", action="store_true",
@@ -99,13 +100,20 @@ def main(argv=None) -> int:
 
     from .report import markdown, plots
 
-    out = ns.out or HERE / "results" / f"harness{'_quick' if ns.quick else ''}.json"
+    from .models import MODELS
+
+    # Only a run of every model is "the" result: a subset goes to its own file, never over it.
+    subset = set(ns.models) != set(MODELS)
+    out = ns.out or HERE / "results" / f"harness{'_quick' if ns.quick else ''}{'_subset' if subset else ''}.json"
     if ns.rebuild:
         if not out.exists():
             print(f"python -m benchmarks: --rebuild: no results file {out}; run the benchmark first",
                   file=sys.stderr)
             return 2
         payload = json.loads(out.read_text())
+        for m in payload["models"].values():  # the summaries again, with this version's definitions
+            if "failed" not in m:
+                harness.summarize(m)
         publish(payload, out, ns, markdown, plots)
         return 0
 
@@ -158,20 +166,29 @@ def main(argv=None) -> int:
 
 
 def publish(payload, out, ns, markdown, plots) -> None:
-    """Write the results JSON, its markdown tables (also printed) and the plots."""
+    """Write the results JSON, its markdown tables (also printed) and the plots; after a complete full
+    run with the default ``--out``, paste the tables into the READMEs.
+
+    The JSON is written first, so that a bug in the formatting cannot lose a long run; ``--rebuild``
+    then republishes it."""
+    from .models import MODELS
+
+    suffix = ("_quick" if payload["mode"] == "quick" else "") + ("" if set(payload["models"]) == set(MODELS) else "_subset")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1) + "\n")
     text = markdown(payload)
     payload["report_markdown"] = text
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=1) + "\n")
     out.with_suffix(".md").write_text(text + "\n")
     if not ns.no_plots:
         pdir = ns.plots or HERE / "plots"
         pdir.mkdir(parents=True, exist_ok=True)
-        for p in plots(payload, pdir, "_quick" if payload["mode"] == "quick" else ""):
+        for p in plots(payload, pdir, suffix):
             print(f"wrote {p}", file=sys.stderr)
     print(text)
     print(f"wrote {out}", file=sys.stderr)
-    if payload["mode"] == "full" and ns.out is None:
+    complete = all(name in payload["models"] and "failed" not in payload["models"][name] for name in MODELS)
+    if payload["mode"] == "full" and ns.out is None and complete:
         summary = text.split("### Summary\n\n", 1)[1].split("\n\n", 1)[0]
         for readme, block in ((HERE / "README.md", text.replace("### ", "#### ")),
                               (HERE.parent / "README.md", summary)):
@@ -188,6 +205,8 @@ def paste(path: Path, block: str) -> bool:
     if BEGIN not in text or END not in text:
         return False
     head, rest = text.split(BEGIN, 1)
+    if END not in rest:  # the end marker stands before the begin marker: leave the file alone
+        return False
     tail = rest.split(END, 1)[1]
     path.write_text(f"{head}{BEGIN}\n{block.strip()}\n{END}{tail}")
     return True

@@ -47,7 +47,7 @@ from .machine import machine_info as base_machine_info
 from .models import MODELS, ModelSpec, load_reference
 
 LR = 1e-2
-NAT = 1.0  # "reached" = within this many nats of the best ELBO of the model
+NAT = 1.0  # "reached" = within this many nats of the best ELBO of the model, and staying there
 # A run whose final ELBO estimate is not finite, or so noisy that its standard error exceeds this
 # many nats, has diverged (a guide that blew up in float32): its ELBO and moments mean nothing.
 DIVERGED_SE = 1000.0
@@ -503,8 +503,11 @@ def summarize(out: dict) -> None:
             r["reach_step"], r["reach_seconds"] = None, None
             if best is None or not ok(r):
                 continue
-            for step, secs, e, _ in r["checkpoints"]:
-                if e is not None and np.isfinite(e) and e >= best - NAT:
+            # Reached = the first checkpoint from which the ELBO stays within NAT of the best to the
+            # end: optimizer jitter (tens of nats on the large tensor model) must not count a lucky one.
+            within = [e is not None and np.isfinite(e) and e >= best - NAT for _, _, e, _ in r["checkpoints"]]
+            for i, (step, secs, _, _) in enumerate(r["checkpoints"]):
+                if all(within[i:]):
                     r["reach_step"], r["reach_seconds"] = step, secs
                     break
         n = len(v["runs"])

@@ -152,3 +152,9 @@ def test_paste_replaces_only_the_marked_block(tmp_path):
     plain = tmp_path / "OTHER.md"
     plain.write_text("no markers\n")
     assert not paste(plain, "x") and plain.read_text() == "no markers\n"
+
+
+def test_a_lucky_checkpoint_is_not_reached_unless_the_elbo_stays():
+    out = {"methods": {"autoreparam analytic": {"kind": "vi", "runs": [_vi_run([-10.5, -15, -10.2, -10])]}}}
+    harness.summarize(out)
+    assert out["methods"]["autoreparam analytic"]["summary"]["reach_step"] == 300

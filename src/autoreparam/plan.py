@@ -527,9 +527,10 @@ class _Curvature:
         At a MAP point the hyperparameters sit at their prior median, which for a vague prior
         (``Uniform(0, 100)`` on a scale) is far too wide and would call every element data-dominated.
         There the prior scale is first rescaled by the method-of-moments estimate
-        ``k^2 = mean_j [e_j^2 - 1 / d_j] / scale_j^2`` over the elements with data curvature ``d_j > 0``,
-        where ``e_j`` is ``a_j - loc_j`` less its mean (the deviations of nearly unpooled estimates
-        include their sampling variance ``1/d_j``).
+        ``k^2 = mean_j max(e_j^2 - 1 / d_j, 0) / scale_j^2`` over the elements with data curvature
+        ``d_j > 0``, where ``e_j`` is ``a_j - loc_j`` less its mean over the site (the deviations of
+        nearly unpooled estimates include their sampling variance ``1/d_j``). Taking each element's
+        positive part errs towards a wider scale, i.e. towards leaving elements centred.
         """
         site = self.mt.sites[name]
         n_batch = int(np.prod(site.batch_shape, dtype=np.int64))

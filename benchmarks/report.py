@@ -161,6 +161,8 @@ def markdown(results: dict) -> str:
     say("mean err = |mean - reference mean| / reference sd; sd ratio = sd / reference sd; per site the median "
         "over its elements, then the worst site (largest mean error; sd ratio furthest from 1 on a log scale) "
         "and the median over sites. 1 is perfect for the sd ratio, 0 for the mean error.\n")
+    for note in results.get("notes", []):
+        say(f"Note: {note}\n")
     say("### Summary\n")
     say(md_table(HEADLINE_HEAD, headline_rows(results)) + "\n")
     for name, m in results["models"].items():

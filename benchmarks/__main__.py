@@ -158,7 +158,7 @@ def main(argv=None) -> int:
         "machine": machine, "total_seconds": total, "cpu_seconds": harness.cpu_seconds(),
         "models": results,
     }
-    payload = harness._clean(payload)
+    payload = harness.json_safe(payload)
     publish(payload, out, ns, markdown, plots)
     harness.log(f"total {total:.0f} s")
     failed = [n for n, m in results.items() if "failed" in m]

@@ -73,6 +73,7 @@ from numpyro.infer.autoguide import (  # noqa: E402
 )
 
 import autoreparam  # noqa: E402
+from machine import json_safe  # noqa: E402  (benchmarks/machine.py)
 import eight_schools  # noqa: E402
 import tensor_model  # noqa: E402
 from bench_analysis import machine_info  # noqa: E402
@@ -761,17 +762,6 @@ def main(argv=None) -> int:
     print()
     print(report)
 
-    def clean(o):
-        if isinstance(o, dict):
-            return {str(k): clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, (np.floating, np.integer, np.bool_)):
-            return o.item()
-        return o
-
     nuts_json = {k: {kk: vv for kk, vv in v.items() if kk != "draws"} for k, v in
                  [("original", ref), ("reparameterized", rnuts)]}
     payload = {
@@ -788,7 +778,7 @@ def main(argv=None) -> int:
         "report_markdown": report,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(clean(payload), indent=1) + "\n")
+    out_path.write_text(json.dumps(json_safe(payload), indent=1) + "\n")
     log(f"wrote {out_path.relative_to(ROOT) if out_path.is_relative_to(ROOT) else out_path} ({total:.0f} s)")
     return 0
 

@@ -43,7 +43,7 @@ from numpyro.infer.reparam import LocScaleReparam
 import autoreparam
 from autoreparam.plan import build_plan
 
-from .machine import machine_info as base_machine_info
+from .machine import json_safe, machine_info as base_machine_info
 from .models import MODELS, ModelSpec, load_reference
 
 LR = 1e-2
@@ -270,10 +270,7 @@ class VIMethod:
         t0 = time.perf_counter()
         self.state0 = state0 = self.svi.init(jax.random.PRNGKey(0), *args, **kwargs)  # = seed 0's start
         key = jax.random.PRNGKey(0)
-        if not cfg.get("jit", True):
-            self.run_chunk = run_chunk
-        else:
-            self.run_chunk = jax.jit(run_chunk).lower(state0, key).compile()
+        self.run_chunk = jax.jit(run_chunk).lower(state0, key).compile()
         if not fused:
             params0 = self.svi.get_params(state0)
             self.elbo_fn = jax.jit(elbo_particles).lower(params0, key).compile()
@@ -579,25 +576,10 @@ def summarize(out: dict) -> None:
     out["ratios"] = ratios
 
 
-def _clean(o):
-    if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return _clean(o.tolist())
-    if isinstance(o, (np.floating, float)):
-        v = float(o)
-        return v if np.isfinite(v) else None
-    if isinstance(o, (np.integer, np.bool_)):
-        return o.item()
-    return o
-
-
 def run_one(name: str, mode: str) -> dict:
     """``run_model`` with a failure recorded instead of raised."""
     try:
-        return _clean(run_model(MODELS[name], mode))
+        return json_safe(run_model(MODELS[name], mode))
     except Exception as exc:
         res = {"name": name, "failed": _error(exc), "traceback": traceback.format_exc()}
         log(f"{name}: FAILED\n{res['traceback']}")

@@ -1,5 +1,6 @@
-"""The machine a benchmark ran on, for its results file (standard library only, so that
-``bench_analysis.py`` can call it before importing jax)."""
+"""What every benchmark's results file needs: the machine it ran on, and JSON-safe values.
+
+No jax here, so that ``bench_analysis.py`` can call it before importing jax."""
 
 from __future__ import annotations
 
@@ -37,3 +38,21 @@ def machine_info() -> dict:
     except OSError:
         pass
     return info
+
+
+def json_safe(o):
+    """``o`` with numpy arrays and scalars as plain Python values and non-finite floats as None."""
+    import numpy as np
+
+    if isinstance(o, dict):
+        return {str(k): json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return json_safe(o.tolist())
+    if isinstance(o, (np.floating, float)):
+        v = float(o)
+        return v if np.isfinite(v) else None
+    if isinstance(o, (np.integer, np.bool_)):
+        return o.item()
+    return o

@@ -479,6 +479,14 @@ class _Curvature:
         grad = jax.grad(neg_log_joint)
         self._hvp = jax.jit(lambda t: jax.jvp(grad, (self.point,), (t,))[1])
 
+    @functools.cached_property
+    def _trace_at_point(self):
+        """The model traced at the curvature point (once, for every funnel's loc and scale)."""
+        from numpyro import handlers
+
+        model = handlers.substitute(handlers.seed(self.mt.model, 0), data=self.values)
+        return handlers.trace(model).get_trace(*self.mt.args, **self.mt.kwargs)
+
     def hvp(self, tangent: dict[str, Any]) -> dict[str, np.ndarray]:
         full = {n: jnp.asarray(tangent[n], dtype=self.point[n].dtype).reshape(self.point[n].shape)
                 if n in tangent else jnp.zeros_like(self.point[n]) for n in self.names}
@@ -528,7 +536,7 @@ class _Curvature:
         (``Uniform(0, 100)`` on a scale) is far too wide and would call every element data-dominated.
         There the prior scale is first rescaled by the method-of-moments estimate
         ``k^2 = mean_j max(e_j^2 - 1 / d_j, 0) / scale_j^2`` over the elements with data curvature
-        ``d_j > 0``, where ``e_j`` is ``a_j - loc_j`` less its mean over the site (the deviations of
+        ``d_j > 0``, where ``e_j`` is ``a_j - loc_j`` less its mean over those elements (the deviations of
         nearly unpooled estimates include their sampling variance ``1/d_j``). Taking each element's
         positive part errs towards a wider scale, i.e. towards leaving elements centred.
         """
@@ -536,24 +544,24 @@ class _Curvature:
         n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
         ones = np.ones(site.shape)
         total = self._batch_reduce(name, self.hvp({name: ones})[name])
-        from numpyro import handlers
         from .trace import unwrap_distribution
 
-        tr = handlers.trace(handlers.substitute(handlers.seed(self.mt.model, 0), data=self.values)).get_trace(
-            *self.mt.args, **self.mt.kwargs)
-        fn = unwrap_distribution(tr[name]["fn"])
+        fn = unwrap_distribution(self._trace_at_point[name]["fn"])
         scale = np.broadcast_to(np.asarray(fn.scale, dtype=np.float64), site.shape)
         prior = self._batch_reduce(name, 1.0 / scale**2)
         if self.at_map:
             data = total - prior
             event = int(np.prod(site.shape, dtype=np.int64)) // max(n_batch, 1)
-            # Deviations from their mean: the MAP leaves a loc that the vague scale barely informs
-            # (a grand mean near its own prior) off by a common shift.
-            dev = np.asarray(self.point[name], np.float64) - np.broadcast_to(np.asarray(fn.loc, np.float64),
-                                                                            site.shape)
-            dev2 = self._batch_reduce(name, (dev - dev.mean()) ** 2 if dev.size > 1 else dev**2)
-            s2 = self._batch_reduce(name, scale**2) / event
             informed = data > 0
+            # Deviations from their mean over the informed elements, per event coordinate: the MAP
+            # leaves a loc that the vague scale barely informs (a grand mean near its own prior)
+            # off by a common shift, and elements without data sit at their loc.
+            dev = (np.asarray(self.point[name], np.float64)
+                   - np.broadcast_to(np.asarray(fn.loc, np.float64), site.shape)).reshape(n_batch, event)
+            if informed.sum() > 1:
+                dev = dev - dev[informed].mean(axis=0)
+            dev2 = (dev**2).sum(axis=1)
+            s2 = self._batch_reduce(name, scale**2) / event
             if informed.any():
                 r = (dev2[informed] / event - event / data[informed]) / s2[informed]
                 k2 = float(np.clip(np.mean(np.maximum(r, 0.0)), 1e-4, 1e4))

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import inspect
 import json
 import os
+import signal
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Sequence
 
 from .errors import AutoreparamError, InputError
-from .files import write_atomic
+from .files import backup_copy, write_atomic
 from .trace import describe_exception
 
 __all__ = ["main", "load_model", "model_inputs"]
@@ -76,14 +79,14 @@ def model_inputs(module, path: str, args_expr: str | None) -> tuple[tuple, dict]
     if args_expr is not None:
         try:
             value = eval(args_expr, vars(module))  # noqa: S307 - the user's own expression, by design
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise InputError(f"--args {args_expr!r}: evaluating it in {path} raised "
                              f"{describe_exception(exc)}") from exc
         source = f"--args {args_expr!r}"
     elif callable(getattr(module, "model_args", None)):
         try:
             value = module.model_args()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise InputError(f"{path}: model_args() raised {describe_exception(exc)}") from exc
         source = f"{path}: model_args()"
         if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], (tuple, list))
@@ -136,10 +139,38 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser (and, through ``add_subparsers``, its subcommands) whose usage errors are
+    two lines: a short usage line and the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.short_usage()}\nautoreparam: error: {' '.join(message.split())}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # argparse leaves a subcommand's unknown options to the top parser; blame the subcommand
+            commands = self._commands()
+            parser = commands.choices.get(getattr(parsed, "command", None), self) if commands else self
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def _commands(self):
+        return next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+    def short_usage(self) -> str:
+        commands = self._commands()
+        if commands:
+            what = "{" + ",".join(commands.choices) + "} ..."
+        else:
+            positionals = [a.metavar or a.dest.upper() for a in self._actions if not a.option_strings]
+            what = " ".join(positionals + ["[options]"])
+        return f"usage: {self.prog} {what} (see {self.prog} --help)"
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="autoreparam", description="Find the likelihood-invariant directions of a NumPyro model "
         "and reparameterize it.", epilog="\n".join(EXAMPLES.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,8 +205,70 @@ def _fail(exc: BaseException, debug: bool, code: int = 2) -> int:
         import traceback
 
         traceback.print_exception(exc.__cause__ or exc)
-    print(f"autoreparam: error: {exc}", file=sys.stderr)
+    print(f"autoreparam: error: {_one_line(str(exc))}", file=sys.stderr)
     return code
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+class _Run:
+    """What the command is doing now, what it has written, and whether Ctrl-C was pressed.
+
+    ``interrupted`` records a Ctrl-C even when something swallowed its KeyboardInterrupt: JAX
+    registers a garbage-collection callback, and an exception raised inside a gc callback (or a
+    ``__del__``) is only printed as "Exception ignored"; a C extension being imported turns it into
+    an ImportError. The run checks the flag before each output, so it still stops writing nothing.
+    """
+
+    def __init__(self):
+        self.stage = "starting"
+        self.interrupted = False
+        self.written: list[str] = []
+
+    def enter(self, stage: str) -> None:
+        """Stop here if Ctrl-C was pressed; else note what the command does next."""
+        self.check()
+        self.stage = stage
+
+    def check(self) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+
+    def interrupted_exit(self) -> int:
+        done = f"; already written: {', '.join(self.written)}" if self.written else "; nothing written"
+        print(f"autoreparam: interrupted (Ctrl-C) while {self.stage}{done}", file=sys.stderr)
+        return 130
+
+
+@contextlib.contextmanager
+def _watching_interrupts(run: _Run):
+    """Record every Ctrl-C in ``run``, even one that user or library code swallows."""
+
+    def on_sigint(signum, frame):
+        run.interrupted = True
+        raise KeyboardInterrupt
+
+    previous_hook = sys.unraisablehook
+
+    def on_unraisable(info):
+        if isinstance(info.exc_value, KeyboardInterrupt):  # swallowed in a gc callback or __del__
+            run.interrupted = True
+            return  # reported as one line when the run stops
+        previous_hook(info)
+
+    handler = None
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if SIGINT is ignored
+        handler = signal.signal(signal.SIGINT, on_sigint)
+    sys.unraisablehook = on_unraisable
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
 
 
 def _check_writable(path: str, option: str) -> None:
@@ -198,10 +291,15 @@ def _write_error(exc: OSError) -> InputError:
     return err
 
 
-def _load(args):
+def _load(args, run: _Run):
     """Module, model and inputs from the command line; InputError on anything wrong."""
+    run.enter(f"importing {args.file}")
     module = load_module(args.file)
     model = load_model(module, args.file, args.model)
+    if args.args_expr is not None:
+        run.enter(f"evaluating --args {args.args_expr!r}")
+    elif callable(getattr(module, "model_args", None)):
+        run.enter(f"running model_args() in {args.file}")
     margs, mkwargs = model_inputs(module, args.file, args.args_expr)
     return module, model, margs, mkwargs
 
@@ -210,44 +308,72 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code.
 
     0 success; 1 the analysis found what ``--fail-on-invariance`` asked to fail on;
-    2 usage or input error (including a model that cannot be run or analysed on its inputs).
+    2 usage or input error (including a model that cannot be run or analysed on its inputs, and
+    user code that calls ``sys.exit``); 130 Ctrl-C. Errors are one line on stderr.
     """
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # --help, --version and usage errors
-        return exc.code if isinstance(exc.code, int) else 2
-    if args.command == "compare":
-        return _compare(args)
-    try:
-        _check_analyze_options(args)
-    except AutoreparamError as exc:
-        return _fail(exc, args.debug)
+    run = _Run()
+    debug = False
+    with _watching_interrupts(run):
+        try:
+            try:
+                args = _parser().parse_args(argv)
+            except SystemExit as exc:  # --help, --version and usage errors
+                return exc.code if isinstance(exc.code, int) else 2
+            debug = args.debug
+            code = _compare(args, run) if args.command == "compare" else _analyze(args, run)
+            run.check()
+            return code
+        except KeyboardInterrupt:
+            return run.interrupted_exit()
+        except SystemExit as exc:  # user code exited where no narrower handler names it
+            if run.interrupted:
+                return run.interrupted_exit()
+            return _fail(InputError(f"{describe_exception(exc)} raised while {run.stage}"), debug)
+        except AutoreparamError as exc:
+            if run.interrupted:
+                return run.interrupted_exit()
+            return _fail(exc, debug)
+        except OSError as exc:
+            if run.interrupted:
+                return run.interrupted_exit()
+            return _fail(_write_error(exc), debug)
+        except Exception:
+            if run.interrupted:  # e.g. an import that turned Ctrl-C into an ImportError
+                return run.interrupted_exit()
+            raise
+
+
+def _analyze(args, run: _Run) -> int:
+    _check_analyze_options(args)
     if args.emit == "source":
-        already = _already_emitted(args)
+        already = _already_emitted(args, run)
         if already is not None:
             return already
+    run.enter("importing autoreparam's analysis")
     from .analysis import analyze
 
+    module, model, margs, mkwargs = _load(args, run)
+    run.enter(f"analysing the model in {args.file}")
     try:
-        module, model, margs, mkwargs = _load(args)
-        try:
-            report = analyze(model, *margs, **mkwargs)
-        except AutoreparamError as exc:
-            raise InputError(f"{args.file}: {exc} [called with {_inputs_source(module, args.file, args.args_expr)}]") \
-                from exc
+        report = analyze(model, *margs, **mkwargs)
         plan = report.plan
-        emitted = _emit_text(args, model, plan) if args.emit else None
-        if args.graph:
-            from .draw import draw_graph
-
-            draw_graph(report, args.graph)
-        if emitted is not None:
-            _write_emitted(args, emitted)
     except AutoreparamError as exc:
-        return _fail(exc, args.debug)
-    except OSError as exc:
-        return _fail(_write_error(exc), args.debug)
+        raise InputError(f"{args.file}: {exc} [called with {_inputs_source(module, args.file, args.args_expr)}]") \
+            from exc
+    except SystemExit as exc:
+        raise InputError(f"{args.file}: the model raised {describe_exception(exc)} during the analysis "
+                         f"[called with {_inputs_source(module, args.file, args.args_expr)}]") from exc
+    emitted = _emit_text(args, model, plan) if args.emit else None
+    if args.graph:
+        from .draw import draw_graph
+
+        run.enter(f"writing {args.graph}")
+        draw_graph(report, args.graph)
+        run.written.append(str(args.graph))
+    if emitted is not None:
+        _write_emitted(args, emitted, run)
     if not args.emit:
+        run.enter("printing the report")
         try:
             if args.json:
                 json.dump({**report.to_json(), "plan": plan.to_json()}, sys.stdout, indent=2)
@@ -286,33 +412,37 @@ def _check_analyze_options(args) -> None:
         _check_writable(args.graph, "--graph")
     if args.output:
         _check_writable(args.output, "-o")
+    if args.in_place and Path(args.file).is_file():  # a missing FILE is reported when loading it
+        _check_writable(os.path.realpath(args.file), "--in-place")
 
 
-def _compare(args) -> int:
+def _compare(args, run: _Run) -> int:
     from .compare import compare
 
+    if args.plot:
+        if Path(args.plot).suffix.lower() not in (".png", ".svg"):
+            raise InputError(f"--plot {args.plot}: expected a file ending in .png or .svg")
+        _check_writable(args.plot, "--plot")
+    module, model, margs, mkwargs = _load(args, run)
+    run.enter(f"comparing SVI fits of the model in {args.file}")
     try:
-        if args.plot:
-            if Path(args.plot).suffix.lower() not in (".png", ".svg"):
-                raise InputError(f"--plot {args.plot}: expected a file ending in .png or .svg")
-            _check_writable(args.plot, "--plot")
-        module, model, margs, mkwargs = _load(args)
-        try:
-            result = compare(model, margs, mkwargs, steps=args.steps, guide=args.guide,
-                             progress=not args.no_progress)
-        except InputError:
-            raise
-        except AutoreparamError as exc:
-            raise InputError(f"{args.file}: {exc} [called with {_inputs_source(module, args.file, args.args_expr)}]") \
-                from exc
-        print(result.table())
-        if args.plot:
-            result.plot(args.plot)
-            print(f"\nplot written to {args.plot}")
+        result = compare(model, margs, mkwargs, steps=args.steps, guide=args.guide,
+                         progress=not args.no_progress)
+    except InputError:
+        raise
     except AutoreparamError as exc:
-        return _fail(exc, args.debug)
-    except OSError as exc:
-        return _fail(_write_error(exc), args.debug)
+        raise InputError(f"{args.file}: {exc} [called with {_inputs_source(module, args.file, args.args_expr)}]") \
+            from exc
+    except SystemExit as exc:
+        raise InputError(f"{args.file}: the model raised {describe_exception(exc)} during compare "
+                         f"[called with {_inputs_source(module, args.file, args.args_expr)}]") from exc
+    run.enter("printing the comparison")
+    print(result.table())
+    if args.plot:
+        run.enter(f"writing {args.plot}")
+        result.plot(args.plot)
+        run.written.append(str(args.plot))
+        print(f"\nplot written to {args.plot}")
     return 0
 
 
@@ -320,7 +450,7 @@ def _read_source(path: Path) -> str:
     return path.read_bytes().decode("utf-8")  # no newline translation: CRLF files round-trip
 
 
-def _already_emitted(args) -> int | None:
+def _already_emitted(args, run: _Run) -> int | None:
     """Exit code for a FILE that autoreparam already rewrote (nothing to do), else None."""
     from .emit import MARKER
 
@@ -336,7 +466,9 @@ def _already_emitted(args) -> int | None:
     if not args.in_place and not args.output:
         sys.stdout.write(source)
     elif args.output and Path(args.output).resolve() != path.resolve():
+        run.enter(f"writing {args.output}")
         write_atomic(Path(args.output), source)
+        run.written.append(str(args.output))
     return 0
 
 
@@ -358,15 +490,32 @@ def _emit_text(args, model, plan) -> str:
     return text
 
 
-def _write_emitted(args, text: str) -> None:
-    source_path = Path(args.file)
+def _write_emitted(args, text: str, run: _Run) -> None:
     if args.in_place:
-        write_atomic(source_path.with_name(source_path.name + ".bak"), _read_source(source_path))
-        write_atomic(source_path, text)
+        run.enter(f"rewriting {args.file}")
+        _rewrite_in_place(Path(args.file), text)
+        run.written.append(str(args.file))
     elif args.output:
+        run.enter(f"writing {args.output}")
         write_atomic(Path(args.output), text)
+        run.written.append(str(args.output))
     else:
+        run.enter("printing the emitted code")
         sys.stdout.write(text)
+
+
+def _rewrite_in_place(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically, first copying it to a backup name no file has.
+
+    If the rewrite fails (or is interrupted) the original is intact and the backup is removed.
+    """
+    backup = backup_copy(path)
+    try:
+        write_atomic(path, text)
+    except BaseException:
+        backup.unlink(missing_ok=True)
+        raise
+    print(f"autoreparam: rewrote {path}; the original is kept in {backup}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import errno
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -192,6 +194,43 @@ def test_ctrl_c_swallowed_in_the_model_stops_before_printing(capsys, workdir):
     assert code == 130, err
     assert out == ""
     one_line(err, "autoreparam: interrupted (Ctrl-C) while analysing the model in ", "nothing written")
+
+
+# Ctrl-C while JAX is being imported, as a user pressing it right after starting the command: the
+# signal is raised from a gc callback once JAX's import has begun (the callback then removes itself).
+PRESS_CTRL_C_DURING_JAX_IMPORT = """
+import gc, signal, sys
+
+def press(phase, info):
+    if phase == "stop" and "jax" in sys.modules:
+        gc.callbacks.remove(press)
+        signal.raise_signal(signal.SIGINT)
+
+gc.callbacks.append(press)
+from autoreparam.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_while_jax_is_imported_stops_the_command(workdir):
+    path = workdir / "m.py"
+    path.write_text(tiny())
+    target = workdir / "out" / "cfg.py"
+    proc = subprocess.run([sys.executable, "-c", PRESS_CTRL_C_DURING_JAX_IMPORT, "analyze", str(path),
+                           "--emit", "config", "-o", str(target)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stdout == ""
+    one_line(proc.stderr, "autoreparam: interrupted (Ctrl-C) while loading JAX", "nothing written")
+    assert files(workdir / "out") == []
+
+
+def test_importing_the_command_line_does_not_import_jax():
+    """So that main() watches for Ctrl-C before JAX's import starts."""
+    code = "import sys, autoreparam.cli; print(sorted(m for m in ('jax', 'numpyro') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 def _interrupt_replacing(monkeypatch, name, exc):

@@ -1,12 +1,35 @@
 """autoreparam: find the likelihood-invariant directions of a NumPyro model and reparameterize it."""
 
-from .analysis import analyze
-from .emit import EmitResult, emit_config, emit_source
-from .errors import AutoreparamError, InputError, ModelError
-from .plan import Offset, Plan, PlanError, SitePlan
-from .reparam import ConditionalOffsetReparam, auto, record_values, reparameterize
-from .report import Funnel, Invariance, Report, Term
-from .trace import Plate, Site
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING
+
+# The public names are imported on first use, so that ``import autoreparam.cli`` does not import
+# JAX: the command line must be watching for Ctrl-C before JAX's import starts (a KeyboardInterrupt
+# that lands in JAX's garbage-collection callback is only printed as "Exception ignored", and the
+# run would go on to write its output).
+_EXPORTS = {
+    "analyze": "analysis",
+    "emit_source": "emit", "emit_config": "emit", "EmitResult": "emit",
+    "AutoreparamError": "errors", "InputError": "errors", "ModelError": "errors",
+    "Offset": "plan", "Plan": "plan", "PlanError": "plan", "SitePlan": "plan",
+    "ConditionalOffsetReparam": "reparam", "auto": "reparam", "record_values": "reparam",
+    "reparameterize": "reparam",
+    "Funnel": "report", "Invariance": "report", "Report": "report", "Term": "report",
+    "Plate": "trace", "Site": "trace",
+}
+_SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__))
+
+if TYPE_CHECKING:
+    from .analysis import analyze
+    from .emit import EmitResult, emit_config, emit_source
+    from .errors import AutoreparamError, InputError, ModelError
+    from .plan import Offset, Plan, PlanError, SitePlan
+    from .reparam import ConditionalOffsetReparam, auto, record_values, reparameterize
+    from .report import Funnel, Invariance, Report, Term
+    from .trace import Plate, Site
 
 __all__ = [
     "analyze",
@@ -32,3 +55,17 @@ __all__ = [
     "Term",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

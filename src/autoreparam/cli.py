@@ -17,9 +17,14 @@ from typing import Sequence
 
 from .errors import AutoreparamError, InputError
 from .files import backup_copy, write_atomic
-from .trace import describe_exception
 
 __all__ = ["main", "load_model", "model_inputs"]
+
+
+def _describe(exc: BaseException) -> str:
+    from .trace import describe_exception  # imports JAX: not at the top (see main)
+
+    return describe_exception(exc)
 
 
 def load_module(path: str):
@@ -41,7 +46,7 @@ def load_module(path: str):
         raise InputError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from exc
     except (Exception, SystemExit) as exc:
         sys.modules.pop(name, None)
-        raise InputError(f"{path}: importing it raised {describe_exception(exc)}") from exc
+        raise InputError(f"{path}: importing it raised {_describe(exc)}") from exc
     finally:
         sys.path.remove(str(file.parent.resolve()))
     return module
@@ -81,13 +86,13 @@ def model_inputs(module, path: str, args_expr: str | None) -> tuple[tuple, dict]
             value = eval(args_expr, vars(module))  # noqa: S307 - the user's own expression, by design
         except (Exception, SystemExit) as exc:
             raise InputError(f"--args {args_expr!r}: evaluating it in {path} raised "
-                             f"{describe_exception(exc)}") from exc
+                             f"{_describe(exc)}") from exc
         source = f"--args {args_expr!r}"
     elif callable(getattr(module, "model_args", None)):
         try:
             value = module.model_args()
         except (Exception, SystemExit) as exc:
-            raise InputError(f"{path}: model_args() raised {describe_exception(exc)}") from exc
+            raise InputError(f"{path}: model_args() raised {_describe(exc)}") from exc
         source = f"{path}: model_args()"
         if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], (tuple, list))
                 and isinstance(value[1], dict)):
@@ -225,6 +230,7 @@ class _Run:
     def __init__(self):
         self.stage = "starting"
         self.interrupted = False
+        self.deferring = False  # while JAX is imported: a KeyboardInterrupt there can crash it
         self.written: list[str] = []
 
     def enter(self, stage: str) -> None:
@@ -247,6 +253,9 @@ def _watching_interrupts(run: _Run):
     """Record every Ctrl-C in ``run``, even one that user or library code swallows."""
 
     def on_sigint(signum, frame):
+        if run.deferring and not run.interrupted:  # the run stops once the import is done
+            run.interrupted = True
+            return
         run.interrupted = True
         raise KeyboardInterrupt
 
@@ -304,6 +313,21 @@ def _load(args, run: _Run):
     return module, model, margs, mkwargs
 
 
+def _import_analysis(run: _Run) -> None:
+    """Import JAX, NumPyro and the analysis with Ctrl-C deferred to the end of the import.
+
+    A KeyboardInterrupt raised inside JAX's import is swallowed by its gc callback, turned into an
+    ImportError by a C extension, or crashes it; a second Ctrl-C still interrupts at once.
+    """
+    run.enter("loading JAX and autoreparam")
+    run.deferring = True
+    try:
+        from . import analysis, compare  # noqa: F401
+    finally:
+        run.deferring = False
+    run.check()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code.
 
@@ -328,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:  # user code exited where no narrower handler names it
             if run.interrupted:
                 return run.interrupted_exit()
-            return _fail(InputError(f"{describe_exception(exc)} raised while {run.stage}"), debug)
+            return _fail(InputError(f"{_describe(exc)} raised while {run.stage}"), debug)
         except AutoreparamError as exc:
             if run.interrupted:
                 return run.interrupted_exit()
@@ -345,11 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _analyze(args, run: _Run) -> int:
     _check_analyze_options(args)
+    _import_analysis(run)
     if args.emit == "source":
         already = _already_emitted(args, run)
         if already is not None:
             return already
-    run.enter("importing autoreparam's analysis")
     from .analysis import analyze
 
     module, model, margs, mkwargs = _load(args, run)
@@ -361,7 +385,7 @@ def _analyze(args, run: _Run) -> int:
         raise InputError(f"{args.file}: {exc} [called with {_inputs_source(module, args.file, args.args_expr)}]") \
             from exc
     except SystemExit as exc:
-        raise InputError(f"{args.file}: the model raised {describe_exception(exc)} during the analysis "
+        raise InputError(f"{args.file}: the model raised {_describe(exc)} during the analysis "
                          f"[called with {_inputs_source(module, args.file, args.args_expr)}]") from exc
     emitted = _emit_text(args, model, plan) if args.emit else None
     if args.graph:
@@ -417,12 +441,13 @@ def _check_analyze_options(args) -> None:
 
 
 def _compare(args, run: _Run) -> int:
-    from .compare import compare
-
     if args.plot:
         if Path(args.plot).suffix.lower() not in (".png", ".svg"):
             raise InputError(f"--plot {args.plot}: expected a file ending in .png or .svg")
         _check_writable(args.plot, "--plot")
+    _import_analysis(run)
+    from .compare import compare
+
     module, model, margs, mkwargs = _load(args, run)
     run.enter(f"comparing SVI fits of the model in {args.file}")
     try:
@@ -434,7 +459,7 @@ def _compare(args, run: _Run) -> int:
         raise InputError(f"{args.file}: {exc} [called with {_inputs_source(module, args.file, args.args_expr)}]") \
             from exc
     except SystemExit as exc:
-        raise InputError(f"{args.file}: the model raised {describe_exception(exc)} during compare "
+        raise InputError(f"{args.file}: the model raised {_describe(exc)} during compare "
                          f"[called with {_inputs_source(module, args.file, args.args_expr)}]") from exc
     run.enter("printing the comparison")
     print(result.table())

@@ -90,7 +90,7 @@ def outputs(command, workdir):
 
 EXITS = {
     # case: (file contents, extra argv, fragments of the error line)
-    "args_exit": (tiny(), ["--args", "exit()"], ["--args 'exit()'", "SystemExit"]),
+    "args_exit": (tiny(), ["--args", "exit()"], ["--args 'exit()': evaluating it in ", "m.py raised SystemExit"]),
     "args_exit_0": (tiny(), ["--args", "exit(0)"], ["--args 'exit(0)'", "SystemExit: 0"]),
     "args_exit_5": (tiny(), ["--args", "exit(5)"], ["--args 'exit(5)'", "SystemExit: 5"]),
     "model_args_exit_0": (tiny(in_model_args="sys.exit(0)"), [], ["model_args() raised SystemExit: 0"]),
@@ -112,7 +112,8 @@ def test_user_code_that_exits_is_an_input_error(capsys, workdir, command, case):
     code, out, err = run(capsys, command, path, *extra, *outputs(command, workdir))
     assert code == 2
     assert out == ""
-    one_line(err, "autoreparam: error: ", str(path), *fragments)
+    line = one_line(err, "autoreparam: error: ", str(path), *fragments)
+    assert "None" not in line
     assert files(workdir / "out") == []
     assert files(workdir) == before
 

@@ -22,6 +22,8 @@ __all__ = ["main", "load_model", "model_inputs"]
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit) and exc.code is None:  # exit() or sys.exit(): not "SystemExit: None"
+        return "SystemExit"
     from .trace import describe_exception  # imports JAX: not at the top (see main)
 
     return describe_exception(exc)

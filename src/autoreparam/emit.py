@@ -98,13 +98,19 @@ class _SourceFacts(cst.CSTVisitor):
         self.runtime_reparam: list[tuple[int, str]] = []  # autoreparam calls on the function elsewhere
         self.depth = 0
         self.classes = 0
+        self.star_modules: list[str] = []  # modules of top-level `from X import *`
+
+    def visit_ImportFrom(self, node):
+        if isinstance(node.names, cst.ImportStar) and not node.relative and node.module is not None \
+                and self.depth == 0:
+            self.star_modules.append(_dotted(node.module))
 
     def qualified(self, node) -> set[str]:
         names = {q.name for q in self.get_metadata(QualifiedNameProvider, node, set())}
-        if not names:  # an unbound name (e.g. numpyro used without an import): its spelling
+        if not names:  # an unbound name: its spelling, or what a star import may have bound it to
             dotted = _dotted(node)
             if dotted is not None:
-                names = {dotted}
+                names = {dotted} | {f"{module}.{dotted}" for module in self.star_modules}
         return names
 
     def visit_ClassDef(self, node):

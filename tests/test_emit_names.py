@@ -230,7 +230,8 @@ def test_jnp_taken_by_numpy_gets_jax_numpy_under_a_free_name(tmp_path):
     source, plan = crossed()
     taken = _replace(source, "import numpy as np\n", "import numpy as np\nimport numpy as jnp\n")
     taken = _replace(taken, "Y = np.array(", "NOISE = jnp.random.default_rng(0).normal(size=9) * 0.0\nY = np.array(")
-    taken = _replace(taken, "    sigma = numpyro.sample(", "    jax = None  # a local that shadows nothing of the emitter's\n"
+    taken = _replace(taken, "    sigma = numpyro.sample(",
+                     "    jax = None  # a local named like an import of the emitter's: the import is renamed\n"
                      "    sigma = numpyro.sample(")
     result, original, emitted = emit_and_import(taken, plan, tmp_path, "jnp_numpy")
     assert result.rewritten == ("a", "b")
@@ -312,7 +313,8 @@ def test_noncentring_of_every_loc_scale_family_is_exact(family, tmp_path):
     """The eight-schools plan on a source whose funnel is another loc-scale family (StudentT keeps its df),
     under a scale handler: exact log joint, and x(d) has the family's law (a KS test against direct draws)."""
     source, plan = read(case_path("eight_schools")), plan_for(case_path("eight_schools"))
-    source = _replace(source, 'numpyro.sample("theta", dist.Normal(mu, tau))', f'numpyro.sample("theta", dist.{family})')
+    source = _replace(source, 'numpyro.sample("theta", dist.Normal(mu, tau))',
+                      f'numpyro.sample("theta", dist.{family})')
     source = _replace(source, EIGHT_PLATE, HANDLED["scale"])
     result, original, emitted = emit_and_import(source, plan, tmp_path, "family")
     assert result.rewritten == ("theta",)

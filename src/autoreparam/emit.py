@@ -802,11 +802,8 @@ def _without_aliases(before, after, unused):
     if isinstance(imp.names, cst.ImportStar):
         return after
 
-    def bound(alias):
-        if alias.asname is not None:
-            return alias.asname.name.value
-        dotted = _dotted(alias.name)
-        return dotted if isinstance(imp, cst.ImportFrom) else dotted
+    def bound(alias):  # the name an import alias binds, as the scope analysis spells it
+        return alias.asname.name.value if alias.asname is not None else _dotted(alias.name)
 
     keep = [a for a in imp.names if (id(imp), bound(a)) not in unused]
     if len(keep) == len(imp.names):

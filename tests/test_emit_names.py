@@ -329,3 +329,10 @@ def test_noncentring_of_every_loc_scale_family_is_exact(family, tmp_path):
     grid = np.concatenate([x, y])
     ks = np.max(np.abs(np.searchsorted(x, grid, side="right") - np.searchsorted(y, grid, side="right"))) / n
     assert ks < 1.95 * np.sqrt(2.0 / n)  # two-sample KS at alpha = 0.001
+
+
+def test_fresh_name():
+    from autoreparam.names import fresh_name
+
+    assert fresh_name("a_base", {"a"}) == "a_base"
+    assert fresh_name("a_base", {"a_base", "a_base_1", "a_base_3"}) == "a_base_2"

@@ -810,7 +810,7 @@ def _without_aliases(before, after, unused):
         return after
     if not keep:
         return None
-    keep[-1] = keep[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+    keep[-1] = keep[-1].with_changes(comma=imp.names[-1].comma)  # the list keeps its closing layout
     return after.with_changes(body=[after.body[0].with_changes(names=keep)])
 
 

@@ -198,7 +198,8 @@ def test_auto_import_used_elsewhere_is_kept():
     result = autoreparam.emit_source(decorated, "model", plan)
     assert "\nimport autoreparam\n" in result.source and "@autoreparam.auto" not in result.source
     # of a list of names, only the decorator's goes
-    listed = _replace(source, "import numpyro\n", "import numpyro\nfrom autoreparam import (\n    analyze,\n    auto,\n)\n")
+    listed = _replace(source, "import numpyro\n",
+                      "import numpyro\nfrom autoreparam import (\n    analyze,\n    auto,\n)\n")
     listed = _replace(listed, "\ndef model(", "\n@auto\ndef model(") + "\n\nprint(analyze)\n"
     result = autoreparam.emit_source(listed, "model", plan)
     assert "\nfrom autoreparam import (\n    analyze,\n)\n" in result.source and "@auto" not in result.source

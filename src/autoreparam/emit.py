@@ -94,7 +94,7 @@ class _SourceFacts(cst.CSTVisitor):
         self.deterministic_calls: set = set()
         self.site_names: set[str] = set()  # literal names of numpyro.* calls (sites, params, plates)
         self.auto_decorators: set = set()  # decorators of the target function that are autoreparam.auto
-        self.target = None  # the top-level FunctionDef named `function`
+        self.target = None  # the (last) top-level FunctionDef named `function`
         self.runtime_reparam: list[tuple[int, str]] = []  # autoreparam calls on the function elsewhere
         self.depth = 0
         self.classes = 0
@@ -120,8 +120,9 @@ class _SourceFacts(cst.CSTVisitor):
         self.classes -= 1
 
     def visit_FunctionDef(self, node):
-        if self.depth == 0 and not self.classes and node.name.value == self.function and self.target is None:
-            self.target = node
+        if self.depth == 0 and not self.classes and node.name.value == self.function:
+            self.target = node  # the last definition is the one the module ends up with
+            self.auto_decorators = set()
             for dec in node.decorators:
                 target = dec.decorator.func if isinstance(dec.decorator, cst.Call) else dec.decorator
                 if self.qualified(target) & AUTO:

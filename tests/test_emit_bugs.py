@@ -91,8 +91,8 @@ def test_statement_between_imports(tmp_path):
 
 
 def test_trailing_comment_of_a_noncentred_site_survives():
-    """A non-centred site without offsets ends in a `with` block; its trailing comment goes on the
-    sample statement inside it."""
+    """A non-centred site without offsets ends in the deterministic statement of the site; its trailing
+    comment goes there."""
     source = read(case_path("eight_schools"))
     commented = source.replace('theta = numpyro.sample("theta", dist.Normal(mu, tau))',
                                'theta = numpyro.sample("theta", dist.Normal(mu, tau))  # school effects')
@@ -100,7 +100,8 @@ def test_trailing_comment_of_a_noncentred_site_survives():
     result = autoreparam.emit_source(commented, "model", plan_for(case_path("eight_schools")))
     assert result.rewritten == ("theta",)
     assert result.source.count("# school effects") == 1
-    assert ("\n            theta = numpyro.sample('theta', _autoreparam_shift_loc(dist.Normal(mu, tau), 0.0, (8,)))"
+    assert ("\n        theta = numpyro.deterministic('theta', _autoreparam_noncentre(_autoreparam_shift_loc("
+            "dist.Normal(mu, tau), 0.0, (8,)), theta_centered, 'theta_decentered', 'theta_log_det'))"
             "  # school effects\n        numpyro.sample(\"y\"") in result.source
 
 

@@ -2,28 +2,41 @@
 
 Every ``x = numpyro.sample("x", fn)`` statement of a planned site becomes explicit NumPyro
 code: the offset parameters, the offset, the sample of ``x_base`` with the shifted density and
-``x = numpyro.deterministic("x", x_base + x_offset)`` (or a ``LocScaleReparam`` block for a
-non-centred site). Everything else keeps its formatting byte for byte. The output imports
-only jax, numpy and numpyro. Statements that cannot be rewritten safely are left as they are,
-with a warning naming the site and line.
+``x = numpyro.deterministic("x", x_base + x_offset)`` (or, for a non-centred site, the sample of
+``x_decentered`` with an exact log-Jacobian factor). Everything else keeps its formatting byte
+for byte. The output imports only jax, numpy and numpyro: an ``@autoreparam.auto`` decorator
+on the function is removed (and ``import autoreparam`` when nothing else uses it). NumPyro is
+recognised by the names the source binds (``import numpyro as npr``, ``from numpyro import
+sample``), and every name the emitter adds (variables, helpers, imports, sites and params) is
+fresh: it never shadows a name of the source nor a site of the model. Statements that cannot be
+rewritten safely are left as they are, with a warning naming the site and line.
 """
 
 from __future__ import annotations
 
+import builtins
 import pprint
 import re
+import string
 from dataclasses import dataclass, field
 
 import libcst as cst
 import libcst.matchers as m
-from libcst.metadata import MetadataWrapper, PositionProvider
+from libcst.metadata import (FunctionScope, GlobalScope, MetadataWrapper, PositionProvider, QualifiedNameProvider,
+                             QualifiedNameSource, ScopeProvider)
 
 from .errors import InputError
+from .names import fresh_name
 from .plan import Plan
 
 __all__ = ["EmitResult", "emit_source", "emit_config", "MARKER"]
 
 MARKER = "# autoreparam: reparameterized model"
+
+SAMPLE = frozenset({"numpyro.sample", "numpyro.primitives.sample"})
+DETERMINISTIC = frozenset({"numpyro.deterministic", "numpyro.primitives.deterministic"})
+AUTO = frozenset({"autoreparam.auto", "autoreparam.reparam.auto"})
+REPARAMETERIZE = frozenset({"autoreparam.reparameterize", "autoreparam.reparam.reparameterize"})
 
 
 @dataclass(frozen=True)
@@ -33,11 +46,6 @@ class EmitResult:
     source: str
     warnings: list[str] = field(default_factory=list)
     rewritten: tuple[str, ...] = ()
-
-
-def _is_sample_call(node) -> bool:
-    return m.matches(node, m.Call(func=m.Attribute(value=m.Name("numpyro"), attr=m.Name("sample")))) or \
-        m.matches(node, m.Call(func=m.Name("sample")))
 
 
 def _site_name(call: cst.Call) -> str | None:
@@ -64,26 +72,191 @@ def _has_obs(call: cst.Call) -> bool:
         len([a for a in call.args if a.keyword is None]) >= 3
 
 
+def _dotted(node) -> str | None:
+    """``a.b.c`` for a Name/Attribute chain, else None."""
+    if isinstance(node, cst.Name):
+        return node.value
+    if isinstance(node, cst.Attribute):
+        head = _dotted(node.value)
+        return None if head is None else f"{head}.{node.attr.value}"
+    return None
+
+
+class _SourceFacts(cst.CSTVisitor):
+    """What the source binds and calls: resolved NumPyro calls, site names, decorators, names in use."""
+
+    METADATA_DEPENDENCIES = (QualifiedNameProvider, ScopeProvider, PositionProvider)
+
+    def __init__(self, function: str):
+        super().__init__()
+        self.function = function
+        self.sample_calls: set = set()
+        self.deterministic_calls: set = set()
+        self.site_names: set[str] = set()  # literal names of numpyro.* calls (sites, params, plates)
+        self.auto_decorators: set = set()  # decorators of the target function that are autoreparam.auto
+        self.target = None  # the (last) top-level FunctionDef named `function`
+        self.runtime_reparam: list[tuple[int, str]] = []  # autoreparam calls on the function elsewhere
+        self.depth = 0
+        self.classes = 0
+        self.star_modules: list[str] = []  # modules of top-level `from X import *`
+
+    def visit_ImportFrom(self, node):
+        if isinstance(node.names, cst.ImportStar) and not node.relative and node.module is not None \
+                and self.depth == 0:
+            self.star_modules.append(_dotted(node.module))
+
+    def qualified(self, node) -> set[str]:
+        names = {q.name for q in self.get_metadata(QualifiedNameProvider, node, set())}
+        if not names:  # an unbound name: its spelling, or what a star import may have bound it to
+            dotted = _dotted(node)
+            if dotted is not None:
+                names = {dotted} | {f"{module}.{dotted}" for module in self.star_modules}
+        return names
+
+    def visit_ClassDef(self, node):
+        self.classes += 1
+
+    def leave_ClassDef(self, node):
+        self.classes -= 1
+
+    def visit_FunctionDef(self, node):
+        if self.depth == 0 and not self.classes and node.name.value == self.function:
+            self.target = node  # the last definition is the one the module ends up with
+            self.auto_decorators = set()
+            for dec in node.decorators:
+                target = dec.decorator.func if isinstance(dec.decorator, cst.Call) else dec.decorator
+                if self.qualified(target) & AUTO:
+                    self.auto_decorators.add(dec)
+        self.depth += 1
+
+    def leave_FunctionDef(self, node):
+        self.depth -= 1
+
+    def visit_Call(self, node):
+        names = self.qualified(node.func)
+        if names & SAMPLE:
+            self.sample_calls.add(node)
+        if names & DETERMINISTIC:
+            self.deterministic_calls.add(node)
+        if any(n.startswith("numpyro.") for n in names) and (site := _site_name(node)) is not None:
+            self.site_names.add(site)
+        if names & (AUTO | REPARAMETERIZE) and node.args and m.matches(node.args[0].value, m.Name(self.function)):
+            line = self.get_metadata(PositionProvider, node).start.line
+            self.runtime_reparam.append((line, sorted(names & (AUTO | REPARAMETERIZE))[0]))
+
+
+def _names_in_use(scopes) -> set[str]:
+    """Every name bound or read in any scope of the module (and every builtin)."""
+    used = set(dir(builtins))
+    for scope in {s for s in scopes.values() if s is not None}:
+        used |= {a.name for a in scope.assignments}
+        for access in scope.accesses:
+            dotted = _dotted(access.node)
+            if dotted is not None:
+                used.add(dotted.split(".")[0])
+    return used
+
+
+def _top_level_imports(body) -> set[tuple[str, str]]:
+    """(bound name, module or object) of the plain import statements in ``body``."""
+    bound = set()
+    for stmt in body:
+        if not m.matches(stmt, m.SimpleStatementLine(body=[m.OneOf(m.Import(), m.ImportFrom())])):
+            continue
+        imp = stmt.body[0]
+        if isinstance(imp, cst.Import):
+            for alias in imp.names:
+                full = _dotted(alias.name)
+                if alias.asname is not None:
+                    bound.add((alias.asname.name.value, full))
+                else:
+                    bound.add((full.split(".")[0], full.split(".")[0]))
+        elif not imp.relative and imp.module is not None and not isinstance(imp.names, cst.ImportStar):
+            module = _dotted(imp.module)
+            for alias in imp.names:
+                name = alias.name.value
+                bound.add((alias.asname.name.value if alias.asname else name, f"{module}.{name}"))
+    return bound
+
+
+# Module-level names of the emitted code: key -> (preferred name, what it is, import statement or None).
+# An import is reused when the source already binds the name to the same thing before the helper block.
+_MODULES = {
+    "jax": ("jax", "jax", "import jax", "import jax as {}"),
+    "jnp": ("jnp", "jax.numpy", "import jax.numpy as jnp", "import jax.numpy as {}"),
+    "numpyro": ("numpyro", "numpyro", "import numpyro", "import numpyro as {}"),
+    "LocScaleReparam": ("LocScaleReparam", "numpyro.infer.reparam.LocScaleReparam",
+                        "from numpyro.infer.reparam import LocScaleReparam",
+                        "from numpyro.infer.reparam import LocScaleReparam as {}"),
+}
+_HELPER_NAMES = {
+    "Shifted": "AutoreparamShifted", "shift_loc": "_autoreparam_shift_loc", "absorb": "_autoreparam_absorb",
+    "Decentred": "AutoreparamDecentred", "LogDet": "AutoreparamLogDet", "SiteScale": "_AutoreparamSiteScale",
+    "noncentre": "_autoreparam_noncentre",
+    "MAPS": "_AUTOREPARAM_MAPS", "XI": "_AUTOREPARAM_XI", "CENTER": "_AUTOREPARAM_CENTER",
+    "CENTERED": "_AUTOREPARAM_CENTERED",
+}
+
+
+class _Names:
+    """The names the emitter adds, each fresh: Python names against every name the source uses,
+    site and param names against every site name of the model."""
+
+    def __init__(self, used: set[str], sites: set[str]):
+        self.used = set(used)
+        self.sites = set(sites)
+        self.g: dict[str, str] = {}  # key of _MODULES / _HELPER_NAMES -> the name in the emitted code
+        self.imports: dict[str, tuple[str, bool]] = {}  # module key -> (import statement, already there)
+
+    def choose_modules(self, global_scope, function_locals: set[str], existing: set[tuple[str, str]]):
+        for key, (name, target, plain, aliased) in _MODULES.items():
+            bound = global_scope.get_qualified_names_for(name) if global_scope is not None else set()
+            same = bool(bound) and all(q.name == target and q.source == QualifiedNameSource.IMPORT for q in bound)
+            if name not in function_locals and (same or name not in self.used):
+                self.imports[key] = (plain, (name, target) in existing)
+            else:
+                name = fresh_name(name, self.used)
+                self.imports[key] = (aliased.format(name), False)
+            self.used.add(name)
+            self.g[key] = name
+        for key, name in _HELPER_NAMES.items():
+            self.g[key] = self.local(name)
+
+    def local(self, base: str) -> str:
+        name = fresh_name(base, self.used)
+        self.used.add(name)
+        return name
+
+    def site(self, base: str) -> str:
+        name = fresh_name(base, self.sites)
+        self.sites.add(name)
+        return name
+
+
 class _SiteRewriter(cst.CSTTransformer):
     """Rewrites the planned sample statements of one function."""
 
     METADATA_DEPENDENCIES = (PositionProvider,)
 
-    def __init__(self, function: str, plan: Plan, module: cst.Module):
+    def __init__(self, function: str, plan: Plan, module: cst.Module, facts: _SourceFacts, names: _Names):
         super().__init__()
         self.function = function
         self.plan = plan
         self.module = module
+        self.facts = facts
+        self.names = names
         self.planned = set(plan.names)
         self.depth = 0  # > 0 inside the target function
         self.loops = 0
         self.found_function = False
         self.rewritten: list[str] = []
+        self.noncentred: list[str] = []
         self.warnings: list[str] = []
         self.seen_sites: set[str] = set()
         self.classes = 0
         self.variables: dict[str, str] = {}  # site name -> the variable its value is bound to
         self.nonliteral_lines: list[int] = []
+        self._simple_sites: set[str] = set()
 
     def _line(self, node) -> int:
         return self.get_metadata(PositionProvider, node).start.line
@@ -98,7 +271,7 @@ class _SiteRewriter(cst.CSTTransformer):
         return updated
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
-        if self.depth == 0 and not self.classes and node.name.value == self.function:
+        if node is self.facts.target:
             self.found_function = True
             self.depth = 1
             return True
@@ -109,6 +282,8 @@ class _SiteRewriter(cst.CSTTransformer):
     def leave_FunctionDef(self, original, updated):
         if self.depth:
             self.depth -= 1
+        if original is self.facts.target and self.facts.auto_decorators:
+            updated = _without_decorators(original, updated, self.facts.auto_decorators)
         return updated
 
     def _enter_loop(self, node) -> bool:
@@ -126,7 +301,7 @@ class _SiteRewriter(cst.CSTTransformer):
 
     # -- sample calls that are not simple statements: warn ----------------------------------
     def visit_Call(self, node: cst.Call) -> bool:
-        if self.depth != 1 or not _is_sample_call(node):
+        if self.depth != 1 or node not in self.facts.sample_calls:
             return True
         name = _site_name(node)
         if name is None:
@@ -150,31 +325,38 @@ class _SiteRewriter(cst.CSTTransformer):
             for name in _assigned_names(node):
                 for site in [s for s, v in self.variables.items() if v == name]:
                     del self.variables[site]
-            bound = _bound_site(node) if not self.loops else None
+            bound = self._bound_site(node) if not self.loops else None
             if bound is not None:
                 self.variables[bound[1]] = bound[0]
         return True
 
-    @property
-    def _simple_sites(self) -> set:
-        if not hasattr(self, "_simple"):
-            self._simple = set()
-        return self._simple
-
-    @staticmethod
-    def _simple_assignment(node: cst.SimpleStatementLine):
+    def _simple_assignment(self, node: cst.SimpleStatementLine):
         if len(node.body) != 1 or not isinstance(node.body[0], cst.Assign):
             return None
         assign = node.body[0]
         if len(assign.targets) != 1 or not isinstance(assign.targets[0].target, cst.Name):
             return None
         call = assign.value
-        if not isinstance(call, cst.Call) or not _is_sample_call(call):
+        if not isinstance(call, cst.Call) or call not in self.facts.sample_calls:
             return None
         name = _site_name(call)
         if name is None or _has_obs(call) or _dist_arg(call) is None:
             return None
         return assign.targets[0].target.value, name, call
+
+    def _bound_site(self, node: cst.SimpleStatementLine):
+        """(variable, site) for ``var = numpyro.sample("site", ...)`` or ``numpyro.deterministic``."""
+        if len(node.body) != 1 or not isinstance(node.body[0], cst.Assign):
+            return None
+        assign = node.body[0]
+        if len(assign.targets) != 1 or not isinstance(assign.targets[0].target, cst.Name):
+            return None
+        call = assign.value
+        if call in self.facts.sample_calls or call in self.facts.deterministic_calls:
+            name = _site_name(call)
+            if name is not None:
+                return assign.targets[0].target.value, name
+        return None
 
     def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine):
         if self.depth != 1 or self.loops:
@@ -191,31 +373,30 @@ class _SiteRewriter(cst.CSTTransformer):
                                  f"'{self.function}'; left unchanged")
             return updated
         fn_code = self.module.code_for_node(_dist_arg(call))
-        lines = _site_code(self.plan, site, var, fn_code, self.variables)
+        lines = _site_code(self.plan, site, var, fn_code, self.variables, self.names)
         statements = [cst.parse_statement(line) for line in lines]
         comment = cst.EmptyLine(comment=cst.Comment(
             f"# autoreparam: '{site_name}' reparameterized (exact change of variables)"))
         statements[0] = statements[0].with_changes(leading_lines=(*original.leading_lines, comment))
         statements[-1] = _with_trailing(statements[-1], original.trailing_whitespace)
         self.rewritten.append(site_name)
+        if site.noncentred:
+            self.noncentred.append(site_name)
         return cst.FlattenSentinel(statements)
 
 
-def _bound_site(node: cst.SimpleStatementLine):
-    """(variable, site) for ``var = numpyro.sample("site", ...)`` or ``numpyro.deterministic``."""
-    if len(node.body) != 1 or not isinstance(node.body[0], cst.Assign):
-        return None
-    assign = node.body[0]
-    if len(assign.targets) != 1 or not isinstance(assign.targets[0].target, cst.Name):
-        return None
-    call = assign.value
-    det = m.Call(func=m.OneOf(m.Attribute(value=m.Name("numpyro"), attr=m.Name("deterministic")),
-                              m.Name("deterministic")))
-    if isinstance(call, cst.Call) and (_is_sample_call(call) or m.matches(call, det)):
-        name = _site_name(call)
-        if name is not None:
-            return assign.targets[0].target.value, name
-    return None
+def _without_decorators(original: cst.FunctionDef, updated: cst.FunctionDef, drop: set) -> cst.FunctionDef:
+    """``updated`` without the decorators whose original node is in ``drop`` (their comments are kept)."""
+    kept, carried = [], []
+    for before, after in zip(original.decorators, updated.decorators):
+        if before in drop:
+            carried.extend(after.leading_lines)
+            continue
+        kept.append(after.with_changes(leading_lines=(*carried, *after.leading_lines)) if carried else after)
+        carried = []
+    if carried:
+        updated = updated.with_changes(lines_after_decorators=(*carried, *updated.lines_after_decorators))
+    return updated.with_changes(decorators=kept)
 
 
 def _assigned_names(node: cst.SimpleStatementLine) -> set[str]:
@@ -254,8 +435,9 @@ def _shape_literal(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def _site_code(plan: Plan, site, var: str, fn_code: str, variables: dict[str, str]) -> list[str]:
+def _site_code(plan: Plan, site, var: str, fn_code: str, variables: dict[str, str], names: _Names) -> list[str]:
     """The statements that replace ``var = numpyro.sample(site.name, fn)``."""
+    g = names.g
     name = site.name
     batch = tuple(site.batch_shape)
     shape = _shape_literal(site.shape)
@@ -264,59 +446,62 @@ def _site_code(plan: Plan, site, var: str, fn_code: str, variables: dict[str, st
     offset_terms = []
     for off in site.offsets:
         key = f"{name}|{off.parent}"
-        xi = f"xi_{_ident(name)}_{_ident(off.parent)}"
-        init = f"_AUTOREPARAM_XI[{key!r}]"
-        param = f"numpyro.param({name + '_offset_' + off.parent!r}, jnp.zeros({_shape_literal(batch)}))"
+        xi = names.local(f"xi_{_ident(name)}_{_ident(off.parent)}")
+        init = f"{g['XI']}[{key!r}]"
+        param_name = names.site(f"{name}_offset_{off.parent}")
+        param = f"{g['numpyro']}.param({param_name!r}, {g['jnp']}.zeros({_shape_literal(batch)}))"
         step = "" if plan.xi_step == 1.0 else f"{plan.xi_step!r} * "
         lines.append(f"{xi} = {init} + {step}{param}")
         parent = variables[off.parent]
-        center = f" - _AUTOREPARAM_CENTER[{off.parent!r}]" if plan.center_of(off.parent) is not None else ""
-        offset_terms.append(f"jnp.reshape({xi}, {expand}) * _autoreparam_absorb({parent}{center}, {key!r})")
-    offset = f"{var}_offset"
+        center = f" - {g['CENTER']}[{off.parent!r}]" if plan.center_of(off.parent) is not None else ""
+        offset_terms.append(f"{g['jnp']}.reshape({xi}, {expand}) * {g['absorb']}({parent}{center}, {key!r})")
+    offset = names.local(f"{var}_offset") if offset_terms else None
     if offset_terms:
         lines.append(f"{offset} = " + " + ".join(offset_terms))
     if site.noncentred:
-        centered = f"{_ident(name)}_centered"
-        init = f"jnp.reshape(_AUTOREPARAM_CENTERED[{name!r}], {expand})"
+        centered = names.local(f"{_ident(name)}_centered")
+        init = f"{g['jnp']}.reshape({g['CENTERED']}[{name!r}], {expand})"
         if site.learn_centered:
-            lines.append(f"{centered} = numpyro.param({name + '_centered'!r}, {init}, "
-                         "constraint=numpyro.distributions.constraints.unit_interval)")
+            lines.append(f"{centered} = {g['numpyro']}.param({names.site(name + '_centered')!r}, {init}, "
+                         f"constraint={g['numpyro']}.distributions.constraints.unit_interval)")
         else:
             lines.append(f"{centered} = {init}")
-        # The site's distribution is expanded to its full shape before LocScaleReparam sees it
-        # (the reparam handler runs inside the plates, before they expand it).
+        # x = loc + scale ** (1 - c) * (d - c * loc) with d the site {name}_decentered; the log-Jacobian is
+        # its own factor site, which no scale, mask or subsampled plate applies to (exact, see the helper).
         delta = f"-{offset}" if offset_terms else "0.0"
-        target, sample_name = (f"{var}_base", f"{name}_base") if offset_terms else (var, name)
-        lines.append(
-            f"with numpyro.handlers.reparam(config={{{sample_name!r}: LocScaleReparam(centered={centered})}}):\n"
-            f"    {target} = numpyro.sample({sample_name!r}, _autoreparam_shift_loc({fn_code}, {delta}, {shape}))")
+        drawn = (f"{g['noncentre']}({g['shift_loc']}({fn_code}, {delta}, {shape}), {centered}, "
+                 f"{names.site(name + '_decentered')!r}, {names.site(name + '_log_det')!r})")
         if offset_terms:
-            lines.append(f"{var} = numpyro.deterministic({name!r}, {var}_base + {offset})")
+            base = names.local(f"{var}_base")
+            lines.append(f"{base} = {drawn}")
+            lines.append(f"{var} = {g['numpyro']}.deterministic({name!r}, {base} + {offset})")
+        else:
+            lines.append(f"{var} = {g['numpyro']}.deterministic({name!r}, {drawn})")
     else:
-        lines.append(f"{var}_base = numpyro.sample({name + '_base'!r}, AutoreparamShifted({fn_code}, -{offset}))")
-        lines.append(f"{var} = numpyro.deterministic({name!r}, {var}_base + {offset})")
+        base = names.local(f"{var}_base")
+        lines.append(f"{base} = {g['numpyro']}.sample({names.site(name + '_base')!r}, "
+                     f"{g['Shifted']}({fn_code}, -{offset}))")
+        lines.append(f"{var} = {g['numpyro']}.deterministic({name!r}, {base} + {offset})")
     return lines
 
 
-_HELPERS = '''
+_HELPERS_HEAD = '''
 
 # --- autoreparam: helpers and plan data for the reparameterized sites below -------------------
 # Generated by `autoreparam analyze --emit source`; this file does not import autoreparam.
-import jax
-import jax.numpy as jnp
-import numpyro
-from numpyro.infer.reparam import LocScaleReparam
+'''
 
+_HELPERS = string.Template('''
 
-class AutoreparamShifted(numpyro.distributions.Distribution):
+class $Shifted($numpyro.distributions.Distribution):
     """The law of x + delta for x ~ base (real support: unit Jacobian)."""
 
     arg_constraints = {}
     pytree_data_fields = ("base", "delta")
 
     def __init__(self, base, delta, *, validate_args=None):
-        ndim = jnp.ndim(delta) - len(base.event_shape)
-        batch_shape = jnp.broadcast_shapes(base.batch_shape, jnp.shape(delta)[:max(ndim, 0)])
+        ndim = $jnp.ndim(delta) - len(base.event_shape)
+        batch_shape = $jnp.broadcast_shapes(base.batch_shape, $jnp.shape(delta)[:max(ndim, 0)])
         self.base, self.delta = base.expand(batch_shape), delta
         super().__init__(batch_shape, base.event_shape, validate_args=validate_args)
 
@@ -331,11 +516,11 @@ class AutoreparamShifted(numpyro.distributions.Distribution):
         return self.base.log_prob(value - self.delta)
 
 
-def _autoreparam_shift_loc(fn, delta, shape):
+def $shift_loc(fn, delta, shape):
     """The loc-scale family of fn with loc + delta, expanded to the site's shape (for LocScaleReparam)."""
     event_dim = fn.event_dim
     base = fn
-    while isinstance(base, (numpyro.distributions.Independent, numpyro.distributions.ExpandedDistribution)):
+    while isinstance(base, ($numpyro.distributions.Independent, $numpyro.distributions.ExpandedDistribution)):
         base = base.base_dist
     params = {k: getattr(base, k) for k in base.arg_constraints if hasattr(base, k)}
     params["loc"] = params["loc"] + delta
@@ -344,21 +529,114 @@ def _autoreparam_shift_loc(fn, delta, shape):
     return shifted.to_event(event_dim - shifted.event_dim) if shifted.event_dim < event_dim else shifted
 
 
-def _autoreparam_absorb(value, key):
+def $absorb(value, key):
     """G(value): a parent's shared contribution in the child's coordinates (G = E @ M)."""
-    (m_rows, m_cols, m_vals, m_n), (e_rows, e_cols, e_vals, e_n), shape = _AUTOREPARAM_MAPS[key]
-    flat = jnp.reshape(value, (-1,))
-    shared = jax.ops.segment_sum(jnp.asarray(m_vals) * flat[jnp.asarray(m_cols, dtype=jnp.int32)],
-                                 jnp.asarray(m_rows, dtype=jnp.int32), num_segments=m_n)
-    out = jax.ops.segment_sum(jnp.asarray(e_vals) * shared[jnp.asarray(e_cols, dtype=jnp.int32)],
-                              jnp.asarray(e_rows, dtype=jnp.int32), num_segments=e_n)
-    return jnp.reshape(out, shape)
+    (m_rows, m_cols, m_vals, m_n), (e_rows, e_cols, e_vals, e_n), shape = $MAPS[key]
+    flat = $jnp.reshape(value, (-1,))
+    shared = $jax.ops.segment_sum($jnp.asarray(m_vals) * flat[$jnp.asarray(m_cols, dtype=$jnp.int32)],
+                                 $jnp.asarray(m_rows, dtype=$jnp.int32), num_segments=m_n)
+    out = $jax.ops.segment_sum($jnp.asarray(e_vals) * shared[$jnp.asarray(e_cols, dtype=$jnp.int32)],
+                              $jnp.asarray(e_rows, dtype=$jnp.int32), num_segments=e_n)
+    return $jnp.reshape(out, shape)
+''')
+
+_NONCENTRE_HELPERS = string.Template('''
+
+class $Decentred($numpyro.distributions.Distribution):
+    """The decentred coordinate d of x ~ fn (a loc-scale family expanded to the site's shape):
+    x = loc + scale ** (1 - c) * (d - c * loc), where d ~ the family with loc * c and scale ** c.
+
+    log_prob(d) is fn's log density at x(d), without the Jacobian, so that every scale, mask and
+    subsampled plate weighs it exactly as it weighs the original site. The log-Jacobian is the
+    separate factor of $noncentre.
+    """
+
+    arg_constraints = {}
+    pytree_data_fields = ("fn", "centered")
+
+    def __init__(self, fn, centered, *, validate_args=None):
+        self.fn, self.centered = fn, centered
+        super().__init__(fn.batch_shape, fn.event_shape, validate_args=validate_args)
+
+    @property
+    def support(self):
+        return self.fn.support
+
+    def _family(self):
+        base = self.fn
+        while isinstance(base, ($numpyro.distributions.Independent, $numpyro.distributions.ExpandedDistribution)):
+            base = base.base_dist
+        params = {k: getattr(base, k) for k in base.arg_constraints if hasattr(base, k)}
+        shape = self.fn.shape()
+        loc, scale = $jnp.broadcast_to(params["loc"], shape), $jnp.broadcast_to(params["scale"], shape)
+        return type(base), params, loc, scale, $jnp.broadcast_to(self.centered, shape)
+
+    def sample(self, key, sample_shape=()):
+        family, params, loc, scale, c = self._family()
+        return family(**{**params, "loc": c * loc, "scale": scale ** c}).sample(key, sample_shape)
+
+    def recentre(self, value):
+        _, _, loc, scale, c = self._family()
+        return loc + scale ** (1.0 - c) * (value - c * loc)
+
+    def log_prob(self, value):
+        return self.fn.log_prob(self.recentre(value))
+
+    def log_abs_det_jacobian(self):
+        """log |dx/dd| per batch element."""
+        _, _, _, scale, c = self._family()
+        log_det = (1.0 - c) * $jnp.log(scale)
+        return $jnp.sum(log_det, axis=tuple(range(-len(self.event_shape), 0))) if self.event_shape else log_det
 
 
-'''
+class $LogDet($numpyro.distributions.distribution.Unit):
+    """A log-Jacobian factor. It belongs to the coordinates, not to a term of the model, so no mask
+    applies to it (and $noncentre divides out the site's scale)."""
+
+    def mask(self, mask):
+        return self
+
+    def expand(self, batch_shape):
+        return type(self)($jnp.broadcast_to(self.log_factor, batch_shape))
 
 
-def _plan_data(plan: Plan) -> str:
+class $SiteScale($numpyro.primitives.Messenger):
+    """Reads the scale that the enclosing handlers (scale, subsampled plates) give one site."""
+
+    def __init__(self, site):
+        super().__init__()
+        self.site, self.scale = site, 1.0
+
+    def postprocess_message(self, msg):
+        if msg.get("name") == self.site and msg.get("scale") is not None:
+            self.scale = msg["scale"]
+
+
+def $noncentre(fn, centered, decentered_site, log_det_site):
+    """x ~ fn drawn as the site decentered_site (see $Decentred). The factor log_det_site adds
+    log |dx/dd| once, whatever scale, mask or subsampling applies here: the log joint in d is exactly
+    the original log joint at x(d) plus the log-Jacobian of the change of variables."""
+    decentred, site_scale = $Decentred(fn, centered), $SiteScale(decentered_site)
+    with site_scale:
+        value = $numpyro.sample(decentered_site, decentred)
+    log_det = decentred.log_abs_det_jacobian() / site_scale.scale
+    $numpyro.sample(log_det_site, $LogDet(log_det), obs=$jnp.empty($jnp.shape(log_det) + (0,)),
+                   infer={"is_auxiliary": True})
+    return decentred.recentre(value)
+''')
+
+
+def _helpers_source(names: _Names, noncentred: bool) -> tuple[str, list[bool]]:
+    """The helper block (imports first) and, per import statement in it, whether the source has it already."""
+    imports = [names.imports[key] for key in _MODULES]
+    text = _HELPERS_HEAD + "".join(f"{statement}\n" for statement, _ in imports)
+    text += _HELPERS.substitute(names.g)
+    if noncentred:
+        text += _NONCENTRE_HELPERS.substitute(names.g)
+    return text + "\n\n", [there for _, there in imports]
+
+
+def _plan_data(plan: Plan, g: dict[str, str]) -> str:
     maps, xi, centered = {}, {}, {}
     for site in plan.sites:
         for off in site.offsets:
@@ -372,10 +650,11 @@ def _plan_data(plan: Plan) -> str:
     shapes = {n: s for n, s, _ in plan.latent}
     centers = {n: _nested(v, shapes.get(n)) for n, v in plan.centers}
     fmt = lambda x: pprint.pformat(x, width=100, compact=True, sort_dicts=False)  # noqa: E731
-    return (f"_AUTOREPARAM_MAPS = {fmt(maps)}\n"
-            f"_AUTOREPARAM_XI = {{k: jnp.asarray(v) for k, v in {fmt(xi)}.items()}}\n"
-            f"_AUTOREPARAM_CENTER = {{k: jnp.asarray(v) for k, v in {fmt(centers)}.items()}}\n"
-            f"_AUTOREPARAM_CENTERED = {{k: jnp.asarray(v) for k, v in {fmt(centered)}.items()}}\n")
+    jnp = g["jnp"]
+    return (f"{g['MAPS']} = {fmt(maps)}\n"
+            f"{g['XI']} = {{k: {jnp}.asarray(v) for k, v in {fmt(xi)}.items()}}\n"
+            f"{g['CENTER']} = {{k: {jnp}.asarray(v) for k, v in {fmt(centers)}.items()}}\n"
+            f"{g['CENTERED']} = {{k: {jnp}.asarray(v) for k, v in {fmt(centered)}.items()}}\n")
 
 
 def _nested(values, shape):
@@ -394,6 +673,12 @@ def emit_source(source: str, function: str, plan: Plan) -> EmitResult:
     >>> result = emit_source(open("model.py").read(), "model", plan)      # doctest: +SKIP
     >>> print(result.source)                                              # doctest: +SKIP
     """
+    if not isinstance(source, str):
+        hint = "; decode it first, e.g. source.decode('utf-8')" if isinstance(source, (bytes, bytearray)) else ""
+        raise InputError(f"emit_source: source must be the text of a Python file (str), got "
+                         f"{type(source).__name__}{hint}")
+    if not isinstance(function, str) or not function.isidentifier():
+        raise InputError(f"emit_source: function must be the name of a function in the source, got {function!r}")
     if not isinstance(plan, Plan):
         raise InputError(f"emit_source: plan must be an autoreparam.Plan, got {type(plan).__name__}")
     try:
@@ -404,12 +689,26 @@ def emit_source(source: str, function: str, plan: Plan) -> EmitResult:
         return EmitResult(source, [f"'{function}' is already reparameterized by autoreparam; nothing to do"])
     if plan.is_empty():
         return EmitResult(source, [f"the plan for '{function}' is empty; the model is left as it is"])
-    rewriter = _SiteRewriter(function, plan, module)
-    new_module = MetadataWrapper(module).visit(rewriter)
-    if not rewriter.found_function:
+    wrapper = MetadataWrapper(module)
+    module = wrapper.module
+    facts = _SourceFacts(function)
+    wrapper.visit(facts)
+    if facts.target is None:
         raise InputError(f"emit_source: no top-level function named '{function}' in the source")
+    scopes = wrapper.resolve(ScopeProvider)
+    global_scope = scopes[module]
+    function_scope = scopes.get(facts.target.body)
+    function_locals = {a.name for a in function_scope.assignments} if isinstance(function_scope, FunctionScope) \
+        else set()
+    at = _after_imports(module)
+    names = _Names(_names_in_use(scopes),
+                   facts.site_names | {n for n, _, _ in plan.latent} | set(plan.names))
+    names.choose_modules(global_scope if isinstance(global_scope, GlobalScope) else None, function_locals,
+                         _top_level_imports(module.body[:at]))
+    rewriter = _SiteRewriter(function, plan, module, facts, names)
+    new_module = wrapper.visit(rewriter)
     warnings = list(rewriter.warnings)
-    elsewhere = _literal_sites(MetadataWrapper(module))
+    elsewhere = _literal_sites(facts, wrapper)
     for name in plan.names:
         if name not in rewriter.rewritten and name not in rewriter.seen_sites:
             if name in elsewhere:
@@ -423,6 +722,10 @@ def emit_source(source: str, function: str, plan: Plan) -> EmitResult:
                                 f"'{function}'{hint}; left unchanged")
     if not rewriter.rewritten:
         return EmitResult(source, warnings)
+    for line, call in facts.runtime_reparam:
+        warnings.append(f"line {line}: '{function}' is passed to {call} there, which reparameterizes it again "
+                        "at run time; use the emitted function as it is")
+    new_module = _drop_unused_autoreparam_imports(new_module, module, global_scope, facts)
     plan_for_data = Plan(plan.model, tuple(s for s in plan.sites if s.name in rewriter.rewritten),
                          (), plan.latent, plan.init, plan.centers, plan.xi_step)
     header = [cst.EmptyLine(comment=cst.Comment(c)) for c in (
@@ -432,10 +735,9 @@ def emit_source(source: str, function: str, plan: Plan) -> EmitResult:
     )]
     at = _after_imports(new_module)
     body = list(new_module.body)
-    helpers = cst.parse_module(_HELPERS + _plan_data(plan_for_data))
-    existing = {new_module.code_for_node(s).strip() for s in body[:at]
-                if m.matches(s, m.SimpleStatementLine(body=[m.OneOf(m.Import(), m.ImportFrom())]))}
-    helper_body = [s for s in helpers.body if helpers.code_for_node(s).strip() not in existing]
+    helper_text, already = _helpers_source(names, bool(rewriter.noncentred))
+    helpers = cst.parse_module(helper_text + _plan_data(plan_for_data, names.g))
+    helper_body = [s for i, s in enumerate(helpers.body) if not (i < len(already) and already[i])]
     helper_body[0] = helper_body[0].with_changes(
         leading_lines=(*helpers.header, *helper_body[0].leading_lines))
     # A shebang or coding line must stay first.
@@ -458,11 +760,80 @@ def emit_source(source: str, function: str, plan: Plan) -> EmitResult:
     return EmitResult(new_source, warnings, tuple(rewriter.rewritten))
 
 
+def _drop_unused_autoreparam_imports(new_module: cst.Module, module: cst.Module, global_scope, facts) -> cst.Module:
+    """Without the removed ``@autoreparam.auto`` decorators, drop the top-level autoreparam imports
+    that nothing else reads (the emitted file must not need autoreparam at run time)."""
+    if not facts.auto_decorators or not isinstance(global_scope, GlobalScope):
+        return new_module
+    removed = set()
+    for dec in facts.auto_decorators:
+        removed |= {id(n) for n in _walk(dec)}
+    unused = set()
+    for assignment in global_scope.assignments:
+        node = getattr(assignment, "node", None)
+        if not isinstance(node, (cst.Import, cst.ImportFrom)):
+            continue
+        qualified = {q.name for q in global_scope.get_qualified_names_for(assignment.name)}
+        if not any(q == "autoreparam" or q.startswith("autoreparam.") for q in qualified):
+            continue
+        if all(id(ref.node) in removed for ref in assignment.references):
+            unused.add((id(node), assignment.name))
+    if not unused:
+        return new_module
+    body = []
+    carried: list = []
+    for before, after in zip(module.body, new_module.body):
+        statement = _without_aliases(before, after, unused)
+        if statement is None:
+            carried.extend(after.leading_lines)
+            continue
+        if carried:
+            statement = statement.with_changes(leading_lines=(*carried, *statement.leading_lines))
+            carried = []
+        body.append(statement)
+    return new_module.with_changes(body=body)
+
+
+def _without_aliases(before, after, unused):
+    """A top-level import statement without its unused autoreparam names (None when none is left)."""
+    if not (isinstance(before, cst.SimpleStatementLine) and len(before.body) == 1
+            and isinstance(before.body[0], (cst.Import, cst.ImportFrom))):
+        return after
+    imp = before.body[0]
+    if isinstance(imp.names, cst.ImportStar):
+        return after
+
+    def bound(alias):  # the name an import alias binds, as the scope analysis spells it
+        return alias.asname.name.value if alias.asname is not None else _dotted(alias.name)
+
+    keep = [a for a in imp.names if (id(imp), bound(a)) not in unused]
+    if len(keep) == len(imp.names):
+        return after
+    if not keep:
+        return None
+    keep[-1] = keep[-1].with_changes(comma=imp.names[-1].comma)  # the list keeps its closing layout
+    return after.with_changes(body=[after.body[0].with_changes(names=keep)])
+
+
+def _walk(node):
+    yield node
+    for child in node.children:
+        yield from _walk(child)
+
+
+def _literal_sites(facts: _SourceFacts, wrapper: MetadataWrapper) -> dict[str, tuple[str, int]]:
+    """Site name -> (function, line) of every literal numpyro.sample call in a module."""
+    visitor = _LiteralSites(facts.sample_calls)
+    wrapper.visit(visitor)
+    return visitor.found
+
+
 class _LiteralSites(cst.CSTVisitor):
     METADATA_DEPENDENCIES = (PositionProvider,)
 
-    def __init__(self):
+    def __init__(self, sample_calls):
         super().__init__()
+        self.sample_calls = sample_calls
         self.functions: list[str] = []
         self.found: dict[str, tuple[str, int]] = {}
 
@@ -473,16 +844,9 @@ class _LiteralSites(cst.CSTVisitor):
         self.functions.pop()
 
     def visit_Call(self, node):
-        if _is_sample_call(node) and (name := _site_name(node)) is not None and name not in self.found:
+        if node in self.sample_calls and (name := _site_name(node)) is not None and name not in self.found:
             where = self.functions[-1] if self.functions else "<module>"
             self.found[name] = (where, self.get_metadata(PositionProvider, node).start.line)
-
-
-def _literal_sites(wrapper: MetadataWrapper) -> dict[str, tuple[str, int]]:
-    """Site name -> (function, line) of every literal numpyro.sample call in a module."""
-    visitor = _LiteralSites()
-    wrapper.visit(visitor)
-    return visitor.found
 
 
 def _after_imports(module: cst.Module) -> int:

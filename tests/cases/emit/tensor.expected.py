@@ -63,6 +63,89 @@ def _autoreparam_absorb(value, key):
     return jnp.reshape(out, shape)
 
 
+class AutoreparamDecentred(numpyro.distributions.Distribution):
+    """The decentred coordinate d of x ~ fn (a loc-scale family expanded to the site's shape):
+    x = loc + scale ** (1 - c) * (d - c * loc), where d ~ the family with loc * c and scale ** c.
+
+    log_prob(d) is fn's log density at x(d), without the Jacobian, so that every scale, mask and
+    subsampled plate weighs it exactly as it weighs the original site. The log-Jacobian is the
+    separate factor of _autoreparam_noncentre.
+    """
+
+    arg_constraints = {}
+    pytree_data_fields = ("fn", "centered")
+
+    def __init__(self, fn, centered, *, validate_args=None):
+        self.fn, self.centered = fn, centered
+        super().__init__(fn.batch_shape, fn.event_shape, validate_args=validate_args)
+
+    @property
+    def support(self):
+        return self.fn.support
+
+    def _family(self):
+        base = self.fn
+        while isinstance(base, (numpyro.distributions.Independent, numpyro.distributions.ExpandedDistribution)):
+            base = base.base_dist
+        params = {k: getattr(base, k) for k in base.arg_constraints if hasattr(base, k)}
+        shape = self.fn.shape()
+        loc, scale = jnp.broadcast_to(params["loc"], shape), jnp.broadcast_to(params["scale"], shape)
+        return type(base), params, loc, scale, jnp.broadcast_to(self.centered, shape)
+
+    def sample(self, key, sample_shape=()):
+        family, params, loc, scale, c = self._family()
+        return family(**{**params, "loc": c * loc, "scale": scale ** c}).sample(key, sample_shape)
+
+    def recentre(self, value):
+        _, _, loc, scale, c = self._family()
+        return loc + scale ** (1.0 - c) * (value - c * loc)
+
+    def log_prob(self, value):
+        return self.fn.log_prob(self.recentre(value))
+
+    def log_abs_det_jacobian(self):
+        """log |dx/dd| per batch element."""
+        _, _, _, scale, c = self._family()
+        log_det = (1.0 - c) * jnp.log(scale)
+        return jnp.sum(log_det, axis=tuple(range(-len(self.event_shape), 0))) if self.event_shape else log_det
+
+
+class AutoreparamLogDet(numpyro.distributions.distribution.Unit):
+    """A log-Jacobian factor. It belongs to the coordinates, not to a term of the model, so no mask
+    applies to it (and _autoreparam_noncentre divides out the site's scale)."""
+
+    def mask(self, mask):
+        return self
+
+    def expand(self, batch_shape):
+        return type(self)(jnp.broadcast_to(self.log_factor, batch_shape))
+
+
+class _AutoreparamSiteScale(numpyro.primitives.Messenger):
+    """Reads the scale that the enclosing handlers (scale, subsampled plates) give one site."""
+
+    def __init__(self, site):
+        super().__init__()
+        self.site, self.scale = site, 1.0
+
+    def postprocess_message(self, msg):
+        if msg.get("name") == self.site and msg.get("scale") is not None:
+            self.scale = msg["scale"]
+
+
+def _autoreparam_noncentre(fn, centered, decentered_site, log_det_site):
+    """x ~ fn drawn as the site decentered_site (see AutoreparamDecentred). The factor log_det_site adds
+    log |dx/dd| once, whatever scale, mask or subsampling applies here: the log joint in d is exactly
+    the original log joint at x(d) plus the log-Jacobian of the change of variables."""
+    decentred, site_scale = AutoreparamDecentred(fn, centered), _AutoreparamSiteScale(decentered_site)
+    with site_scale:
+        value = numpyro.sample(decentered_site, decentred)
+    log_det = decentred.log_abs_det_jacobian() / site_scale.scale
+    numpyro.sample(log_det_site, AutoreparamLogDet(log_det), obs=jnp.empty(jnp.shape(log_det) + (0,)),
+                   infer={"is_auxiliary": True})
+    return decentred.recentre(value)
+
+
 _AUTOREPARAM_MAPS = {'z|mu': (([0], [0], [1.0], 1), ([0, 1, 2, 3], [0, 0, 0, 0], [1.0, 1.0, 1.0, 1.0], 4), (4,)),
  'a|mu': (([0], [0], [1.0], 1), ([0, 1, 2], [0, 0, 0], [1.0, 1.0, 1.0], 3), (3, 1)),
  'a|z': (([0, 0, 0, 0], [0, 1, 2, 3], [0.25, 0.25, 0.25, 0.25], 1),
@@ -191,8 +274,7 @@ def model(I, J, T, y=None):
         xi_a_z = _AUTOREPARAM_XI['a|z'] + 0.02 * numpyro.param('a_offset_z', jnp.zeros((3, 1)))
         a_offset = jnp.reshape(xi_a_mu, (3, 1)) * _autoreparam_absorb(mu - _AUTOREPARAM_CENTER['mu'], 'a|mu') + jnp.reshape(xi_a_z, (3, 1)) * _autoreparam_absorb(z - _AUTOREPARAM_CENTER['z'], 'a|z')
         a_centered = numpyro.param('a_centered', jnp.reshape(_AUTOREPARAM_CENTERED['a'], (3, 1)), constraint=numpyro.distributions.constraints.unit_interval)
-        with numpyro.handlers.reparam(config={'a_base': LocScaleReparam(centered=a_centered)}):
-            a_base = numpyro.sample('a_base', _autoreparam_shift_loc(dist.Normal(0.0, sigma_a), -a_offset, (3, 1)))
+        a_base = _autoreparam_noncentre(_autoreparam_shift_loc(dist.Normal(0.0, sigma_a), -a_offset, (3, 1)), a_centered, 'a_decentered', 'a_log_det')
         a = numpyro.deterministic('a', a_base + a_offset)  # (I, 1)
         # autoreparam: 'A' reparameterized (exact change of variables)
         xi_A_mu = _AUTOREPARAM_XI['A|mu'] + 0.02 * numpyro.param('A_offset_mu', jnp.zeros((3, 1)))

@@ -27,11 +27,11 @@ from .trace import (
     _TRACER_ERRORS,
     ModelTrace,
     _SiteRecorder,
-    site_of_exception,
     describe_exception,
     isolated_from_handlers,
     site_dependencies,
     trace_model,
+    untraceable_error,
     unwrap_distribution,
 )
 
@@ -170,11 +170,7 @@ class _Probe:
             with recorder:
                 jax.vmap(self._outputs)(stacked)
         except _TRACER_ERRORS as exc:
-            raise ModelError(
-                f"the model uses the value of a latent site in Python control flow or a conversion"
-                f"{site_of_exception(exc, recorder)} (if/while, int(), float(), np.asarray), which "
-                f"cannot be traced; write it with jnp.where or lax.cond ({describe_exception(exc)})"
-            ) from exc
+            raise untraceable_error(exc, recorder) from exc
         except Exception:  # noqa: BLE001 - vmap is only a probe for control flow; linearize reports the rest
             pass
 
@@ -182,11 +178,7 @@ class _Probe:
         try:
             _, f = jax.linearize(self._outputs, theta)
         except _TRACER_ERRORS as exc:
-            raise ModelError(
-                "the model uses the value of a latent site in Python control flow or a conversion "
-                "(if/while, int(), float(), np.asarray), which cannot be differentiated; write it with "
-                f"jnp.where or lax.cond ({describe_exception(exc)})"
-            ) from exc
+            raise untraceable_error(exc) from exc
         except ModelError:
             raise
         except Exception as exc:

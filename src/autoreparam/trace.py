@@ -24,7 +24,7 @@ from numpyro.primitives import _PYRO_STACK, Messenger
 
 from .errors import InputError, ModelError
 
-__all__ = ["Plate", "Site", "ModelTrace", "trace_model", "unwrap_distribution"]
+__all__ = ["Plate", "Site", "ModelTrace", "trace_model", "unwrap_distribution", "data_evaluated_eagerly"]
 
 _TRACER_ERRORS = (
     jax.errors.ConcretizationTypeError,
@@ -98,6 +98,20 @@ def isolated_from_handlers():
         yield
     finally:
         _PYRO_STACK[:] = saved
+
+
+@contextmanager
+def data_evaluated_eagerly():
+    """Inside jit (or ``make_jaxpr``, ``fori_loop``), compute what does not depend on a traced value.
+
+    JAX stages every operation under jit, so a model that computes a size from its data
+    (``n = int(region.max()) + 1``) or indexes a numpy array with a plate's subsample index
+    cannot be traced as it stands. Run the model under this context, with its inputs closed
+    over (never passed as jit arguments): the data and the seeded random keys stay concrete,
+    and only computations on the latent values are traced.
+    """
+    with jax.ensure_compile_time_eval():
+        yield
 
 
 def unwrap_distribution(fn):
@@ -280,6 +294,28 @@ class ModelTrace:
         }
 
 
+_LIBRARY_MODULES = ("jax", "jaxlib", "numpyro", "numpy", "autoreparam", "contextlib", "functools")
+
+
+def _user_line(exc: BaseException) -> str | None:
+    """``file.py:12 (n = int(mu))`` for the innermost traceback frame outside the libraries."""
+    import linecache
+    import os
+
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        if module.split(".")[0] not in _LIBRARY_MODULES:
+            found = tb
+        tb = tb.tb_next
+    if found is None:
+        return None
+    code = found.tb_frame.f_code
+    line = linecache.getline(code.co_filename, found.tb_lineno).strip()
+    where = f"{os.path.basename(code.co_filename)}:{found.tb_lineno}"
+    return f"{where} `{line}`" if line else where
+
+
 def site_of_exception(exc: BaseException, recorder=None) -> str:
     """" at site 'x'" when the error came from inside a numpyro.sample/deterministic/param call."""
     tb, name = exc.__traceback__, None
@@ -294,6 +330,26 @@ def site_of_exception(exc: BaseException, recorder=None) -> str:
     if recorder is not None and recorder.last_site:
         return f" (at or after site '{recorder.last_site}')"
     return ""
+
+
+def untraceable_error(exc: BaseException, recorder=None) -> ModelError:
+    """One line for a JAX tracer error: the model needs a concrete value of a latent site."""
+    line = _user_line(exc)
+    where = (f" at {line}" if line else "") + site_of_exception(exc, recorder)
+    return ModelError(
+        "the model uses the value of a latent site in Python control flow or a conversion "
+        f"(if/while, int(), float(), np.asarray){where}, which cannot be traced; write it with "
+        f"jnp.where or lax.cond ({type(exc).__name__})"
+    )
+
+
+@contextmanager
+def untraceable_as_model_error():
+    """Turn a JAX tracer error raised by the model under jit/grad into one ModelError line."""
+    try:
+        yield
+    except _TRACER_ERRORS as exc:
+        raise untraceable_error(exc) from None
 
 
 def _run_guarded(fn, recorder: _SiteRecorder | None = None):
@@ -423,7 +479,8 @@ def site_dependencies(mt: ModelTrace, values: dict[str, Any]) -> dict[str, set[s
 
     def outputs(**inp):
         keep = _KeepComputedDeterministic()
-        with handlers.trace() as tr2, handlers.seed(rng_seed=0), handlers.substitute(data=inp), keep:
+        with data_evaluated_eagerly(), handlers.trace() as tr2, handlers.seed(rng_seed=0), \
+                handlers.substitute(data=inp), keep:
             mt.model(*mt.args, **mt.kwargs)
         out = {}
         for name, site in tr2.items():

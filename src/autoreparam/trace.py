@@ -152,6 +152,7 @@ class _SiteRecorder(Messenger):
         self.plate_sizes: dict[str, tuple[int, int]] = {}
         self.scan_sites: list[str] = []
         self.last_site: str | None = None
+        self.unchecked_observed: list[str] = []  # traced values: checked by an eager run
 
     def process_message(self, msg):
         if msg["type"] in ("sample", "deterministic", "param"):
@@ -178,6 +179,8 @@ class _SiteRecorder(Messenger):
             if msg["is_observed"]:
                 kind = "observed"
                 _check_observed_shape(msg["name"], fn, record["shape"])
+                if not _check_observed_support(msg["name"], fn, msg["value"]):
+                    self.unchecked_observed.append(msg["name"])
             else:
                 kind = "latent"
             record.update(
@@ -205,6 +208,96 @@ def _check_observed_value(name, value):
         raise ModelError(f"observed site '{name}': its value is a {type(value).__name__}"
                          f"{' of dtype ' + str(value.dtype) if hasattr(value, 'dtype') else ''}; "
                          "expected a numeric array")
+
+
+def _observed_mask(fn):
+    """Where the observations count (False under handlers.mask, obs_mask or fn.mask), or True.
+
+    Returned aligned with the elements of the innermost distribution's batch shape: a mask of
+    a wrapper outside ``to_event`` gets a trailing axis for every dimension it reinterpreted.
+    """
+    layers = []
+    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
+        layers.append(fn)
+        fn = fn.base_dist
+    mask, inner_event_dims = True, 0
+    for layer in reversed(layers):  # innermost first
+        if isinstance(layer, dist.Independent):
+            inner_event_dims += layer.reinterpreted_batch_ndims
+        elif isinstance(layer, dist.MaskedDistribution) and layer._mask is not True:
+            m = np.asarray(layer._mask, dtype=bool)
+            m = m.reshape(m.shape + (1,) * inner_event_dims)
+            mask = m if mask is True else mask & m
+    return mask
+
+
+def _where(flags) -> str:
+    first = np.unravel_index(int(np.flatnonzero(flags)[0]), flags.shape)
+    return f"index {first[0]}" if len(first) == 1 else f"index {tuple(int(i) for i in first)}"
+
+
+def _support_at(support, shape, index) -> str:
+    """The support's name, with array bounds (a Binomial's total_count) read at ``index``."""
+    bounds = [getattr(support, b) for b in ("lower_bound", "upper_bound") if hasattr(support, b)]
+    if not isinstance(support, constraints.integer_interval) or len(bounds) != 2:
+        return support_name(support)
+    try:
+        low, high = (np.broadcast_to(np.asarray(b), shape)[index] for b in bounds)
+    except ValueError:
+        return support_name(support)
+    return f"integers from {low:g} to {high:g}"
+
+
+def _check_observed_support(name, fn, value) -> bool:
+    """Raise ModelError for observed values NumPyro would score as nonsense (NaN, inf, 2.5 for a
+    Poisson, -1 for a Binomial, 2 for a Bernoulli); masked-out values are not looked at.
+
+    Returns False, without checking, when the value or the distribution is traced.
+    """
+    base = unwrap_distribution(fn)
+    try:
+        with jax.ensure_compile_time_eval():
+            ok = base.support(value)
+            mask = _observed_mask(fn)
+    except NotImplementedError:  # a dependent support (Delta, ...): nothing to check against
+        return True
+    except jax.errors.TracerArrayConversionError:
+        return False
+    if isinstance(ok, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
+        return False
+    value, ok = np.asarray(value), np.asarray(ok)
+    event = base.support.event_dim  # ok has one flag per event of the base distribution
+    counted = np.ones(ok.shape, dtype=bool) if mask is True else mask
+    if value.dtype.kind == "f":
+        for what, flags in (("NaN", np.isnan(value)), ("infinite", np.isinf(value))):
+            if event:  # an event with a NaN in it is one bad observation
+                flags = flags.reshape(flags.shape[:flags.ndim - event] + (-1,)).any(-1)
+            flags, kept = np.broadcast_arrays(flags, counted)
+            flags = flags & kept
+            if flags.any():
+                n = int(flags.sum())
+                raise ModelError(
+                    f"observed site '{name}' has {n} {what} value{'s' if n != 1 else ''} (first at "
+                    f"{_where(flags)}); drop them, or mask them (obs_mask= or numpyro.handlers.mask)"
+                )
+    ok, kept = np.broadcast_arrays(ok, counted)
+    bad = ~ok & kept
+    if bad.any():
+        n = int(bad.sum())
+        first = np.unravel_index(int(np.flatnonzero(bad)[0]), bad.shape)
+        try:
+            example = np.broadcast_to(value, bad.shape + value.shape[value.ndim - event:])[first]
+            example = np.asarray(example)
+            shown = repr(example.item()) if example.ndim == 0 else np.array2string(example, threshold=6, precision=6)
+            shown += " "
+        except ValueError:
+            shown = ""
+        raise ModelError(
+            f"observed site '{name}' has {n} value{'s' if n != 1 else ''} outside the support of "
+            f"{type(base).__name__} ({_support_at(base.support, bad.shape, first)}), the first "
+            f"{shown}at {_where(bad)}"
+        )
+    return True
 
 
 def _check_observed_shape(name, fn, value_shape):
@@ -404,6 +497,10 @@ def trace_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -
             box["recorder"] = run()
         except _TRACER_ERRORS as exc:
             raise ModelError(f"the model cannot be run on the example inputs: {describe_exception(exc)}") from exc
+    if box["recorder"].unchecked_observed:
+        # The shape-only run traced some observed values (computed from the inputs inside the
+        # model): one eager run checks them against their support.
+        box["recorder"] = run()
     recorder = box["recorder"]
 
     if recorder.scan_sites:

@@ -87,13 +87,18 @@ def test_not_a_callable_model():
     assert "callable" in msg and "str" in msg
 
 
-def test_no_observed_site():
+def test_no_observed_site_is_a_note():
+    """A forgotten obs= is not an error (a prior has funnels too), but the report says so."""
     def model(y=None):
         mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
         numpyro.sample("y", dist.Normal(mu, 1.0))  # obs forgotten
 
-    msg = expect_error(ModelError, model, y=Y)
-    assert "no observed site" in msg and "obs" in msg
+    report = analyze(model, y=Y)
+    assert report.invariances == [] and report.terms == {}
+    notes = [n for n in report.notes if "no observed site" in n]
+    assert len(notes) == 1 and "obs=" in notes[0] and "\n" not in notes[0]
+    assert f"note: {notes[0]}" in str(report)
+    assert_clean_and_still_works()
 
 
 # -- discrete latent sites are a note, not an error ---------------------------------------------

@@ -27,6 +27,7 @@ from .trace import (
     _TRACER_ERRORS,
     ModelTrace,
     _SiteRecorder,
+    data_evaluated_eagerly,
     describe_exception,
     isolated_from_handlers,
     site_dependencies,
@@ -61,7 +62,9 @@ def analyze(model: Callable, *args, **kwargs) -> Report:
     >>> report.invariances[0].absorption.absorb(np.array([2.0]))  # a absorbs mu by broadcast
     array([2., 2., 2., 2.])
     """
-    with isolated_from_handlers():
+    # data_evaluated_eagerly: a first call of a reparameterized model may come from inside a
+    # transformation (Predictive's lax.map); the analysis itself runs on concrete values.
+    with isolated_from_handlers(), data_evaluated_eagerly():
         return _analyze(model, args, kwargs)
 
 

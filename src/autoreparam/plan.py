@@ -368,9 +368,9 @@ def build_plan(report, init: str = "analytic", noncentre: Any = "auto", at: dict
         raise InputError(f"init must be 'analytic' or 'zero', got {init!r}")
     if noncentre not in ("auto", True, False, None):
         raise InputError(f"noncentre must be 'auto', True or False, got {noncentre!r}")
-    from .trace import isolated_from_handlers
+    from .trace import data_evaluated_eagerly, isolated_from_handlers
 
-    with isolated_from_handlers():
+    with isolated_from_handlers(), data_evaluated_eagerly():
         return _build_plan(report, init, noncentre, at)
 
 

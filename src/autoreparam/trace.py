@@ -24,7 +24,13 @@ from numpyro.primitives import _PYRO_STACK, Messenger
 
 from .errors import InputError, ModelError
 
-__all__ = ["Plate", "Site", "ModelTrace", "trace_model", "unwrap_distribution", "data_evaluated_eagerly"]
+__all__ = ["Plate", "Site", "ModelTrace", "trace_model", "has_observed_site", "unwrap_distribution",
+           "data_evaluated_eagerly"]
+
+NO_OBSERVED_SITE_NOTE = (
+    "the model has no observed site (no numpyro.sample with obs=...): there is no likelihood, so "
+    "there are no likelihood-invariant pairs; funnels are found and non-centred from the prior alone"
+)
 
 _TRACER_ERRORS = (
     jax.errors.ConcretizationTypeError,
@@ -533,10 +539,8 @@ def trace_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -
         )
     mt = ModelTrace(model, tuple(args), kwargs, sites, shape_only)
     if not mt.observed_names:
-        raise ModelError(
-            "the model has no observed site (a numpyro.sample with obs=...); "
-            "pass the data so the likelihood can be analysed"
-        )
+        # A prior (Neal's funnel with no data) still has funnels to non-centre.
+        mt.notes.append(NO_OBSERVED_SITE_NOTE)
     for name, site in sites.items():
         if site.type == "latent" and site.is_discrete:
             mt.notes.append(
@@ -544,6 +548,12 @@ def trace_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -
                 "it is held fixed and left out of the analysis"
             )
     return mt
+
+
+def has_observed_site(model: Callable, args: tuple = (), kwargs: dict | None = None) -> bool:
+    """Whether ``model(*args, **kwargs)`` observes anything (``y=None`` in a Predictive does not)."""
+    with isolated_from_handlers():
+        return bool(trace_model(model, args, kwargs).observed_names)
 
 
 class _KeepComputedDeterministic(Messenger):

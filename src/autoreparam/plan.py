@@ -442,9 +442,10 @@ class _Curvature:
 
     def __init__(self, mt, at, hyperparameters=()):
         from numpyro import handlers
-        from .trace import data_evaluated_eagerly, untraceable_as_model_error
         from numpyro.infer.initialization import init_to_feasible, init_to_median
         from numpyro.infer.util import log_density
+
+        from .trace import data_evaluated_eagerly, untraceable_as_model_error
 
         self.mt = mt
         model = handlers.substitute(handlers.seed(mt.model, 0), substitute_fn=init_to_median(num_samples=101))

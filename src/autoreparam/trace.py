@@ -265,20 +265,26 @@ def _check_observed_support(name, fn, value) -> bool:
         with jax.ensure_compile_time_eval():
             ok = base.support(value)
             mask = _observed_mask(fn)
-    except NotImplementedError:  # a dependent support (Delta, ...): nothing to check against
-        return True
     except jax.errors.TracerArrayConversionError:
         return False
+    except (NotImplementedError, TypeError, ValueError):  # a dependent support (Delta): nothing to check
+        return True
     if isinstance(ok, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
         return False
     value, ok = np.asarray(value), np.asarray(ok)
     event = base.support.event_dim  # ok has one flag per event of the base distribution
-    counted = np.ones(ok.shape, dtype=bool) if mask is True else mask
+    try:
+        ok, counted = np.broadcast_arrays(ok, True if mask is True else mask)
+    except ValueError:  # a mask that does not line up with the values: leave it to NumPyro
+        return True
     if value.dtype.kind == "f":
         for what, flags in (("NaN", np.isnan(value)), ("infinite", np.isinf(value))):
             if event:  # an event with a NaN in it is one bad observation
                 flags = flags.reshape(flags.shape[:flags.ndim - event] + (-1,)).any(-1)
-            flags, kept = np.broadcast_arrays(flags, counted)
+            try:
+                flags, kept = np.broadcast_arrays(flags, counted)
+            except ValueError:
+                return True
             flags = flags & kept
             if flags.any():
                 n = int(flags.sum())
@@ -286,16 +292,15 @@ def _check_observed_support(name, fn, value) -> bool:
                     f"observed site '{name}' has {n} {what} value{'s' if n != 1 else ''} (first at "
                     f"{_where(flags)}); drop them, or mask them (obs_mask= or numpyro.handlers.mask)"
                 )
-    ok, kept = np.broadcast_arrays(ok, counted)
-    bad = ~ok & kept
+    bad = ~ok & counted
     if bad.any():
         n = int(bad.sum())
         first = np.unravel_index(int(np.flatnonzero(bad)[0]), bad.shape)
         try:
             example = np.broadcast_to(value, bad.shape + value.shape[value.ndim - event:])[first]
             example = np.asarray(example)
-            shown = repr(example.item()) if example.ndim == 0 else np.array2string(example, threshold=6, precision=6)
-            shown += " "
+            shown = (repr(example.item()) if example.ndim == 0
+                     else np.array2string(example, threshold=6, precision=6)) + " "
         except ValueError:
             shown = ""
         raise ModelError(

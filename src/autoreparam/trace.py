@@ -556,7 +556,12 @@ def trace_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -
 
 
 def has_observed_site(model: Callable, args: tuple = (), kwargs: dict | None = None) -> bool:
-    """Whether ``model(*args, **kwargs)`` observes anything (``y=None`` in a Predictive does not)."""
+    """Whether ``model(*args, **kwargs)`` observes anything (``y=None`` in a Predictive does not).
+
+    Traced (jit) inputs count as data: the caller's analysis refuses them with its own message.
+    """
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
+        return True
     with isolated_from_handlers():
         return bool(trace_model(model, args, kwargs).observed_names)
 

@@ -295,12 +295,14 @@ def test_model_that_raises(tmp_path, capsys):
     assert_error(capsys, 2, [path], path, "RuntimeError", "boom", "'mu'")
 
 
-def test_model_without_observed_site(tmp_path, capsys):
+def test_model_without_observed_site_is_analysed_with_a_note(tmp_path, capsys):
     path = write(tmp_path, "no_obs.py", HEADER + """
 def model():
     numpyro.sample("mu", dist.Normal(0.0, 1.0))
 """)
-    assert_error(capsys, 2, [path], path, "no observed site")
+    code, out, err = run(capsys, path)
+    assert code == 0, err
+    assert "note: the model has no observed site" in out and "empty: the model is left as it is" in out
 
 
 def test_observed_shape_mismatch(tmp_path, capsys):

@@ -87,13 +87,18 @@ def test_not_a_callable_model():
     assert "callable" in msg and "str" in msg
 
 
-def test_no_observed_site():
+def test_no_observed_site_is_a_note():
+    """A forgotten obs= is not an error (a prior has funnels too), but the report says so."""
     def model(y=None):
         mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
         numpyro.sample("y", dist.Normal(mu, 1.0))  # obs forgotten
 
-    msg = expect_error(ModelError, model, y=Y)
-    assert "no observed site" in msg and "obs" in msg
+    report = analyze(model, y=Y)
+    assert report.invariances == [] and report.terms == {}
+    notes = [n for n in report.notes if "no observed site" in n]
+    assert len(notes) == 1 and "obs=" in notes[0] and "\n" not in notes[0]
+    assert f"note: {notes[0]}" in str(report)
+    assert_clean_and_still_works()
 
 
 # -- discrete latent sites are a note, not an error ---------------------------------------------
@@ -308,3 +313,124 @@ def test_observed_value_that_is_not_numeric(value):
     # Strings and dicts are allowed model inputs, but not as the value of an observed site.
     msg = expect_error(AutoreparamError, good_model, GROUP, y=value)
     assert "'y'" in msg or "y=" in msg
+
+
+# -- observed values outside their distribution's support ---------------------------------------
+
+def observed_model(make_dist, n=6, mask=None, obs_mask=None):
+    """mu + a[group] into an observed site built by ``make_dist(eta)``, optionally masked."""
+    def model(group, y=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("groups", 3):
+            a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", n):
+            fn = make_dist(mu + a[group])
+            if mask is not None:
+                with numpyro.handlers.mask(mask=mask):
+                    numpyro.sample("y", fn, obs=y)
+            else:
+                numpyro.sample("y", fn, obs=y, obs_mask=obs_mask)
+    return model
+
+
+def normal(eta):
+    return dist.Normal(eta, 0.5)
+
+
+def poisson(eta):
+    return dist.Poisson(jnp.exp(eta))
+
+
+def binomial(eta):
+    return dist.Binomial(jnp.array([5, 5, 5, 2, 2, 2]), logits=eta)
+
+
+def bernoulli(eta):
+    return dist.Bernoulli(logits=eta)
+
+
+def gamma(eta):
+    return dist.Gamma(2.0, jnp.exp(eta))
+
+
+NAN = np.array([0.0, np.nan, 1.0, np.nan, 2.0, np.nan])
+
+
+@pytest.mark.parametrize(
+    "make_dist, y, expected",
+    [
+        (normal, NAN, "observed site 'y' has 3 NaN values (first at index 1)"),
+        (normal, jnp.array([0.0, 1.0, 2.0, -np.inf, 0.0, np.inf]),
+         "observed site 'y' has 2 infinite values (first at index 3)"),
+        (gamma, np.array([1.0, 1.0, 2.0, np.inf, 1.0, 1.0]), "observed site 'y' has 1 infinite value (first at index 3)"),
+        (poisson, np.array([0.0, 1.0, 2.5, 3.0, 1.0, 0.5]),
+         "has 2 values outside the support of Poisson (integer_nonnegative), the first 2.5 at index 2"),
+        (poisson, np.array([0, 1, 2, -3, 1, 0]), "has 1 value outside the support of Poisson"),
+        (binomial, np.array([0, 5, 1, 2, 3, 0]),
+         "has 1 value outside the support of BinomialLogits (integers from 0 to 2), the first 3 at index 4"),
+        (binomial, np.array([0, 5, 1, -1, 0, 0]), "the first -1 at index 3"),
+        (bernoulli, np.array([0.0, 1.0, 2.0, 1.0, 0.0, 1.0]),
+         "has 1 value outside the support of BernoulliLogits (boolean), the first 2.0 at index 2"),
+        (gamma, np.array([1.0, 0.0, 2.0, 1.0, 1.0, 1.0]), "outside the support of Gamma (positive), the first 0.0"),
+    ],
+    ids=["nan", "inf", "inf-positive-support", "poisson-fraction", "poisson-negative", "binomial-over-total",
+         "binomial-negative", "bernoulli-two", "gamma-zero"],
+)
+def test_observed_values_outside_the_support_are_rejected(make_dist, y, expected):
+    msg = expect_error(ModelError, observed_model(make_dist), GROUP, y=y)
+    assert expected in msg, msg
+
+
+def test_observed_value_computed_inside_the_model_is_checked():
+    # The shape-only pass sees a traced value; it is checked on an eager run.
+    def model(group, y=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", 6):
+            numpyro.sample("y", dist.Poisson(jnp.exp(mu)), obs=jnp.asarray(y) - 1)
+
+    msg = expect_error(ModelError, model, GROUP, y=np.array([1, 1, 0, 2, 1, 1]))
+    assert "outside the support of Poisson" in msg and "the first -1 at index 2" in msg
+
+
+def test_nan_in_an_event_counts_once_and_names_its_index():
+    def model(y=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("n", 3):
+            numpyro.sample("y", dist.MultivariateNormal(mu * jnp.ones(2), jnp.eye(2)), obs=y)
+
+    msg = expect_error(ModelError, model, y=np.array([[0.0, 1.0], [1.0, 2.0], [np.nan, np.nan]]))
+    assert "observed site 'y' has 1 NaN value (first at index 2)" in msg
+
+
+MASK = np.array([True, False, True, False, True, False])
+
+
+@pytest.mark.parametrize("how", ["handlers.mask", "obs_mask"])
+def test_nan_under_a_mask_is_accepted_and_planned(how):
+    """NumPyro scores masked-out observations as a feasible value, so NaN there is harmless."""
+    kw = {"mask": MASK} if how == "handlers.mask" else {"obs_mask": MASK}
+    model = observed_model(normal, **kw)
+    report = analyze(model, GROUP, y=NAN)
+    observed = "y" if how == "handlers.mask" else "y_observed"
+    assert report.pairs() == {(observed, "mu", "a"): 1}
+    xi = np.asarray(report.plan["a"].offsets[0].init)
+    assert np.all(np.isfinite(xi)) and np.all(xi < 0)  # each group has data under the mask
+
+
+def test_nan_outside_the_mask_is_still_rejected():
+    mask = MASK.copy()
+    mask[3] = True
+    msg = expect_error(ModelError, observed_model(normal, mask=mask), GROUP, y=NAN)
+    assert "observed site 'y' has 1 NaN value (first at index 3)" in msg
+
+
+def test_mask_under_to_event_masks_whole_columns():
+    def model(y=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        fn = dist.Poisson(jnp.exp(mu)).expand([3, 2]).mask(jnp.array([True, False])).to_event(2)
+        numpyro.sample("y", fn, obs=y)
+
+    report = analyze(model, y=np.array([[1.0, 2.5], [2.0, -1.0], [0.0, np.nan]]))
+    assert report.sites["y"].type == "observed"
+    msg = expect_error(ModelError, model, y=np.array([[1.0, 2.5], [2.5, -1.0], [0.0, np.nan]]))
+    assert "the first 2.5 at index (1, 0)" in msg

@@ -232,12 +232,13 @@ def test_scan_sites_are_a_model_error():
         trace_model(model, (), {"y": jnp.zeros(3)})
 
 
-def test_no_observed_site_and_not_callable():
+def test_no_observed_site_is_a_note_and_not_callable_an_error():
     def model():
         numpyro.sample("mu", dist.Normal(0.0, 1.0))
 
-    with pytest.raises(ModelError, match="no observed site"):
-        trace_model(model)
+    mt = trace_model(model)
+    assert mt.latent_names == ["mu"] and mt.observed_names == []
+    assert any("no observed site" in note for note in mt.notes)
     with pytest.raises(InputError, match="callable"):
         trace_model("model")
 

@@ -27,11 +27,12 @@ from .trace import (
     _TRACER_ERRORS,
     ModelTrace,
     _SiteRecorder,
-    site_of_exception,
+    data_evaluated_eagerly,
     describe_exception,
     isolated_from_handlers,
     site_dependencies,
     trace_model,
+    untraceable_error,
     unwrap_distribution,
 )
 
@@ -61,7 +62,9 @@ def analyze(model: Callable, *args, **kwargs) -> Report:
     >>> report.invariances[0].absorption.absorb(np.array([2.0]))  # a absorbs mu by broadcast
     array([2., 2., 2., 2.])
     """
-    with isolated_from_handlers():
+    # data_evaluated_eagerly: a first call of a reparameterized model may come from inside a
+    # transformation (Predictive's lax.map); the analysis itself runs on concrete values.
+    with isolated_from_handlers(), data_evaluated_eagerly():
         return _analyze(model, args, kwargs)
 
 
@@ -170,11 +173,7 @@ class _Probe:
             with recorder:
                 jax.vmap(self._outputs)(stacked)
         except _TRACER_ERRORS as exc:
-            raise ModelError(
-                f"the model uses the value of a latent site in Python control flow or a conversion"
-                f"{site_of_exception(exc, recorder)} (if/while, int(), float(), np.asarray), which "
-                f"cannot be traced; write it with jnp.where or lax.cond ({describe_exception(exc)})"
-            ) from exc
+            raise untraceable_error(exc, recorder) from exc
         except Exception:  # noqa: BLE001 - vmap is only a probe for control flow; linearize reports the rest
             pass
 
@@ -182,11 +181,7 @@ class _Probe:
         try:
             _, f = jax.linearize(self._outputs, theta)
         except _TRACER_ERRORS as exc:
-            raise ModelError(
-                "the model uses the value of a latent site in Python control flow or a conversion "
-                "(if/while, int(), float(), np.asarray), which cannot be differentiated; write it with "
-                f"jnp.where or lax.cond ({describe_exception(exc)})"
-            ) from exc
+            raise untraceable_error(exc) from exc
         except ModelError:
             raise
         except Exception as exc:

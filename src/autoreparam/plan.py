@@ -368,9 +368,9 @@ def build_plan(report, init: str = "analytic", noncentre: Any = "auto", at: dict
         raise InputError(f"init must be 'analytic' or 'zero', got {init!r}")
     if noncentre not in ("auto", True, False, None):
         raise InputError(f"noncentre must be 'auto', True or False, got {noncentre!r}")
-    from .trace import isolated_from_handlers
+    from .trace import data_evaluated_eagerly, isolated_from_handlers
 
-    with isolated_from_handlers():
+    with isolated_from_handlers(), data_evaluated_eagerly():
         return _build_plan(report, init, noncentre, at)
 
 
@@ -445,6 +445,8 @@ class _Curvature:
         from numpyro.infer.initialization import init_to_feasible, init_to_median
         from numpyro.infer.util import log_density
 
+        from .trace import data_evaluated_eagerly, untraceable_as_model_error
+
         self.mt = mt
         model = handlers.substitute(handlers.seed(mt.model, 0), substitute_fn=init_to_median(num_samples=101))
         tr = handlers.trace(model).get_trace(*mt.args, **mt.kwargs)
@@ -460,7 +462,10 @@ class _Curvature:
         seeded = handlers.seed(mt.model, 0)
 
         def neg_log_joint(theta):
-            return -log_density(seeded, mt.args, mt.kwargs, {**theta, **fixed})[0]
+            # The model's inputs are closed over and evaluated eagerly under jit: a model may
+            # compute sizes or numpy indices from its data; only the latent values are traced.
+            with data_evaluated_eagerly():
+                return -log_density(seeded, mt.args, mt.kwargs, {**theta, **fixed})[0]
 
         if isinstance(at, dict):
             unknown = set(at) - set(values)
@@ -470,7 +475,9 @@ class _Curvature:
         elif at in (None, "map"):
             free = [n for n in self.names if n not in hyperparameters]
             supports = {n: tr[n]["fn"].support for n in free}
-            values.update(_map_point(neg_log_joint, {n: jnp.asarray(values[n]) for n in self.names}, supports))
+            with untraceable_as_model_error():
+                values.update(_map_point(neg_log_joint, {n: jnp.asarray(values[n]) for n in self.names},
+                                         supports))
         elif at != "median":
             raise InputError(f"at must be None, 'map', 'median' or a dict of latent values, got {at!r}")
         self.point = {n: jnp.asarray(values[n]) for n in self.names}
@@ -490,7 +497,11 @@ class _Curvature:
     def hvp(self, tangent: dict[str, Any]) -> dict[str, np.ndarray]:
         full = {n: jnp.asarray(tangent[n], dtype=self.point[n].dtype).reshape(self.point[n].shape)
                 if n in tangent else jnp.zeros_like(self.point[n]) for n in self.names}
-        return {n: np.asarray(v, dtype=np.float64) for n, v in self._hvp(full).items()}
+        from .trace import untraceable_as_model_error
+
+        with untraceable_as_model_error():
+            out = self._hvp(full)
+        return {n: np.asarray(v, dtype=np.float64) for n, v in out.items()}
 
     def _batch_reduce(self, name, v):
         """Sum a site-shaped array over its event dims -> batch shape (flattened)."""

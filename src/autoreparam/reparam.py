@@ -287,14 +287,14 @@ def reparameterize(model: Callable, plan: Plan | None = None, *, init: str = "an
         key = _signature(args, kwargs)
         config = cache.get(key)
         if config is None:
-            try:
-                config = _prepare(model, plan, args, kwargs, init, noncentre, at, learn)
-            except ModelError as exc:
-                # Predictive without data (y=None) has nothing to analyse: reuse the last plan,
+            from .trace import has_observed_site
+
+            if cache and not has_observed_site(model, args, kwargs):
+                # Predictive without data (y=None) would plan the prior alone: reuse the last plan,
                 # whose sites are checked against this call's shapes as they are sampled.
-                if "no observed site" not in str(exc) or not cache:
-                    raise
                 config = next(reversed(cache.values()))
+            else:
+                config = _prepare(model, plan, args, kwargs, init, noncentre, at, learn)
             cache[key] = config
         with handlers.reparam(config=config):
             return config.record(model)(*args, **kwargs)

@@ -162,7 +162,8 @@ class Report:
                         + (f"  plates: {plates}" if plates else "")
                         + ("  [discrete: left out]" if s.is_discrete and s.type == "latent" else ""))
             lines.append(f"  {s.name:<{width}}  {desc}")
-        lines.append("")
+        if self.terms:
+            lines.append("")
         for obs, terms in self.terms.items():
             if terms:
                 lines.append(f"additive terms of {obs}: " + " + ".join(

@@ -24,7 +24,13 @@ from numpyro.primitives import _PYRO_STACK, Messenger
 
 from .errors import InputError, ModelError
 
-__all__ = ["Plate", "Site", "ModelTrace", "trace_model", "unwrap_distribution"]
+__all__ = ["Plate", "Site", "ModelTrace", "trace_model", "has_observed_site", "unwrap_distribution",
+           "data_evaluated_eagerly"]
+
+NO_OBSERVED_SITE_NOTE = (
+    "the model has no observed site (no numpyro.sample with obs=...): there is no likelihood, so "
+    "there are no likelihood-invariant pairs; funnels are found and non-centred from the prior alone"
+)
 
 _TRACER_ERRORS = (
     jax.errors.ConcretizationTypeError,
@@ -100,6 +106,20 @@ def isolated_from_handlers():
         _PYRO_STACK[:] = saved
 
 
+@contextmanager
+def data_evaluated_eagerly():
+    """Inside jit (or ``make_jaxpr``, ``fori_loop``), compute what does not depend on a traced value.
+
+    JAX stages every operation under jit, so a model that computes a size from its data
+    (``n = int(region.max()) + 1``) or indexes a numpy array with a plate's subsample index
+    cannot be traced as it stands. Run the model under this context, with its inputs closed
+    over (never passed as jit arguments): the data and the seeded random keys stay concrete,
+    and only computations on the latent values are traced.
+    """
+    with jax.ensure_compile_time_eval():
+        yield
+
+
 def unwrap_distribution(fn):
     """The innermost distribution under Independent/Expanded/Masked wrappers."""
     while isinstance(fn, (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
@@ -138,6 +158,7 @@ class _SiteRecorder(Messenger):
         self.plate_sizes: dict[str, tuple[int, int]] = {}
         self.scan_sites: list[str] = []
         self.last_site: str | None = None
+        self.unchecked_observed: list[str] = []  # traced values: checked by an eager run
 
     def process_message(self, msg):
         if msg["type"] in ("sample", "deterministic", "param"):
@@ -164,6 +185,8 @@ class _SiteRecorder(Messenger):
             if msg["is_observed"]:
                 kind = "observed"
                 _check_observed_shape(msg["name"], fn, record["shape"])
+                if not _check_observed_support(msg["name"], fn, msg["value"]):
+                    self.unchecked_observed.append(msg["name"])
             else:
                 kind = "latent"
             record.update(
@@ -191,6 +214,101 @@ def _check_observed_value(name, value):
         raise ModelError(f"observed site '{name}': its value is a {type(value).__name__}"
                          f"{' of dtype ' + str(value.dtype) if hasattr(value, 'dtype') else ''}; "
                          "expected a numeric array")
+
+
+def _observed_mask(fn):
+    """Where the observations count (False under handlers.mask, obs_mask or fn.mask), or True.
+
+    Returned aligned with the elements of the innermost distribution's batch shape: a mask of
+    a wrapper outside ``to_event`` gets a trailing axis for every dimension it reinterpreted.
+    """
+    layers = []
+    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
+        layers.append(fn)
+        fn = fn.base_dist
+    mask, inner_event_dims = True, 0
+    for layer in reversed(layers):  # innermost first
+        if isinstance(layer, dist.Independent):
+            inner_event_dims += layer.reinterpreted_batch_ndims
+        elif isinstance(layer, dist.MaskedDistribution) and layer._mask is not True:
+            m = np.asarray(layer._mask, dtype=bool)
+            m = m.reshape(m.shape + (1,) * inner_event_dims)
+            mask = m if mask is True else mask & m
+    return mask
+
+
+def _where(flags) -> str:
+    first = np.unravel_index(int(np.flatnonzero(flags)[0]), flags.shape)
+    return f"index {first[0]}" if len(first) == 1 else f"index {tuple(int(i) for i in first)}"
+
+
+def _support_at(support, shape, index) -> str:
+    """The support's name, with array bounds (a Binomial's total_count) read at ``index``."""
+    bounds = [getattr(support, b) for b in ("lower_bound", "upper_bound") if hasattr(support, b)]
+    if not isinstance(support, constraints.integer_interval) or len(bounds) != 2:
+        return support_name(support)
+    try:
+        low, high = (np.broadcast_to(np.asarray(b), shape)[index] for b in bounds)
+    except ValueError:
+        return support_name(support)
+    return f"integers from {low:g} to {high:g}"
+
+
+def _check_observed_support(name, fn, value) -> bool:
+    """Raise ModelError for observed values NumPyro would score as nonsense (NaN, inf, 2.5 for a
+    Poisson, -1 for a Binomial, 2 for a Bernoulli); masked-out values are not looked at.
+
+    Returns False, without checking, when the value or the distribution is traced.
+    """
+    base = unwrap_distribution(fn)
+    try:
+        with jax.ensure_compile_time_eval():
+            ok = base.support(value)
+            mask = _observed_mask(fn)
+    except jax.errors.TracerArrayConversionError:
+        return False
+    except (NotImplementedError, TypeError, ValueError):  # a dependent support (Delta): nothing to check
+        return True
+    if isinstance(ok, jax.core.Tracer) or isinstance(value, jax.core.Tracer):
+        return False
+    value, ok = np.asarray(value), np.asarray(ok)
+    event = base.support.event_dim  # ok has one flag per event of the base distribution
+    try:
+        ok, counted = np.broadcast_arrays(ok, True if mask is True else mask)
+    except ValueError:  # a mask that does not line up with the values: leave it to NumPyro
+        return True
+    if value.dtype.kind == "f":
+        for what, flags in (("NaN", np.isnan(value)), ("infinite", np.isinf(value))):
+            if event:  # an event with a NaN in it is one bad observation
+                flags = flags.reshape(flags.shape[:flags.ndim - event] + (-1,)).any(-1)
+            try:
+                flags, kept = np.broadcast_arrays(flags, counted)
+            except ValueError:
+                return True
+            flags = flags & kept
+            if flags.any():
+                n = int(flags.sum())
+                raise ModelError(
+                    f"observed site '{name}' has {n} {what} value{'s' if n != 1 else ''} (first at "
+                    f"{_where(flags)}); drop them, or mask them (obs_mask= or numpyro.handlers.mask)"
+                )
+    bad = ~ok & counted
+    if bad.any():
+        n = int(bad.sum())
+        first = np.unravel_index(int(np.flatnonzero(bad)[0]), bad.shape)
+        try:
+            example = np.broadcast_to(value, bad.shape + value.shape[value.ndim - event:])[first]
+            example = np.asarray(example)
+            shown = (repr(example.item()) if example.ndim == 0
+                     else np.array2string(example, threshold=6, precision=6)) + " "
+        except ValueError:
+            shown = ""
+        raise ModelError(
+            f"observed site '{name}' has {n} value{'s' if n != 1 else ''} outside the support of "
+            f"{type(base).__name__} ({_support_at(base.support, bad.shape, first)}), the first "
+            f"{shown}at {_where(bad)}"
+        )
+    return True
 
 
 def _check_observed_shape(name, fn, value_shape):
@@ -280,6 +398,28 @@ class ModelTrace:
         }
 
 
+_LIBRARY_MODULES = ("jax", "jaxlib", "numpyro", "numpy", "autoreparam", "contextlib", "functools")
+
+
+def _user_line(exc: BaseException) -> str | None:
+    """``file.py:12 (n = int(mu))`` for the innermost traceback frame outside the libraries."""
+    import linecache
+    import os
+
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        if module.split(".")[0] not in _LIBRARY_MODULES:
+            found = tb
+        tb = tb.tb_next
+    if found is None:
+        return None
+    code = found.tb_frame.f_code
+    line = linecache.getline(code.co_filename, found.tb_lineno).strip()
+    where = f"{os.path.basename(code.co_filename)}:{found.tb_lineno}"
+    return f"{where} `{line}`" if line else where
+
+
 def site_of_exception(exc: BaseException, recorder=None) -> str:
     """" at site 'x'" when the error came from inside a numpyro.sample/deterministic/param call."""
     tb, name = exc.__traceback__, None
@@ -294,6 +434,26 @@ def site_of_exception(exc: BaseException, recorder=None) -> str:
     if recorder is not None and recorder.last_site:
         return f" (at or after site '{recorder.last_site}')"
     return ""
+
+
+def untraceable_error(exc: BaseException, recorder=None) -> ModelError:
+    """One line for a JAX tracer error: the model needs a concrete value of a latent site."""
+    line = _user_line(exc)
+    where = (f" at {line}" if line else "") + site_of_exception(exc, recorder)
+    return ModelError(
+        "the model uses the value of a latent site in Python control flow or a conversion "
+        f"(if/while, int(), float(), np.asarray){where}, which cannot be traced; write it with "
+        f"jnp.where or lax.cond ({type(exc).__name__})"
+    )
+
+
+@contextmanager
+def untraceable_as_model_error():
+    """Turn a JAX tracer error raised by the model under jit/grad into one ModelError line."""
+    try:
+        yield
+    except _TRACER_ERRORS as exc:
+        raise untraceable_error(exc) from None
 
 
 def _run_guarded(fn, recorder: _SiteRecorder | None = None):
@@ -348,6 +508,10 @@ def trace_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -
             box["recorder"] = run()
         except _TRACER_ERRORS as exc:
             raise ModelError(f"the model cannot be run on the example inputs: {describe_exception(exc)}") from exc
+    if box["recorder"].unchecked_observed:
+        # The shape-only run traced some observed values (computed from the inputs inside the
+        # model): one eager run checks them against their support.
+        box["recorder"] = run()
     recorder = box["recorder"]
 
     if recorder.scan_sites:
@@ -380,10 +544,8 @@ def trace_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -
         )
     mt = ModelTrace(model, tuple(args), kwargs, sites, shape_only)
     if not mt.observed_names:
-        raise ModelError(
-            "the model has no observed site (a numpyro.sample with obs=...); "
-            "pass the data so the likelihood can be analysed"
-        )
+        # A prior (Neal's funnel with no data) still has funnels to non-centre.
+        mt.notes.append(NO_OBSERVED_SITE_NOTE)
     for name, site in sites.items():
         if site.type == "latent" and site.is_discrete:
             mt.notes.append(
@@ -391,6 +553,17 @@ def trace_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -
                 "it is held fixed and left out of the analysis"
             )
     return mt
+
+
+def has_observed_site(model: Callable, args: tuple = (), kwargs: dict | None = None) -> bool:
+    """Whether ``model(*args, **kwargs)`` observes anything (``y=None`` in a Predictive does not).
+
+    Traced (jit) inputs count as data: the caller's analysis refuses them with its own message.
+    """
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
+        return True
+    with isolated_from_handlers():
+        return bool(trace_model(model, args, kwargs).observed_names)
 
 
 class _KeepComputedDeterministic(Messenger):
@@ -423,7 +596,8 @@ def site_dependencies(mt: ModelTrace, values: dict[str, Any]) -> dict[str, set[s
 
     def outputs(**inp):
         keep = _KeepComputedDeterministic()
-        with handlers.trace() as tr2, handlers.seed(rng_seed=0), handlers.substitute(data=inp), keep:
+        with data_evaluated_eagerly(), handlers.trace() as tr2, handlers.seed(rng_seed=0), \
+                handlers.substitute(data=inp), keep:
             mt.model(*mt.args, **mt.kwargs)
         out = {}
         for name, site in tr2.items():

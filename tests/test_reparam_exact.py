@@ -206,6 +206,16 @@ def test_non_centring_a_family_without_loc_scale_decentring_is_refused_in_one_li
     assert "'a'" in msg and "AsymmetricLaplace" in msg
 
 
+def test_analysed_funnel_of_another_family_is_left_centred_with_a_warning():
+    rmodel = autoreparam.reparameterize(asymmetric_laplace_model)
+    with pytest.warns(UserWarning, match="'a' is AsymmetricLaplace") as caught:
+        tr = handlers.trace(handlers.seed(rmodel, 0)).get_trace(y=Y)
+    plan = rmodel.plan_for(y=Y)
+    assert "a" not in plan.names or not plan["a"].noncentred
+    assert tr["a"]["type"] == "sample"  # no offsets either: nothing to do but non-centring
+    assert all("\n" not in str(w.message) for w in caught)
+
+
 # -- sample_shape instead of a plate --------------------------------------------------------------------
 TANK = np.array([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5])
 Y_TANK = np.random.default_rng(5).normal(size=TANK.size).astype(np.float32)

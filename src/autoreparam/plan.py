@@ -52,7 +52,11 @@ _MISSING = object()
 
 
 def _fail(where: str, what: str):
-    raise PlanError(f"malformed plan: {where}: {what}")
+    raise PlanError(f"malformed plan: {what}" if where == "plan" else f"malformed plan: {where}: {what}")
+
+
+def _values(n: int) -> str:
+    return f"{n} value{'' if n == 1 else 's'}"
 
 
 def _kind(x) -> str:
@@ -223,7 +227,7 @@ class Offset:
         _text(self.structure, where, "structure")
         init = _numbers(self.init, where, "init")
         if len(init) != n_batch:
-            _fail(where, f"'init' has {len(init)} values, expected {n_batch} (one per element of the "
+            _fail(where, f"'init' has {_values(len(init))}, expected {n_batch} (one per element of the "
                          f"batch shape {tuple(batch_shape)})")
         for field_name, m in (("E", self.E), ("M", self.M)):
             if not isinstance(m, SparseMap):
@@ -300,7 +304,7 @@ class SitePlan:
         if self.centered is not None:
             centered = _numbers(self.centered, where, "centered")
             if len(centered) != n_batch:
-                _fail(where, f"'centered' has {len(centered)} values, expected {n_batch} (one per element "
+                _fail(where, f"'centered' has {_values(len(centered))}, expected {n_batch} (one per element "
                              f"of the batch shape {batch_shape})")
             outside = [c for c in centered if not 0.0 <= c <= 1.0]
             if outside:
@@ -494,7 +498,7 @@ class Plan:
             seen.add(name)
             values = _numbers(values, where_c, "values")
             if name in sizes and len(values) != sizes[name]:
-                _fail(where_c, f"has {len(values)} values, expected {sizes[name]} (the size of site '{name}')")
+                _fail(where_c, f"has {_values(len(values))}, expected {sizes[name]} (the size of site '{name}')")
         return self
 
     def save(self, path) -> None:

@@ -28,7 +28,7 @@ import numpyro.distributions as dist
 from numpyro.infer.reparam import Reparam
 from numpyro.primitives import _PYRO_STACK, Messenger
 
-from .errors import InputError
+from .errors import AutoreparamError, InputError, ModelError
 from .names import fresh_name
 from .plan import Plan, PlanError, SitePlan
 from .trace import isolated_from_handlers, unwrap_distribution
@@ -436,7 +436,15 @@ def trace_sites(model: Callable, args: tuple, kwargs: dict) -> dict[str, TracedS
         try:
             jax.eval_shape(lambda: box.append(run()) or 0)
         except Exception:  # the model looks at data values (int(x.max()), ...): run it eagerly
-            box[:] = [run()]
+            try:
+                box[:] = [run()]
+            except AutoreparamError:
+                raise
+            except Exception as exc:
+                from .trace import describe_exception, site_of_exception
+
+                raise ModelError(f"the model raised {describe_exception(exc)}{site_of_exception(exc)} "
+                                 "when run on these inputs") from exc
     return box[-1]
 
 

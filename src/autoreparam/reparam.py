@@ -555,9 +555,10 @@ def reparameterize(model: Callable, plan: Plan | None = None, *, init: str = "an
         key = _signature(args, kwargs)
         config = cache.get(key)
         if config is None:
-            # A call without data (Predictive with y=None) reuses the last plan: nothing to analyse.
-            last = next(reversed(cache.values())).plan if cache else None
-            config = cache[key] = _prepare(model, plan, args, kwargs, init, noncentre, at, learn, last)
+            # A call without data (Predictive with y=None) reuses the last plan made with data.
+            with_data = [c.plan for c in cache.values() if c.observed]
+            config = cache[key] = _prepare(model, plan, args, kwargs, init, noncentre, at, learn,
+                                           with_data[-1] if with_data else None)
         return config
 
     @functools.wraps(model)
@@ -577,7 +578,7 @@ def reparameterize(model: Callable, plan: Plan | None = None, *, init: str = "an
 
 def _prepare(model, plan, args, kwargs, init, noncentre, at, learn, last_plan=None) -> ReparamConfig:
     """The config for one call's inputs: the given plan checked against the sampled sites, the
-    last plan when this call has no observed site, or else a new plan from the analysis."""
+    last plan made with data when this call has no observed site, or else a new plan from the analysis."""
     from .analysis import analyze
     from .plan import build_plan
 
@@ -586,7 +587,8 @@ def _prepare(model, plan, args, kwargs, init, noncentre, at, learn, last_plan=No
         raise InputError("reparameterize: the first call with these input shapes got traced (jit) inputs; "
                          "call the model once with concrete arrays (e.g. outside jit) so it can be analysed")
     sites = trace_sites(model, args, kwargs)
-    if plan is None and last_plan is not None and not any(s.kind == "observed" for s in sites.values()):
+    observed = any(s.kind == "observed" for s in sites.values())
+    if plan is None and last_plan is not None and not observed:
         plan = last_plan
     if plan is None:
         check_at(at, sites)
@@ -599,7 +601,7 @@ def _prepare(model, plan, args, kwargs, init, noncentre, at, learn, last_plan=No
         plan = _without_unsupported_noncentring(plan, sites)
     validate_plan(plan, sites)
     config = build_config(plan, learn=learn, taken=sites)
-    config.plan = plan
+    config.plan, config.observed = plan, observed
     return config
 
 

@@ -5,21 +5,34 @@ earlier factor through an index map, i.e. nesting, and interactions of two earli
 group-level covariates ``u[idx_f] * w``, individual-level covariates ``x * beta``, an optional
 ``X @ beta`` whose columns are group-level or individual-level, and a Normal, Bernoulli-logit or
 Poisson-log likelihood. Latent sites are sampled in a random program order, each either under a
-plate or as ``.expand([L]).to_event(1)``. Sizes are tiny, so JAX compiles fast.
+plate or as ``.expand([L]).to_event(1)``, Normal or StudentT, some under ``handlers.scale``,
+``handlers.mask`` or a masked distribution. Sizes are tiny, so JAX compiles fast.
+
+A second property, exactness: ``reparameterize`` with a random plan (dense random offsets from
+earlier sites, random centredness) changes the log joint by exactly the non-centring's
+log-Jacobian, counted once under ``scale`` and ``mask`` and per represented element under a
+subsampled plate (the random model then gets a row-level effect inside a subsampled data plate).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.infer.util import log_density
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import autoreparam
+from autoreparam import Offset, Plan, SitePlan
+from autoreparam.plan import SparseMap
+from autoreparam.trace import unwrap_distribution
 from oracle import oracle
 
 
@@ -37,6 +50,10 @@ class Spec:
     plated: dict  # site -> True: under a plate, False: expand().to_event(1)
     idx: list  # per factor: index array (N,)
     y: np.ndarray
+    families: dict = field(default_factory=dict)  # site -> "normal" or "studentt"
+    wrappers: dict = field(default_factory=dict)  # site -> "scale", "mask" or "masked" ("e": the row effect)
+    prior_scale: dict = field(default_factory=dict)  # site -> the prior's scale
+    seed: int = 0
 
     def describe(self) -> str:
         f = ", ".join(f"{name}[{size}]:{kind}{detail}" for name, size, kind, detail in self.factors)
@@ -45,7 +62,7 @@ class Spec:
                 f"group_covs={[(g[0], g[1]) for g in self.group_covs]} "
                 f"indiv={[c[0] for c in self.indiv_covs]} slopes={[(c[0], c[1]) for c in self.slopes]} "
                 f"design={d} zero_rows={[c[0] for c in self.indiv_covs + self.slopes if not c[-1].all()]} "
-                f"order={self.order}")
+                f"order={self.order} families={self.families} wrappers={self.wrappers}")
 
 
 def random_spec(seed: int) -> Spec:
@@ -128,13 +145,26 @@ def random_spec(seed: int) -> Spec:
         y = rng.integers(0, 2, n).astype(np.float32)
     else:
         y = rng.poisson(1.5, n).astype(np.float32)
-    return Spec(n, intercept, factors, group_covs, indiv_covs, slopes, design, likelihood, order, plated, idx, y)
+    # Drawn last, so the models of the first property stay those it was tuned on.
+    families = {s: ["normal", "studentt"][rng.integers(2)] for s in sites}
+    wrappers = {}
+    for name in sites:
+        kind = ["none", "scale", "mask", "masked"][rng.integers(4)] if plated[name] and name != "mu" else \
+            ["none", "scale"][rng.integers(2)]
+        if kind != "none":
+            wrappers[name] = kind
+    wrappers["e"] = ["none", "scale", "mask", "masked"][rng.integers(4)]  # the subsampled row effect
+    prior_scale = {s: float(rng.uniform(0.5, 2.0)) for s in sites}
+    return Spec(n, intercept, factors, group_covs, indiv_covs, slopes, design, likelihood, order, plated, idx, y,
+                families, wrappers, prior_scale, seed)
 
 
 specs = st.integers(0, 2**32 - 1).map(random_spec)
 
 
-def make_model(spec: Spec):
+def make_model(spec: Spec, subsample: bool = False):
+    """The random model; with ``subsample`` it also has a row-level effect ``e`` (scale ``tau``) in
+    a subsampled data plate, under the wrapper drawn for it."""
     sizes = {name: size for name, size, _, _ in spec.factors}
     sizes.update({g[0]: 1 for g in spec.group_covs})
     sizes.update({c[0]: 1 for c in spec.indiv_covs})
@@ -153,16 +183,36 @@ def make_model(spec: Spec):
         p, q = detail
         return factor_index(p) * spec.factors[q][1] + factor_index(q)
 
+    def law(name, scale):
+        if spec.families.get(name) == "studentt":
+            return dist.StudentT(5.0, 0.0, scale)
+        return dist.Normal(0.0, scale)
+
+    def wrapped(name, size, make_fn):
+        """Sample ``name`` under its drawn wrapper (scale, mask handler or masked distribution)."""
+        kind = spec.wrappers.get(name, "none")
+        mask = jnp.arange(size) % 3 != 1
+        with ExitStack() as stack:
+            if kind == "scale":
+                stack.enter_context(handlers.scale(scale=2.5))
+            elif kind == "mask":
+                stack.enter_context(handlers.mask(mask=mask))
+            fn = make_fn()
+            if kind == "masked":
+                fn = fn.mask(mask)
+            return numpyro.sample(name, fn)
+
     def model(y=None):
         v = {}
         for name in spec.order:
+            scale = spec.prior_scale.get(name, 1.0) if subsample else (3.0 if name == "mu" else 1.0)
             if name == "mu":
-                v[name] = numpyro.sample(name, dist.Normal(0.0, 3.0))
+                v[name] = wrapped(name, 1, lambda: dist.Normal(0.0, 3.0))
             elif spec.plated[name]:
                 with numpyro.plate(f"plate_{name}", sizes[name]):
-                    v[name] = numpyro.sample(name, dist.Normal(0.0, 1.0))
+                    v[name] = wrapped(name, sizes[name], lambda: law(name, scale).expand([sizes[name]]))
             else:
-                v[name] = numpyro.sample(name, dist.Normal(0.0, 1.0).expand([sizes[name]]).to_event(1))
+                v[name] = wrapped(name, 1, lambda: law(name, scale).expand([sizes[name]]).to_event(1))
         eta = jnp.zeros(spec.n)
         if spec.intercept:
             eta = eta + v["mu"]
@@ -178,6 +228,18 @@ def make_model(spec: Spec):
             eta = eta + spec.design[1] @ v[spec.design[0]]
         if spec.likelihood == "normal":
             sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+        if subsample:
+            tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+            with numpyro.plate("data", spec.n, subsample_size=max(spec.n // 3, 1)) as rows:
+                eta = eta[rows] + wrapped("e", len(rows), lambda: dist.Normal(0.0, tau).expand([len(rows)]))
+                obs = None if y is None else jnp.asarray(y)[rows]
+                if spec.likelihood == "normal":
+                    numpyro.sample("y", dist.Normal(eta, sigma), obs=obs)
+                elif spec.likelihood == "bernoulli":
+                    numpyro.sample("y", dist.Bernoulli(logits=eta), obs=obs)
+                else:
+                    numpyro.sample("y", dist.Poisson(rate=jnp.exp(eta)), obs=obs)
+            return
         with numpyro.plate("data", spec.n):
             if spec.likelihood == "normal":
                 numpyro.sample("y", dist.Normal(eta, sigma), obs=y)
@@ -219,3 +281,76 @@ def test_random_additive_models_match_oracle(spec):
     assert report.pairs("multiplicative") == {}, note
     for inv in report.additive():
         assert inv.residual < 1e-4, (inv, note)
+
+
+def random_plan(model, y, rng) -> Plan:
+    """Each real latent site gets nothing, a dense random offset from an earlier site, random
+    centredness, or both; any such plan must be exact."""
+    found = []
+
+    def shapes():  # traced for shapes only: nothing is compiled
+        tr = handlers.trace(handlers.seed(model, 0)).get_trace(y=y)
+        found.extend((n, tuple(jnp.shape(s["value"])), len(s["fn"].event_shape),
+                      isinstance(unwrap_distribution(s["fn"]), (dist.Normal, dist.StudentT)))
+                     for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"])
+        return 0
+
+    jax.eval_shape(shapes)
+    earlier, sites = [], []
+    for name, shape, event_ndim, real in found:
+        if not real:
+            earlier.append((name, shape))
+            continue
+        batch = shape[:len(shape) - event_ndim]
+        n_batch, size = int(np.prod(batch, dtype=int)), int(np.prod(shape, dtype=int))
+        choice = int(rng.integers(4))  # 0 nothing, 1 offset, 2 non-centred, 3 both
+        offsets = ()
+        if choice in (1, 3) and earlier:
+            parent, parent_shape = earlier[rng.integers(len(earlier))]
+            n_a = int(np.prod(parent_shape, dtype=int))
+            rows, cols = np.divmod(np.arange(size * n_a), n_a)
+            e = SparseMap((size, n_a), tuple(int(r) for r in rows), tuple(int(c) for c in cols),
+                          tuple(float(v) for v in rng.normal(size=size * n_a)))
+            m = SparseMap((n_a, n_a), tuple(range(n_a)), tuple(range(n_a)), (1.0,) * n_a)
+            offsets = (Offset(parent, e, m, tuple(float(v) for v in rng.normal(size=n_batch))),)
+        centered = tuple(float(c) for c in rng.uniform(0.0, 1.0, n_batch)) if choice >= 2 else None
+        if offsets or centered is not None:
+            sites.append(SitePlan(name, shape, batch, offsets, centered, learn_centered=False))
+        earlier.append((name, shape))
+    return Plan("random", tuple(sites))
+
+
+@settings(max_examples=5, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(specs)
+def test_random_models_are_reparameterized_exactly(spec):
+    model = make_model(spec, subsample=True)
+    plan = random_plan(model, spec.y, np.random.default_rng(spec.seed))
+    rmodel = autoreparam.reparameterize(model, plan, learn=False)
+    rmodel.plan_for(y=spec.y)  # checks the plan on concrete inputs
+    original = []
+    jax.eval_shape(lambda: original.extend(
+        n for n, s in handlers.trace(handlers.seed(model, 0)).get_trace(y=spec.y).items()
+        if s["type"] == "sample" and not s["is_observed"]) or 0)
+    # the log-Jacobian of the non-centring, once per element; a subsampled element stands for n / b
+    subsample_weight = spec.n / max(spec.n // 3, 1)
+
+    @jax.jit
+    def log_joints(key):
+        tr = handlers.trace(handlers.seed(rmodel, key)).get_trace(y=spec.y)
+        latent = {n: s["value"] for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
+        plates = {n: s["value"] for n, s in tr.items() if s["type"] == "plate"}
+        lp_reparam, _ = log_density(rmodel, (), {"y": spec.y}, {**latent, **plates})
+        lp_orig, otr = log_density(model, (), {"y": spec.y}, {**{n: tr[n]["value"] for n in original}, **plates})
+        jac = 0.0
+        for s in plan.sites:
+            if s.noncentred:
+                value = otr[s.name]["value"]
+                scale = jnp.broadcast_to(unwrap_distribution(otr[s.name]["fn"]).scale, value.shape)
+                c = jnp.reshape(jnp.asarray(s.centered), s.batch_shape + (1,) * (value.ndim - len(s.batch_shape)))
+                jac += (subsample_weight if s.name == "e" else 1.0) * jnp.sum((1.0 - c) * jnp.log(scale))
+        return lp_reparam, lp_orig, jac
+
+    lp_reparam, lp_orig, jac = (float(x) for x in log_joints(jax.random.PRNGKey(spec.seed % 1000)))
+    note = f"{spec.describe()} plan: {plan}"
+    np.testing.assert_allclose(lp_reparam, lp_orig + jac, rtol=1e-4, atol=1e-2, err_msg=note)

@@ -47,6 +47,70 @@ class PlanError(InputError):
     """A plan that does not fit its model, or an edit that makes no sense."""
 
 
+# -- checking plan fields (JSON from disk or hand-built dataclasses) ---------------------------------
+_MISSING = object()
+
+
+def _fail(where: str, what: str):
+    raise PlanError(f"malformed plan: {what}" if where == "plan" else f"malformed plan: {where}: {what}")
+
+
+def _values(n: int) -> str:
+    return f"{n} value{'' if n == 1 else 's'}"
+
+
+def _kind(x) -> str:
+    return {dict: "a JSON object", list: "a list", str: "a string", type(None): "null",
+            bool: "a boolean"}.get(type(x), type(x).__name__)
+
+
+def _get(d, key: str, where: str, default=_MISSING):
+    if not isinstance(d, dict):
+        _fail(where, f"must be a JSON object, got {_kind(d)}")
+    if key not in d:
+        if default is _MISSING:
+            _fail(where, f"missing field '{key}'")
+        return default
+    return d[key]
+
+
+def _text(x, where: str, field_name: str) -> str:
+    if not isinstance(x, str) or not x:
+        _fail(where, f"'{field_name}' must be a non-empty string, got "
+                     f"{'an empty string' if isinstance(x, str) else _kind(x)}")
+    return x
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _ints(x, where: str, field_name: str) -> tuple[int, ...]:
+    """A tuple of non-negative integers (a shape, or sparse indices)."""
+    if not isinstance(x, (list, tuple)):
+        _fail(where, f"'{field_name}' must be a list of non-negative integers, got {_kind(x)}")
+    for v in x:
+        if not _is_int(v) or v < 0:
+            _fail(where, f"'{field_name}' must be a list of non-negative integers, got {v!r}")
+    return tuple(int(v) for v in x)
+
+
+def _numbers(x, where: str, field_name: str) -> tuple[float, ...]:
+    """A tuple of finite floats."""
+    if not isinstance(x, (list, tuple)):
+        _fail(where, f"'{field_name}' must be a list of numbers, got {_kind(x)}")
+    for v in x:
+        if not (_is_int(v) or isinstance(v, (float, np.floating))):
+            _fail(where, f"'{field_name}' must be a list of numbers, got {_kind(v) if not isinstance(v, str) else repr(v)}")
+        if not np.isfinite(v):
+            _fail(where, f"'{field_name}' must be finite, got {float(v)}")
+    return tuple(float(v) for v in x)
+
+
+def _prod(shape) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
 @dataclass(frozen=True)
 class SparseMap:
     """A sparse matrix as plain data (rows, cols, vals, shape); JSON-friendly."""
@@ -79,8 +143,24 @@ class SparseMap:
                 "vals": list(self.vals)}
 
     @classmethod
-    def from_json(cls, d: dict) -> "SparseMap":
-        return cls(tuple(d["shape"]), tuple(d["rows"]), tuple(d["cols"]), tuple(d["vals"]))
+    def from_json(cls, d: dict, where: str = "sparse map") -> "SparseMap":
+        return cls(_ints(_get(d, "shape", where), where, "shape"), _ints(_get(d, "rows", where), where, "rows"),
+                   _ints(_get(d, "cols", where), where, "cols"), _numbers(_get(d, "vals", where), where, "vals"))
+
+    def check(self, where: str) -> None:
+        """Raise PlanError (naming ``where``) unless this is a well-formed sparse matrix."""
+        shape = _ints(self.shape, where, "shape")
+        if len(shape) != 2:
+            _fail(where, f"'shape' must have 2 entries, got {len(shape)}")
+        rows, cols = _ints(self.rows, where, "rows"), _ints(self.cols, where, "cols")
+        vals = _numbers(self.vals, where, "vals")
+        if not len(rows) == len(cols) == len(vals):
+            _fail(where, f"'rows', 'cols' and 'vals' must have the same length, got {len(rows)}, "
+                         f"{len(cols)} and {len(vals)}")
+        for field_name, index, bound in (("rows", rows, shape[0]), ("cols", cols, shape[1])):
+            bad = [i for i in index if i >= bound]
+            if bad:
+                _fail(where, f"'{field_name}' has index {bad[0]}, out of range for shape {shape}")
 
 
 @dataclass(frozen=True)
@@ -132,9 +212,31 @@ class Offset:
                 "E": self.E.to_json(), "M": self.M.to_json()}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Offset":
-        return cls(d["parent"], SparseMap.from_json(d["E"]), SparseMap.from_json(d["M"]),
-                   tuple(d["init"]), d.get("structure", "linear"))
+    def from_json(cls, d: dict, where: str = "offset") -> "Offset":
+        parent = _text(_get(d, "parent", where), where, "parent")
+        where = f"{where} from '{parent}'"
+        return cls(parent, SparseMap.from_json(_get(d, "E", where), f"{where}, field 'E'"),
+                   SparseMap.from_json(_get(d, "M", where), f"{where}, field 'M'"),
+                   _numbers(_get(d, "init", where), where, "init"),
+                   _text(_get(d, "structure", where, "linear"), where, "structure"))
+
+    def check(self, where: str, site_size: int, n_batch: int, batch_shape=()) -> None:
+        """Raise PlanError (naming ``where``) unless the offset fits a site of ``site_size`` elements."""
+        _text(self.parent, where, "parent")
+        where = f"{where} from '{self.parent}'"
+        _text(self.structure, where, "structure")
+        init = _numbers(self.init, where, "init")
+        if len(init) != n_batch:
+            _fail(where, f"'init' has {_values(len(init))}, expected {n_batch} (one per element of the "
+                         f"batch shape {tuple(batch_shape)})")
+        for field_name, m in (("E", self.E), ("M", self.M)):
+            if not isinstance(m, SparseMap):
+                _fail(where, f"'{field_name}' must be a sparse map, got {type(m).__name__}")
+            m.check(f"{where}, field '{field_name}'")
+        if self.E.shape[0] != site_size:
+            _fail(where, f"'E' has {self.E.shape[0]} rows, expected {site_size} (the site's size)")
+        if self.E.shape[1] != self.M.shape[0]:
+            _fail(where, f"'E' has {self.E.shape[1]} columns but 'M' has {self.M.shape[0]} rows")
 
 
 @dataclass(frozen=True)
@@ -168,11 +270,47 @@ class SitePlan:
                 "learn_centered": self.learn_centered}
 
     @classmethod
-    def from_json(cls, d: dict) -> "SitePlan":
-        return cls(d["name"], tuple(d["shape"]), tuple(d["batch_shape"]),
-                   tuple(Offset.from_json(o) for o in d["offsets"]),
-                   None if d.get("centered") is None else tuple(d["centered"]),
-                   d.get("learn_centered", True))
+    def from_json(cls, d: dict, where: str = "site") -> "SitePlan":
+        name = _text(_get(d, "name", where), where, "name")
+        where = f"site '{name}'"
+        offsets = _get(d, "offsets", where)
+        if not isinstance(offsets, list):
+            _fail(where, f"'offsets' must be a list, got {_kind(offsets)}")
+        centered = _get(d, "centered", where, None)
+        return cls(name, _ints(_get(d, "shape", where), where, "shape"),
+                   _ints(_get(d, "batch_shape", where), where, "batch_shape"),
+                   tuple(Offset.from_json(o, f"{where}, offset") for o in offsets),
+                   None if centered is None else _numbers(centered, where, "centered"),
+                   _get(d, "learn_centered", where, True))
+
+    def check(self) -> None:
+        """Raise PlanError naming the site and field unless every field is well-formed."""
+        where = f"site '{_text(self.name, 'site', 'name')}'"
+        shape = _ints(self.shape, where, "shape")
+        batch_shape = _ints(self.batch_shape, where, "batch_shape")
+        if not any(shape[i:i + len(batch_shape)] == batch_shape for i in range(len(shape) - len(batch_shape) + 1)):
+            _fail(where, f"'batch_shape' {batch_shape} is not part of 'shape' {shape}")
+        size, n_batch = _prod(shape), _prod(batch_shape)
+        if not isinstance(self.offsets, tuple) or not all(isinstance(o, Offset) for o in self.offsets):
+            _fail(where, "'offsets' must be a tuple of Offset")
+        seen = set()
+        for off in self.offsets:
+            off.check(f"{where}, offset", size, n_batch, batch_shape)
+            if off.parent == self.name:
+                _fail(where, "has an offset from itself")
+            if off.parent in seen:
+                _fail(where, f"has two offsets from '{off.parent}'")
+            seen.add(off.parent)
+        if self.centered is not None:
+            centered = _numbers(self.centered, where, "centered")
+            if len(centered) != n_batch:
+                _fail(where, f"'centered' has {_values(len(centered))}, expected {n_batch} (one per element "
+                             f"of the batch shape {batch_shape})")
+            outside = [c for c in centered if not 0.0 <= c <= 1.0]
+            if outside:
+                _fail(where, f"'centered' must be in [0, 1], got {outside[0]}")
+        if not isinstance(self.learn_centered, bool):
+            _fail(where, f"'learn_centered' must be true or false, got {self.learn_centered!r}")
 
 
 @dataclass(frozen=True)
@@ -290,17 +428,78 @@ class Plan:
 
     @classmethod
     def from_json(cls, d: dict) -> "Plan":
+        """The plan of ``to_json``; every field is checked (PlanError naming the site and field)."""
         if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT:
             raise PlanError(f"not an autoreparam plan (expected a JSON object with \"format\": {PLAN_FORMAT})")
-        try:
-            return cls(d["model"], tuple(SitePlan.from_json(s) for s in d["sites"]),
-                       tuple((c["site"], Offset.from_json(c)) for c in d.get("candidates", [])),
-                       tuple((x["name"], tuple(x["shape"]), tuple(x["batch_shape"])) for x in d.get("latent", ())),
-                       d.get("init", "analytic"),
-                       tuple((n, tuple(v)) for n, v in d.get("centers", {}).items()),
-                       float(d.get("xi_step", 1.0)))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"malformed plan: {type(exc).__name__}: {exc}") from exc
+        where = "plan"
+        sites, candidates = _get(d, "sites", where), _get(d, "candidates", where, [])
+        latent, centers = _get(d, "latent", where, []), _get(d, "centers", where, {})
+        for field_name, value, kind in (("sites", sites, list), ("candidates", candidates, list),
+                                        ("latent", latent, list), ("centers", centers, dict)):
+            if not isinstance(value, kind):
+                _fail(where, f"'{field_name}' must be a {'list' if kind is list else 'JSON object'}, "
+                             f"got {_kind(value)}")
+        xi_step = _numbers([_get(d, "xi_step", where, 1.0)], where, "xi_step")[0]
+        plan = cls(_text(_get(d, "model", where), where, "model"),
+                   tuple(SitePlan.from_json(s, f"sites[{i}]") for i, s in enumerate(sites)),
+                   tuple((_text(_get(c, "site", f"candidates[{i}]"), f"candidates[{i}]", "site"),
+                          Offset.from_json(c, f"candidate for '{c['site']}', offset"))
+                         for i, c in enumerate(candidates)),
+                   tuple((_text(_get(x, "name", f"latent[{i}]"), f"latent[{i}]", "name"),
+                          _ints(_get(x, "shape", f"latent[{i}]"), f"latent[{i}]", "shape"),
+                          _ints(_get(x, "batch_shape", f"latent[{i}]"), f"latent[{i}]", "batch_shape"))
+                         for i, x in enumerate(latent)),
+                   _get(d, "init", where, "analytic"),
+                   tuple((n, _numbers(v, f"centers['{n}']", "values")) for n, v in centers.items()),
+                   float(xi_step))
+        plan.check()
+        return plan
+
+    def check(self) -> "Plan":
+        """Raise PlanError naming the site and field unless every field is well-formed; returns self."""
+        where = "plan"
+        _text(self.model, where, "model")
+        if self.init not in ("analytic", "zero"):
+            _fail(where, f"'init' must be 'analytic' or 'zero', got {self.init!r}")
+        xi_step = _numbers([self.xi_step], where, "xi_step")[0]
+        if xi_step <= 0:
+            _fail(where, f"'xi_step' must be positive, got {xi_step}")
+        if not isinstance(self.sites, tuple) or not all(isinstance(s, SitePlan) for s in self.sites):
+            _fail(where, "'sites' must be a tuple of SitePlan")
+        names = [s.name for s in self.sites]
+        for s in self.sites:
+            s.check()
+            if names.count(s.name) > 1:
+                _fail(f"site '{s.name}'", "appears twice in the plan")
+        for i, entry in enumerate(self.latent):
+            if not (isinstance(entry, tuple) and len(entry) == 3):
+                _fail(f"latent[{i}]", "must be (name, shape, batch_shape)")
+            _text(entry[0], f"latent[{i}]", "name")
+            _ints(entry[1], f"latent site '{entry[0]}'", "shape")
+            _ints(entry[2], f"latent site '{entry[0]}'", "batch_shape")
+        sizes = {n: _prod(shape) for n, shape, _ in self.latent}
+        batches = {n: batch for n, _, batch in self.latent}
+        for i, entry in enumerate(self.candidates):
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], Offset)):
+                _fail(f"candidates[{i}]", "must be (site name, Offset)")
+            child, off = entry
+            _text(child, f"candidates[{i}]", "site")
+            if child in sizes:
+                off.check(f"candidate for '{child}', offset", sizes[child], _prod(batches[child]), batches[child])
+        seen = set()
+        for i, entry in enumerate(self.centers):
+            if not (isinstance(entry, tuple) and len(entry) == 2):
+                _fail(f"centers[{i}]", "must be (site name, values)")
+            name, values = entry
+            _text(name, f"centers[{i}]", "name")
+            where_c = f"centers['{name}']"
+            if name in seen:
+                _fail(where_c, "appears twice")
+            seen.add(name)
+            values = _numbers(values, where_c, "values")
+            if name in sizes and len(values) != sizes[name]:
+                _fail(where_c, f"has {_values(len(values))}, expected {sizes[name]} (the size of site '{name}')")
+        return self
 
     def save(self, path) -> None:
         """Write the plan as JSON (atomically: a failed write leaves no half-written file)."""

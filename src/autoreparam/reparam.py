@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 from numpyro import handlers
 from numpyro.distributions import constraints
 import numpyro.distributions as dist
-from numpyro.infer.reparam import LocScaleReparam, Reparam
-from numpyro.primitives import Messenger
+from numpyro.infer.reparam import Reparam
+from numpyro.primitives import _PYRO_STACK, Messenger
 
-from .errors import InputError, ModelError
+from .errors import AutoreparamError, InputError, ModelError
+from .names import fresh_name
 from .plan import Plan, PlanError, SitePlan
+from .trace import isolated_from_handlers, unwrap_distribution
 
 __all__ = ["ConditionalOffsetReparam", "ReparamConfig", "record_values", "reparameterize", "auto",
            "build_config"]
@@ -37,11 +41,33 @@ LOC_SCALE_FAMILIES = (dist.Normal, dist.Cauchy, dist.Laplace, dist.Logistic, dis
 
 
 class SiteValues(dict):
-    """Values of the sites seen so far in the current model run (filled by ``record_values``)."""
+    """Values of the sites seen so far in the current model run (filled by ``record_values``).
+
+    It also carries what a ``ConditionalOffsetReparam`` needs from the site's message that
+    NumPyro's ``reparam`` handler does not pass on: the ``sample_shape``, and (for the
+    decentred site of a non-centred one) the law to put in its place.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.active = False
+        self.introduced: dict[str, str] = {}  # name a Reparam introduces -> the site it reparameterizes
+        self.sample_shapes: dict[str, tuple] = {}
+        self.decentred: dict[str, tuple] = {}
+        self.busy = 0  # > 0 while a Reparam draws its own sites
+
+    def reset(self):
+        self.clear()
+        self.sample_shapes.clear()
+        self.decentred.clear()
+        self.busy = 0
 
 
 class record_values(Messenger):
     """Record the value of every sample and deterministic site, for offsets of later sites.
+
+    It sits between the model (its plates, ``scale`` and ``mask`` handlers) and NumPyro's
+    ``reparam`` handler, so it also sees each site as the model's own handlers left it.
 
     >>> store = SiteValues()
     >>> with record_values(store=store):
@@ -53,19 +79,52 @@ class record_values(Messenger):
         self.store = SiteValues() if store is None else store
 
     def __enter__(self):
-        self.store.clear()
+        self.store.reset()
         self.store.active = True
         return super().__enter__()
 
     def __exit__(self, *exc):
-        self.store.clear()  # drop values (maybe tracers) from this run
+        self.store.reset()  # drop values (maybe tracers) from this run
         self.store.active = False
         return super().__exit__(*exc)
+
+    def process_message(self, msg):
+        store, name = self.store, msg.get("name")
+        if msg["type"] in ("sample", "param", "deterministic", "plate") and name in store.introduced \
+                and not store.busy:
+            raise PlanError(f"the model has its own {msg['type']} site '{name}', a name the reparameterization "
+                            f"of site '{store.introduced[name]}' also uses; apply the plan with "
+                            "autoreparam.reparameterize(model, plan), which picks fresh names")
+        if msg["type"] != "sample":
+            return
+        store.sample_shapes[name] = tuple(msg["kwargs"].get("sample_shape", ()))
+        law = store.decentred.pop(name, None)
+        if law is not None:
+            target, factor, intercept, event_ndim = law
+            # The decentred value's density is the original one at a(z) times the Jacobian |da/dz|
+            # once: the model's scale and mask weigh the original density only. A subsampled plate
+            # stands for its whole size, so there the Jacobian is scaled like the density (an
+            # unbiased estimate of the full model's log joint).
+            scale = msg.get("scale")
+            weight = _subsample_weight(msg["cond_indep_stack"])
+            msg["fn"] = DecentredLaw(msg["fn"], target, factor, intercept,
+                                     weight if scale is None else weight / scale, event_ndim)
 
     def postprocess_message(self, msg):
         if msg["type"] not in ("sample", "deterministic"):
             return
         self.store[msg["name"]] = msg["value"]
+
+
+def _subsample_weight(frames) -> float:
+    """The product of ``size / subsample_size`` over the subsampled plates a site sits in."""
+    plates = {m.name: m for m in _PYRO_STACK if isinstance(m, numpyro.plate)}
+    weight = 1.0
+    for frame in frames:
+        plate = plates.get(frame.name)
+        if plate is not None and plate.subsample_size != plate.size:
+            weight *= plate.size / plate.subsample_size
+    return weight
 
 
 class ReparamConfig(dict):
@@ -80,9 +139,27 @@ class ReparamConfig(dict):
         return record_values(model, store=self.store)
 
 
-def _expand_batch(x, batch_shape, shape):
-    """Reshape a batch-shaped array so that it broadcasts against the full site shape."""
-    return jnp.reshape(x, tuple(batch_shape) + (1,) * (len(shape) - len(batch_shape)))
+def _expand_batch(x, event_ndim: int):
+    """Append ``event_ndim`` unit dims so a batch-shaped array broadcasts against the site's shape."""
+    return jnp.reshape(x, jnp.shape(x) + (1,) * event_ndim)
+
+
+@dataclass(frozen=True)
+class SiteNames:
+    """The sites and params a reparameterized site introduces (fresh in the model's namespace)."""
+
+    base: str
+    decentered: str
+    centered: str
+    offsets: tuple[tuple[str, str], ...] = ()  # (parent, param name)
+
+    @classmethod
+    def default(cls, name: str, parents=()) -> "SiteNames":
+        return cls(f"{name}_base", f"{name}_decentered", f"{name}_centered",
+                   tuple((p, f"{name}_offset_{p}") for p in parents))
+
+    def offset(self, parent: str) -> str:
+        return dict(self.offsets)[parent]
 
 
 class ConditionalOffsetReparam(Reparam):
@@ -93,17 +170,21 @@ class ConditionalOffsetReparam(Reparam):
     ``numpyro.param`` starting at zero (``xi_step`` is 1 for ``init="zero"`` and small for the
     analytic start, see ``Plan.xi_step``); with ``learn=False`` xi stays at its initial value.
     Parents enter centred at the plan's ``centers`` (the point where xi was measured).
-    With ``site.centered`` set, the shifted distribution is further decentred with NumPyro's
-    ``LocScaleReparam`` (latent ``{a}_decentered``; learned centredness ``{a}_centered``).
+    With ``site.centered`` set, the shifted distribution is further decentred as NumPyro's
+    ``LocScaleReparam`` does (latent ``{a}_decentered``; learned centredness ``{a}_centered``),
+    for every family in ``LOC_SCALE_FAMILIES``, with the Jacobian counted once under the
+    model's ``scale`` and ``mask`` handlers (see ``record_values``). The names are those of
+    ``names`` (fresh ones when a model already uses ``{a}_base`` and the like).
     """
 
     def __init__(self, site: SitePlan, store: SiteValues, learn: bool = True, centers: dict | None = None,
-                 xi_step: float = 1.0):
+                 xi_step: float = 1.0, names: SiteNames | None = None):
         self.site = site
         self.store = store
         self.learn = learn
         self.centers = centers or {}
         self.xi_step = xi_step
+        self.names = names or SiteNames.default(site.name, site.parents)
 
     def __repr__(self) -> str:
         return (f"ConditionalOffsetReparam(site={self.site.name!r}, parents={self.site.parents!r}, "
@@ -114,52 +195,118 @@ class ConditionalOffsetReparam(Reparam):
         if obs is not None:
             raise PlanError(f"{type(self).__name__}: site '{name}' is observed; only latent sites can be "
                             "reparameterized")
+        if not self.store.active:
+            raise PlanError(f"site '{name}' is reparameterized by a config that does not see the model's "
+                            "sites: apply the config with handlers.reparam(config.record(model), config=config)")
+        sample_shape = self.store.sample_shapes.pop(name, ())
+        if sample_shape:  # numpyro.sample(..., sample_shape=...) outside a plate: the same law, expanded
+            fn = fn.expand(tuple(sample_shape) + tuple(fn.batch_shape))
         support = fn.support.base_constraint if isinstance(fn.support, constraints.independent) else fn.support
         if support is not constraints.real:
             raise PlanError(f"{type(self).__name__}: site '{name}' has support {fn.support}; offsets and "
                             "non-centring need real support")
-        shape, batch_shape = tuple(fn.shape()), tuple(fn.batch_shape)
-        if shape != tuple(site.shape):
+        shape, event_ndim = tuple(fn.shape()), len(fn.event_shape)
+        batch = shape[:len(shape) - event_ndim]
+        if shape != tuple(site.shape) or batch[len(batch) - len(site.batch_shape):] != tuple(site.batch_shape):
             raise PlanError(f"{type(self).__name__}: site '{name}' has shape {shape} in the model but "
                             f"{tuple(site.shape)} in the plan; re-run the analysis on these inputs")
+        self.store.busy += 1
+        try:
+            return None, self._value(name, fn, shape, event_ndim)
+        finally:
+            self.store.busy -= 1
 
+    def _value(self, name, fn, shape, event_ndim):
+        site, names = self.site, self.names
+        dtype = jnp.result_type(float)
         # Offsets from the recorded values of earlier sites.
         offset = None
         for off in site.offsets:
-            if not getattr(self.store, "active", False):
-                raise PlanError(f"site '{name}' needs the value of '{off.parent}': apply the config with "
-                                "handlers.reparam(config.record(model), config=config)")
             if off.parent not in self.store:
                 raise PlanError(f"site '{name}' has offset parent '{off.parent}', which is not sampled "
                                 f"before '{name}' in the model")
-            xi = jnp.reshape(jnp.asarray(off.init, dtype=jnp.result_type(float)), batch_shape)
+            xi = jnp.reshape(jnp.asarray(off.init, dtype=dtype), site.batch_shape)
             if self.learn:
                 # xi = init + step * param: a small step keeps Adam's noisy updates of xi (the
                 # valley noise again) from undoing a good analytic start; step 1 learns xi directly.
-                xi = xi + self.xi_step * numpyro.param(f"{name}_offset_{off.parent}", jnp.zeros_like(xi))
+                xi = xi + self.xi_step * numpyro.param(names.offset(off.parent), jnp.zeros_like(xi))
             parent_value = self.store[off.parent]
             if off.parent in self.centers:
                 center = jnp.asarray(self.centers[off.parent], dtype=jnp.result_type(parent_value))
                 parent_value = parent_value - jnp.reshape(center, jnp.shape(parent_value))
-            term = _expand_batch(xi, batch_shape, shape) * off.absorb(parent_value, shape)
+            term = _expand_batch(xi, event_ndim) * off.absorb(parent_value, shape)
             offset = term if offset is None else offset + term
 
-        if site.noncentred:
-            # Draw the decentred value of the shifted loc-scale distribution.
-            shifted = fn if offset is None else _shift_loc(self, fn, -offset, name)
-            centered = jnp.reshape(jnp.asarray(site.centered, dtype=jnp.result_type(float)), batch_shape)
-            if self.learn and site.learn_centered:
-                centered = numpyro.param(f"{name}_centered", centered, constraint=constraints.unit_interval)
-            _, base_value = LocScaleReparam(centered=_expand_batch(centered, batch_shape, shape))(
-                name, shifted, None)
-        else:
-            # Draw the base value with density p_a(a_base + offset).
+        if not site.noncentred:
+            # Draw the base value with density p_a(a_base + offset): unit Jacobian.
             shifted = fn if offset is None else shift_distribution(self, fn, -offset)
-            base_value = numpyro.sample(f"{name}_base", shifted)
+            base_value = numpyro.sample(names.base, shifted)
+            return base_value if offset is None else base_value + offset
 
-        # Differentiably transform; the handler turns the site into a deterministic one.
-        value = base_value if offset is None else base_value + offset
-        return None, value
+        # Non-centre the shifted law: z ~ F(c loc, scale^c), a = loc + scale^(1-c) (z - c loc) + offset.
+        core = unwrap_distribution(fn)
+        if not isinstance(core, LOC_SCALE_FAMILIES):
+            raise PlanError(f"site '{name}' is {type(core).__name__}, not one of the loc-scale families "
+                            f"({', '.join(f.__name__ for f in LOC_SCALE_FAMILIES)}); it cannot be non-centred")
+        centered = jnp.reshape(jnp.asarray(site.centered, dtype=dtype), site.batch_shape)
+        if self.learn and site.learn_centered:
+            centered = numpyro.param(names.centered, centered, constraint=constraints.unit_interval)
+        c = jnp.broadcast_to(_expand_batch(centered, event_ndim), shape)
+        loc = jnp.broadcast_to(core.loc, shape)
+        scale = jnp.broadcast_to(core.scale, shape)
+        if offset is not None:
+            loc = loc - offset
+        others = {k: getattr(core, k) for k in core.arg_constraints if k not in ("loc", "scale")}
+        decentred = type(core)(loc=c * loc, scale=scale ** c, **others)
+        if event_ndim:
+            decentred = decentred.to_event(event_ndim)
+        factor = scale ** (1.0 - c)
+        intercept = loc - factor * c * loc
+        if offset is not None:
+            intercept = intercept + offset
+        self.store.decentred[names.decentered] = (fn, factor, intercept, event_ndim)
+        try:
+            z = numpyro.sample(names.decentered, decentred)
+        finally:
+            self.store.decentred.pop(names.decentered, None)
+        return factor * z + intercept
+
+
+class DecentredLaw(dist.Distribution):
+    """The law of a decentred value ``z`` whose site value is ``a = factor * z + intercept``.
+
+    ``log_prob(z) = target.log_prob(a) + jacobian_weight * sum(log factor)``: the site's own
+    (possibly masked) density at ``a``, plus the log-Jacobian weighted so that, after the
+    model's ``scale`` multiplies the whole, it counts once (or once per element a subsampled
+    plate stands for). Samples are drawn from ``sampler``, the decentred loc-scale law.
+    """
+
+    arg_constraints = {}
+    pytree_data_fields = ("sampler", "target", "factor", "intercept", "jacobian_weight")
+    pytree_aux_fields = ("event_ndim",)
+
+    def __init__(self, sampler, target, factor, intercept, jacobian_weight, event_ndim, *, validate_args=None):
+        self.sampler, self.target = sampler, target
+        self.factor, self.intercept = factor, intercept
+        self.jacobian_weight, self.event_ndim = jacobian_weight, event_ndim
+        super().__init__(sampler.batch_shape, sampler.event_shape, validate_args=validate_args)
+
+    @property
+    def support(self):
+        return self.sampler.support
+
+    @property
+    def has_rsample(self):
+        return self.sampler.has_rsample
+
+    def sample(self, key, sample_shape=()):
+        return self.sampler.sample(key, sample_shape)
+
+    def log_prob(self, value):
+        log_jacobian = jnp.log(self.factor)
+        if self.event_ndim:
+            log_jacobian = jnp.sum(log_jacobian, axis=tuple(range(-self.event_ndim, 0)))
+        return self.target.log_prob(self.factor * value + self.intercept) + self.jacobian_weight * log_jacobian
 
 
 class ShiftedDistribution(dist.Distribution):
@@ -192,49 +339,140 @@ class ShiftedDistribution(dist.Distribution):
 
 def shift_distribution(reparam: Reparam, fn, delta):
     """``fn`` shifted by ``delta``: the same family with a moved loc where possible."""
-    base, _, _ = reparam._unwrap(fn)
-    if isinstance(base, LOC_SCALE_FAMILIES):
-        return _shift_loc(reparam, fn, delta, None)
-    return ShiftedDistribution(fn, delta)
-
-
-def _shift_loc(reparam: Reparam, fn, delta, name):
-    """The same loc-scale family with ``loc + delta`` (so LocScaleReparam can decentre it)."""
     base, expand_shape, event_dim = reparam._unwrap(fn)
     if not isinstance(base, LOC_SCALE_FAMILIES):
-        raise PlanError(f"site '{name}' is {type(base).__name__}, not a loc-scale distribution; "
-                        "it cannot be non-centred")
+        return ShiftedDistribution(fn, delta)
     params = {k: getattr(base, k) for k in base.arg_constraints if hasattr(base, k)}
     params["loc"] = params["loc"] + delta
     return reparam._wrap(type(base)(**params), expand_shape, event_dim)
 
 
-def build_config(plan: Plan, learn: bool = True) -> ReparamConfig:
-    """The NumPyro reparam config of a plan (see the module docstring for how to apply it)."""
+def site_names(plan: Plan, learn: bool = True, taken=()) -> dict[str, SiteNames]:
+    """The names each plan site introduces, chosen in plan order so that none is in ``taken``,
+    a site or parent of the plan, or introduced by another site (``a_base``, else ``a_base_1``...)."""
+    used = set(taken) | set(plan.names) | set(plan.order)
+    used |= {o.parent for s in plan.sites for o in s.offsets}
+
+    def pick(base):
+        name = fresh_name(base, used)
+        used.add(name)
+        return name
+
+    out = {}
+    for s in plan.sites:
+        default = SiteNames.default(s.name, s.parents)
+        base = decentered = centered = ""
+        if s.noncentred:
+            decentered = pick(default.decentered)
+            if learn and s.learn_centered:
+                centered = pick(default.centered)
+        else:
+            base = pick(default.base)
+        offsets = tuple((p, pick(n) if learn else n) for p, n in default.offsets)
+        out[s.name] = SiteNames(base, decentered, centered, offsets)
+    return out
+
+
+def build_config(plan: Plan, learn: bool = True, taken=()) -> ReparamConfig:
+    """The NumPyro reparam config of a plan (see the module docstring for how to apply it).
+
+    ``taken`` are the names the model already uses (its sites, params and plates); the sites
+    and params the config introduces avoid them. Applied by hand (``plan.to_config()``), the
+    config raises PlanError if the model turns out to use one of its names.
+    """
+    plan.check()
     store = SiteValues()
-    store.active = False
     centers = dict(plan.centers)
-    return ReparamConfig({s.name: ConditionalOffsetReparam(s, store, learn, centers, plan.xi_step)
+    names = site_names(plan, learn, taken)
+    for site_name, n in names.items():
+        introduced = [n.base, n.decentered, n.centered] + ([p for _, p in n.offsets] if learn else [])
+        store.introduced.update({x: site_name for x in introduced if x})
+    return ReparamConfig({s.name: ConditionalOffsetReparam(s, store, learn, centers, plan.xi_step, names[s.name])
                           for s in plan.sites}, store=store)
 
 
-def validate_plan(plan: Plan, mt) -> None:
+@dataclass(frozen=True)
+class TracedSite:
+    """What a plan is checked against: one site of the model, as traced on the call's inputs."""
+
+    kind: str  # "latent", "observed", "deterministic", "param" or "plate"
+    order: int
+    shape: tuple[int, ...] = ()
+    batch_shape: tuple[int, ...] = ()  # every dim of the value left of the event dims (sample_shape too)
+    family: str = ""
+    real: bool = False
+    discrete: bool = False
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def trace_sites(model: Callable, args: tuple, kwargs: dict) -> dict[str, TracedSite]:
+    """Every named site of one run of ``model`` (latent values set inside their support).
+
+    Unlike the analysis this needs no observed site: a plan is checked against sampled sites.
+    """
+    from numpyro.infer.initialization import init_to_uniform
+
+    def run():
+        seeded = handlers.substitute(handlers.seed(model, 0), substitute_fn=init_to_uniform(radius=2))
+        tr = handlers.trace(seeded).get_trace(*args, **kwargs)
+        out = {}
+        for order, (name, msg) in enumerate(tr.items()):
+            kind, shape = msg["type"], tuple(jnp.shape(msg["value"])) if msg["type"] != "plate" else ()
+            if kind != "sample":
+                out[name] = TracedSite(kind, order, shape)
+                continue
+            fn = msg["fn"]
+            support = fn.support.base_constraint if isinstance(fn.support, constraints.independent) else fn.support
+            out[name] = TracedSite("observed" if msg["is_observed"] else "latent", order, shape,
+                                   shape[:len(shape) - len(fn.event_shape)], type(unwrap_distribution(fn)).__name__,
+                                   support is constraints.real, bool(fn.support.is_discrete))
+        return out
+
+    box = []
+    with isolated_from_handlers():
+        try:
+            jax.eval_shape(lambda: box.append(run()) or 0)
+        except Exception:  # the model looks at data values (int(x.max()), ...): run it eagerly
+            try:
+                box[:] = [run()]
+            except AutoreparamError:
+                raise
+            except Exception as exc:
+                from .trace import describe_exception, site_of_exception
+
+                raise ModelError(f"the model raised {describe_exception(exc)}{site_of_exception(exc)} "
+                                 "when run on these inputs") from exc
+    return box[-1]
+
+
+def validate_plan(plan: Plan, sites: dict[str, TracedSite]) -> None:
     """Raise PlanError naming the site when a plan does not fit a traced model."""
-    sites = mt.sites
+    plan.check()
+    latent = [n for n, s in sites.items() if s.kind == "latent"]
     for s in plan.sites:
-        if s.name not in sites or sites[s.name].type != "latent":
+        site = sites.get(s.name)
+        if site is None or site.kind != "latent":
             raise PlanError(f"plan site '{s.name}' is not a latent sample site of the model "
-                            f"(latent sites: {', '.join(mt.latent_names)})")
-        site = sites[s.name]
+                            f"(latent sites: {', '.join(latent) or 'none'})")
         if tuple(site.shape) != tuple(s.shape):
             raise PlanError(f"plan site '{s.name}' has shape {tuple(s.shape)} but the model samples "
                             f"shape {tuple(site.shape)}")
-        if site.support not in ("real", "real_vector") or site.is_discrete:
-            raise PlanError(f"plan site '{s.name}' has support {site.support}; offsets and non-centring "
-                            "need real support")
+        batch = site.batch_shape
+        if batch[len(batch) - len(s.batch_shape):] != tuple(s.batch_shape):
+            raise PlanError(f"plan site '{s.name}' has batch shape {tuple(s.batch_shape)} but the model "
+                            f"samples batch shape {batch}")
+        if not site.real or site.discrete:
+            raise PlanError(f"plan site '{s.name}' has no real support ({site.family}); offsets and "
+                            "non-centring need real support")
+        if s.noncentred and site.family not in {f.__name__ for f in LOC_SCALE_FAMILIES}:
+            raise PlanError(f"plan site '{s.name}' is {site.family}, not one of the loc-scale families "
+                            f"({', '.join(f.__name__ for f in LOC_SCALE_FAMILIES)}); it cannot be non-centred")
         for off in s.offsets:
             parent = sites.get(off.parent)
-            if parent is None or parent.type not in ("latent", "deterministic"):
+            if parent is None or parent.kind not in ("latent", "deterministic"):
                 raise PlanError(f"plan site '{s.name}' has offset parent '{off.parent}', which is not a "
                                 "site of the model")
             if parent.order >= site.order:
@@ -244,6 +482,32 @@ def validate_plan(plan: Plan, mt) -> None:
                 raise PlanError(f"plan site '{s.name}': the offset from '{off.parent}' maps "
                                 f"{off.M.shape[1]} values to {off.E.shape[0]}, but the model has "
                                 f"{parent.size} and {site.size}")
+            center = plan.center_of(off.parent)
+            if center is not None and len(center) != parent.size:
+                raise PlanError(f"plan centers['{off.parent}'] has {len(center)} values, but site "
+                                f"'{off.parent}' has {parent.size}")
+
+
+def check_at(at, sites: dict[str, TracedSite]) -> None:
+    """Raise InputError (one line, naming the site) unless ``at`` fits the model's latent sites."""
+    if not isinstance(at, dict):
+        return
+    latent = {n: s for n, s in sites.items() if s.kind == "latent"}
+    for name, value in at.items():
+        if name not in latent:
+            raise InputError(f"reparameterize: at names {name!r}, which is not a latent site of the model "
+                             f"(latent sites: {', '.join(latent) or 'none'})")
+        expected = latent[name].shape
+        try:
+            array = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InputError(f"reparameterize: at['{name}'] must be numbers of shape {expected}, "
+                             f"got {type(value).__name__}") from None
+        if array.shape != expected:
+            raise InputError(f"reparameterize: at['{name}'] has shape {array.shape}, but site '{name}' "
+                             f"has shape {expected}")
+        if not np.all(np.isfinite(array)):
+            raise InputError(f"reparameterize: at['{name}'] must be finite, got {array[~np.isfinite(array)][0]}")
 
 
 def _signature(args, kwargs):
@@ -276,62 +540,81 @@ def reparameterize(model: Callable, plan: Plan | None = None, *, init: str = "an
         raise InputError(f"reparameterize: model must be callable, got {type(model).__name__}")
     if plan is not None and not isinstance(plan, Plan):
         raise InputError(f"reparameterize: plan must be an autoreparam.Plan, got {type(plan).__name__}")
+    if plan is not None:
+        plan.check()
     if init not in ("analytic", "zero"):
         raise InputError(f"reparameterize: init must be 'analytic' or 'zero', got {init!r}")
     if noncentre not in ("auto", False, None, True):
         raise InputError(f"reparameterize: noncentre must be 'auto' or False, got {noncentre!r}")
+    if not (at is None or isinstance(at, dict) or (isinstance(at, str) and at in ("map", "median"))):
+        raise InputError(f"reparameterize: at must be None, 'map', 'median' or a dict of latent values "
+                         f"(site name -> array), got {type(at).__name__}")
     cache: dict = {}
 
-    @functools.wraps(model)
-    def reparameterized(*args, **kwargs):
+    def config_for(args, kwargs) -> ReparamConfig:
         key = _signature(args, kwargs)
         config = cache.get(key)
         if config is None:
-            from .trace import has_observed_site
+            # A call without data (Predictive with y=None) reuses the last plan made with data.
+            with_data = [c.plan for c in cache.values() if c.observed]
+            config = cache[key] = _prepare(model, plan, args, kwargs, init, noncentre, at, learn,
+                                           with_data[-1] if with_data else None)
+        return config
 
-            if cache and not has_observed_site(model, args, kwargs):
-                # Predictive without data (y=None) would plan the prior alone: reuse the last plan,
-                # whose sites are checked against this call's shapes as they are sampled.
-                config = next(reversed(cache.values()))
-            else:
-                config = _prepare(model, plan, args, kwargs, init, noncentre, at, learn)
-            cache[key] = config
+    @functools.wraps(model)
+    def reparameterized(*args, **kwargs):
+        config = config_for(args, kwargs)
         with handlers.reparam(config=config):
             return config.record(model)(*args, **kwargs)
 
     def plan_for(*args, **kwargs) -> Plan:
         """The plan used for these inputs (analysing the model if needed)."""
-        key = _signature(args, kwargs)
-        if key not in cache:
-            cache[key] = _prepare(model, plan, args, kwargs, init, noncentre, at, learn)
-        return cache[key].plan
+        return config_for(args, kwargs).plan
 
     reparameterized.plan_for = plan_for
     reparameterized.model = model
     return reparameterized
 
 
-def _prepare(model, plan, args, kwargs, init, noncentre, at, learn) -> ReparamConfig:
+def _prepare(model, plan, args, kwargs, init, noncentre, at, learn, last_plan=None) -> ReparamConfig:
+    """The config for one call's inputs: the given plan checked against the sampled sites, the
+    last plan made with data when this call has no observed site, or else a new plan from the analysis."""
     from .analysis import analyze
     from .plan import build_plan
-    from .trace import isolated_from_handlers, trace_model
 
     leaves = jax.tree.leaves((args, kwargs))
     if any(isinstance(x, jax.core.Tracer) for x in leaves):
         raise InputError("reparameterize: the first call with these input shapes got traced (jit) inputs; "
                          "call the model once with concrete arrays (e.g. outside jit) so it can be analysed")
-    with isolated_from_handlers():
-        if plan is None:
+    sites = trace_sites(model, args, kwargs)
+    observed = any(s.kind == "observed" for s in sites.values())
+    if plan is None and last_plan is not None and not observed:
+        plan = last_plan
+    if plan is None:
+        check_at(at, sites)
+        with isolated_from_handlers():
             report = analyze(model, *args, **kwargs)
             plan = build_plan(report, init=init, noncentre=noncentre, at=at)
-            for note in report.notes:
-                if "support" in note or "discrete" in note:
-                    warnings.warn(f"autoreparam: {note}", stacklevel=3)
-        else:
-            validate_plan(plan, trace_model(model, args, kwargs))
-    config = build_config(plan, learn=learn)
-    config.plan = plan
+        for note in report.notes:
+            if "support" in note or "discrete" in note:
+                warnings.warn(f"autoreparam: {note}", stacklevel=4)
+        plan = _without_unsupported_noncentring(plan, sites)
+    validate_plan(plan, sites)
+    config = build_config(plan, learn=learn, taken=sites)
+    config.plan, config.observed = plan, observed
     return config
+
+
+def _without_unsupported_noncentring(plan: Plan, sites: dict[str, TracedSite]) -> Plan:
+    """Leave centred (with a warning) the funnels whose family has no loc-scale decentring."""
+    families = {f.__name__ for f in LOC_SCALE_FAMILIES}
+    for s in plan.sites:
+        family = sites[s.name].family if s.name in sites else ""
+        if s.noncentred and family not in families:
+            warnings.warn(f"autoreparam: site '{s.name}' is {family}, which autoreparam cannot non-centre "
+                          f"(it can: {', '.join(sorted(families))}); it is left centred", stacklevel=5)
+            plan = plan.with_centering(s.name, None)
+    return plan
 
 
 def auto(model: Callable | None = None, *, plan: Plan | None = None, init: str = "analytic", learn: bool = True,

@@ -112,7 +112,7 @@ class AutoreparamDecentred(numpyro.distributions.Distribution):
 
 class AutoreparamLogDet(numpyro.distributions.distribution.Unit):
     """A log-Jacobian factor. It belongs to the coordinates, not to a term of the model, so no mask
-    applies to it (and _autoreparam_noncentre divides out the site's scale)."""
+    applies to it (_autoreparam_noncentre sets its weight)."""
 
     def mask(self, mask):
         return self
@@ -122,25 +122,35 @@ class AutoreparamLogDet(numpyro.distributions.distribution.Unit):
 
 
 class _AutoreparamSiteScale(numpyro.primitives.Messenger):
-    """Reads the scale that the enclosing handlers (scale, subsampled plates) give one site."""
+    """Reads the weight the log-Jacobian of one site needs: the subsample factor of its subsampled
+    plates (size / subsample_size: the site stands for the whole plate) over the scale that the
+    enclosing handlers give it (scale and subsampled plates, which also weigh the factor)."""
 
     def __init__(self, site):
         super().__init__()
-        self.site, self.scale = site, 1.0
+        self.site, self.weight = site, 1.0
 
     def postprocess_message(self, msg):
-        if msg.get("name") == self.site and msg.get("scale") is not None:
-            self.scale = msg["scale"]
+        if msg.get("name") != self.site:
+            return
+        plates = {m.name: m for m in numpyro.primitives._PYRO_STACK if isinstance(m, numpyro.plate)}
+        for frame in msg["cond_indep_stack"]:
+            plate = plates.get(frame.name)
+            if plate is not None and plate.subsample_size != plate.size:
+                self.weight = self.weight * plate.size / plate.subsample_size
+        if msg.get("scale") is not None:
+            self.weight = self.weight / msg["scale"]
 
 
 def _autoreparam_noncentre(fn, centered, decentered_site, log_det_site):
     """x ~ fn drawn as the site decentered_site (see AutoreparamDecentred). The factor log_det_site adds
-    log |dx/dd| once, whatever scale, mask or subsampling applies here: the log joint in d is exactly
-    the original log joint at x(d) plus the log-Jacobian of the change of variables."""
+    log |dx/dd| once whatever scale or mask applies here, so the log joint in d is exactly the
+    original log joint at x(d) plus the log-Jacobian; under a subsampled plate it is weighed by
+    size / subsample_size like the density, an unbiased estimate of the full model's log joint."""
     decentred, site_scale = AutoreparamDecentred(fn, centered), _AutoreparamSiteScale(decentered_site)
     with site_scale:
         value = numpyro.sample(decentered_site, decentred)
-    log_det = decentred.log_abs_det_jacobian() / site_scale.scale
+    log_det = decentred.log_abs_det_jacobian() * site_scale.weight
     numpyro.sample(log_det_site, AutoreparamLogDet(log_det), obs=jnp.empty(jnp.shape(log_det) + (0,)),
                    infer={"is_auxiliary": True})
     return decentred.recentre(value)

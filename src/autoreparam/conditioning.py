@@ -241,30 +241,37 @@ class ReparamGeometry:
 
 
 def condition_number(hvp: Callable, n: int, dense: np.ndarray | None = None, seed: int = 0,
-                     steps: int = LANCZOS_STEPS) -> float:
+                     steps: int = LANCZOS_STEPS, others: tuple = ()) -> float:
     """Condition number of the Jacobi-preconditioned Hessian ``D^-1/2 H D^-1/2``.
 
     Eigenvalues are taken in absolute value (away from a mode, e.g. at hyperparameters held at
     their prior median, the Hessian can be indefinite; a negative direction is as hard for a
     leapfrog step as a positive one of the same size). Dense below ``DENSE_LIMIT``, otherwise
-    the diagonal by Rademacher probing and the extreme eigenvalues by Lanczos. Returns inf for
-    a singular or non-finite Hessian.
+    the diagonal by Rademacher probing and the extreme eigenvalues by Lanczos.
+
+    ``others`` are further ``(hvp, dense)`` Hessians at other points (the hyperparameters moved
+    along the funnel), preconditioned with the same ``D`` as the first, as NUTS's one adapted
+    mass matrix must serve everywhere: the result is the largest absolute eigenvalue over all
+    points over the smallest. Returns inf for a singular or non-finite Hessian.
     """
     if dense is not None:
         d = np.abs(np.diag(dense))
         d = np.where(d > 0, d, 1.0)
-        s = 1.0 / np.sqrt(d)
-        m = dense * s[:, None] * s[None, :]
-        if not np.all(np.isfinite(m)):
-            return float("inf")
-        ev = np.abs(np.linalg.eigvalsh(m))
     else:
         d = _diagonal_estimate(hvp, n, seed)
-        s = 1.0 / np.sqrt(d)
-        ev = np.abs(lanczos_eigenvalues(lambda v: s * hvp(s * v), n, steps, seed))
-    if ev.size == 0 or not np.all(np.isfinite(ev)):
-        return float("inf")
-    lo, hi = float(ev.min()), float(ev.max())
+    s = 1.0 / np.sqrt(d)
+    lo, hi = float("inf"), 0.0
+    for op, mat in ((hvp, dense), *others):
+        if mat is not None:
+            m = mat * s[:, None] * s[None, :]
+            if not np.all(np.isfinite(m)):
+                return float("inf")
+            ev = np.abs(np.linalg.eigvalsh(m))
+        else:
+            ev = np.abs(lanczos_eigenvalues(lambda v: s * op(s * v), n, steps, seed))
+        if ev.size == 0 or not np.all(np.isfinite(ev)):
+            return float("inf")
+        lo, hi = min(lo, float(ev.min())), max(hi, float(ev.max()))
     return float("inf") if lo <= hi * 1e-12 else hi / lo
 
 
@@ -304,17 +311,23 @@ def lanczos_eigenvalues(matvec: Callable, n: int, steps: int, seed: int = 0) -> 
 
 
 # -- the guard ---------------------------------------------------------------------------------------
-def guard_items(geometry: ReparamGeometry, theta: dict, knobs: dict, items: list[Item],
+def guard_items(geometry: ReparamGeometry, theta, knobs: dict, items: list[Item],
                 off_value: Callable) -> tuple[list[Item], dict]:
     """Drop items (greedily, the most harmful first) until the reparameterized log joint is no
     worse conditioned than the original; returns (dropped items, condition numbers).
 
+    ``theta`` is the point (a dict of site values) or a list of points, the first the centre
+    (see ``condition_number``'s ``others``).
+
     ``off_value(item)`` gives the knob values that switch an item off (xi 0, centered 1).
     """
+    points = [theta] if isinstance(theta, dict) else list(theta)
+
     def kappa(active):
         k = _with(knobs, [i for i in items if i not in active], off_value)
-        hvp, dense, n = geometry.operator(theta, k)
-        return condition_number(hvp, n, dense)
+        hvp, dense, n = geometry.operator(points[0], k)
+        others = tuple(geometry.operator(p, k)[:2] for p in points[1:])
+        return condition_number(hvp, n, dense, others=others)
 
     original = kappa(set())
     active = set(items)
@@ -347,7 +360,29 @@ def _with(knobs, off_items, off_value):
     return {"xi": xi, "centered": centered}
 
 
-def check_plan_sites(curv, plan_sites: list, centers: dict) -> tuple[list, list[str], dict]:
+# The hyperparameters are moved this far (in their unconstrained space, so a scale by a factor e)
+# either side of the curvature point: the width of a funnel's neck that NUTS must traverse.
+FUNNEL_SHIFT = 1.0
+
+
+def funnel_points(curv, hyperparameters) -> list[dict]:
+    """The curvature point and the points with every hyperparameter scaled down and up by FUNNEL_SHIFT."""
+    theta = {n: jnp.asarray(curv.values[n]) for n in curv.names}
+    points = [theta]
+    hyper = [h for h in hyperparameters if h in theta]
+    if not hyper:
+        return points
+    trace = curv.mt.run(curv.values)
+    for shift in (-FUNNEL_SHIFT, FUNNEL_SHIFT):
+        moved = dict(theta)
+        for h in hyper:
+            transform = biject_to(trace[h]["fn"].support)
+            moved[h] = transform(transform.inv(theta[h]) + shift)
+        points.append(moved)
+    return points
+
+
+def check_plan_sites(curv, plan_sites: list, centers: dict, hyperparameters=()) -> tuple[list, list[str], dict]:
     """The plan's sites without the items that make the log joint worse conditioned than the model's.
 
     ``curv`` is the plan's curvature object (its point, names and model trace); ``plan_sites``
@@ -373,7 +408,7 @@ def check_plan_sites(curv, plan_sites: list, centers: dict) -> tuple[list, list[
         specs[s.name] = (tuple(s.batch_shape), tuple(offsets), s.noncentred)
     if not items:
         return plan_sites, [], {}
-    theta = {n: jnp.asarray(curv.values[n]) for n in curv.names}
+    theta = funnel_points(curv, hyperparameters)
     fixed = {n: v for n, v in curv.values.items() if n not in curv.names}
     geometry = ReparamGeometry(mt, curv.names, specs, fixed)
     by_site = {s.name: s for s in plan_sites}
@@ -396,6 +431,6 @@ def check_plan_sites(curv, plan_sites: list, centers: dict) -> tuple[list, list[
             kept.append(s)
     for item in dropped:
         notes.append(f"dropped the {item.describe()}: it made the log joint worse conditioned at the "
-                     f"curvature point (preconditioned condition number {figures['plan']:.3g} with the full "
+                     f"curvature point and along its funnels (preconditioned condition number {figures['plan']:.3g} with the full "
                      f"plan, {figures['original']:.3g} for the model as written, {figures['kept']:.3g} kept)")
     return kept, notes, figures

@@ -438,7 +438,7 @@ def _build_plan(report, init, noncentre, at, guard=True) -> Plan:
         # Never make the geometry worse: drop what worsens the conditioning at the curvature point.
         from .conditioning import check_plan_sites
 
-        plan_sites, notes, _ = check_plan_sites(curv, plan_sites, centers)
+        plan_sites, notes, _ = check_plan_sites(curv, plan_sites, centers, report.hyperparameters)
         report.notes.extend(notes)
     shapes = tuple((n, tuple(sites[n].shape), tuple(sites[n].batch_shape)) for n in latent)
     return Plan(report.model_name, tuple(plan_sites), tuple(candidates), shapes, init,

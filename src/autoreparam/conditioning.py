@@ -365,24 +365,47 @@ def _with(knobs, off_items, off_value):
 FUNNEL_SHIFT = 1.0
 
 
-def funnel_points(curv, hyperparameters) -> list[dict]:
-    """The curvature point and the points with every hyperparameter scaled down and up by FUNNEL_SHIFT."""
+def funnel_points(curv, hyperparameters, funnels=()) -> list[dict]:
+    """The guard's points: a centre, and the centre with every hyperparameter scaled down and up by
+    FUNNEL_SHIFT.
+
+    The centre is the curvature point, except where the centredness estimate rescaled a funnel's
+    prior (the MAP holds a scale hyperparameter at its prior median, which can be ten times too
+    small or too large): a funnel whose scale is proportional to one hyperparameter gets that
+    hyperparameter scaled by the estimate's factor, and its elements the values the rescaled prior
+    gives them, so that the guard judges the centredness at the scale it was estimated for.
+    """
     theta = {n: jnp.asarray(curv.values[n]) for n in curv.names}
-    points = [theta]
     hyper = [h for h in hyperparameters if h in theta]
     if not hyper:
-        return points
+        return [theta]
     trace = curv.mt.run(curv.values)
+    centre = dict(theta)
+    factors: dict[str, list[float]] = {}
+    for f in funnels:
+        if f.site not in getattr(curv, "rescaled", {}) or len(f.scale_parents) != 1 or f.scale_parents[0] not in hyper:
+            continue
+        h = f.scale_parents[0]
+        doubled = curv.mt.run({**curv.values, h: 2.0 * jnp.asarray(curv.values[h])})
+        scale, scale2 = (np.asarray(unwrap_distribution(t[f.site]["fn"]).scale, np.float64) for t in (trace, doubled))
+        if not np.allclose(scale2, 2.0 * scale, rtol=1e-4):
+            continue  # the scale is not proportional to the hyperparameter
+        k2, values = curv.rescaled[f.site]
+        factors.setdefault(h, []).append(np.sqrt(k2))
+        centre[f.site] = jnp.asarray(values, dtype=theta[f.site].dtype)
+    for h, ks in factors.items():
+        centre[h] = theta[h] * jnp.asarray(float(np.exp(np.mean(np.log(ks)))), dtype=theta[h].dtype)
+    points = [centre]
     for shift in (-FUNNEL_SHIFT, FUNNEL_SHIFT):
-        moved = dict(theta)
+        moved = dict(centre)
         for h in hyper:
             transform = biject_to(trace[h]["fn"].support)
-            moved[h] = transform(transform.inv(theta[h]) + shift)
+            moved[h] = transform(transform.inv(centre[h]) + shift)
         points.append(moved)
     return points
 
 
-def check_plan_sites(curv, plan_sites: list, centers: dict, hyperparameters=()) -> tuple[list, list[str], dict]:
+def check_plan_sites(curv, plan_sites: list, centers: dict, hyperparameters=(), funnels=()) -> tuple[list, list[str], dict]:
     """The plan's sites without the items that make the log joint worse conditioned than the model's.
 
     ``curv`` is the plan's curvature object (its point, names and model trace); ``plan_sites``
@@ -408,7 +431,7 @@ def check_plan_sites(curv, plan_sites: list, centers: dict, hyperparameters=()) 
         specs[s.name] = (tuple(s.batch_shape), tuple(offsets), s.noncentred)
     if not items:
         return plan_sites, [], {}
-    theta = funnel_points(curv, hyperparameters)
+    theta = funnel_points(curv, hyperparameters, funnels)
     fixed = {n: v for n, v in curv.values.items() if n not in curv.names}
     geometry = ReparamGeometry(mt, curv.names, specs, fixed)
     by_site = {s.name: s for s in plan_sites}

@@ -438,7 +438,8 @@ def _build_plan(report, init, noncentre, at, guard=True) -> Plan:
         # Never make the geometry worse: drop what worsens the conditioning at the curvature point.
         from .conditioning import check_plan_sites
 
-        plan_sites, notes, _ = check_plan_sites(curv, plan_sites, centers, report.hyperparameters)
+        plan_sites, notes, _ = check_plan_sites(curv, plan_sites, centers, report.hyperparameters,
+                                                     report.funnels)
         report.notes.extend(notes)
     shapes = tuple((n, tuple(sites[n].shape), tuple(sites[n].batch_shape)) for n in latent)
     return Plan(report.model_name, tuple(plan_sites), tuple(candidates), shapes, init,
@@ -492,6 +493,8 @@ class _Curvature:
         self.point = {n: jnp.asarray(values[n]) for n in self.names}
         self.values = values
         self.at_map = at in (None, "map")
+        # site -> (prior variance factor k^2, the site's values under that prior), set by centeredness
+        self.rescaled: dict[str, tuple[float, np.ndarray]] = {}
         grad = jax.grad(neg_log_joint)
         self._hvp = jax.jit(lambda t: jax.jvp(grad, (self.point,), (t,))[1])
 
@@ -578,6 +581,7 @@ class _Curvature:
             # those of unpooled estimates, and a prior scale held too small would otherwise shrink
             # the deviations that are to measure it and call every element prior-dominated.
             dev = dev * np.where(informed, total / np.where(informed, data, 1.0), 1.0)[:, None]
+            unpooled = dev
             if informed.sum() > 1:
                 dev = dev - dev[informed].mean(axis=0)
             dev2 = (dev**2).sum(axis=1)
@@ -587,6 +591,10 @@ class _Curvature:
                 k2 = float(np.clip(np.mean(np.maximum(r, 0.0)), 1e-4, 1e4))
                 prior = prior / k2
                 total = data + prior
+                # The site where the rescaled prior would put it (for the conditioning guard).
+                shrink = np.where(informed, data / np.where(total > 0, total, 1.0), 0.0)[:, None]
+                loc = np.broadcast_to(np.asarray(fn.loc, np.float64), site.shape)
+                self.rescaled[name] = (k2, loc + (unpooled * shrink).reshape(site.shape))
         c = 1.0 - prior / np.where(total > 0, total, np.inf)
         return np.clip(np.where(total > 0, c, 0.0), 0.0, 1.0).reshape(n_batch)
 

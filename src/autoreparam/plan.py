@@ -438,8 +438,11 @@ def _build_plan(report, init, noncentre, at, guard=True) -> Plan:
         # Never make the geometry worse: drop what worsens the conditioning at the curvature point.
         from .conditioning import check_plan_sites
 
-        plan_sites, notes, _ = check_plan_sites(curv, plan_sites, centers, report.hyperparameters,
-                                                     report.funnels)
+        try:
+            plan_sites, notes, _ = check_plan_sites(curv, plan_sites, centers, report.hyperparameters,
+                                                         report.funnels)
+        except Exception as exc:  # the check is a safety net: an unchecked plan beats no plan
+            notes = [f"the conditioning check could not run ({type(exc).__name__}); the plan is unchecked"]
         report.notes.extend(notes)
     shapes = tuple((n, tuple(sites[n].shape), tuple(sites[n].batch_shape)) for n in latent)
     return Plan(report.model_name, tuple(plan_sites), tuple(candidates), shapes, init,

@@ -126,3 +126,34 @@ def load_reference(spec: ModelSpec) -> dict:
         out[site] = {k: (None if v.get(k) is None else np.asarray(v[k], dtype=np.float64))
                      for k in ("mean", "sd", "mean_se")}
     return out
+
+
+# -- geometry models (NUTS only): shapes on which reparameterization once made NUTS worse ------------
+@dataclass(frozen=True)
+class GeometrySpec:
+    """A NUTS-only benchmark model from ``benchmarks/geometry_models.py`` (synthetic, fixed seed)."""
+
+    name: str
+    description: str
+
+    def inputs(self, mode: str):
+        from . import geometry_models
+
+        return getattr(geometry_models, f"{self.name}_data")("full" if mode == "full" else "quick")
+
+    @property
+    def model(self):
+        from . import geometry_models
+
+        return getattr(geometry_models, self.name)
+
+
+GEOMETRY_MODELS = {spec.name: spec for spec in (
+    GeometrySpec("tutorial", "NumPyro's hierarchical linear regression tutorial shape: 176 patients x 9 visits, "
+                             "intercepts near 2,700, HalfNormal(100) scales"),
+    GeometrySpec("group_logistic", "logistic regression, 40 hierarchical group intercepts x 25 obs, common slope"),
+    GeometrySpec("lkj_gaussian", "varying intercepts and slopes, LKJ-correlated block, 30 groups x 10, Gaussian"),
+    GeometrySpec("lkj_logistic", "varying effects logistic, LKJ-correlated block, 30 groups x 10, Bernoulli"),
+    GeometrySpec("horseshoe", "horseshoe regression, 20 coefficients (3 signals), 100 obs"),
+    GeometrySpec("weak_schools", "control: eight-schools-like weak data, 16 schools (non-centring should win)"),
+)}

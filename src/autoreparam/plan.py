@@ -74,6 +74,12 @@ def _get(d, key: str, where: str, default=_MISSING):
     return d[key]
 
 
+def _notes(x, where: str) -> tuple[str, ...]:
+    if not isinstance(x, list) or not all(isinstance(n, str) for n in x):
+        _fail(where, f"'notes' must be a list of strings, got {_kind(x)}")
+    return tuple(x)
+
+
 def _text(x, where: str, field_name: str) -> str:
     if not isinstance(x, str) or not x:
         _fail(where, f"'{field_name}' must be a non-empty string, got "
@@ -336,6 +342,8 @@ class Plan:
     centers: tuple[tuple[str, tuple[float, ...]], ...] = ()
     # Learned xi = init + xi_step * param; see ConditionalOffsetReparam.
     xi_step: float = 1.0
+    # What the planning left out and why (e.g. an item that made the geometry worse).
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     def center_of(self, name: str):
         for n, values in self.centers:
@@ -423,7 +431,7 @@ class Plan:
         return {"format": PLAN_FORMAT, "model": self.model, "init": self.init,
                 "centers": {n: list(v) for n, v in self.centers}, "xi_step": self.xi_step,
                 "latent": [{"name": n, "shape": list(s), "batch_shape": list(b)} for n, s, b in self.latent],
-                "sites": [s.to_json() for s in self.sites],
+                "sites": [s.to_json() for s in self.sites], "notes": list(self.notes),
                 "candidates": [{"site": c, **o.to_json()} for c, o in self.candidates]}
 
     @classmethod
@@ -451,7 +459,8 @@ class Plan:
                          for i, x in enumerate(latent)),
                    _get(d, "init", where, "analytic"),
                    tuple((n, _numbers(v, f"centers['{n}']", "values")) for n, v in centers.items()),
-                   float(xi_step))
+                   float(xi_step),
+                   _notes(_get(d, "notes", where, []), where))
         plan.check()
         return plan
 
@@ -477,6 +486,8 @@ class Plan:
             _text(entry[0], f"latent[{i}]", "name")
             _ints(entry[1], f"latent site '{entry[0]}'", "shape")
             _ints(entry[2], f"latent site '{entry[0]}'", "batch_shape")
+        if not isinstance(self.notes, tuple) or not all(isinstance(n, str) for n in self.notes):
+            _fail(where, "'notes' must be a tuple of strings")
         sizes = {n: _prod(shape) for n, shape, _ in self.latent}
         batches = {n: batch for n, _, batch in self.latent}
         for i, entry in enumerate(self.candidates):
@@ -550,6 +561,7 @@ class Plan:
             if s.noncentred:
                 line += f"  non-centred (centered {_summary(s.centered)}{', learned' if s.learn_centered else ''})"
             lines.append(line)
+        lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
 
 
@@ -561,8 +573,13 @@ def _summary(values) -> str:
 
 
 # -- building a plan from a report ----------------------------------------------------------------
-def build_plan(report, init: str = "analytic", noncentre: Any = "auto", at: dict | None = None) -> Plan:
-    """Derive a plan from a report: offsets along every additive pair, non-centring of funnels."""
+def build_plan(report, init: str = "analytic", noncentre: Any = "auto", at: dict | None = None,
+               guard: bool = True) -> Plan:
+    """Derive a plan from a report: offsets along every additive pair, non-centring of funnels.
+
+    With ``guard`` (the default) and the analytic init, an offset or non-centring that makes the
+    log joint worse conditioned at the curvature point is dropped, with a note in ``plan.notes``.
+    """
     if init not in ("analytic", "zero"):
         raise InputError(f"init must be 'analytic' or 'zero', got {init!r}")
     if noncentre not in ("auto", True, False, None):
@@ -570,10 +587,10 @@ def build_plan(report, init: str = "analytic", noncentre: Any = "auto", at: dict
     from .trace import data_evaluated_eagerly, isolated_from_handlers
 
     with isolated_from_handlers(), data_evaluated_eagerly():
-        return _build_plan(report, init, noncentre, at)
+        return _build_plan(report, init, noncentre, at, guard)
 
 
-def _build_plan(report, init, noncentre, at) -> Plan:
+def _build_plan(report, init, noncentre, at, guard=True) -> Plan:
     sites = report.sites
     mt = report.model_trace
     latent = [n for n, s in sites.items() if s.type == "latent"]
@@ -591,6 +608,7 @@ def _build_plan(report, init, noncentre, at) -> Plan:
     xi: dict[tuple[str, str], np.ndarray] = {}
     centered: dict[str, np.ndarray] = {}
     centers: dict[str, tuple[float, ...]] = {}
+    curv = None
     funnel_sites = [f.site for f in report.funnels if f.site in eligible] if noncentre else []
     if init == "analytic" and (pairs or funnel_sites):
         curv = _Curvature(mt, at, report.hyperparameters)
@@ -623,10 +641,21 @@ def _build_plan(report, init, noncentre, at) -> Plan:
                 cen = tuple(float(v) for v in c)
         if offs or cen is not None:
             plan_sites.append(SitePlan(name, tuple(site.shape), tuple(site.batch_shape), offs, cen))
+    notes: list[str] = []
+    if curv is not None and plan_sites and guard:
+        # Never make the geometry worse: drop what worsens the conditioning at the curvature point.
+        from .conditioning import check_plan_sites
+
+        try:
+            plan_sites, notes, _ = check_plan_sites(curv, plan_sites, centers, report.hyperparameters,
+                                                         report.funnels)
+        except Exception as exc:  # the check is a safety net: an unchecked plan beats no plan
+            notes = [f"the conditioning check could not run ({type(exc).__name__}); the plan is unchecked"]
+        report.notes.extend(notes)
     shapes = tuple((n, tuple(sites[n].shape), tuple(sites[n].batch_shape)) for n in latent)
     return Plan(report.model_name, tuple(plan_sites), tuple(candidates), shapes, init,
                 tuple(sorted(centers.items(), key=lambda kv: order.index(kv[0]))),
-                ANALYTIC_XI_STEP if init == "analytic" else 1.0)
+                ANALYTIC_XI_STEP if init == "analytic" else 1.0, notes=tuple(notes))
 
 
 class _Curvature:
@@ -682,6 +711,8 @@ class _Curvature:
         self.point = {n: jnp.asarray(values[n]) for n in self.names}
         self.values = values
         self.at_map = at in (None, "map")
+        # site -> (prior variance factor k^2, the site's values under that prior), set by centeredness
+        self.rescaled: dict[str, tuple[float, np.ndarray]] = {}
         grad = jax.grad(neg_log_joint)
         self._hvp = jax.jit(lambda t: jax.jvp(grad, (self.point,), (t,))[1])
 
@@ -768,6 +799,11 @@ class _Curvature:
             # off by a common shift, and elements without data sit at their loc.
             dev = (np.asarray(self.point[name], np.float64)
                    - np.broadcast_to(np.asarray(fn.loc, np.float64), site.shape)).reshape(n_batch, event)
+            # Undo the MAP's shrinkage towards loc (by data / (data + prior)): the moments below are
+            # those of unpooled estimates, and a prior scale held too small would otherwise shrink
+            # the deviations that are to measure it and call every element prior-dominated.
+            dev = dev * np.where(informed, total / np.where(informed, data, 1.0), 1.0)[:, None]
+            unpooled = dev
             if informed.sum() > 1:
                 dev = dev - dev[informed].mean(axis=0)
             dev2 = (dev**2).sum(axis=1)
@@ -777,13 +813,19 @@ class _Curvature:
                 k2 = float(np.clip(np.mean(np.maximum(r, 0.0)), 1e-4, 1e4))
                 prior = prior / k2
                 total = data + prior
+                # The site where the rescaled prior would put it (for the conditioning guard).
+                shrink = np.where(informed, data / np.where(total > 0, total, 1.0), 0.0)[:, None]
+                loc = np.broadcast_to(np.asarray(fn.loc, np.float64), site.shape)
+                self.rescaled[name] = (k2, loc + (unpooled * shrink).reshape(site.shape))
         c = 1.0 - prior / np.where(total > 0, total, np.inf)
         return np.clip(np.where(total > 0, c, 0.0), 0.0, 1.0).reshape(n_batch)
 
 
-def _map_point(neg_log_joint, theta: dict, supports: dict, steps: int = 500, lr: float = 0.05) -> dict:
-    """A few hundred Adam steps on the unconstrained values of the sites in ``supports``."""
+def _map_point(neg_log_joint, theta: dict, supports: dict) -> dict:
+    """Newton steps on the unconstrained values of the sites in ``supports`` (see ``newton_refine``)."""
     from numpyro.distributions import biject_to
+
+    from .conditioning import newton_refine
 
     transforms = {n: biject_to(c) for n, c in supports.items()}
     fixed = {n: v for n, v in theta.items() if n not in transforms}
@@ -792,20 +834,7 @@ def _map_point(neg_log_joint, theta: dict, supports: dict, steps: int = 500, lr:
     def loss(u):
         return neg_log_joint({**fixed, **{n: t(u[n]) for n, t in transforms.items()}})
 
-    grad = jax.grad(loss)
-
-    def step(i, state):
-        u, m, v = state
-        g = grad(u)
-        m = jax.tree.map(lambda m_, g_: 0.9 * m_ + 0.1 * g_, m, g)
-        v = jax.tree.map(lambda v_, g_: 0.999 * v_ + 0.001 * g_**2, v, g)
-        t = i + 1.0
-        u = jax.tree.map(lambda u_, m_, v_: u_ - lr * (m_ / (1 - 0.9**t)) / (jnp.sqrt(v_ / (1 - 0.999**t)) + 1e-8),
-                         u, m, v)
-        return u, m, v
-
-    zeros = jax.tree.map(jnp.zeros_like, u0)
-    u, _, _ = jax.jit(lambda u: jax.lax.fori_loop(0, steps, step, (u, zeros, zeros)))(u0)
+    u = newton_refine(loss, u0)
     out = {n: t(u[n]) for n, t in transforms.items()}
     if not all(bool(jnp.all(jnp.isfinite(v))) for v in out.values()):
         return {}  # keep the prior median rather than a diverged point

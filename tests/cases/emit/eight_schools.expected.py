@@ -159,8 +159,8 @@ def _autoreparam_noncentre(fn, centered, decentered_site, log_det_site):
 _AUTOREPARAM_MAPS = {}
 _AUTOREPARAM_XI = {k: jnp.asarray(v) for k, v in {}.items()}
 _AUTOREPARAM_CENTER = {k: jnp.asarray(v) for k, v in {}.items()}
-_AUTOREPARAM_CENTERED = {k: jnp.asarray(v) for k, v in {'theta': [1.201327e-05, 2.7029444e-05, 1.0558549e-05, 2.2338486e-05, 3.3369467e-05, 2.2338486e-05,
-           2.7029444e-05, 8.3425804e-06]}.items()}
+_AUTOREPARAM_CENTERED = {k: jnp.asarray(v) for k, v in {'theta': [0.081456928, 0.16634101, 0.072306196, 0.14155857, 0.19764739, 0.14155857, 0.16634101,
+           0.058011196]}.items()}
 
 Y = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], dtype=np.float32)
 SIGMA = np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0], dtype=np.float32)

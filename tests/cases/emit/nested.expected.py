@@ -166,7 +166,7 @@ _AUTOREPARAM_MAPS = {'r|mu': (([0], [0], [1.0], 1), ([0, 1], [0, 0], [1.0, 1.0],
 _AUTOREPARAM_XI = {k: jnp.asarray(v) for k, v in {'r|mu': [-0.15877687, -0.15877687],
  'd|mu': [-0.11868957, -0.11868957, -0.11868957, -0.11868957],
  'd|r': [-0.11868957, -0.11868957, -0.11868957, -0.11868957]}.items()}
-_AUTOREPARAM_CENTER = {k: jnp.asarray(v) for k, v in {'mu': 0.65259719, 'r': [0.098823182, -0.095678501]}.items()}
+_AUTOREPARAM_CENTER = {k: jnp.asarray(v) for k, v in {'mu': 0.65259719, 'r': [0.09882316, -0.095678508]}.items()}
 _AUTOREPARAM_CENTERED = {k: jnp.asarray(v) for k, v in {'r': [2.141598e-05, 2.141598e-05],
  'd': [1.3467231e-05, 1.3467231e-05, 1.3467231e-05, 1.3467231e-05]}.items()}
 

@@ -1,0 +1,196 @@
+"""Never make the geometry worse: the curvature point, and the conditioning guard of the plan."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+import autoreparam
+from autoreparam import conditioning
+from autoreparam.plan import Plan, _Curvature, build_plan
+
+N_PATIENTS, N_VISITS = 12, 6
+
+
+def tutorial_data(seed=0):
+    """NumPyro's hierarchical linear regression tutorial shape: lung capacity near 2,700 per patient."""
+    rng = np.random.default_rng(seed)
+    patient = np.repeat(np.arange(N_PATIENTS), N_VISITS).astype(np.int32)
+    weeks = rng.uniform(0, 60, size=patient.size).astype(np.float32)
+    alpha = rng.normal(2700.0, 800.0, N_PATIENTS)
+    beta = rng.normal(-8.0, 5.0, N_PATIENTS)
+    y = (alpha[patient] + beta[patient] * weeks + rng.normal(0, 150.0, patient.size)).astype(np.float32)
+    return (patient, weeks), {"y": y}
+
+
+def tutorial(patient, weeks, y=None):
+    mu_a = numpyro.sample("mu_a", dist.Normal(0.0, 500.0))
+    sigma_a = numpyro.sample("sigma_a", dist.HalfNormal(100.0))
+    mu_b = numpyro.sample("mu_b", dist.Normal(0.0, 3.0))
+    sigma_b = numpyro.sample("sigma_b", dist.HalfNormal(100.0))
+    with numpyro.plate("patients", N_PATIENTS):
+        alpha = numpyro.sample("alpha", dist.Normal(mu_a, sigma_a))
+        beta = numpyro.sample("beta", dist.Normal(mu_b, sigma_b))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(100.0))
+    with numpyro.plate("visits", len(patient)):
+        numpyro.sample("y", dist.Normal(alpha[patient] + beta[patient] * weeks, sigma), obs=y)
+
+
+SIGMA8 = np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0], dtype=np.float32)
+Y8 = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], dtype=np.float32)
+
+
+def schools(sigma, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
+    with numpyro.plate("school", len(sigma)):
+        theta = numpyro.sample("theta", dist.Normal(mu, tau))
+        numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+@pytest.fixture(scope="module")
+def tutorial_report():
+    args, kwargs = tutorial_data()
+    return autoreparam.analyze(tutorial, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tutorial_plan(tutorial_report):
+    return build_plan(tutorial_report)
+
+
+@pytest.fixture(scope="module")
+def schools_report():
+    return autoreparam.analyze(schools, SIGMA8, y=Y8)
+
+
+@pytest.fixture(scope="module")
+def schools_geometry(schools_report):
+    mt = schools_report.model_trace
+    return conditioning.ReparamGeometry(mt, mt.latent_names, {"theta": ((8,), (), True)}, {})
+
+
+@pytest.fixture(scope="module")
+def tutorial_curvature(tutorial_report):
+    r = tutorial_report
+    return _Curvature(r.model_trace, None, r.hyperparameters)
+
+
+def test_curvature_point_reaches_intercepts_far_from_the_start(tutorial_curvature):
+    """The MAP over the non-hyperparameters puts the intercepts where the data put them (~2,700),
+    not a few prior units from the start where fixed-size first-order steps stop."""
+    (patient, weeks), kwargs = tutorial_data()
+    y = kwargs["y"]
+    unpooled = np.array([np.polyfit(weeks[patient == j], y[patient == j], 1)[1] for j in range(N_PATIENTS)])
+    alpha = np.asarray(tutorial_curvature.point["alpha"], dtype=np.float64)
+    # Shrunk towards mu_a ~ Normal(0, 500) at the prior-median sigma_a, but thousands from the start.
+    assert abs(alpha.mean() - unpooled.mean()) < 0.25 * unpooled.std()
+
+
+def test_tutorial_shape_leaves_the_data_dominated_intercepts_centred(tutorial_plan):
+    """Each intercept has informative data: the plan must not non-centre it far (it was 0.01)."""
+    plan = tutorial_plan
+    if "alpha" in plan.names and plan["alpha"].noncentred:
+        assert min(plan["alpha"].centered) >= 0.5
+    else:
+        assert "alpha" not in plan.names or not plan["alpha"].noncentred
+
+
+def test_guard_drops_a_harmful_noncentring_and_says_so(tutorial_report, tutorial_curvature):
+    """Partially non-centring the data-dominated intercepts (as the centredness estimate proposes)
+    worsens the conditioning: the guard drops it, with a note naming the site (str and JSON)."""
+    unguarded = build_plan(tutorial_report, guard=False)
+    for centered in (None, 0.5):
+        plan = unguarded if centered is None else unguarded.with_centering("alpha", centered)
+        assert plan["alpha"].noncentred
+        kept, notes, figures = conditioning.check_plan_sites(tutorial_curvature, list(plan.sites),
+                                                             dict(plan.centers))
+        assert "alpha" not in [s.name for s in kept if s.noncentred]
+        assert figures["plan"] > conditioning.WORSE_FACTOR * figures["original"]
+        assert figures["kept"] <= conditioning.WORSE_FACTOR * figures["original"]
+        assert any("non-centring of alpha" in n for n in notes)
+
+    noted = Plan(plan.model, tuple(kept), plan.candidates, plan.latent, plan.init, plan.centers, plan.xi_step,
+                 notes=tuple(notes))
+    assert "non-centring of alpha" in str(noted)
+    again = Plan.from_json(noted.to_json())
+    assert again.notes == noted.notes
+
+
+def test_default_plan_lists_what_the_guard_dropped(tutorial_report, tutorial_plan):
+    """The default plan of the tutorial shape leaves alpha centred and says why, in plan and report."""
+    plan = tutorial_plan
+    assert "alpha" not in plan.names or not plan["alpha"].noncentred
+    assert any("non-centring of alpha" in note for note in plan.notes)
+    for note in plan.notes:
+        assert note in tutorial_report.notes
+        assert note in str(plan)
+        assert note in str(tutorial_report)
+
+
+def test_guard_keeps_the_helpful_noncentring_of_weak_data(schools_report):
+    """Eight schools (weak data, a funnel): non-centring helps and is kept, with no note."""
+    plan = build_plan(schools_report)
+    assert plan["theta"].noncentred
+    assert max(plan["theta"].centered) < 0.5
+    assert not plan.notes
+
+
+def _schools_point():
+    return {"mu": jnp.asarray(4.0), "tau": jnp.asarray(3.0),
+            "theta": jnp.asarray(np.linspace(-2.0, 9.0, 8), dtype=jnp.float32)}
+
+
+def test_reparameterized_hessian_matches_a_hand_written_noncentred_model(schools_geometry):
+    """The change of variables written from the plan's data equals NumPyro's LocScaleReparam by hand."""
+    geometry = schools_geometry
+    c = np.linspace(0.1, 0.9, 8).astype(np.float32)
+    knobs = {"xi": {}, "centered": {"theta": jnp.asarray(c)}}
+    point = _schools_point()
+    _, dense, n = geometry.operator(point, knobs)
+
+    def neg_log_joint(flat):
+        mu, log_tau, z = flat[0], flat[1], flat[2:]
+        tau = jnp.exp(log_tau)
+        theta = mu + tau ** (1 - c) * (z - c * mu)
+        lp = dist.Normal(0.0, 5.0).log_prob(mu) + dist.HalfCauchy(5.0).log_prob(tau) + log_tau
+        lp += dist.Normal(c * mu, tau ** c).log_prob(z).sum()
+        lp += dist.Normal(theta, SIGMA8).log_prob(Y8).sum()
+        return -lp
+
+    mu, tau, theta = point["mu"], point["tau"], point["theta"]
+    z = c * mu + (theta - mu) / tau ** (1 - c)
+    expected = np.asarray(jax.hessian(neg_log_joint)(jnp.concatenate([jnp.stack([mu, jnp.log(tau)]), z])))
+    assert n == 10
+    np.testing.assert_allclose(dense, expected, rtol=2e-3, atol=1e-5 * np.abs(expected).max())
+
+
+def test_condition_number_matches_dense_eigenvalues(monkeypatch, schools_geometry):
+    """Dense path: exactly the eigenvalue ratio of D^-1/2 H D^-1/2; Lanczos path (HVPs only): close to it."""
+    geometry = schools_geometry
+    knobs = {"xi": {}, "centered": {"theta": jnp.full(8, 0.3)}}
+    point = _schools_point()
+    hvp, dense, n = geometry.operator(point, knobs)
+    d = np.sqrt(np.abs(np.diag(dense)))
+    ev = np.abs(np.linalg.eigvals(dense / d[:, None] / d[None, :]))
+    exact = ev.max() / ev.min()
+    assert conditioning.condition_number(hvp, n, dense) == pytest.approx(exact, rel=1e-6)
+
+    monkeypatch.setattr(conditioning, "DENSE_LIMIT", 0)
+    hvp_free, no_dense, n_free = geometry.operator(point, knobs)
+    assert no_dense is None and n_free == n
+    np.testing.assert_allclose(hvp_free(np.eye(n)[3]), dense[:, 3], rtol=1e-4, atol=1e-6)
+    lanczos = conditioning.condition_number(hvp_free, n_free, None, steps=n)
+    assert lanczos == pytest.approx(exact, rel=0.5)
+
+
+def test_lanczos_finds_the_extreme_eigenvalues():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((50, 50)))
+    eigenvalues = np.geomspace(0.01, 100.0, 50)
+    m = (q * eigenvalues) @ q.T
+    ritz = conditioning.lanczos_eigenvalues(lambda v: m @ v, 50, 50)
+    assert ritz.min() == pytest.approx(eigenvalues.min(), rel=1e-6)
+    assert ritz.max() == pytest.approx(eigenvalues.max(), rel=1e-6)

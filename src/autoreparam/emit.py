@@ -330,32 +330,36 @@ class _SiteRewriter(cst.CSTTransformer):
                 self.variables[bound[1]] = bound[0]
         return True
 
-    def _simple_assignment(self, node: cst.SimpleStatementLine):
+    @staticmethod
+    def _single_assignment(node: cst.SimpleStatementLine):
+        """(variable, value) for a statement ``variable = value``, else None."""
         if len(node.body) != 1 or not isinstance(node.body[0], cst.Assign):
             return None
         assign = node.body[0]
         if len(assign.targets) != 1 or not isinstance(assign.targets[0].target, cst.Name):
             return None
-        call = assign.value
-        if not isinstance(call, cst.Call) or call not in self.facts.sample_calls:
+        return assign.targets[0].target.value, assign.value
+
+    def _simple_assignment(self, node: cst.SimpleStatementLine):
+        found = self._single_assignment(node)
+        if found is None or not isinstance(found[1], cst.Call) or found[1] not in self.facts.sample_calls:
             return None
+        variable, call = found
         name = _site_name(call)
         if name is None or _has_obs(call) or _dist_arg(call) is None:
             return None
-        return assign.targets[0].target.value, name, call
+        return variable, name, call
 
     def _bound_site(self, node: cst.SimpleStatementLine):
         """(variable, site) for ``var = numpyro.sample("site", ...)`` or ``numpyro.deterministic``."""
-        if len(node.body) != 1 or not isinstance(node.body[0], cst.Assign):
+        found = self._single_assignment(node)
+        if found is None:
             return None
-        assign = node.body[0]
-        if len(assign.targets) != 1 or not isinstance(assign.targets[0].target, cst.Name):
-            return None
-        call = assign.value
+        variable, call = found
         if call in self.facts.sample_calls or call in self.facts.deterministic_calls:
             name = _site_name(call)
             if name is not None:
-                return assign.targets[0].target.value, name
+                return variable, name
         return None
 
     def leave_SimpleStatementLine(self, original: cst.SimpleStatementLine, updated: cst.SimpleStatementLine):

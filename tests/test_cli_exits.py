@@ -273,6 +273,24 @@ def test_ctrl_c_while_rewriting_in_place_keeps_the_original(capsys, model_file, 
     assert files(model_file.parent) == ["model.py"]  # no backup, no temporary file
 
 
+def test_ctrl_c_just_after_the_rename_keeps_the_backup(capsys, model_file, monkeypatch):
+    """FILE is already rewritten when the interrupt lands: the backup is then the only copy of the
+    original, so it stays."""
+    original = model_file.read_bytes()
+    replace = Path.replace
+
+    def replace_then_interrupt(self, target):
+        replace(self, target)
+        if Path(target).name == model_file.name:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "replace", replace_then_interrupt)
+    code, out, err = run(capsys, "analyze", model_file, "--emit", "source", "--in-place")
+    assert code == 130
+    assert model_file.read_bytes() != original
+    assert model_file.with_name("model.py.bak").read_bytes() == original
+
+
 # -- --in-place: atomic, and never overwrites a file the user did not name -----------------------
 
 def test_in_place_never_overwrites_an_existing_backup(capsys, model_file):

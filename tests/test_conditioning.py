@@ -194,3 +194,37 @@ def test_lanczos_finds_the_extreme_eigenvalues():
     ritz = conditioning.lanczos_eigenvalues(lambda v: m @ v, 50, 50)
     assert ritz.min() == pytest.approx(eigenvalues.min(), rel=1e-6)
     assert ritz.max() == pytest.approx(eigenvalues.max(), rel=1e-6)
+
+
+def _sample_shape_funnel(g, y=None):
+    abar = numpyro.sample("abar", dist.Normal(0, 1.5))
+    sigma = numpyro.sample("sigma", dist.Exponential(1))
+    a = numpyro.sample("a", dist.Normal(abar, sigma), sample_shape=(6,))  # as the Rethinking ports write it
+    numpyro.sample("y", dist.Normal(a[g], 2.0), obs=y)
+
+
+def test_guard_runs_on_sites_sampled_with_sample_shape():
+    g = np.repeat(np.arange(6), 2)
+    y = np.random.default_rng(0).normal(size=12)
+    report = autoreparam.analyze(_sample_shape_funnel, g, y=y)
+    plan = report.plan
+    assert plan["a"].noncentred
+    assert not any("could not run" in note for note in plan.notes), plan.notes
+
+
+def _asymmetric_funnel(g, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0, 1.5))
+    s = numpyro.sample("s", dist.Exponential(1))
+    with numpyro.plate("groups", 6):
+        a = numpyro.sample("a", dist.AsymmetricLaplace(mu, s, 1.5))
+    numpyro.sample("y", dist.Normal(a[g], 5.0), obs=y)
+
+
+def test_plan_does_not_non_centre_a_family_it_cannot():
+    """The plan itself (CLI, emitter, reparameterize(model, plan)) leaves it centred, with a note."""
+    g = np.repeat(np.arange(6), 2)
+    report = autoreparam.analyze(_asymmetric_funnel, g, y=np.zeros(12))
+    assert "a" in {f.site for f in report.funnels}
+    assert "a" not in report.plan.names
+    assert any(note.startswith("site 'a' is AsymmetricLaplace, which autoreparam cannot non-centre")
+               for note in report.notes)

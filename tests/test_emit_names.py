@@ -345,3 +345,26 @@ def test_fresh_name():
 
     assert fresh_name("a_base", {"a"}) == "a_base"
     assert fresh_name("a_base", {"a_base", "a_base_1", "a_base_3"}) == "a_base_2"
+
+
+def test_plan_is_checked_and_a_site_with_nothing_to_do_is_left_alone(tmp_path):
+    """A hand-built plan: a site without offsets or non-centring is not rewritten (it used to emit
+    ``x_base + None``), and a NaN xi is refused before anything is emitted."""
+    import dataclasses
+
+    source, plan = crossed()
+    idle = dataclasses.replace(plan[plan.names[0]], offsets=())
+    assert not idle.noncentred
+    rest = tuple(s for s in plan.sites if s.name != idle.name)
+    result = autoreparam.emit_source(source, "model", dataclasses.replace(plan, sites=(idle,) + rest))
+    assert idle.name not in result.rewritten
+    import_source(result.source, tmp_path, stem="idle_site")  # the emitted file imports and runs its helpers
+
+    site = rest[0] if rest else plan.sites[0]
+    off = dataclasses.replace(site.offsets[0], init=(float("nan"),) * len(site.offsets[0].init))
+    broken = dataclasses.replace(plan, sites=tuple(dataclasses.replace(s, offsets=(off,) + s.offsets[1:])
+                                                   if s.name == site.name else s for s in plan.sites))
+    with pytest.raises(autoreparam.PlanError, match="must be finite"):
+        autoreparam.emit_source(source, "model", broken)
+    with pytest.raises(autoreparam.PlanError, match="must be finite"):
+        autoreparam.emit_config(broken)

@@ -4,7 +4,7 @@ Exactness: a reparameterized site ``a`` is sampled as ``a_base`` with density
 ``p_a(a_base + offset)`` and returned as the deterministic ``a = a_base + offset``: a change of
 variables with unit Jacobian. So for ANY xi (random values of every ``*_offset_*`` param) the log
 joint of the reparameterized model at its latent values equals the original log joint at the
-values of the deterministic sites. Non-centred sites (NumPyro's ``LocScaleReparam``) add the
+values of the deterministic sites. Non-centred sites (written out as NumPyro's ``LocScaleReparam`` would) add the
 known Jacobian ``sum (1 - c) log scale`` of the decentring, which the check accounts for.
 """
 

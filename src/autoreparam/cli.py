@@ -191,7 +191,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="write the reparameterized model source, or a module building the reparam config")
     a.add_argument("-o", "--output", metavar="OUT", help="file to write with --emit (default: stdout)")
     a.add_argument("--in-place", action="store_true",
-                   help="with --emit source: rewrite FILE itself, keeping a copy as FILE.bak")
+                   help="with --emit source: rewrite FILE itself, keeping a copy as FILE.bak (or FILE.bak.1, ... if taken)")
     a.add_argument("--graph", metavar="OUT", help="draw the site graph to OUT.png, OUT.svg or OUT.dot")
     a.add_argument("--fail-on-invariance", action="store_true",
                    help="exit 1 when the model has a likelihood-invariant pair (for CI)")
@@ -540,7 +540,10 @@ def _rewrite_in_place(path: Path, text: str) -> None:
     try:
         write_atomic(path, text)
     except BaseException:
-        backup.unlink(missing_ok=True)
+        # Remove the backup only while FILE still holds the original: an interrupt that lands after
+        # the rename (FILE already rewritten) must not take the only copy of the original with it.
+        if Path(path).read_bytes() == backup.read_bytes():
+            backup.unlink(missing_ok=True)
         raise
     print(f"autoreparam: rewrote {path}; the original is kept in {backup}", file=sys.stderr)
 

@@ -152,7 +152,7 @@ class _ChangeOfVariables(Messenger):
         if msg["type"] != "sample" or msg.get("is_observed") or name not in self.names:
             return
         fn = msg["fn"]
-        shape = tuple(fn.shape())
+        shape = tuple(msg["kwargs"].get("sample_shape", ())) + tuple(fn.shape())  # sample_shape= sites
         spec = self.specs.get(name)
         given = self.coords[name]  # unconstrained shapes can differ (LKJCholesky)
         if spec is None:

@@ -30,6 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import InputError
+from .trace import LOC_SCALE_FAMILIES
 
 __all__ = ["Plan", "SitePlan", "Offset", "SparseMap", "PlanError"]
 
@@ -610,6 +611,11 @@ def _build_plan(report, init, noncentre, at, guard=True) -> Plan:
     centers: dict[str, tuple[float, ...]] = {}
     curv = None
     funnel_sites = [f.site for f in report.funnels if f.site in eligible] if noncentre else []
+    families = {f.__name__ for f in LOC_SCALE_FAMILIES}
+    for name in [n for n in funnel_sites if sites[n].distribution not in families]:
+        funnel_sites.remove(name)
+        report.notes.append(f"site '{name}' is {sites[name].distribution}, which autoreparam cannot non-centre "
+                            f"(it can: {', '.join(sorted(families))}); it is left centred")
     if init == "analytic" and (pairs or funnel_sites):
         curv = _Curvature(mt, at, report.hyperparameters)
         for (b, a), inv in pairs.items():
@@ -793,7 +799,8 @@ class _Curvature:
         if self.at_map:
             data = total - prior
             event = int(np.prod(site.shape, dtype=np.int64)) // max(n_batch, 1)
-            informed = data > 0
+            # Relative: an element without data gets float32 rounding (~1e-8) here, not zero.
+            informed = data > 1e-4 * np.where(total > 0, total, 0.0)
             # Deviations from their mean over the informed elements, per event coordinate: the MAP
             # leaves a loc that the vague scale barely informs (a grand mean near its own prior)
             # off by a common shift, and elements without data sit at their loc.

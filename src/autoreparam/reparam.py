@@ -31,13 +31,11 @@ from numpyro.primitives import _PYRO_STACK, Messenger
 from .errors import AutoreparamError, InputError, ModelError
 from .names import fresh_name
 from .plan import Plan, PlanError, SitePlan
-from .trace import isolated_from_handlers, unwrap_distribution
+from .trace import LOC_SCALE_FAMILIES, isolated_from_handlers, unwrap_distribution
 
 __all__ = ["ConditionalOffsetReparam", "ReparamConfig", "record_values", "reparameterize", "auto",
            "build_config"]
 
-LOC_SCALE_FAMILIES = (dist.Normal, dist.Cauchy, dist.Laplace, dist.Logistic, dist.StudentT, dist.Gumbel,
-                      dist.SoftLaplace)
 
 
 class SiteValues(dict):
@@ -596,25 +594,12 @@ def _prepare(model, plan, args, kwargs, init, noncentre, at, learn, last_plan=No
             report = analyze(model, *args, **kwargs)
             plan = build_plan(report, init=init, noncentre=noncentre, at=at)
         for note in report.notes:
-            if "support" in note or "discrete" in note:
+            if "support" in note or "discrete" in note or "cannot non-centre" in note:
                 warnings.warn(f"autoreparam: {note}", stacklevel=4)
-        plan = _without_unsupported_noncentring(plan, sites)
     validate_plan(plan, sites)
     config = build_config(plan, learn=learn, taken=sites)
     config.plan, config.observed = plan, observed
     return config
-
-
-def _without_unsupported_noncentring(plan: Plan, sites: dict[str, TracedSite]) -> Plan:
-    """Leave centred (with a warning) the funnels whose family has no loc-scale decentring."""
-    families = {f.__name__ for f in LOC_SCALE_FAMILIES}
-    for s in plan.sites:
-        family = sites[s.name].family if s.name in sites else ""
-        if s.noncentred and family not in families:
-            warnings.warn(f"autoreparam: site '{s.name}' is {family}, which autoreparam cannot non-centre "
-                          f"(it can: {', '.join(sorted(families))}); it is left centred", stacklevel=5)
-            plan = plan.with_centering(s.name, None)
-    return plan
 
 
 def auto(model: Callable | None = None, *, plan: Plan | None = None, init: str = "analytic", learn: bool = True,

@@ -24,8 +24,12 @@ from numpyro.primitives import _PYRO_STACK, Messenger
 
 from .errors import InputError, ModelError
 
-__all__ = ["Plate", "Site", "ModelTrace", "trace_model", "has_observed_site", "unwrap_distribution",
+__all__ = ["Plate", "Site", "ModelTrace", "trace_model", "LOC_SCALE_FAMILIES", "unwrap_distribution",
            "data_evaluated_eagerly"]
+
+# The families that non-centring supports: a loc and a scale, and any other parameters kept as they are.
+LOC_SCALE_FAMILIES = (dist.Normal, dist.Cauchy, dist.Laplace, dist.Logistic, dist.StudentT, dist.Gumbel,
+                      dist.SoftLaplace)
 
 NO_OBSERVED_SITE_NOTE = (
     "the model has no observed site (no numpyro.sample with obs=...): there is no likelihood, so "
@@ -553,17 +557,6 @@ def trace_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -
                 "it is held fixed and left out of the analysis"
             )
     return mt
-
-
-def has_observed_site(model: Callable, args: tuple = (), kwargs: dict | None = None) -> bool:
-    """Whether ``model(*args, **kwargs)`` observes anything (``y=None`` in a Predictive does not).
-
-    Traced (jit) inputs count as data: the caller's analysis refuses them with its own message.
-    """
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
-        return True
-    with isolated_from_handlers():
-        return bool(trace_model(model, args, kwargs).observed_names)
 
 
 class _KeepComputedDeterministic(Messenger):

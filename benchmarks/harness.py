@@ -41,7 +41,7 @@ from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivari
 from numpyro.infer.reparam import LocScaleReparam
 
 import autoreparam
-from autoreparam.plan import build_plan
+from autoreparam.planning import build_plan
 
 from .machine import json_safe, machine_info as base_machine_info
 from .models import MODELS, ModelSpec, load_reference

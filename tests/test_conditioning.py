@@ -9,7 +9,9 @@ import pytest
 
 import autoreparam
 from autoreparam import conditioning
-from autoreparam.plan import Plan, _Curvature, build_plan
+from autoreparam.curvature import _Curvature
+from autoreparam.plan import Plan
+from autoreparam.planning import build_plan
 
 N_PATIENTS, N_VISITS = 12, 6
 

@@ -114,14 +114,14 @@ def test_latent_value_needed_concretely_is_one_line_naming_the_line():
 
 def test_curvature_names_the_line_when_only_jit_cannot_trace_the_model(monkeypatch):
     """The plan's jitted MAP point turns a tracer error into the same one line (a safety net)."""
-    from autoreparam import plan as plan_module
+    from autoreparam import curvature as curvature_module
 
     report = autoreparam.analyze(size_from_max, GROUP, y=Y)
 
     def untraceable(neg_log_joint, theta, supports, **kw):
         return jax.jit(lambda t: float(neg_log_joint(t)))(theta)
 
-    monkeypatch.setattr(plan_module, "_map_point", untraceable)
+    monkeypatch.setattr(curvature_module, "_map_point", untraceable)
     with pytest.raises(ModelError, match="cannot be traced") as info:
         report.make_plan()
     assert "\n" not in str(info.value) and "float(neg_log_joint(t))" in str(info.value)

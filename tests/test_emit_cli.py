@@ -155,12 +155,12 @@ def test_in_place_twice_is_a_no_op(capsys, model_file):
 
 def _no_analysis(monkeypatch):
     """Make any analysis fail the test: re-emitting must stop at the marker, before analysing."""
-    import autoreparam.analysis
+    import autoreparam.api
 
     def analyze(*args, **kwargs):
         raise AssertionError("the model was analysed")
 
-    monkeypatch.setattr(autoreparam.analysis, "analyze", analyze)
+    monkeypatch.setattr(autoreparam.api, "analyze", analyze)
 
 
 def test_cli_emit_of_an_emitted_file_is_a_no_op(capsys, model_file, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from numpyro.infer.autoguide import AutoNormal
 
 import autoreparam
 from autoreparam.cli import main
-from autoreparam.plan import CENTRED_ENOUGH
+from autoreparam.planning import CENTRED_ENOUGH
 
 
 def funnel(dim=4):

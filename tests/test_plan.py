@@ -371,7 +371,7 @@ def test_centredness_of_an_event_shaped_funnel_ignores_a_common_shift_per_compon
     """Per-group (intercept, slope) effects: a shift of every intercept, which the vague-scale MAP
     leaves in the deviations from the barely informed mean, must not make the groups look
     data-dominated (a site-wide mean over both components did: 0.47 became 0.98)."""
-    from autoreparam.plan import _Curvature
+    from autoreparam.curvature import _Curvature
 
     G, N = 12, 240
     g = np.repeat(np.arange(G), N // G)
@@ -393,5 +393,5 @@ def test_centredness_of_an_event_shaped_funnel_ignores_a_common_shift_per_compon
         return _Curvature(report.model_trace, None, report.hyperparameters).centeredness("a")
 
     c0, c5 = centredness(0.0), centredness(5.0)
-    assert c0.max() < autoreparam.plan.CENTRED_ENOUGH  # weak data per group: a plan non-centres them
+    assert c0.max() < autoreparam.planning.CENTRED_ENOUGH  # weak data per group: a plan non-centres them
     np.testing.assert_allclose(c5, c0, atol=0.01)

@@ -11,23 +11,23 @@ from typing import TYPE_CHECKING
 # that lands in JAX's garbage-collection callback is only printed as "Exception ignored", and the
 # run would go on to write its output).
 _EXPORTS = {
-    "analyze": "analysis",
+    "analyze": "api",
     "emit_source": "emit", "emit_config": "emit", "EmitResult": "emit",
     "AutoreparamError": "errors", "InputError": "errors", "ModelError": "errors",
     "Offset": "plan", "Plan": "plan", "PlanError": "plan", "SitePlan": "plan",
-    "ConditionalOffsetReparam": "reparam", "auto": "reparam", "record_values": "reparam",
-    "reparameterize": "reparam",
+    "ConditionalOffsetReparam": "reparam", "record_values": "reparam",
+    "auto": "api", "reparameterize": "api",
     "Funnel": "report", "Invariance": "report", "Report": "report", "Term": "report",
     "Plate": "trace", "Site": "trace",
 }
 _SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__))
 
 if TYPE_CHECKING:
-    from .analysis import analyze
+    from .api import analyze, auto, reparameterize
     from .emit import EmitResult, emit_config, emit_source
     from .errors import AutoreparamError, InputError, ModelError
     from .plan import Offset, Plan, PlanError, SitePlan
-    from .reparam import ConditionalOffsetReparam, auto, record_values, reparameterize
+    from .reparam import ConditionalOffsetReparam, record_values
     from .report import Funnel, Invariance, Report, Term
     from .trace import Plate, Site
 

@@ -324,7 +324,7 @@ def _import_analysis(run: _Run) -> None:
     run.enter("loading JAX and autoreparam")
     run.deferring = True
     try:
-        from . import analysis, compare  # noqa: F401
+        from . import api, compare  # noqa: F401
     finally:
         run.deferring = False
     run.check()
@@ -376,7 +376,7 @@ def _analyze(args, run: _Run) -> int:
         already = _already_emitted(args, run)
         if already is not None:
             return already
-    from .analysis import analyze
+    from .api import analyze
 
     module, model, margs, mkwargs = _load(args, run)
     run.enter(f"analysing the model in {args.file}")

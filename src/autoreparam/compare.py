@@ -117,8 +117,7 @@ def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "Aut
     >>> c = compare(model, (county, u), {"y": y}, steps=2000)     # doctest: +SKIP
     >>> print(c.table())                                           # doctest: +SKIP
     """
-    from .analysis import analyze
-    from .reparam import reparameterize
+    from .api import analyze, reparameterize
 
     if guide not in GUIDES:
         raise InputError(f"--guide {guide}: expected one of {', '.join(GUIDES)}")

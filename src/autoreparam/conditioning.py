@@ -34,7 +34,7 @@ from numpyro.primitives import Messenger
 
 from .trace import unwrap_distribution
 
-__all__ = ["newton_refine", "ReparamGeometry", "condition_number", "guard_items", "check_plan_sites"]
+__all__ = ["ReparamGeometry", "condition_number", "guard_items", "check_plan_sites"]
 
 # Below this many unconstrained values the Hessian is formed densely (one vmapped HVP call).
 DENSE_LIMIT = 600
@@ -44,81 +44,6 @@ LANCZOS_STEPS = 40
 # the posterior itself; a factor 3 (under 1.8 in sqrt(kappa), the leapfrog steps per independent
 # draw) is within what it cannot resolve. The harmful plans of issue 10 were 10-20 times worse.
 WORSE_FACTOR = 3.0
-
-
-# -- the curvature point ---------------------------------------------------------------------------
-def newton_refine(loss: Callable, u0: dict, max_iter: int = 30, cg_iter: int = 50) -> dict:
-    """Truncated Newton (CG on Hessian-vector products, Armijo backtracking) from ``u0``.
-
-    First-order steps of a fixed length cannot reach the mode of a site whose posterior sits
-    thousands of prior units from the start (an intercept near 2,700 with a Normal(0, 500)
-    prior: 500 Adam steps of 0.05 stop near 3). Newton steps are invariant to the scale of the
-    coordinates; on the near-quadratic log joint of a conditionally Gaussian model they
-    converge in a few iterations. One compiled function gives the loss, its gradient and a
-    Hessian-vector product (XLA compiles loops of HVPs slowly; the loops here are Python's).
-    Returns ``u0`` unchanged if the loss is not finite there.
-    """
-    flat0, unravel = ravel_pytree(u0)
-    if flat0.size == 0:
-        return u0
-    value_and_grad = jax.value_and_grad(lambda x: loss(unravel(x)))
-    evaluate = jax.jit(lambda x, v: jax.jvp(value_and_grad, (x,), (v,)))
-
-    def value_grad(x):
-        (fx, g), _ = evaluate(x, jnp.zeros_like(x))
-        return float(fx), np.asarray(g, dtype=np.float64)
-
-    x = np.asarray(flat0, dtype=np.float64)
-    dtype = flat0.dtype
-    fx, g = value_grad(jnp.asarray(x, dtype))
-    if not np.isfinite(fx) or not np.all(np.isfinite(g)):
-        return u0
-    hvp = lambda v: np.asarray(evaluate(jnp.asarray(x, dtype), jnp.asarray(v, dtype))[1][1], np.float64)  # noqa: E731
-    for _ in range(max_iter):
-        p = _cg_direction(hvp, g, cg_iter)
-        slope = float(g @ p)
-        if not slope < 0:
-            p, slope = -g, -float(g @ g)
-        step, accepted = 1.0, None
-        for _ in range(30):
-            x_new = x + step * p
-            f_new, g_new = value_grad(jnp.asarray(x_new, dtype))
-            if np.isfinite(f_new) and f_new <= fx + 1e-4 * step * slope and np.all(np.isfinite(g_new)):
-                accepted = (x_new, f_new, g_new)
-                break
-            step *= 0.5
-        if accepted is None:
-            break
-        small = fx - accepted[1] <= 1e-7 * max(1.0, abs(fx))
-        x, fx, g = accepted
-        if small:
-            break
-    return unravel(jnp.asarray(x, dtype))
-
-
-def _cg_direction(hvp, g, maxiter):
-    """Approximate Newton direction -H^{-1} g by CG; stops at negative curvature (Steihaug)."""
-    x = np.zeros_like(g)
-    r = -g
-    p = r.copy()
-    rr = float(r @ r)
-    r0 = np.sqrt(rr)
-    if r0 == 0:
-        return x
-    for _ in range(maxiter):
-        hp = hvp(p)
-        php = float(p @ hp)
-        if not php > 0:
-            break
-        alpha = rr / php
-        x = x + alpha * p
-        r = r - alpha * hp
-        rr_new = float(r @ r)
-        if np.sqrt(rr_new) <= 1e-6 * r0:
-            break
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return x if float(x @ x) > 0 else -g
 
 
 # -- the reparameterized log joint -----------------------------------------------------------------

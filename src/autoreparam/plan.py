@@ -22,7 +22,7 @@ import functools
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -32,17 +32,12 @@ import scipy.sparse as sp
 from .errors import InputError
 from .trace import LOC_SCALE_FAMILIES
 
+if TYPE_CHECKING:
+    from .trace import TracedSite
+
 __all__ = ["Plan", "SitePlan", "Offset", "SparseMap", "PlanError"]
 
 PLAN_FORMAT = 1
-# Measured on the tensor model (benchmarks/): learning xi at Adam's full rate from the analytic
-# start loses ELBO to gradient noise; a step of 0.02 keeps the start and still refines it.
-ANALYTIC_XI_STEP = 0.02
-# A funnel site whose every element has an analytic centredness above this is left centred; one
-# element below it (a county with one house among counties with a hundred) non-centres the site,
-# each element at its own centredness, so the well-informed elements stay (nearly) centred.
-CENTRED_ENOUGH = 0.9
-
 
 class PlanError(InputError):
     """A plan that does not fit its model, or an edit that makes no sense."""
@@ -573,305 +568,41 @@ def _summary(values) -> str:
     return f"{v.min():.2f}..{v.max():.2f}"
 
 
-# -- building a plan from a report ----------------------------------------------------------------
-def build_plan(report, init: str = "analytic", noncentre: Any = "auto", at: dict | None = None,
-               guard: bool = True) -> Plan:
-    """Derive a plan from a report: offsets along every additive pair, non-centring of funnels.
-
-    With ``guard`` (the default) and the analytic init, an offset or non-centring that makes the
-    log joint worse conditioned at the curvature point is dropped, with a note in ``plan.notes``.
-    """
-    if init not in ("analytic", "zero"):
-        raise InputError(f"init must be 'analytic' or 'zero', got {init!r}")
-    if noncentre not in ("auto", True, False, None):
-        raise InputError(f"noncentre must be 'auto', True or False, got {noncentre!r}")
-    from .trace import data_evaluated_eagerly, isolated_from_handlers
-
-    with isolated_from_handlers(), data_evaluated_eagerly():
-        return _build_plan(report, init, noncentre, at, guard)
-
-
-def _build_plan(report, init, noncentre, at, guard=True) -> Plan:
-    sites = report.sites
-    mt = report.model_trace
-    latent = [n for n, s in sites.items() if s.type == "latent"]
-    eligible = {n for n in latent if sites[n].support in ("real", "real_vector") and not sites[n].is_discrete}
-
-    pairs: dict[tuple[str, str], Any] = {}
-    for inv in report.additive():
-        a, b = inv.sites
-        if b in eligible and (b, a) not in pairs:
-            pairs[(b, a)] = inv
-    for name in latent:
-        if name not in eligible and any(b == name for b, _ in pairs):
-            report.notes.append(f"site '{name}' has support {sites[name].support}; it gets no offsets")
-
-    xi: dict[tuple[str, str], np.ndarray] = {}
-    centered: dict[str, np.ndarray] = {}
-    centers: dict[str, tuple[float, ...]] = {}
-    curv = None
-    funnel_sites = [f.site for f in report.funnels if f.site in eligible] if noncentre else []
-    families = {f.__name__ for f in LOC_SCALE_FAMILIES}
-    for name in [n for n in funnel_sites if sites[n].distribution not in families]:
-        funnel_sites.remove(name)
-        report.notes.append(f"site '{name}' is {sites[name].distribution}, which autoreparam cannot non-centre "
-                            f"(it can: {', '.join(sorted(families))}); it is left centred")
-    if init == "analytic" and (pairs or funnel_sites):
-        curv = _Curvature(mt, at, report.hyperparameters)
-        for (b, a), inv in pairs.items():
-            xi[(b, a)] = curv.response(b, a, inv, pairs)
-        for name in funnel_sites:
-            centered[name] = curv.centeredness(name)
-        for _, a in pairs:
-            centers[a] = tuple(float(v) for v in np.ravel(np.asarray(curv.point[a])))
-    candidates = []
-    for (b, a), inv in pairs.items():
-        site = sites[b]
-        n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
-        init_xi = xi.get((b, a), np.zeros(n_batch))
-        candidates.append((b, Offset(a, SparseMap.from_scipy(inv.absorption.E), SparseMap.from_scipy(inv.absorption.M),
-                                     tuple(float(v) for v in np.ravel(init_xi)), inv.structure)))
-    order = tuple(latent)
-    candidates.sort(key=lambda co: (order.index(co[0]), order.index(co[1].parent)))
-
-    plan_sites = []
-    for name in latent:
-        offs = tuple(o for c, o in candidates if c == name)
-        site = sites[name]
-        n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
-        cen = None
-        if name in funnel_sites:
-            # Analytic centredness near 1 means the data dominate: the centred form is right.
-            c = np.ravel(centered.get(name, np.full(n_batch, 0.5)))
-            if c.min() < CENTRED_ENOUGH:
-                cen = tuple(float(v) for v in c)
-        if offs or cen is not None:
-            plan_sites.append(SitePlan(name, tuple(site.shape), tuple(site.batch_shape), offs, cen))
-    notes: list[str] = []
-    if curv is not None and plan_sites and guard:
-        # Never make the geometry worse: drop what worsens the conditioning at the curvature point.
-        from .conditioning import check_plan_sites
-
-        try:
-            plan_sites, notes, _ = check_plan_sites(curv, plan_sites, centers, report.hyperparameters,
-                                                         report.funnels)
-        except Exception as exc:  # the check is a safety net: an unchecked plan beats no plan
-            notes = [f"the conditioning check could not run ({type(exc).__name__}); the plan is unchecked"]
-        report.notes.extend(notes)
-    shapes = tuple((n, tuple(sites[n].shape), tuple(sites[n].batch_shape)) for n in latent)
-    return Plan(report.model_name, tuple(plan_sites), tuple(candidates), shapes, init,
-                tuple(sorted(centers.items(), key=lambda kv: order.index(kv[0]))),
-                ANALYTIC_XI_STEP if init == "analytic" else 1.0, notes=tuple(notes))
-
-
-class _Curvature:
-    """Hessian-vector products of the negative log joint at one point (jit once, reuse).
-
-    The point is ``at`` if given (a dict of latent values, or ``"median"`` for the prior
-    median). By default (``at=None`` or ``"map"``) it starts at the prior median and
-    maximises the log joint over every latent site except the hyperparameters (sites that
-    scale other sites' priors, which a MAP would collapse), so that the observation noise
-    and the effects sit where the data put them.
-    """
-
-    def __init__(self, mt, at, hyperparameters=()):
-        from numpyro import handlers
-        from numpyro.infer.initialization import init_to_feasible, init_to_median
-        from numpyro.infer.util import log_density
-
-        from .trace import data_evaluated_eagerly, untraceable_as_model_error
-
-        self.mt = mt
-        model = handlers.substitute(handlers.seed(mt.model, 0), substitute_fn=init_to_median(num_samples=101))
-        tr = handlers.trace(model).get_trace(*mt.args, **mt.kwargs)
-        values = {n: s["value"] for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
-        if at in (None, "map"):
-            # Start the non-hyperparameters at the centre of their unconstrained space: a prior
-            # median drawn from samples of a wide prior (Normal(0, 100)) lands far from the data.
-            model = handlers.substitute(handlers.seed(mt.model, 0), substitute_fn=init_to_feasible)
-            tr0 = handlers.trace(model).get_trace(*mt.args, **mt.kwargs)
-            values.update({n: tr0[n]["value"] for n in mt.latent_names if n not in hyperparameters})
-        self.names = mt.latent_names
-        fixed = {n: v for n, v in values.items() if n not in self.names}
-        seeded = handlers.seed(mt.model, 0)
-
-        def neg_log_joint(theta):
-            # The model's inputs are closed over and evaluated eagerly under jit: a model may
-            # compute sizes or numpy indices from its data; only the latent values are traced.
-            with data_evaluated_eagerly():
-                return -log_density(seeded, mt.args, mt.kwargs, {**theta, **fixed})[0]
-
-        if isinstance(at, dict):
-            unknown = set(at) - set(values)
-            if unknown:
-                raise InputError(f"at: no latent site named {', '.join(sorted(unknown))}")
-            values.update({k: jnp.asarray(v) for k, v in at.items()})
-        elif at in (None, "map"):
-            free = [n for n in self.names if n not in hyperparameters]
-            supports = {n: tr[n]["fn"].support for n in free}
-            with untraceable_as_model_error():
-                values.update(_map_point(neg_log_joint, {n: jnp.asarray(values[n]) for n in self.names},
-                                         supports))
-        elif at != "median":
-            raise InputError(f"at must be None, 'map', 'median' or a dict of latent values, got {at!r}")
-        self.point = {n: jnp.asarray(values[n]) for n in self.names}
-        self.values = values
-        self.at_map = at in (None, "map")
-        # site -> (prior variance factor k^2, the site's values under that prior), set by centeredness
-        self.rescaled: dict[str, tuple[float, np.ndarray]] = {}
-        grad = jax.grad(neg_log_joint)
-        self._hvp = jax.jit(lambda t: jax.jvp(grad, (self.point,), (t,))[1])
-
-    @functools.cached_property
-    def _trace_at_point(self):
-        """The model traced at the curvature point (once, for every funnel's loc and scale)."""
-        from numpyro import handlers
-
-        model = handlers.substitute(handlers.seed(self.mt.model, 0), data=self.values)
-        return handlers.trace(model).get_trace(*self.mt.args, **self.mt.kwargs)
-
-    def hvp(self, tangent: dict[str, Any]) -> dict[str, np.ndarray]:
-        full = {n: jnp.asarray(tangent[n], dtype=self.point[n].dtype).reshape(self.point[n].shape)
-                if n in tangent else jnp.zeros_like(self.point[n]) for n in self.names}
-        from .trace import untraceable_as_model_error
-
-        with untraceable_as_model_error():
-            out = self._hvp(full)
-        return {n: np.asarray(v, dtype=np.float64) for n, v in out.items()}
-
-    def _batch_reduce(self, name, v):
-        """Sum a site-shaped array over its event dims -> batch shape (flattened)."""
-        site = self.mt.sites[name]
-        n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
-        return np.asarray(v).reshape(n_batch, -1).sum(axis=1)
-
-    def _expand(self, name, s, g):
-        site = self.mt.sites[name]
-        n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
-        return (np.asarray(s).reshape(n_batch, 1) * np.asarray(g).reshape(n_batch, -1)).reshape(site.shape)
-
-    def response(self, b: str, a: str, inv, pairs) -> np.ndarray:
-        """xi_{b|a}: B's per-element response to a shift of A along their shared direction."""
-        order = self.mt.sites
-        sub = inv.absorption
-        u = np.asarray(sub.U @ np.ones(sub.dim)).reshape(order[a].shape)
-        # Sites from b onwards that share a direction with a respond; earlier sites stay fixed.
-        free = {c: p.absorption for (c, p_a), p in pairs.items()
-                if p_a == a and order[c].order >= order[b].order}
-        g = {c: np.asarray(m.absorb(u.ravel())).reshape(order[c].shape) for c, m in free.items()}
-        names = sorted(g, key=lambda c: order[c].order)
-
-        def op(s):
-            h = self.hvp({c: self._expand(c, s[c], g[c]) for c in names})
-            return {c: self._batch_reduce(c, h[c] * g[c]) for c in names}
-
-        h_u = self.hvp({a: u})
-        rhs = {c: -self._batch_reduce(c, h_u[c] * g[c]) for c in names}
-        diag = {}
-        for c in names:
-            ones = {k: (np.ones_like(rhs[k]) if k == c else np.zeros_like(rhs[k])) for k in names}
-            d = np.abs(op(ones)[c])
-            diag[c] = np.where(d > 0, d, 1.0)
-        s = _pcg(op, rhs, diag)
-        active = self._batch_reduce(b, np.abs(g[b])) > 0
-        return np.where(active, s[b], 0.0)
-
-    def centeredness(self, name: str) -> np.ndarray:
-        """Per-element centredness: the share of a site's curvature that does not come from its prior.
-
-        At a MAP point the hyperparameters sit at their prior median, which for a vague prior
-        (``Uniform(0, 100)`` on a scale) is far too wide and would call every element data-dominated.
-        There the prior scale is first rescaled by the method-of-moments estimate
-        ``k^2 = mean_j max(e_j^2 - 1 / d_j, 0) / scale_j^2`` over the elements with data curvature
-        ``d_j > 0``, where ``e_j`` is ``a_j - loc_j`` less its mean over those elements (the deviations of
-        nearly unpooled estimates include their sampling variance ``1/d_j``). Taking each element's
-        positive part errs towards a wider scale, i.e. towards leaving elements centred.
-        """
-        site = self.mt.sites[name]
-        n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
-        ones = np.ones(site.shape)
-        total = self._batch_reduce(name, self.hvp({name: ones})[name])
-        from .trace import unwrap_distribution
-
-        fn = unwrap_distribution(self._trace_at_point[name]["fn"])
-        scale = np.broadcast_to(np.asarray(fn.scale, dtype=np.float64), site.shape)
-        prior = self._batch_reduce(name, 1.0 / scale**2)
-        if self.at_map:
-            data = total - prior
-            event = int(np.prod(site.shape, dtype=np.int64)) // max(n_batch, 1)
-            # Relative: an element without data gets float32 rounding (~1e-8) here, not zero.
-            informed = data > 1e-4 * np.where(total > 0, total, 0.0)
-            # Deviations from their mean over the informed elements, per event coordinate: the MAP
-            # leaves a loc that the vague scale barely informs (a grand mean near its own prior)
-            # off by a common shift, and elements without data sit at their loc.
-            dev = (np.asarray(self.point[name], np.float64)
-                   - np.broadcast_to(np.asarray(fn.loc, np.float64), site.shape)).reshape(n_batch, event)
-            # Undo the MAP's shrinkage towards loc (by data / (data + prior)): the moments below are
-            # those of unpooled estimates, and a prior scale held too small would otherwise shrink
-            # the deviations that are to measure it and call every element prior-dominated.
-            dev = dev * np.where(informed, total / np.where(informed, data, 1.0), 1.0)[:, None]
-            unpooled = dev
-            if informed.sum() > 1:
-                dev = dev - dev[informed].mean(axis=0)
-            dev2 = (dev**2).sum(axis=1)
-            s2 = self._batch_reduce(name, scale**2) / event
-            if informed.any():
-                r = (dev2[informed] / event - event / data[informed]) / s2[informed]
-                k2 = float(np.clip(np.mean(np.maximum(r, 0.0)), 1e-4, 1e4))
-                prior = prior / k2
-                total = data + prior
-                # The site where the rescaled prior would put it (for the conditioning guard).
-                shrink = np.where(informed, data / np.where(total > 0, total, 1.0), 0.0)[:, None]
-                loc = np.broadcast_to(np.asarray(fn.loc, np.float64), site.shape)
-                self.rescaled[name] = (k2, loc + (unpooled * shrink).reshape(site.shape))
-        c = 1.0 - prior / np.where(total > 0, total, np.inf)
-        return np.clip(np.where(total > 0, c, 0.0), 0.0, 1.0).reshape(n_batch)
-
-
-def _map_point(neg_log_joint, theta: dict, supports: dict) -> dict:
-    """Newton steps on the unconstrained values of the sites in ``supports`` (see ``newton_refine``)."""
-    from numpyro.distributions import biject_to
-
-    from .conditioning import newton_refine
-
-    transforms = {n: biject_to(c) for n, c in supports.items()}
-    fixed = {n: v for n, v in theta.items() if n not in transforms}
-    u0 = {n: t.inv(theta[n]) for n, t in transforms.items()}
-
-    def loss(u):
-        return neg_log_joint({**fixed, **{n: t(u[n]) for n, t in transforms.items()}})
-
-    u = newton_refine(loss, u0)
-    out = {n: t(u[n]) for n, t in transforms.items()}
-    if not all(bool(jnp.all(jnp.isfinite(v))) for v in out.values()):
-        return {}  # keep the prior median rather than a diverged point
-    return out
-
-
-def _pcg(op, rhs: dict, diag: dict, maxiter: int = 200, rtol: float = 1e-6) -> dict:
-    """Jacobi-preconditioned conjugate gradients on dicts of flat arrays."""
-    dot = lambda x, y: sum(float(np.dot(x[k], y[k])) for k in x)  # noqa: E731
-    x = {k: np.zeros_like(v) for k, v in rhs.items()}
-    r = {k: v.copy() for k, v in rhs.items()}
-    z = {k: r[k] / diag[k] for k in r}
-    p = {k: v.copy() for k, v in z.items()}
-    rz = dot(r, z)
-    norm0 = np.sqrt(dot(rhs, rhs))
-    if norm0 == 0:
-        return x
-    for _ in range(maxiter):
-        ap = op(p)
-        denom = dot(p, ap)
-        if denom <= 0:
-            break
-        alpha = rz / denom
-        for k in x:
-            x[k] += alpha * p[k]
-            r[k] -= alpha * ap[k]
-        if np.sqrt(dot(r, r)) <= rtol * norm0:
-            break
-        z = {k: r[k] / diag[k] for k in r}
-        rz_new = dot(r, z)
-        p = {k: z[k] + (rz_new / rz) * p[k] for k in p}
-        rz = rz_new
-    return x
+def validate_plan(plan: Plan, sites: dict[str, TracedSite]) -> None:
+    """Raise PlanError naming the site when a plan does not fit a traced model."""
+    plan.check()
+    latent = [n for n, s in sites.items() if s.kind == "latent"]
+    for s in plan.sites:
+        site = sites.get(s.name)
+        if site is None or site.kind != "latent":
+            raise PlanError(f"plan site '{s.name}' is not a latent sample site of the model "
+                            f"(latent sites: {', '.join(latent) or 'none'})")
+        if tuple(site.shape) != tuple(s.shape):
+            raise PlanError(f"plan site '{s.name}' has shape {tuple(s.shape)} but the model samples "
+                            f"shape {tuple(site.shape)}")
+        batch = site.batch_shape
+        if batch[len(batch) - len(s.batch_shape):] != tuple(s.batch_shape):
+            raise PlanError(f"plan site '{s.name}' has batch shape {tuple(s.batch_shape)} but the model "
+                            f"samples batch shape {batch}")
+        if not site.real or site.discrete:
+            raise PlanError(f"plan site '{s.name}' has no real support ({site.family}); offsets and "
+                            "non-centring need real support")
+        if s.noncentred and site.family not in {f.__name__ for f in LOC_SCALE_FAMILIES}:
+            raise PlanError(f"plan site '{s.name}' is {site.family}, not one of the loc-scale families "
+                            f"({', '.join(f.__name__ for f in LOC_SCALE_FAMILIES)}); it cannot be non-centred")
+        for off in s.offsets:
+            parent = sites.get(off.parent)
+            if parent is None or parent.kind not in ("latent", "deterministic"):
+                raise PlanError(f"plan site '{s.name}' has offset parent '{off.parent}', which is not a "
+                                "site of the model")
+            if parent.order >= site.order:
+                raise PlanError(f"plan site '{s.name}' has offset parent '{off.parent}', which is sampled "
+                                f"after '{s.name}'; a parent must come first in program order")
+            if off.M.shape[1] != parent.size or off.E.shape[0] != site.size:
+                raise PlanError(f"plan site '{s.name}': the offset from '{off.parent}' maps "
+                                f"{off.M.shape[1]} values to {off.E.shape[0]}, but the model has "
+                                f"{parent.size} and {site.size}")
+            center = plan.center_of(off.parent)
+            if center is not None and len(center) != parent.size:
+                raise PlanError(f"plan centers['{off.parent}'] has {len(center)} values, but site "
+                                f"'{off.parent}' has {parent.size}")

@@ -123,7 +123,7 @@ class Report:
 
     def make_plan(self, init: str = "analytic", noncentre: Any = "auto", at: dict | None = None):
         """A plan with chosen options (see ``autoreparam.reparameterize`` for their meaning)."""
-        from .plan import build_plan
+        from .planning import build_plan
 
         return build_plan(self, init=init, noncentre=noncentre, at=at)
 

@@ -22,10 +22,10 @@ from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_uniform
 from numpyro.primitives import _PYRO_STACK, Messenger
 
-from .errors import InputError, ModelError
+from .errors import AutoreparamError, InputError, ModelError
 
 __all__ = ["Plate", "Site", "ModelTrace", "trace_model", "LOC_SCALE_FAMILIES", "unwrap_distribution",
-           "data_evaluated_eagerly"]
+           "data_evaluated_eagerly", "TracedSite", "trace_sites"]
 
 # The families that non-centring supports: a loc and a scale, and any other parameters kept as they are.
 LOC_SCALE_FAMILIES = (dist.Normal, dist.Cauchy, dist.Laplace, dist.Logistic, dist.StudentT, dist.Gumbel,
@@ -611,3 +611,58 @@ def site_dependencies(mt: ModelTrace, values: dict[str, Any]) -> dict[str, set[s
         found = set().union(*jax.tree.leaves(p, is_leaf=lambda x: isinstance(x, frozenset))) if p else set()
         deps[name] = {d for d in found if d != name}
     return deps
+
+
+@dataclass(frozen=True)
+class TracedSite:
+    """What a plan is checked against: one site of the model, as traced on the call's inputs."""
+
+    kind: str  # "latent", "observed", "deterministic", "param" or "plate"
+    order: int
+    shape: tuple[int, ...] = ()
+    batch_shape: tuple[int, ...] = ()  # every dim of the value left of the event dims (sample_shape too)
+    family: str = ""
+    real: bool = False
+    discrete: bool = False
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def trace_sites(model: Callable, args: tuple, kwargs: dict) -> dict[str, TracedSite]:
+    """Every named site of one run of ``model`` (latent values set inside their support).
+
+    Unlike the analysis this needs no observed site: a plan is checked against sampled sites.
+    """
+    from numpyro.infer.initialization import init_to_uniform
+
+    def run():
+        seeded = handlers.substitute(handlers.seed(model, 0), substitute_fn=init_to_uniform(radius=2))
+        tr = handlers.trace(seeded).get_trace(*args, **kwargs)
+        out = {}
+        for order, (name, msg) in enumerate(tr.items()):
+            kind, shape = msg["type"], tuple(jnp.shape(msg["value"])) if msg["type"] != "plate" else ()
+            if kind != "sample":
+                out[name] = TracedSite(kind, order, shape)
+                continue
+            fn = msg["fn"]
+            support = fn.support.base_constraint if isinstance(fn.support, constraints.independent) else fn.support
+            out[name] = TracedSite("observed" if msg["is_observed"] else "latent", order, shape,
+                                   shape[:len(shape) - len(fn.event_shape)], type(unwrap_distribution(fn)).__name__,
+                                   support is constraints.real, bool(fn.support.is_discrete))
+        return out
+
+    box = []
+    with isolated_from_handlers():
+        try:
+            jax.eval_shape(lambda: box.append(run()) or 0)
+        except Exception:  # the model looks at data values (int(x.max()), ...): run it eagerly
+            try:
+                box[:] = [run()]
+            except AutoreparamError:
+                raise
+            except Exception as exc:
+                raise ModelError(f"the model raised {describe_exception(exc)}{site_of_exception(exc)} "
+                                 "when run on these inputs") from exc
+    return box[-1]

@@ -41,7 +41,6 @@ from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivari
 from numpyro.infer.reparam import LocScaleReparam
 
 import autoreparam
-from autoreparam.planning import build_plan
 
 from .machine import json_safe, machine_info as base_machine_info
 from .models import MODELS, ModelSpec, load_reference
@@ -356,10 +355,10 @@ def run_model(spec: ModelSpec, mode: str) -> dict:
     report = autoreparam.analyze(model, *args, **kwargs)
     t_an = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plan_an = build_plan(report, init="analytic")
+    plan_an = report.make_plan(init="analytic")
     t_plan_an = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plan_zero = build_plan(report, init="zero")
+    plan_zero = report.make_plan(init="zero")
     t_plan_zero = time.perf_counter() - t0
     out["analysis"] = {"analyze_seconds": t_an, "plan_analytic_seconds": t_plan_an,
                        "plan_zero_seconds": t_plan_zero, "plan_analytic": str(plan_an),
@@ -616,9 +615,9 @@ def run_geometry_model(name: str, mode: str) -> dict:
     report = autoreparam.analyze(model, *args, **kwargs)
     t_an = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plan = build_plan(report)
+    plan = report.make_plan()
     t_plan = time.perf_counter() - t0
-    unguarded = build_plan(report, guard=False)
+    unguarded = report.make_plan(guard=False)
     log(f"{name}: analysis {t_an:.1f} s, plan {t_plan:.1f} s\n{plan}")
     out = {"name": name, "description": spec.description, "config": cfg, "analyze_seconds": t_an,
            "plan_seconds": t_plan, "plan": str(plan), "plan_unguarded": str(unguarded),

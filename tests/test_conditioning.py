@@ -1,5 +1,7 @@
 """Never make the geometry worse: the curvature point, and the conditioning guard of the plan."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +11,10 @@ import pytest
 
 import autoreparam
 from autoreparam import conditioning
+from autoreparam.analysis import analyze_model
 from autoreparam.curvature import _Curvature
 from autoreparam.plan import Plan
-from autoreparam.planning import build_plan
+from autoreparam.planning import build_plan, plan_with_notes
 
 N_PATIENTS, N_VISITS = 12, 6
 
@@ -53,31 +56,39 @@ def schools(sigma, y=None):
 
 
 @pytest.fixture(scope="module")
-def tutorial_report():
+def tutorial_analysis():
+    """The report and the model trace of the tutorial shape (``analysis.analyze_model``)."""
     args, kwargs = tutorial_data()
-    return autoreparam.analyze(tutorial, *args, **kwargs)
+    return analyze_model(tutorial, args, kwargs)
+
+
+@pytest.fixture(scope="module")
+def tutorial_report(tutorial_analysis):
+    """The same report as ``autoreparam.analyze`` gives (planned through its model trace)."""
+    report, model_trace = tutorial_analysis
+    return report.attach_planner(functools.partial(plan_with_notes, report, model_trace))
 
 
 @pytest.fixture(scope="module")
 def tutorial_plan(tutorial_report):
-    return build_plan(tutorial_report)
+    return tutorial_report.plan
 
 
 @pytest.fixture(scope="module")
-def schools_report():
-    return autoreparam.analyze(schools, SIGMA8, y=Y8)
+def schools_analysis():
+    return analyze_model(schools, (SIGMA8,), {"y": Y8})
 
 
 @pytest.fixture(scope="module")
-def schools_geometry(schools_report):
-    mt = schools_report.model_trace
+def schools_geometry(schools_analysis):
+    _, mt = schools_analysis
     return conditioning.ReparamGeometry(mt, mt.latent_names, {"theta": ((8,), (), True)}, {})
 
 
 @pytest.fixture(scope="module")
-def tutorial_curvature(tutorial_report):
-    r = tutorial_report
-    return _Curvature(r.model_trace, None, r.hyperparameters)
+def tutorial_curvature(tutorial_analysis):
+    report, model_trace = tutorial_analysis
+    return _Curvature(model_trace, None, report.hyperparameters)
 
 
 def test_curvature_point_reaches_intercepts_far_from_the_start(tutorial_curvature):
@@ -100,10 +111,10 @@ def test_tutorial_shape_leaves_the_data_dominated_intercepts_centred(tutorial_pl
         assert "alpha" not in plan.names or not plan["alpha"].noncentred
 
 
-def test_guard_drops_a_harmful_noncentring_and_says_so(tutorial_report, tutorial_curvature):
+def test_guard_drops_a_harmful_noncentring_and_says_so(tutorial_analysis, tutorial_curvature):
     """Partially non-centring the data-dominated intercepts (as the centredness estimate proposes)
     worsens the conditioning: the guard drops it, with a note naming the site (str and JSON)."""
-    unguarded = build_plan(tutorial_report, guard=False)
+    unguarded = build_plan(*tutorial_analysis, guard=False)
     for centered in (None, 0.5):
         plan = unguarded if centered is None else unguarded.with_centering("alpha", centered)
         assert plan["alpha"].noncentred
@@ -132,9 +143,9 @@ def test_default_plan_lists_what_the_guard_dropped(tutorial_report, tutorial_pla
         assert note in str(tutorial_report)
 
 
-def test_guard_keeps_the_helpful_noncentring_of_weak_data(schools_report):
+def test_guard_keeps_the_helpful_noncentring_of_weak_data(schools_analysis):
     """Eight schools (weak data, a funnel): non-centring helps and is kept, with no note."""
-    plan = build_plan(schools_report)
+    plan = build_plan(*schools_analysis)
     assert plan["theta"].noncentred
     assert max(plan["theta"].centered) < 0.5
     assert not plan.notes

@@ -104,7 +104,7 @@ def test_emit_config_module_builds_a_working_config(capsys, model_file, tmp_path
 
     module, args, kwargs = load(case_path("crossed"))
     config = cfg.make_config()
-    rmodel = numpyro.handlers.reparam(config.record(module.model), config=config)
+    rmodel = cfg.reparameterize(module.model)
     tr = trace(rmodel, args, kwargs)
     assert {"a_base", "b_base", "a_offset_mu", "b_offset_a"} <= set(tr)
     assert tr["a"]["type"] == "deterministic" and tr["b"]["type"] == "deterministic"
@@ -115,7 +115,7 @@ def test_emit_config_module_builds_a_working_config(capsys, model_file, tmp_path
     assert np.all(np.isfinite(np.asarray(losses)))
     # learn=False: no params, the analytic xi
     frozen = cfg.make_config(learn=False)
-    tr = trace(numpyro.handlers.reparam(frozen.record(module.model), config=frozen), args, kwargs)
+    tr = trace(cfg.reparameterize(module.model, learn=False), args, kwargs)
     assert not [n for n, s in tr.items() if s["type"] == "param"]
 
 

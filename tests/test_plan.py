@@ -24,6 +24,8 @@ import autoreparam
 import zoo
 from helpers import one_line
 from autoreparam import ConditionalOffsetReparam, InputError, Plan, PlanError
+from autoreparam.analysis import analyze_model
+from autoreparam.reparam import apply_config, build_config
 
 
 # -- the normal-normal model: y_ij ~ Normal(mu + a_i, sigma), a_i ~ Normal(0, tau) -------------
@@ -265,15 +267,16 @@ def test_str_is_readable(crossed, schools):
     assert "0 sites with offsets, 0 non-centred" in empty and "empty" in empty
 
 
-def test_to_config(crossed):
+def test_build_config(crossed):
     _, plan = crossed
-    config = plan.to_config()
+    config = build_config(plan)
     assert list(config) == ["a", "b"]
     assert all(isinstance(r, ConditionalOffsetReparam) for r in config.values())
     assert config["b"].site == plan["b"]
     assert "'b'" in repr(config["b"]) and "'mu', 'a'" in repr(config["b"])
-    assert callable(config.record(lambda: None))
-    assert plan.without_site("a").without_site("b").to_config() == {}
+    assert config.plan is plan
+    assert callable(config.record(lambda: None)) and callable(apply_config(lambda: None, config))
+    assert build_config(plan.without_site("a").without_site("b")) == {}
 
 
 # -- load / save ---------------------------------------------------------------------------------
@@ -388,9 +391,9 @@ def test_centredness_of_an_event_shaped_funnel_ignores_a_common_shift_per_compon
     def centredness(shift):
         a = np.random.default_rng(2).normal(0, 0.3, size=(G, 2)) + np.array([shift, 0.0])
         y = (a[g, 0] + x * a[g, 1] + np.random.default_rng(1).normal(size=N)).astype(np.float32)
-        report = autoreparam.analyze(model, g, x, y=y)
+        report, model_trace = analyze_model(model, (g, x), {"y": y})
         assert [f.site for f in report.funnels] == ["a"]
-        return _Curvature(report.model_trace, None, report.hyperparameters).centeredness("a")
+        return _Curvature(model_trace, None, report.hyperparameters).centeredness("a")
 
     c0, c5 = centredness(0.0), centredness(5.0)
     assert c0.max() < autoreparam.planning.CENTRED_ENOUGH  # weak data per group: a plan non-centres them

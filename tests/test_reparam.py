@@ -29,6 +29,7 @@ import tensor_model
 import zoo
 from helpers import one_line
 from autoreparam import InputError, PlanError, SitePlan
+from autoreparam.reparam import apply_config, build_config
 from autoreparam.trace import unwrap_distribution
 
 
@@ -372,8 +373,8 @@ def test_nuts(nested):
 def test_config_applied_by_hand(nested):
     rmodel, args, kwargs, plan = nested
     model = CASES["nested"][0]
-    config = plan.to_config()
-    by_hand = handlers.reparam(config.record(model), config=config)
+    config = build_config(plan)
+    by_hand = apply_config(model, config)
     tr = handlers.trace(handlers.seed(by_hand, 0)).get_trace(*args, **kwargs)
     assert tr["d"]["type"] == "deterministic" and tr["d_base"]["type"] == "sample"
     assert tr["r"]["type"] == "deterministic" and tr["r_decentered"]["type"] == "sample"
@@ -384,16 +385,19 @@ def test_config_applied_by_hand(nested):
     lp_hand, _ = log_density(by_hand, args, kwargs, params)
     lp_auto, _ = log_density(rmodel, args, kwargs, params)
     assert float(lp_hand) == float(lp_auto)
+    # the older spelling, two handlers composed by hand, is the same
+    two_handlers = handlers.reparam(config.record(model), config=config)
+    assert float(log_density(two_handlers, args, kwargs, params)[0]) == float(lp_hand)
 
 
 def test_config_without_record_raises_naming_the_site(nested):
     _, args, kwargs, plan = nested
     model = CASES["nested"][0]
-    config = plan.to_config()
+    config = build_config(plan)
     with pytest.raises(PlanError) as info:
         handlers.seed(handlers.reparam(model, config=config), 0)(*args, **kwargs)
     msg = one_line(info.value)
-    assert "'r'" in msg and "record" in msg
+    assert "'r'" in msg and "apply_config(model, config)" in msg
 
 
 # -- bad input at reparameterize time -----------------------------------------------------------
@@ -558,8 +562,8 @@ def test_learn_false_keeps_centredness_fixed():
     tr = handlers.trace(handlers.seed(autoreparam.reparameterize(model, plan, learn=False), 0)).get_trace(
         *args, **kwargs)
     assert "theta_decentered" in tr and not [n for n, s in tr.items() if s["type"] == "param"]
-    config = plan.to_config(learn=False)
-    tr = handlers.trace(handlers.seed(handlers.reparam(config.record(model), config=config), 0)).get_trace(
+    config = build_config(plan, learn=False)
+    tr = handlers.trace(handlers.seed(apply_config(model, config), 0)).get_trace(
         *args, **kwargs)
     assert not [n for n, s in tr.items() if s["type"] == "param"]
 

@@ -28,7 +28,8 @@ from numpyro.infer.util import log_density
 import autoreparam
 from autoreparam import Offset, Plan, PlanError, SitePlan
 from autoreparam.plan import SparseMap
-from autoreparam.reparam import LOC_SCALE_FAMILIES
+from autoreparam.reparam import apply_config, build_config
+from autoreparam.trace import LOC_SCALE_FAMILIES
 from autoreparam.trace import unwrap_distribution
 from helpers import one_line
 
@@ -307,8 +308,8 @@ def test_introduced_names_avoid_the_models_own_names(centered):
 
 
 def test_config_by_hand_on_a_model_using_an_introduced_name_raises_in_one_line():
-    config = hand_plan("a", (N,), (N,), "mu").to_config()
+    config = build_config(hand_plan("a", (N,), (N,), "mu"))
     with pytest.raises(PlanError) as info:
-        handlers.seed(handlers.reparam(config.record(colliding_model), config=config), 0)(y=Y)
+        handlers.seed(apply_config(colliding_model, config), 0)(y=Y)
     msg = one_line(info.value)
     assert "'a_offset_mu'" in msg and "'a'" in msg and "reparameterize" in msg

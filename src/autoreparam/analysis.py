@@ -36,7 +36,7 @@ from .trace import (
     unwrap_distribution,
 )
 
-__all__ = ["analyze"]
+__all__ = ["analyze_model"]
 
 DENSE_MAX_SIZE = 64  # latent sites up to this size get a dense map when they are not a gather
 DENSE_MAX_ENTRIES = 20_000_000  # or when N * size stays under this many entries
@@ -45,30 +45,27 @@ ADDITIVE_RTOL = 1e-4
 LOC_SCALE_SUPPORTS = ("real", "real_vector")
 
 
-def analyze(model: Callable, *args, **kwargs) -> Report:
+def analyze_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -> tuple[Report, ModelTrace]:
     """Trace ``model(*args, **kwargs)`` and find its likelihood-invariant directions.
 
-    >>> def model(group, y=None):
+    Returns the report (plain data) and the model trace it was measured on: the plan's curvature
+    runs the model again through it. ``autoreparam.analyze`` is the public form.
+
+    >>> def model(y):
     ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
-    ...     with numpyro.plate("groups", 4):
-    ...         a = numpyro.sample("a", dist.Normal(0, 1))
-    ...     with numpyro.plate("data", len(group)):
-    ...         numpyro.sample("y", dist.Normal(mu + a[group], 0.1), obs=y)
-    >>> report = analyze(model, jnp.array([0, 1, 2, 3, 0, 1]), y=jnp.zeros(6))
-    >>> [t.site for t in report.terms["y"]]
-    ['mu', 'a']
-    >>> report.pairs()
-    {('y', 'mu', 'a'): 1}
-    >>> report.invariances[0].absorption.absorb(np.array([2.0]))  # a absorbs mu by broadcast
-    array([2., 2., 2., 2.])
+    ...     a = numpyro.sample("a", dist.Normal(0, 1))
+    ...     numpyro.sample("y", dist.Normal(mu + a, 1), obs=y)
+    >>> report, model_trace = analyze_model(model, (jnp.zeros(3),))
+    >>> report.pairs(), model_trace.latent_names
+    ({('y', 'mu', 'a'): 1}, ['mu', 'a'])
     """
     # data_evaluated_eagerly: a first call of a reparameterized model may come from inside a
     # transformation (Predictive's lax.map); the analysis itself runs on concrete values.
     with isolated_from_handlers(), data_evaluated_eagerly():
-        return _analyze(model, args, kwargs)
+        return _analyze(model, tuple(args), dict(kwargs or {}))
 
 
-def _analyze(model, args, kwargs) -> Report:
+def _analyze(model, args, kwargs) -> tuple[Report, ModelTrace]:
     mt = trace_model(model, args, kwargs)
     probe = _Probe(mt)
     notes = list(mt.notes)
@@ -111,8 +108,8 @@ def _analyze(model, args, kwargs) -> Report:
     if parents is None:
         parents = probe.jvp_dependencies()
     graph = build_graph(mt.sites, parents, invariances)
-    return Report(_model_name(model), mt.sites, graph, terms, invariances, funnels, notes, mt,
-                  probe.hyperparameters())
+    return Report(_model_name(model), mt.sites, graph, terms, invariances, funnels, notes,
+                  hyperparameters=probe.hyperparameters()), mt
 
 
 def _model_name(model) -> str:

@@ -8,20 +8,44 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
 import numpy as np
-from numpyro import handlers
 
-from .analysis import analyze
+from .analysis import analyze_model
 from .errors import InputError
 from .plan import Plan, validate_plan
-from .reparam import ReparamConfig, build_config
-from .planning import build_plan
+from .planning import plan_with_notes
+from .reparam import ReparamConfig, apply_config, build_config
+from .report import Report
 from .trace import TracedSite, isolated_from_handlers, trace_sites
 
-__all__ = ["analyze", "reparameterize", "auto"]
+__all__ = ["analyze", "reparameterize", "auto", "ReparameterizedModel"]
+
+
+def analyze(model: Callable, *args, **kwargs) -> Report:
+    """Trace ``model(*args, **kwargs)`` and find its likelihood-invariant directions.
+
+    >>> def model(group, y=None):
+    ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
+    ...     with numpyro.plate("groups", 4):
+    ...         a = numpyro.sample("a", dist.Normal(0, 1))
+    ...     with numpyro.plate("data", len(group)):
+    ...         numpyro.sample("y", dist.Normal(mu + a[group], 0.1), obs=y)
+    >>> report = analyze(model, jnp.array([0, 1, 2, 3, 0, 1]), y=jnp.zeros(6))
+    >>> [t.site for t in report.terms["y"]]
+    ['mu', 'a']
+    >>> report.pairs()
+    {('y', 'mu', 'a'): 1}
+    >>> report.invariances[0].absorption.absorb(np.array([2.0]))  # a absorbs mu by broadcast
+    array([2., 2., 2., 2.])
+    >>> report.plan is report.plan  # made on first access, then kept
+    True
+    """
+    report, model_trace = analyze_model(model, args, kwargs)
+    return report.attach_planner(functools.partial(plan_with_notes, report, model_trace))
 
 
 def check_at(at, sites: dict[str, TracedSite]) -> None:
@@ -59,7 +83,7 @@ def _signature(args, kwargs):
 
 
 def reparameterize(model: Callable, plan: Plan | None = None, *, init: str = "analytic", learn: bool = True,
-                   noncentre: Any = "auto", at: dict | None = None) -> Callable:
+                   noncentre: Any = "auto", at: dict | None = None) -> ReparameterizedModel:
     """A model with the same signature whose latent sites carry conditional offsets.
 
     With ``plan=None`` the model is analysed on its first call (with concrete inputs) and the
@@ -85,34 +109,52 @@ def reparameterize(model: Callable, plan: Plan | None = None, *, init: str = "an
     if not (at is None or isinstance(at, dict) or (isinstance(at, str) and at in ("map", "median"))):
         raise InputError(f"reparameterize: at must be None, 'map', 'median' or a dict of latent values "
                          f"(site name -> array), got {type(at).__name__}")
-    cache: dict = {}
+    return ReparameterizedModel(model, plan, init=init, learn=learn, noncentre=noncentre, at=at)
 
-    def config_for(args, kwargs) -> ReparamConfig:
-        key = _signature(args, kwargs)
-        config = cache.get(key)
-        if config is None:
-            # A call without data (Predictive with y=None) reuses the last plan made with data.
-            with_data = [c.plan for c in cache.values() if c.observed]
-            config = cache[key] = _prepare(model, plan, args, kwargs, init, noncentre, at, learn,
-                                           with_data[-1] if with_data else None)
-        return config
 
-    @functools.wraps(model)
-    def reparameterized(*args, **kwargs):
-        config = config_for(args, kwargs)
-        with handlers.reparam(config=config):
-            return config.record(model)(*args, **kwargs)
+@dataclass(frozen=True)
+class _Prepared:
+    """What one input signature of a reparameterized model uses."""
 
-    def plan_for(*args, **kwargs) -> Plan:
+    config: ReparamConfig
+    observed: bool  # the call had an observed site (its plan was made with data)
+
+
+class ReparameterizedModel:
+    """What ``reparameterize`` returns: the model, with its plan applied on every call.
+
+    It has the model's signature and name; ``model`` is the model as written and ``plan_for``
+    the plan used for given inputs (analysing the model if needed).
+    """
+
+    def __init__(self, model: Callable, plan: Plan | None = None, *, init: str = "analytic", learn: bool = True,
+                 noncentre: Any = "auto", at: dict | None = None):
+        functools.update_wrapper(self, model)
+        self.model = model
+        self.plan, self.init, self.learn, self.noncentre, self.at = plan, init, learn, noncentre, at
+        self._prepared: dict[Any, _Prepared] = {}
+
+    def __call__(self, *args, **kwargs):
+        config = self._config_for(args, kwargs)
+        return apply_config(self.model, config)(*args, **kwargs)
+
+    def plan_for(self, *args, **kwargs) -> Plan:
         """The plan used for these inputs (analysing the model if needed)."""
-        return config_for(args, kwargs).plan
+        return self._config_for(args, kwargs).plan
 
-    reparameterized.plan_for = plan_for
-    reparameterized.model = model
-    return reparameterized
+    def _config_for(self, args, kwargs) -> ReparamConfig:
+        key = _signature(args, kwargs)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            # A call without data (Predictive with y=None) reuses the last plan made with data.
+            with_data = [p.config.plan for p in self._prepared.values() if p.observed]
+            prepared = self._prepared[key] = _prepare(self.model, self.plan, args, kwargs, self.init,
+                                                      self.noncentre, self.at, self.learn,
+                                                      with_data[-1] if with_data else None)
+        return prepared.config
 
 
-def _prepare(model, plan, args, kwargs, init, noncentre, at, learn, last_plan=None) -> ReparamConfig:
+def _prepare(model, plan, args, kwargs, init, noncentre, at, learn, last_plan=None) -> _Prepared:
     """The config for one call's inputs: the given plan checked against the sampled sites, the
     last plan made with data when this call has no observed site, or else a new plan from the analysis."""
     leaves = jax.tree.leaves((args, kwargs))
@@ -126,15 +168,13 @@ def _prepare(model, plan, args, kwargs, init, noncentre, at, learn, last_plan=No
     if plan is None:
         check_at(at, sites)
         with isolated_from_handlers():
-            report = analyze(model, *args, **kwargs)
-            plan = build_plan(report, init=init, noncentre=noncentre, at=at)
-        for note in report.notes:
-            if "support" in note or "discrete" in note or "cannot non-centre" in note:
+            report, model_trace = analyze_model(model, args, kwargs)
+            plan, planning_notes = plan_with_notes(report, model_trace, init=init, noncentre=noncentre, at=at)
+        for note in report.notes + planning_notes:
+            if note.kind.warns:
                 warnings.warn(f"autoreparam: {note}", stacklevel=4)
     validate_plan(plan, sites)
-    config = build_config(plan, learn=learn, taken=sites)
-    config.plan, config.observed = plan, observed
-    return config
+    return _Prepared(build_config(plan, learn=learn, taken=sites), observed)
 
 
 def auto(model: Callable | None = None, *, plan: Plan | None = None, init: str = "analytic", learn: bool = True,

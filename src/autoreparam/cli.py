@@ -54,6 +54,15 @@ def load_module(path: str):
     return module
 
 
+def _is_reparameterized(value) -> bool:
+    """``value`` is a model from ``autoreparam.reparameterize`` (or ``@autoreparam.auto``).
+
+    Looked up, not imported: a module that made one has imported ``autoreparam.api`` (and JAX).
+    """
+    api = sys.modules.get(f"{__package__}.api")
+    return api is not None and isinstance(value, api.ReparameterizedModel)
+
+
 def load_model(module, path: str, name: str | None):
     """The model: ``name`` if given, else the one ``@autoreparam.auto`` function, else ``model``.
 
@@ -63,8 +72,8 @@ def load_model(module, path: str, name: str | None):
         fn = getattr(module, name, None)
         if not callable(fn):
             raise InputError(f"{path}: no function named '{name}' (given by --model)")
-        return getattr(fn, "model", fn) if hasattr(fn, "plan_for") else fn
-    decorated = [n for n, v in vars(module).items() if callable(v) and hasattr(v, "plan_for")
+        return fn.model if _is_reparameterized(fn) else fn
+    decorated = [n for n, v in vars(module).items() if _is_reparameterized(v)
                  and getattr(v, "__module__", None) == module.__name__]
     if len(decorated) == 1:
         return getattr(module, decorated[0]).model

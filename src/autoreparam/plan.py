@@ -1,7 +1,8 @@
 """Plans: which latent sites get conditional offsets (and from which parents) or non-centring.
 
-A ``Plan`` is plain, frozen data derived from a ``Report``; it can be edited, saved and
-loaded as JSON, and turned into a NumPyro reparam config with ``plan.to_config()``.
+A ``Plan`` is plain, frozen data derived from a ``Report`` (by ``planning.build_plan``); it can
+be edited, saved and loaded as JSON, checked against a traced model (``validate_plan``), and
+turned into a NumPyro reparam config by ``reparam.build_config``.
 
 For every latent site B it lists offset parents A (earlier additive partners) with the
 absorption map ``G_{B|A} = E @ M`` and the initial ``xi_{B|A}`` (shape of B's batch shape):
@@ -534,12 +535,6 @@ class Plan:
             return cls.from_json(data)
         except PlanError as exc:
             raise PlanError(f"{path}: {exc}") from None
-
-    def to_config(self, learn: bool = True):
-        """A NumPyro reparam config; apply it with ``handlers.reparam(config.record(model), config=config)``."""
-        from .reparam import build_config
-
-        return build_config(self, learn=learn)
 
     def __str__(self) -> str:
         with_offsets = [s for s in self.sites if s.offsets]

@@ -12,12 +12,15 @@ from typing import Any
 
 import numpy as np
 
+from .conditioning import check_plan_sites
 from .curvature import _Curvature
 from .errors import InputError
+from .notes import Note, NoteKind
 from .plan import Offset, Plan, SitePlan, SparseMap
-from .trace import LOC_SCALE_FAMILIES
+from .report import Report
+from .trace import LOC_SCALE_FAMILIES, ModelTrace, data_evaluated_eagerly, isolated_from_handlers
 
-__all__ = ["build_plan", "ANALYTIC_XI_STEP", "CENTRED_ENOUGH"]
+__all__ = ["build_plan", "plan_with_notes", "ANALYTIC_XI_STEP", "CENTRED_ENOUGH"]
 
 
 # Measured on the tensor model (benchmarks/): learning xi at Adam's full rate from the analytic
@@ -30,26 +33,32 @@ CENTRED_ENOUGH = 0.9
 
 
 # -- building a plan from a report ----------------------------------------------------------------
-def build_plan(report, init: str = "analytic", noncentre: Any = "auto", at: dict | None = None,
-               guard: bool = True) -> Plan:
+def build_plan(report: Report, model_trace: ModelTrace, init: str = "analytic", noncentre: Any = "auto",
+               at: dict | None = None, guard: bool = True) -> Plan:
     """Derive a plan from a report: offsets along every additive pair, non-centring of funnels.
 
+    ``model_trace`` is the trace the report was measured on (``analysis.analyze_model``): the
+    analytic xi and centredness come from the model's curvature, which runs the model through it.
     With ``guard`` (the default) and the analytic init, an offset or non-centring that makes the
     log joint worse conditioned at the curvature point is dropped, with a note in ``plan.notes``.
     """
+    return plan_with_notes(report, model_trace, init, noncentre, at, guard)[0]
+
+
+def plan_with_notes(report: Report, model_trace: ModelTrace, init: str = "analytic", noncentre: Any = "auto",
+                    at: dict | None = None, guard: bool = True) -> tuple[Plan, list[Note]]:
+    """``build_plan``, and the notes for the report: what the planning left out and why."""
     if init not in ("analytic", "zero"):
         raise InputError(f"init must be 'analytic' or 'zero', got {init!r}")
     if noncentre not in ("auto", True, False, None):
         raise InputError(f"noncentre must be 'auto', True or False, got {noncentre!r}")
-    from .trace import data_evaluated_eagerly, isolated_from_handlers
-
     with isolated_from_handlers(), data_evaluated_eagerly():
-        return _build_plan(report, init, noncentre, at, guard)
+        return _build_plan(report, model_trace, init, noncentre, at, guard)
 
 
-def _build_plan(report, init, noncentre, at, guard=True) -> Plan:
+def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list[Note]]:
     sites = report.sites
-    mt = report.model_trace
+    report_notes: list[Note] = []
     latent = [n for n, s in sites.items() if s.type == "latent"]
     eligible = {n for n in latent if sites[n].support in ("real", "real_vector") and not sites[n].is_discrete}
 
@@ -60,7 +69,8 @@ def _build_plan(report, init, noncentre, at, guard=True) -> Plan:
             pairs[(b, a)] = inv
     for name in latent:
         if name not in eligible and any(b == name for b, _ in pairs):
-            report.notes.append(f"site '{name}' has support {sites[name].support}; it gets no offsets")
+            report_notes.append(Note(f"site '{name}' has support {sites[name].support}; it gets no offsets",
+                                     NoteKind.NO_REAL_SUPPORT, name))
 
     xi: dict[tuple[str, str], np.ndarray] = {}
     centered: dict[str, np.ndarray] = {}
@@ -70,8 +80,9 @@ def _build_plan(report, init, noncentre, at, guard=True) -> Plan:
     families = {f.__name__ for f in LOC_SCALE_FAMILIES}
     for name in [n for n in funnel_sites if sites[n].distribution not in families]:
         funnel_sites.remove(name)
-        report.notes.append(f"site '{name}' is {sites[name].distribution}, which autoreparam cannot non-centre "
-                            f"(it can: {', '.join(sorted(families))}); it is left centred")
+        report_notes.append(Note(f"site '{name}' is {sites[name].distribution}, which autoreparam cannot "
+                                 f"non-centre (it can: {', '.join(sorted(families))}); it is left centred",
+                                 NoteKind.CANNOT_NONCENTRE, name))
     if init == "analytic" and (pairs or funnel_sites):
         curv = _Curvature(mt, at, report.hyperparameters)
         for (b, a), inv in pairs.items():
@@ -103,18 +114,18 @@ def _build_plan(report, init, noncentre, at, guard=True) -> Plan:
                 cen = tuple(float(v) for v in c)
         if offs or cen is not None:
             plan_sites.append(SitePlan(name, tuple(site.shape), tuple(site.batch_shape), offs, cen))
-    notes: list[str] = []
+    notes: list[Note] = []
     if curv is not None and plan_sites and guard:
         # Never make the geometry worse: drop what worsens the conditioning at the curvature point.
-        from .conditioning import check_plan_sites
-
         try:
-            plan_sites, notes, _ = check_plan_sites(curv, plan_sites, centers, report.hyperparameters,
-                                                         report.funnels)
+            plan_sites, dropped, _ = check_plan_sites(curv, plan_sites, centers, report.hyperparameters,
+                                                      report.funnels)
+            notes = [Note(text, NoteKind.GUARD_DROPPED) for text in dropped]
         except Exception as exc:  # the check is a safety net: an unchecked plan beats no plan
-            notes = [f"the conditioning check could not run ({type(exc).__name__}); the plan is unchecked"]
-        report.notes.extend(notes)
+            notes = [Note(f"the conditioning check could not run ({type(exc).__name__}); the plan is unchecked",
+                          NoteKind.GUARD_FAILED)]
+        report_notes.extend(notes)
     shapes = tuple((n, tuple(sites[n].shape), tuple(sites[n].batch_shape)) for n in latent)
     return Plan(report.model_name, tuple(plan_sites), tuple(candidates), shapes, init,
                 tuple(sorted(centers.items(), key=lambda kv: order.index(kv[0]))),
-                ANALYTIC_XI_STEP if init == "analytic" else 1.0, notes=tuple(notes))
+                ANALYTIC_XI_STEP if init == "analytic" else 1.0, notes=tuple(notes)), report_notes

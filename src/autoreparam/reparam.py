@@ -2,13 +2,13 @@
 
 ``ConditionalOffsetReparam`` follows NumPyro's ``Reparam.__call__(name, fn, obs)`` contract.
 An offset needs the values of earlier sites, which the stock ``numpyro.handlers.reparam``
-handler does not pass to a ``Reparam``; ``record_values`` is the small handler that records
-them. Applying a plan's config by hand::
+handler does not pass to a ``Reparam``; ``apply_config`` is NumPyro's ``reparam`` handler that
+also records them. Applying a plan by hand::
 
-    config = plan.to_config()
-    reparam_model = numpyro.handlers.reparam(config.record(model), config=config)
+    reparam_model = apply_config(model, build_config(plan))
 
-``reparameterize(model)`` and ``@auto`` do exactly that, analysing the model on first call.
+``autoreparam.reparameterize(model)`` and ``@autoreparam.auto`` do that for a plan they make (or
+check) on the model's first call, with names that do not collide with the model's.
 """
 
 from __future__ import annotations
@@ -18,21 +18,23 @@ from typing import Callable
 
 import jax.numpy as jnp
 import numpyro
+from numpyro import handlers
 from numpyro.distributions import constraints
 import numpyro.distributions as dist
 from numpyro.infer.reparam import Reparam
 from numpyro.primitives import _PYRO_STACK, Messenger
 
 from .names import fresh_name
+from .errors import InputError
 from .plan import Plan, PlanError, SitePlan
 from .trace import LOC_SCALE_FAMILIES, unwrap_distribution
 
-__all__ = ["ConditionalOffsetReparam", "ReparamConfig", "record_values", "build_config"]
+__all__ = ["ConditionalOffsetReparam", "ReparamConfig", "apply_config", "build_config", "record_values"]
 
 
 
 class SiteValues(dict):
-    """Values of the sites seen so far in the current model run (filled by ``record_values``).
+    """Values of the sites seen so far in the current model run (filled by ``apply_config``).
 
     It also carries what a ``ConditionalOffsetReparam`` needs from the site's message that
     NumPyro's ``reparam`` handler does not pass on: the ``sample_shape``, and (for the
@@ -41,7 +43,7 @@ class SiteValues(dict):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.active = False
+        self.active = False  # True while a model runs under a handler that fills this store
         self.introduced: dict[str, str] = {}  # name a Reparam introduces -> the site it reparameterizes
         self.sample_shapes: dict[str, tuple] = {}
         self.decentred: dict[str, tuple] = {}
@@ -53,43 +55,28 @@ class SiteValues(dict):
         self.decentred.clear()
         self.busy = 0
 
+    def open(self):
+        """Start a model run."""
+        self.reset()
+        self.active = True
 
-class record_values(Messenger):
-    """Record the value of every sample and deterministic site, for offsets of later sites.
+    def close(self):
+        """End a model run, dropping its values (maybe tracers)."""
+        self.reset()
+        self.active = False
 
-    It sits between the model (its plates, ``scale`` and ``mask`` handlers) and NumPyro's
-    ``reparam`` handler, so it also sees each site as the model's own handlers left it.
-
-    >>> store = SiteValues()
-    >>> with record_values(store=store):
-    ...     model()                                                   # doctest: +SKIP
-    """
-
-    def __init__(self, fn=None, store: SiteValues | None = None):
-        super().__init__(fn)
-        self.store = SiteValues() if store is None else store
-
-    def __enter__(self):
-        self.store.reset()
-        self.store.active = True
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        self.store.reset()  # drop values (maybe tracers) from this run
-        self.store.active = False
-        return super().__exit__(*exc)
-
-    def process_message(self, msg):
-        store, name = self.store, msg.get("name")
-        if msg["type"] in ("sample", "param", "deterministic", "plate") and name in store.introduced \
-                and not store.busy:
+    def see(self, msg):
+        """Before the site is reparameterized: its ``sample_shape``, and a decentred site's law."""
+        name = msg.get("name")
+        if msg["type"] in ("sample", "param", "deterministic", "plate") and name in self.introduced \
+                and not self.busy:
             raise PlanError(f"the model has its own {msg['type']} site '{name}', a name the reparameterization "
-                            f"of site '{store.introduced[name]}' also uses; apply the plan with "
+                            f"of site '{self.introduced[name]}' also uses; apply the plan with "
                             "autoreparam.reparameterize(model, plan), which picks fresh names")
         if msg["type"] != "sample":
             return
-        store.sample_shapes[name] = tuple(msg["kwargs"].get("sample_shape", ()))
-        law = store.decentred.pop(name, None)
+        self.sample_shapes[name] = tuple(msg["kwargs"].get("sample_shape", ()))
+        law = self.decentred.pop(name, None)
         if law is not None:
             target, factor, intercept, event_ndim = law
             # The decentred value's density is the original one at a(z) times the Jacobian |da/dz|
@@ -101,10 +88,77 @@ class record_values(Messenger):
             msg["fn"] = DecentredLaw(msg["fn"], target, factor, intercept,
                                      weight if scale is None else weight / scale, event_ndim)
 
-    def postprocess_message(self, msg):
+    def record(self, msg):
+        """After the site: its value, for the offsets of later sites."""
         if msg["type"] not in ("sample", "deterministic"):
             return
-        self.store[msg["name"]] = msg["value"]
+        self[msg["name"]] = msg["value"]
+
+
+class apply_config(handlers.reparam):
+    """NumPyro's ``reparam`` handler for a ``ReparamConfig``, also recording the site values its
+    offsets need.
+
+    It sits inside the model's own handlers (its plates, ``scale`` and ``mask``), so it sees
+    each site as they left it.
+
+    >>> plan = Plan("model", (SitePlan("a", (), (), (Offset("mu", SparseMap((1, 1), (0,), (0,), (1.0,)),
+    ...                                                  SparseMap((1, 1), (0,), (0,), (1.0,)), (-0.5,)),)),))
+    >>> def model():
+    ...     mu = numpyro.sample("mu", dist.Normal(0, 1))
+    ...     return numpyro.sample("a", dist.Normal(mu, 1))
+    >>> tr = handlers.trace(handlers.seed(apply_config(model, build_config(plan)), 0)).get_trace()
+    >>> [(name, site["type"]) for name, site in tr.items()]
+    [('mu', 'sample'), ('a_offset_mu', 'param'), ('a_base', 'sample'), ('a', 'deterministic')]
+    """
+
+    def __init__(self, fn=None, config: "ReparamConfig | None" = None):
+        if not isinstance(config, ReparamConfig):
+            raise InputError(f"apply_config: config must be a ReparamConfig (see build_config), got "
+                             f"{type(config).__name__}")
+        super().__init__(fn, config=config)
+        self.store = config.store
+
+    def __enter__(self):
+        self.store.open()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.store.close()
+        return super().__exit__(*exc)
+
+    def process_message(self, msg):
+        self.store.see(msg)
+        super().process_message(msg)
+
+    def postprocess_message(self, msg):
+        self.store.record(msg)
+
+
+class record_values(Messenger):
+    """Record the values of the sites, for a ``ReparamConfig`` applied by NumPyro's own ``reparam``.
+
+    The older spelling of ``apply_config(model, config)``:
+    ``numpyro.handlers.reparam(config.record(model), config=config)``.
+    """
+
+    def __init__(self, fn=None, store: SiteValues | None = None):
+        super().__init__(fn)
+        self.store = SiteValues() if store is None else store
+
+    def __enter__(self):
+        self.store.open()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.store.close()
+        return super().__exit__(*exc)
+
+    def process_message(self, msg):
+        self.store.see(msg)
+
+    def postprocess_message(self, msg):
+        self.store.record(msg)
 
 
 def _subsample_weight(frames) -> float:
@@ -119,14 +173,20 @@ def _subsample_weight(frames) -> float:
 
 
 class ReparamConfig(dict):
-    """A reparam config (site name -> ``Reparam``) that also knows how to record site values."""
+    """The reparam config of a plan (site name -> ``Reparam``); apply it with ``apply_config``.
 
-    def __init__(self, *args, store: SiteValues, **kwargs):
+    ``store`` holds the site values of the current run, which the offsets read; ``plan`` is the
+    plan the config was built from.
+    """
+
+    def __init__(self, *args, store: SiteValues, plan: Plan, **kwargs):
         super().__init__(*args, **kwargs)
         self.store = store
+        self.plan = plan
 
     def record(self, model: Callable) -> Callable:
-        """``model`` run under ``record_values``, ready for ``handlers.reparam(..., config=self)``."""
+        """``model`` recording site values for ``handlers.reparam(..., config=self)`` (``apply_config``
+        does both in one handler)."""
         return record_values(model, store=self.store)
 
 
@@ -188,7 +248,7 @@ class ConditionalOffsetReparam(Reparam):
                             "reparameterized")
         if not self.store.active:
             raise PlanError(f"site '{name}' is reparameterized by a config that does not see the model's "
-                            "sites: apply the config with handlers.reparam(config.record(model), config=config)")
+                            "sites: apply the config with autoreparam.reparam.apply_config(model, config)")
         sample_shape = self.store.sample_shapes.pop(name, ())
         if sample_shape:  # numpyro.sample(..., sample_shape=...) outside a plate: the same law, expanded
             fn = fn.expand(tuple(sample_shape) + tuple(fn.batch_shape))
@@ -365,11 +425,11 @@ def site_names(plan: Plan, learn: bool = True, taken=()) -> dict[str, SiteNames]
 
 
 def build_config(plan: Plan, learn: bool = True, taken=()) -> ReparamConfig:
-    """The NumPyro reparam config of a plan (see the module docstring for how to apply it).
+    """The NumPyro reparam config of a plan; apply it with ``apply_config(model, config)``.
 
     ``taken`` are the names the model already uses (its sites, params and plates); the sites
-    and params the config introduces avoid them. Applied by hand (``plan.to_config()``), the
-    config raises PlanError if the model turns out to use one of its names.
+    and params the config introduces avoid them. Built without them, the config raises
+    PlanError if the model turns out to use one of its names.
     """
     plan.check()
     store = SiteValues()
@@ -379,4 +439,4 @@ def build_config(plan: Plan, learn: bool = True, taken=()) -> ReparamConfig:
         introduced = [n.base, n.decentered, n.centered] + ([p for _, p in n.offsets] if learn else [])
         store.introduced.update({x: site_name for x in introduced if x})
     return ReparamConfig({s.name: ConditionalOffsetReparam(s, store, learn, centers, plan.xi_step, names[s.name])
-                          for s in plan.sites}, store=store)
+                          for s in plan.sites}, store=store, plan=plan)

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import networkx as nx
 import numpy as np
 
+from .errors import InputError
 from .linear_maps import LinearMap, SharedSubspace
+from .notes import Note
 from .trace import Site
 
 __all__ = ["Term", "Invariance", "Funnel", "Report"]
+
+# (init, noncentre, at, guard) -> (the plan, notes for the report); see ``Report.attach_planner``.
+Planner = Callable[..., tuple[Any, list[Note]]]
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,13 @@ class Funnel:
 
 @dataclass
 class Report:
-    """What ``analyze`` found. See ``autoreparam.analyze`` for an example."""
+    """What ``analyze`` found, as plain data. See ``autoreparam.analyze`` for an example.
+
+    ``plan`` is the default plan, made on first access and then kept (``report.plan is
+    report.plan``); ``make_plan`` makes one with other options. Both need the model's curvature,
+    which this data does not hold: the entry point that made the report (``autoreparam.analyze``)
+    gives it a planner. The planning's notes (a site it left out and why) join ``notes``.
+    """
 
     model_name: str
     sites: dict[str, Site]
@@ -112,20 +123,39 @@ class Report:
     terms: dict[str, list[Term]]
     invariances: list[Invariance]
     funnels: list[Funnel]
-    notes: list[str] = field(default_factory=list)
-    model_trace: Any = field(default=None, repr=False, compare=False)
+    notes: list[Note] = field(default_factory=list)  # str with a kind and a site (see notes.Note)
     hyperparameters: tuple[str, ...] = ()  # latent sites that scale other latent sites' priors
+
+    def __post_init__(self):
+        self.notes = [note if isinstance(note, Note) else Note(note) for note in self.notes]
+        self._planner: Planner | None = None
+        self._plan = None
+
+    def attach_planner(self, planner: Planner) -> "Report":
+        """Plan this report with ``planner`` (called by the entry point that made it); returns self."""
+        self._planner, self._plan = planner, None
+        return self
 
     @property
     def plan(self):
         """The default plan: offsets along every additive pair, analytic xi, non-centred funnels."""
-        return self.make_plan()
+        if self._plan is None:
+            self._plan = self.make_plan()
+        return self._plan
 
-    def make_plan(self, init: str = "analytic", noncentre: Any = "auto", at: dict | None = None):
-        """A plan with chosen options (see ``autoreparam.reparameterize`` for their meaning)."""
-        from .planning import build_plan
+    def make_plan(self, init: str = "analytic", noncentre: Any = "auto", at: dict | None = None,
+                  guard: bool = True):
+        """A plan with chosen options (see ``autoreparam.reparameterize`` for their meaning).
 
-        return build_plan(self, init=init, noncentre=noncentre, at=at)
+        ``guard=False`` skips the conditioning check (``autoreparam.planning.build_plan``).
+        """
+        if self._planner is None:
+            raise InputError(f"the report of {self.model_name} has no planner: make it with "
+                             "autoreparam.analyze(model, ...), or plan it with "
+                             "autoreparam.planning.build_plan(report, model_trace)")
+        plan, notes = self._planner(init=init, noncentre=noncentre, at=at, guard=guard)
+        self.notes.extend(note for note in notes if note not in self.notes)
+        return plan
 
     def additive(self) -> list[Invariance]:
         return [inv for inv in self.invariances if inv.kind == "additive"]

@@ -23,6 +23,7 @@ from numpyro.infer.initialization import init_to_uniform
 from numpyro.primitives import _PYRO_STACK, Messenger
 
 from .errors import AutoreparamError, InputError, ModelError
+from .notes import Note, NoteKind
 
 __all__ = ["Plate", "Site", "ModelTrace", "trace_model", "LOC_SCALE_FAMILIES", "unwrap_distribution",
            "data_evaluated_eagerly", "TracedSite", "trace_sites"]
@@ -549,13 +550,13 @@ def trace_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -
     mt = ModelTrace(model, tuple(args), kwargs, sites, shape_only)
     if not mt.observed_names:
         # A prior (Neal's funnel with no data) still has funnels to non-centre.
-        mt.notes.append(NO_OBSERVED_SITE_NOTE)
+        mt.notes.append(Note(NO_OBSERVED_SITE_NOTE, NoteKind.NO_OBSERVED_SITE))
     for name, site in sites.items():
         if site.type == "latent" and site.is_discrete:
-            mt.notes.append(
+            mt.notes.append(Note(
                 f"site '{name}' is discrete ({site.distribution}, support {site.support}); "
-                "it is held fixed and left out of the analysis"
-            )
+                "it is held fixed and left out of the analysis", NoteKind.DISCRETE_SITE, name
+            ))
     return mt
 
 

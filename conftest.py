@@ -1,0 +1,22 @@
+"""The names the docstring examples in src/autoreparam use (pytest collects them as doctests)."""
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def doctest_names(request):
+    """Give every docstring example NumPyro, JAX, numpy, autoreparam and the plan's classes."""
+    if type(request.node).__name__ != "DoctestItem":
+        return
+    import jax.numpy as jnp
+    import numpy as np
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro import handlers
+
+    import autoreparam
+    from autoreparam.plan import Offset, Plan, SitePlan, SparseMap
+
+    request.getfixturevalue("doctest_namespace").update(
+        jnp=jnp, np=np, numpyro=numpyro, dist=dist, handlers=handlers, autoreparam=autoreparam,
+        Offset=Offset, Plan=Plan, SitePlan=SitePlan, SparseMap=SparseMap)

@@ -12,7 +12,7 @@ import pytest
 import autoreparam
 from autoreparam import conditioning
 from autoreparam.analysis import analyze_model
-from autoreparam.curvature import _Curvature
+from autoreparam.curvature import Curvature
 from autoreparam.plan import Plan
 from autoreparam.planning import build_plan, plan_with_notes
 
@@ -88,7 +88,7 @@ def schools_geometry(schools_analysis):
 @pytest.fixture(scope="module")
 def tutorial_curvature(tutorial_analysis):
     report, model_trace = tutorial_analysis
-    return _Curvature(model_trace, None, report.hyperparameters)
+    return Curvature(model_trace, None, report.hyperparameters)
 
 
 def test_curvature_point_reaches_intercepts_far_from_the_start(tutorial_curvature):

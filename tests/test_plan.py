@@ -374,7 +374,7 @@ def test_centredness_of_an_event_shaped_funnel_ignores_a_common_shift_per_compon
     """Per-group (intercept, slope) effects: a shift of every intercept, which the vague-scale MAP
     leaves in the deviations from the barely informed mean, must not make the groups look
     data-dominated (a site-wide mean over both components did: 0.47 became 0.98)."""
-    from autoreparam.curvature import _Curvature
+    from autoreparam.curvature import Curvature
 
     G, N = 12, 240
     g = np.repeat(np.arange(G), N // G)
@@ -393,7 +393,7 @@ def test_centredness_of_an_event_shaped_funnel_ignores_a_common_shift_per_compon
         y = (a[g, 0] + x * a[g, 1] + np.random.default_rng(1).normal(size=N)).astype(np.float32)
         report, model_trace = analyze_model(model, (g, x), {"y": y})
         assert [f.site for f in report.funnels] == ["a"]
-        return _Curvature(model_trace, None, report.hyperparameters).centeredness("a")
+        return Curvature(model_trace, None, report.hyperparameters).centeredness("a")
 
     c0, c5 = centredness(0.0), centredness(5.0)
     assert c0.max() < autoreparam.planning.CENTRED_ENOUGH  # weak data per group: a plan non-centres them

@@ -17,7 +17,7 @@ with a funnel's scale hyperparameter moved to the scale its centredness was esti
 Why plans lost (issue 10, the tutorial shape): 500 Adam steps of 0.05 left intercepts near 2,700
 at about 3, so the method-of-moments centredness saw no spread and non-centred them fully; and
 the moments were taken from shrunk estimates. Both are fixed (``newton_refine``, de-shrinking in
-``_Curvature.centeredness``); the guard catches what one point's estimate still gets wrong.
+``Curvature.centeredness``); the guard catches what one point's estimate still gets wrong.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions import biject_to
 from numpyro.primitives import Messenger
 
-from .trace import unwrap_distribution
+from .trace import log_joint, unwrap_distribution
 
 __all__ = ["ReparamGeometry", "condition_number", "guard_items", "check_plan_sites"]
 
@@ -129,20 +129,11 @@ class ReparamGeometry:
     """
 
     def __init__(self, mt, names, specs, fixed):
-        from numpyro import handlers
-        from numpyro.infer.util import log_density
-
-        from .trace import data_evaluated_eagerly
-
         self.mt, self.names, self.specs = mt, list(names), specs
-        seeded = handlers.substitute(handlers.seed(mt.model, 0), data=fixed)
 
         def run(coords, knobs, inverse):
-            cov = _ChangeOfVariables(seeded, set(self.names), specs, coords, knobs, inverse)
-            # Inputs closed over and evaluated eagerly: a model may compute sizes from its data.
-            with data_evaluated_eagerly():
-                logp, _ = log_density(cov, mt.args, mt.kwargs, {})
-            return logp, cov
+            cov = _ChangeOfVariables(None, set(self.names), specs, coords, knobs, inverse)
+            return log_joint(mt, {}, handler=cov, fixed=fixed), cov
 
         def to_unconstrained(theta, knobs):
             _, cov = run(theta, knobs, True)

@@ -17,7 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from numpyro.distributions import biject_to
+from numpyro.infer.initialization import init_to_feasible, init_to_median
+
 from .errors import InputError
+from .trace import ModelTrace, log_joint, trace_with_init, unwrap_distribution, untraceable_as_model_error
+
+__all__ = ["Curvature", "newton_refine"]
 
 
 # -- the curvature point ---------------------------------------------------------------------------
@@ -95,7 +101,7 @@ def _cg_direction(hvp, g, maxiter):
     return x if float(x @ x) > 0 else -g
 
 
-class _Curvature:
+class Curvature:
     """Hessian-vector products of the negative log joint at one point (jit once, reuse).
 
     The point is ``at`` if given (a dict of latent values, or ``"median"`` for the prior
@@ -105,32 +111,21 @@ class _Curvature:
     and the effects sit where the data put them.
     """
 
-    def __init__(self, mt, at, hyperparameters=()):
-        from numpyro import handlers
-        from numpyro.infer.initialization import init_to_feasible, init_to_median
-        from numpyro.infer.util import log_density
-
-        from .trace import data_evaluated_eagerly, untraceable_as_model_error
-
+    def __init__(self, mt: ModelTrace, at, hyperparameters=()):
         self.mt = mt
-        model = handlers.substitute(handlers.seed(mt.model, 0), substitute_fn=init_to_median(num_samples=101))
-        tr = handlers.trace(model).get_trace(*mt.args, **mt.kwargs)
+        tr = trace_with_init(mt, init_to_median(num_samples=101))
         values = {n: s["value"] for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
         if at in (None, "map"):
             # Start the non-hyperparameters at the centre of their unconstrained space: a prior
             # median drawn from samples of a wide prior (Normal(0, 100)) lands far from the data.
-            model = handlers.substitute(handlers.seed(mt.model, 0), substitute_fn=init_to_feasible)
-            tr0 = handlers.trace(model).get_trace(*mt.args, **mt.kwargs)
+            tr0 = trace_with_init(mt, init_to_feasible)
             values.update({n: tr0[n]["value"] for n in mt.latent_names if n not in hyperparameters})
         self.names = mt.latent_names
         fixed = {n: v for n, v in values.items() if n not in self.names}
-        seeded = handlers.seed(mt.model, 0)
 
         def neg_log_joint(theta):
-            # The model's inputs are closed over and evaluated eagerly under jit: a model may
-            # compute sizes or numpy indices from its data; only the latent values are traced.
-            with data_evaluated_eagerly():
-                return -log_density(seeded, mt.args, mt.kwargs, {**theta, **fixed})[0]
+            # Only the latent values are traced (the inputs are evaluated eagerly, see log_joint).
+            return -log_joint(mt, {**theta, **fixed})
 
         if isinstance(at, dict):
             unknown = set(at) - set(values)
@@ -156,16 +151,11 @@ class _Curvature:
     @functools.cached_property
     def _trace_at_point(self):
         """The model traced at the curvature point (once, for every funnel's loc and scale)."""
-        from numpyro import handlers
-
-        model = handlers.substitute(handlers.seed(self.mt.model, 0), data=self.values)
-        return handlers.trace(model).get_trace(*self.mt.args, **self.mt.kwargs)
+        return self.mt.run(self.values)
 
     def hvp(self, tangent: dict[str, Any]) -> dict[str, np.ndarray]:
         full = {n: jnp.asarray(tangent[n], dtype=self.point[n].dtype).reshape(self.point[n].shape)
                 if n in tangent else jnp.zeros_like(self.point[n]) for n in self.names}
-        from .trace import untraceable_as_model_error
-
         with untraceable_as_model_error():
             out = self._hvp(full)
         return {n: np.asarray(v, dtype=np.float64) for n, v in out.items()}
@@ -222,8 +212,6 @@ class _Curvature:
         n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
         ones = np.ones(site.shape)
         total = self._batch_reduce(name, self.hvp({name: ones})[name])
-        from .trace import unwrap_distribution
-
         fn = unwrap_distribution(self._trace_at_point[name]["fn"])
         scale = np.broadcast_to(np.asarray(fn.scale, dtype=np.float64), site.shape)
         prior = self._batch_reduce(name, 1.0 / scale**2)
@@ -261,8 +249,6 @@ class _Curvature:
 
 def _map_point(neg_log_joint, theta: dict, supports: dict) -> dict:
     """Newton steps on the unconstrained values of the sites in ``supports`` (see ``newton_refine``)."""
-    from numpyro.distributions import biject_to
-
     transforms = {n: biject_to(c) for n, c in supports.items()}
     fixed = {n: v for n, v in theta.items() if n not in transforms}
     u0 = {n: t.inv(theta[n]) for n, t in transforms.items()}

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .conditioning import check_plan_sites
-from .curvature import _Curvature
+from .curvature import Curvature
 from .errors import InputError
 from .notes import Note, NoteKind
 from .plan import Offset, Plan, SitePlan, SparseMap
@@ -84,7 +84,7 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
                                  f"non-centre (it can: {', '.join(sorted(families))}); it is left centred",
                                  NoteKind.CANNOT_NONCENTRE, name))
     if init == "analytic" and (pairs or funnel_sites):
-        curv = _Curvature(mt, at, report.hyperparameters)
+        curv = Curvature(mt, at, report.hyperparameters)
         for (b, a), inv in pairs.items():
             xi[(b, a)] = curv.response(b, a, inv, pairs)
         for name in funnel_sites:

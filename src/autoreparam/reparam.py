@@ -25,6 +25,7 @@ from numpyro.infer.reparam import Reparam
 from numpyro.primitives import _PYRO_STACK, Messenger
 
 from .names import fresh_name
+from .distributions import AutoreparamShifted
 from .errors import InputError
 from .plan import Plan, PlanError, SitePlan
 from .trace import LOC_SCALE_FAMILIES, unwrap_distribution
@@ -360,32 +361,13 @@ class DecentredLaw(dist.Distribution):
         return self.target.log_prob(self.factor * value + self.intercept) + self.jacobian_weight * log_jacobian
 
 
-class ShiftedDistribution(dist.Distribution):
-    """The law of ``x + delta`` for ``x ~ base`` (real support, so the Jacobian is one)."""
-
-    arg_constraints = {}
-    pytree_data_fields = ("base", "delta")
-
-    def __init__(self, base, delta, *, validate_args=None):
-        ndim = jnp.ndim(delta) - len(base.event_shape)
-        batch_shape = jnp.broadcast_shapes(base.batch_shape, jnp.shape(delta)[:max(ndim, 0)])
-        self.base = base.expand(batch_shape)
-        self.delta = delta
-        super().__init__(batch_shape, base.event_shape, validate_args=validate_args)
-
-    @property
-    def support(self):
-        return self.base.support
+class ShiftedDistribution(AutoreparamShifted):
+    """The law of ``x + delta`` for ``x ~ base`` (real support, so the Jacobian is one): the class
+    the emitted files define, which also tells NumPyro whether it can be reparameterized."""
 
     @property
     def has_rsample(self):
         return self.base.has_rsample
-
-    def sample(self, key, sample_shape=()):
-        return self.base.sample(key, sample_shape) + self.delta
-
-    def log_prob(self, value):
-        return self.base.log_prob(value - self.delta)
 
 
 def shift_distribution(reparam: Reparam, fn, delta):

@@ -26,7 +26,7 @@ from .errors import AutoreparamError, InputError, ModelError
 from .notes import Note, NoteKind
 
 __all__ = ["Plate", "Site", "ModelTrace", "trace_model", "LOC_SCALE_FAMILIES", "unwrap_distribution",
-           "data_evaluated_eagerly", "TracedSite", "trace_sites"]
+           "data_evaluated_eagerly", "TracedSite", "trace_sites", "trace_with_init", "log_joint"]
 
 # The families that non-centring supports: a loc and a scale, and any other parameters kept as they are.
 LOC_SCALE_FAMILIES = (dist.Normal, dist.Cauchy, dist.Laplace, dist.Logistic, dist.StudentT, dist.Gumbel,
@@ -667,3 +667,30 @@ def trace_sites(model: Callable, args: tuple, kwargs: dict) -> dict[str, TracedS
                 raise ModelError(f"the model raised {describe_exception(exc)}{site_of_exception(exc)} "
                                  "when run on these inputs") from exc
     return box[-1]
+
+
+# -- running the model again (the curvature and the conditioning guard run it only through these) ---
+def trace_with_init(mt: ModelTrace, init_strategy, rng_seed: int = 0):
+    """The model's trace with every latent site set by a NumPyro init strategy (``init_to_median``...)."""
+    model = handlers.substitute(handlers.seed(mt.model, rng_seed), substitute_fn=init_strategy)
+    return handlers.trace(model).get_trace(*mt.args, **mt.kwargs)
+
+
+def log_joint(mt: ModelTrace, values: dict[str, Any], handler: Messenger | None = None,
+              fixed: dict[str, Any] | None = None):
+    """The model's log joint density at ``values``, seeded as every other run (seed 0).
+
+    ``fixed`` site values are substituted first; ``handler`` (a NumPyro handler made without a
+    function, such as a change of variables) then wraps the model. The inputs are closed over
+    and evaluated eagerly under jit: a model may compute sizes or numpy indices from its data.
+    """
+    from numpyro.infer.util import log_density
+
+    model = handlers.seed(mt.model, 0)
+    if fixed is not None:
+        model = handlers.substitute(model, data=fixed)
+    if handler is not None:
+        model = handler(model)
+    with data_evaluated_eagerly():
+        return log_density(model, mt.args, mt.kwargs, values)[0]
+

@@ -315,7 +315,7 @@ def learned_centered(plan, params) -> dict:
     for s in plan.sites:
         if s.noncentred:
             p = params.get(f"{s.name}_centered")
-            out[s.name] = np.asarray(s.centered if p is None else p, dtype=np.float64).ravel()
+            out[s.name] = np.asarray(s.centredness if p is None else p, dtype=np.float64).ravel()
     return out
 
 
@@ -342,7 +342,7 @@ def guide_coordinates(plan, draws: dict, xi: dict | None, centered: dict | None)
             n_batch = int(np.prod(sp.batch_shape, dtype=np.int64))
             for off in sp.offsets:
                 parent = np.asarray(draws[off.parent], dtype=np.float64)
-                c = plan.center_of(off.parent)
+                c = plan.anchor_of(off.parent)
                 if c is not None:
                     parent = parent - np.asarray(c).reshape(parent.shape[1:])
                 g = absorb_draws(off, parent, shape).reshape(n, n_batch, -1)
@@ -541,7 +541,7 @@ def main(argv=None) -> int:
     # check of the base-coordinate map: xi = init under MCMC (params take their initial values)
     rd = pooled(rnuts["draws"], rnuts["draws"].keys())
     xi0 = {(s.name, o.parent): np.asarray(o.init) for s in plan.sites for o in s.offsets}
-    cen0 = {s.name: np.asarray(s.centered) for s in plan.sites if s.noncentred}
+    cen0 = {s.name: np.asarray(s.centredness) for s in plan.sites if s.noncentred}
     coords, labels = guide_coordinates(plan, rd, xi0, cen0)
     map_check = 0.0
     names = np.array([s for s, _ in labels])
@@ -618,7 +618,7 @@ def main(argv=None) -> int:
 
     # 5. residual dependence in each guide's coordinates (reference draws)
     rdraws = pooled(ref["draws"], SITES)
-    cen_init = {s.name: np.asarray(s.centered) for s in plan.sites if s.noncentred}
+    cen_init = {s.name: np.asarray(s.centredness) for s in plan.sites if s.noncentred}
     coord_sets = {
         "original (AutoNormal)": guide_coordinates(None, rdraws, None, None),
         "reparam, analytic xi": guide_coordinates(plan, rdraws, xi0, cen_init),

@@ -315,7 +315,7 @@ def random_plan(model, y, rng) -> Plan:
             offsets = (Offset(parent, e, m, tuple(float(v) for v in rng.normal(size=n_batch))),)
         centered = tuple(float(c) for c in rng.uniform(0.0, 1.0, n_batch)) if choice >= 2 else None
         if offsets or centered is not None:
-            sites.append(SitePlan(name, shape, batch, offsets, centered, learn_centered=False))
+            sites.append(SitePlan(name, shape, batch, offsets, centered, learn_centredness=False))
         earlier.append((name, shape))
     return Plan("random", tuple(sites))
 
@@ -347,7 +347,7 @@ def test_random_models_are_reparameterized_exactly(spec):
             if s.noncentred:
                 value = otr[s.name]["value"]
                 scale = jnp.broadcast_to(unwrap_distribution(otr[s.name]["fn"]).scale, value.shape)
-                c = jnp.reshape(jnp.asarray(s.centered), s.batch_shape + (1,) * (value.ndim - len(s.batch_shape)))
+                c = jnp.reshape(jnp.asarray(s.centredness), s.batch_shape + (1,) * (value.ndim - len(s.batch_shape)))
                 jac += (subsample_weight if s.name == "e" else 1.0) * jnp.sum((1.0 - c) * jnp.log(scale))
         return lp_reparam, lp_orig, jac
 

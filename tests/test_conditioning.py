@@ -106,7 +106,7 @@ def test_tutorial_shape_leaves_the_data_dominated_intercepts_centred(tutorial_pl
     """Each intercept has informative data: the plan must not non-centre it far (it was 0.01)."""
     plan = tutorial_plan
     if "alpha" in plan.names and plan["alpha"].noncentred:
-        assert min(plan["alpha"].centered) >= 0.5
+        assert min(plan["alpha"].centredness) >= 0.5
     else:
         assert "alpha" not in plan.names or not plan["alpha"].noncentred
 
@@ -116,16 +116,16 @@ def test_guard_drops_a_harmful_noncentring_and_says_so(tutorial_analysis, tutori
     worsens the conditioning: the guard drops it, with a note naming the site (str and JSON)."""
     unguarded = build_plan(*tutorial_analysis, guard=False)
     for centered in (None, 0.5):
-        plan = unguarded if centered is None else unguarded.with_centering("alpha", centered)
+        plan = unguarded if centered is None else unguarded.with_centredness("alpha", centered)
         assert plan["alpha"].noncentred
         kept, notes, figures = conditioning.check_plan_sites(tutorial_curvature, list(plan.sites),
-                                                             dict(plan.centers))
+                                                             dict(plan.anchors))
         assert "alpha" not in [s.name for s in kept if s.noncentred]
         assert figures["plan"] > conditioning.WORSE_FACTOR * figures["original"]
         assert figures["kept"] <= conditioning.WORSE_FACTOR * figures["original"]
         assert any("non-centring of alpha" in n for n in notes)
 
-    noted = Plan(plan.model, tuple(kept), plan.candidates, plan.latent, plan.init, plan.centers, plan.xi_step,
+    noted = Plan(plan.model, tuple(kept), plan.candidates, plan.latent, plan.init, plan.anchors, plan.xi_step,
                  notes=tuple(notes))
     assert "non-centring of alpha" in str(noted)
     again = Plan.from_json(noted.to_json())
@@ -147,7 +147,7 @@ def test_guard_keeps_the_helpful_noncentring_of_weak_data(schools_analysis):
     """Eight schools (weak data, a funnel): non-centring helps and is kept, with no note."""
     plan = build_plan(*schools_analysis)
     assert plan["theta"].noncentred
-    assert max(plan["theta"].centered) < 0.5
+    assert max(plan["theta"].centredness) < 0.5
     assert not plan.notes
 
 

@@ -49,5 +49,5 @@ def test_example_round_trips_under_svi(name, tmp_path):
         if site.offsets:
             assert f"{site.name}_offset_{site.offsets[0].parent}" in run.params
             assert f"{site.name}_base_auto_loc" in run.params or f"{site.name}_decentered_auto_loc" in run.params
-        if site.noncentred and site.learn_centered:
+        if site.noncentred and site.learn_centredness:
             assert f"{site.name}_centered" in run.params

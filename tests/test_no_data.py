@@ -37,14 +37,14 @@ def test_funnel_without_data_is_analysed_and_non_centred():
     assert any("no observed site" in n and "no likelihood" in n for n in report.notes)
     plan = report.plan
     assert plan.names == ("x",) and plan["x"].noncentred and not plan["x"].offsets
-    assert max(plan["x"].centered) < CENTRED_ENOUGH
+    assert max(plan["x"].centredness) < CENTRED_ENOUGH
 
 
 def test_prior_only_hierarchy_non_centres_its_effects():
     report = autoreparam.analyze(schools_prior)
     assert [f.site for f in report.funnels] == ["theta"]
     plan = report.plan
-    assert plan.names == ("theta",) and max(plan["theta"].centered) < CENTRED_ENOUGH
+    assert plan.names == ("theta",) and max(plan["theta"].centredness) < CENTRED_ENOUGH
 
 
 def test_reparameterized_funnel_samples_the_same_prior():
@@ -73,7 +73,7 @@ def test_cli_analyze_of_a_funnel_without_data(tmp_path, capsys):
     assert code == 0, err
     assert "x ~ Normal: scale depends on y" in out
     assert "note: the model has no observed site" in out
-    assert "x  non-centred (centered 0.00" in out
+    assert "x  non-centred (centredness 0.00" in out
 
 
 # -- Predictive with y=None after a fit on data -------------------------------------------------

@@ -131,7 +131,7 @@ def test_crossed_plan_structure(crossed):
         for off in s.offsets:
             assert len(off.init) == int(np.prod(s.batch_shape))
             assert off.E.shape[0] == int(np.prod(s.shape))
-    assert {c for c, _ in plan.centers} == {"mu", "a"}
+    assert {c for c, _ in plan.anchors} == {"mu", "a"}
     assert not plan.is_empty()
 
 
@@ -141,7 +141,7 @@ def test_json_round_trip_gives_an_equal_plan(crossed, schools):
         back = Plan.from_json(json.loads(text))
         assert back == plan
         assert back.candidates == plan.candidates  # not part of ==, but kept
-        assert back.centers == plan.centers and back.xi_step == plan.xi_step
+        assert back.anchors == plan.anchors and back.xi_step == plan.xi_step
         assert str(back) == str(plan)
 
 
@@ -171,6 +171,17 @@ def test_save_load_gives_an_equal_plan_and_identical_log_joint(crossed, tmp_path
     plan.without_site("a").save(str(path))
     assert Plan.load(str(path)).names == ("b",)
 
+
+
+def test_plan_saved_with_the_former_field_names_loads(schools):
+    """Plans written before the names were settled ("centers", "centered", "learn_centered") load."""
+    plan = schools[1].plan
+    assert plan.anchors or any(s.noncentred for s in plan.sites)
+    data = plan.to_json()
+    data["centers"] = data.pop("anchors")
+    for site in data["sites"]:
+        site["centered"], site["learn_centered"] = site.pop("centredness"), site.pop("learn_centredness")
+    assert Plan.from_json(json.loads(json.dumps(data))) == plan
 
 # -- edits ---------------------------------------------------------------------------------------
 def test_without_site(crossed):
@@ -224,30 +235,30 @@ def test_with_parent_restores_an_offset(crossed):
 
 def test_with_centering(crossed, schools):
     _, plan = crossed
-    nc = plan.with_centering("a", 0.25, learn=False)
-    assert nc["a"].centered == (0.25,) * 5 and not nc["a"].learn_centered
+    nc = plan.with_centredness("a", 0.25, learn=False)
+    assert nc["a"].centredness == (0.25,) * 5 and not nc["a"].learn_centredness
     assert nc["a"].offsets == plan["a"].offsets and nc["a"].noncentred
-    assert plan["a"].centered is None
-    for back in (nc.with_centering("a", None), nc.with_centering("a", 1)):
-        assert back["a"].centered is None and not back["a"].noncentred
+    assert plan["a"].centredness is None
+    for back in (nc.with_centredness("a", None), nc.with_centredness("a", 1)):
+        assert back["a"].centredness is None and not back["a"].noncentred
         assert back["a"].offsets == plan["a"].offsets and back["b"] == plan["b"]
-    assert plan.with_centering("a", None) == plan
-    assert plan.with_centering("a", 0.0)["a"].centered == (0.0,) * 5
+    assert plan.with_centredness("a", None) == plan
+    assert plan.with_centredness("a", 0.0)["a"].centredness == (0.0,) * 5
     # a latent site that is not in the plan yet is added, in program order
-    with_mu = plan.with_centering("mu", 0.5)
-    assert with_mu.names == ("mu", "a", "b") and with_mu["mu"].centered == (0.5,)
+    with_mu = plan.with_centredness("mu", 0.5)
+    assert with_mu.names == ("mu", "a", "b") and with_mu["mu"].centredness == (0.5,)
     # eight schools: theta is a funnel and is non-centred by default; it can be forced centred
     schools_plan = schools[1].plan
     assert schools_plan["theta"].noncentred and schools_plan["theta"].offsets == ()
-    centred = schools_plan.with_centering("theta", None)
+    centred = schools_plan.with_centredness("theta", None)
     assert centred.is_empty() and centred.names == ()
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(PlanError) as info:
-            plan.with_centering("a", bad)
+            plan.with_centredness("a", bad)
         msg = one_line(info.value)
         assert "'a'" in msg and "[0, 1]" in msg
     with pytest.raises(PlanError) as info:
-        plan.with_centering("nope", 0.5)
+        plan.with_centredness("nope", 0.5)
     assert "nope" in one_line(info.value)
 
 
@@ -393,7 +404,7 @@ def test_centredness_of_an_event_shaped_funnel_ignores_a_common_shift_per_compon
         y = (a[g, 0] + x * a[g, 1] + np.random.default_rng(1).normal(size=N)).astype(np.float32)
         report, model_trace = analyze_model(model, (g, x), {"y": y})
         assert [f.site for f in report.funnels] == ["a"]
-        return Curvature(model_trace, None, report.hyperparameters).centeredness("a")
+        return Curvature(model_trace, None, report.hyperparameters).centredness("a")
 
     c0, c5 = centredness(0.0), centredness(5.0)
     assert c0.max() < autoreparam.planning.CENTRED_ENOUGH  # weak data per group: a plan non-centres them

@@ -98,7 +98,7 @@ def analysed(case):
         rmodel = autoreparam.reparameterize(model)
         plan = rmodel.plan_for(*args, **kwargs)
         if case == "tensor":
-            plan = plan.with_centering("a", 0.3).with_centering("C", 0.0)
+            plan = plan.with_centredness("a", 0.3).with_centredness("C", 0.0)
             rmodel = autoreparam.reparameterize(model, plan)
         _ANALYSED[case] = rmodel, plan
     return _ANALYSED[case]
@@ -157,7 +157,7 @@ def exactness_check(model, rmodel, plan, args, kwargs):
         plates = {n: s["value"] for n, s in tr.items() if s["type"] == "plate"}  # subsample indices
         lp_reparam, rtr = log_density(rmodel, args, kwargs, {**params, **base, **plates})
         lp_orig, otr = log_density(model, args, kwargs, {**{n: tr[n]["value"] for n in latent}, **plates})
-        jac = {s.name: decentring_log_jacobian(s, params.get(f"{s.name}_centered", jnp.asarray(s.centered)),
+        jac = {s.name: decentring_log_jacobian(s, params.get(f"{s.name}_centered", jnp.asarray(s.centredness)),
                                                otr)
                for s in plan.sites if s.noncentred}
         shift = {s.name: jnp.max(jnp.abs(tr[s.name]["value"] - tr[f"{s.name}_base"]["value"]))
@@ -183,7 +183,7 @@ def test_log_joint_is_exact_for_random_xi(case):
         params = random_params(rmodel, plan, args, kwargs, rng)
         # every offset has its param; every learned centredness too
         expected = {f"{s.name}_offset_{p}" for s in plan.sites for p in s.parents}
-        expected |= {f"{s.name}_centered" for s in plan.sites if s.noncentred and s.learn_centered}
+        expected |= {f"{s.name}_centered" for s in plan.sites if s.noncentred and s.learn_centredness}
         assert set(params) == expected
         lp_reparam, lp_orig, rsites, osites, jac, shift = jax.device_get(check(params, jax.random.PRNGKey(seed)))
         assert np.isfinite(lp_orig)
@@ -321,7 +321,7 @@ def nested():
     rmodel, plan = analysed("nested")
     assert plan["d"].parents == ("mu", "r") and plan["r"].parents == ("mu",)
     if not plan["r"].noncentred:  # the default may leave r centred; these tests want both kinds
-        plan = plan.with_centering("r", 0.7)
+        plan = plan.with_centredness("r", 0.7)
         rmodel = autoreparam.reparameterize(model, plan)
     return rmodel, args, kwargs, plan
 
@@ -444,7 +444,7 @@ def test_plan_with_parent_sampled_after_its_child(crossed_plan):
 
 def test_plan_on_a_site_with_non_real_support(crossed_plan):
     _, args, kwargs = CASES["crossed"]
-    plan = crossed_plan.with_centering("sigma", 0.5)  # sigma is HalfNormal
+    plan = crossed_plan.with_centredness("sigma", 0.5)  # sigma is HalfNormal
     _expect_plan_error(zoo.crossed_model, plan, args, kwargs, "'sigma'", "support")
 
 
@@ -538,7 +538,7 @@ def test_learn_false_fixes_xi_at_the_analytic_values():
     plan = rmodel.plan_for(GROUP, y=Y_NN)
     xi = np.asarray(plan["a"].offsets[0].init)
     np.testing.assert_allclose(xi, -N_I * TAU**2 / (N_I * TAU**2 + SIGMA**2), rtol=1e-3)
-    center = np.asarray(plan.center_of("mu"))
+    center = np.asarray(plan.anchor_of("mu"))
     for seed in (0, 1):
         tr = handlers.trace(handlers.seed(rmodel, seed)).get_trace(GROUP, y=Y_NN)
         assert not [n for n, s in tr.items() if s["type"] == "param"]

@@ -45,11 +45,11 @@ def broadcast_offset(parent: str, site_size: int, xi) -> Offset:
     return Offset(parent, e, m, tuple(float(v) for v in np.broadcast_to(xi, (site_size,))), "broadcast")
 
 
-def hand_plan(name, shape, batch_shape, parent=None, centered=None, xi=-0.4) -> Plan:
+def hand_plan(name, shape, batch_shape, parent=None, centredness=None, xi=-0.4) -> Plan:
     n_batch = int(np.prod(batch_shape, dtype=int))
     offsets = () if parent is None else (broadcast_offset(parent, int(np.prod(shape, dtype=int)), xi),)
     offsets = tuple(Offset(o.parent, o.E, o.M, o.init[:n_batch]) for o in offsets)
-    cen = None if centered is None else tuple(float(c) for c in np.broadcast_to(centered, (n_batch,)))
+    cen = None if centredness is None else tuple(float(c) for c in np.broadcast_to(centredness, (n_batch,)))
     return Plan("m", (SitePlan(name, tuple(shape), tuple(batch_shape), offsets, cen),))
 
 
@@ -128,7 +128,7 @@ def assert_exact(model, plan, args=(), kwargs=None, jacobian_weight=1.0, seeds=(
         jac = 0.0
         for s in plan.sites:
             if s.noncentred:
-                c = params.get(f"{s.name}_centered", jnp.asarray(s.centered))
+                c = params.get(f"{s.name}_centered", jnp.asarray(s.centredness))
                 jac = jac + log_jacobian(otr, s.name, jnp.reshape(c, s.batch_shape))
         assert abs(float(jac)) > 1e-2  # the Jacobian is not vacuous at this point
         np.testing.assert_allclose(float(lp_reparam), float(lp_orig + jacobian_weight * jac), rtol=1e-5, atol=1e-3)
@@ -138,18 +138,18 @@ def assert_exact(model, plan, args=(), kwargs=None, jacobian_weight=1.0, seeds=(
 @pytest.mark.parametrize("handler", ["scale", "mask", "scale_and_mask", "masked_distribution"])
 @pytest.mark.parametrize("parent", [None, "mu"])
 def test_noncentring_is_exact_under_the_models_handlers(handler, parent):
-    plan = hand_plan("a", (N,), (N,), parent, centered=np.linspace(0.0, 0.8, N))
+    plan = hand_plan("a", (N,), (N,), parent, centredness=np.linspace(0.0, 0.8, N))
     assert_exact(make_model(handler), plan, kwargs={"y": Y})
 
 
 def test_noncentring_of_an_event_shaped_site_is_exact_under_scale():
-    plan = hand_plan("a", (N,), (), "mu", centered=0.2)
+    plan = hand_plan("a", (N,), (), "mu", centredness=0.2)
     assert_exact(make_model(event=True), plan, kwargs={"y": Y})
 
 
 @pytest.mark.parametrize("handler", [None, "scale"])
 def test_noncentring_under_a_subsampled_plate_weighs_the_jacobian_by_the_subsample(handler):
-    plan = hand_plan("a", (2,), (2,), "mu", centered=0.3)
+    plan = hand_plan("a", (2,), (2,), "mu", centredness=0.3)
     assert_exact(make_model(handler, subsample_size=2), plan, kwargs={"y": Y}, jacobian_weight=N / 2)
 
 
@@ -173,7 +173,7 @@ def test_subsampled_log_joint_averages_to_the_full_reparameterized_one():
 @pytest.mark.parametrize("handler", ["scale", "mask"])
 def test_prior_of_the_original_sites_is_unchanged_under_the_models_handlers(handler):
     model = make_model(handler)
-    rmodel = autoreparam.reparameterize(model, hand_plan("a", (N,), (N,), "mu", centered=0.3))
+    rmodel = autoreparam.reparameterize(model, hand_plan("a", (N,), (N,), "mu", centredness=0.3))
     rep = Predictive(rmodel, num_samples=4000)(jax.random.PRNGKey(1))
     orig = Predictive(model, num_samples=4000)(jax.random.PRNGKey(2))
     for name in ("a", "y"):
@@ -187,7 +187,7 @@ def test_prior_of_the_original_sites_is_unchanged_under_the_models_handlers(hand
 # -- every loc-scale family ------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", LOC_SCALE_FAMILIES, ids=lambda f: f.__name__)
 def test_every_loc_scale_family_is_non_centred_exactly(family):
-    plan = hand_plan("a", (N,), (N,), "mu", centered=np.linspace(0.0, 0.8, N))
+    plan = hand_plan("a", (N,), (N,), "mu", centredness=np.linspace(0.0, 0.8, N))
     assert_exact(make_model(None, family), plan, kwargs={"y": Y}, seeds=(1,))
 
 
@@ -200,7 +200,7 @@ def asymmetric_laplace_model(y=None):
 
 
 def test_non_centring_a_family_without_loc_scale_decentring_is_refused_in_one_line():
-    rmodel = autoreparam.reparameterize(asymmetric_laplace_model, hand_plan("a", (N,), (N,), centered=0.0))
+    rmodel = autoreparam.reparameterize(asymmetric_laplace_model, hand_plan("a", (N,), (N,), centredness=0.0))
     with pytest.raises(PlanError) as info:
         handlers.seed(rmodel, 0)(y=Y)
     msg = one_line(info.value)
@@ -231,10 +231,10 @@ def sample_shape_model(tank, y=None):
 
 
 @pytest.mark.parametrize("centered", [None, 0.25])
-def test_site_with_sample_shape_is_reparameterized_exactly(centered):
+def test_site_with_sample_shape_is_reparameterized_exactly(centredness):
     for batch_shape in ((), (N,)):  # the plan's batch shape may or may not include the sample_shape
-        plan = hand_plan("a", (N,), batch_shape, "a_bar", centered=centered)
-        if centered is None:
+        plan = hand_plan("a", (N,), batch_shape, "a_bar", centredness=centredness)
+        if centredness is None:
             rmodel = autoreparam.reparameterize(sample_shape_model, plan)
             tr = handlers.trace(handlers.seed(rmodel, 0)).get_trace(TANK, y=Y_TANK)
             assert tr["a"]["value"].shape == (N,) and tr["a_base"]["value"].shape == (N,)
@@ -283,19 +283,19 @@ def colliding_model(y=None):
 
 
 @pytest.mark.parametrize("centered", [None, 0.3])
-def test_introduced_names_avoid_the_models_own_names(centered):
-    plan = hand_plan("a", (N,), (N,), "mu", centered=centered)
+def test_introduced_names_avoid_the_models_own_names(centredness):
+    plan = hand_plan("a", (N,), (N,), "mu", centredness=centredness)
     plan = Plan("m", plan.sites + hand_plan("b", (N,), (N,), "mu").sites)
     rmodel = autoreparam.reparameterize(colliding_model, plan)
     tr = handlers.trace(handlers.seed(rmodel, 0)).get_trace(y=Y)
     assert tr["a_base"]["type"] == "sample" and tr["a_decentered"]["type"] == "deterministic"
     assert tr["a_offset_mu"]["type"] == "param" and tr["a_offset_mu_1"]["type"] == "param"
-    introduced = "a_decentered_1" if centered is not None else "a_base_1"
+    introduced = "a_decentered_1" if centredness is not None else "a_base_1"
     assert tr[introduced]["type"] == "sample" and tr["b_base"]["type"] == "sample"
     # the model's own param keeps its value and meaning; the log joint stays exact
     params = {"a_offset_mu": jnp.asarray(0.5), "a_offset_mu_1": jnp.asarray(np.linspace(-1, 1, N), jnp.float32),
               "b_offset_mu": jnp.zeros(N)}
-    if centered is not None:
+    if centredness is not None:
         params["a_centered"] = jnp.full(N, 0.3)
     tr = handlers.trace(handlers.substitute(handlers.seed(rmodel, 1), data=params)).get_trace(y=Y)
     latent = {n: s["value"] for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
@@ -303,7 +303,7 @@ def test_introduced_names_avoid_the_models_own_names(centered):
     lp_orig, otr = log_density(colliding_model, (), {"y": Y},
                                {"a_offset_mu": params["a_offset_mu"],
                                 **{n: tr[n]["value"] for n in ("mu", "tau", "a_base", "a", "b")}})
-    jac = 0.0 if centered is None else log_jacobian(otr, "a", jnp.full(N, 0.3))
+    jac = 0.0 if centredness is None else log_jacobian(otr, "a", jnp.full(N, 0.3))
     np.testing.assert_allclose(float(lp_reparam), float(lp_orig + jac), rtol=1e-5, atol=1e-3)
 
 

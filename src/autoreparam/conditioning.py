@@ -4,7 +4,7 @@ The guard compares the log joint of the original model with the log joint of the
 plan's offsets and non-centring produce, both in the unconstrained coordinates NUTS samples, at
 the plan's curvature point. The change of variables is written here directly from the plan's
 data (without the reparam handlers), with every item switchable by a number: an offset with
-``xi = 0`` and a non-centring with ``centered = 1`` are the identity, so one compiled
+``xi = 0`` and a non-centring with centredness 1 are the identity, so one compiled
 Hessian-vector product serves every subset of the plan's items.
 
 The measure is the condition number of the Jacobi-preconditioned Hessian (the diagonal stands
@@ -17,7 +17,7 @@ with a funnel's scale hyperparameter moved to the scale its centredness was esti
 Why plans lost (issue 10, the tutorial shape): 500 Adam steps of 0.05 left intercepts near 2,700
 at about 3, so the method-of-moments centredness saw no spread and non-centred them fully; and
 the moments were taken from shrunk estimates. Both are fixed (``newton_refine``, de-shrinking in
-``Curvature.centeredness``); the guard catches what one point's estimate still gets wrong.
+``Curvature.centredness``); the guard catches what one point's estimate still gets wrong.
 """
 
 from __future__ import annotations
@@ -335,7 +335,7 @@ def funnel_points(curv, hyperparameters, funnels=()) -> list[dict]:
     return points
 
 
-def check_plan_sites(curv, plan_sites: list, centers: dict, hyperparameters=(), funnels=()) -> tuple[list, list[str], dict]:
+def check_plan_sites(curv, plan_sites: list, anchors: dict, hyperparameters=(), funnels=()) -> tuple[list, list[str], dict]:
     """The plan's sites without the items that make the log joint worse conditioned than the model's.
 
     ``curv`` is the plan's curvature object (its point, names and model trace); ``plan_sites``
@@ -351,12 +351,12 @@ def check_plan_sites(curv, plan_sites: list, centers: dict, hyperparameters=(), 
     for s in plan_sites:
         offsets = []
         for off in s.offsets:
-            center = jnp.asarray(centers.get(off.parent, 0.0), dtype=jnp.result_type(float))
+            center = jnp.asarray(anchors.get(off.parent, 0.0), dtype=jnp.result_type(float))
             offsets.append((off.parent, off.absorb, center))
             xi[(s.name, off.parent)] = jnp.asarray(np.reshape(off.init, s.batch_shape), dtype=jnp.result_type(float))
             items.append(Item(s.name, off.parent))
         if s.noncentred:
-            centered[s.name] = jnp.asarray(np.reshape(s.centered, s.batch_shape), dtype=jnp.result_type(float))
+            centered[s.name] = jnp.asarray(np.reshape(s.centredness, s.batch_shape), dtype=jnp.result_type(float))
             items.append(Item(s.name, None))
         specs[s.name] = (tuple(s.batch_shape), tuple(offsets), s.noncentred)
     if not items:
@@ -379,7 +379,7 @@ def check_plan_sites(curv, plan_sites: list, centers: dict, hyperparameters=(), 
             parents = {i.parent for i in gone if i.parent}
             s = replace(s, offsets=tuple(o for o in s.offsets if o.parent not in parents))
             if any(i.parent is None for i in gone):
-                s = replace(s, centered=None, learn_centered=True)
+                s = replace(s, centredness=None, learn_centredness=True)
         if s.offsets or s.noncentred:
             kept.append(s)
     for item in dropped:

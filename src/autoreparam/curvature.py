@@ -143,7 +143,7 @@ class Curvature:
         self.point = {n: jnp.asarray(values[n]) for n in self.names}
         self.values = values
         self.at_map = at in (None, "map")
-        # site -> (prior variance factor k^2, the site's values under that prior), set by centeredness
+        # site -> (prior variance factor k^2, the site's values under that prior), set by centredness
         self.rescaled: dict[str, tuple[float, np.ndarray]] = {}
         grad = jax.grad(neg_log_joint)
         self._hvp = jax.jit(lambda t: jax.jvp(grad, (self.point,), (t,))[1])
@@ -197,7 +197,7 @@ class Curvature:
         active = self._batch_reduce(b, np.abs(g[b])) > 0
         return np.where(active, s[b], 0.0)
 
-    def centeredness(self, name: str) -> np.ndarray:
+    def centredness(self, name: str) -> np.ndarray:
         """Per-element centredness: the share of a site's curvature that does not come from its prior.
 
         At a MAP point the hyperparameters sit at their prior median, which for a vague prior

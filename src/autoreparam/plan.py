@@ -246,17 +246,17 @@ class Offset:
 class SitePlan:
     """What happens to one latent site: its offsets, and its centredness if non-centred.
 
-    ``centered`` is None (left centred, no decentring), a tuple of per-element values in
+    ``centredness`` is None (left centred, no decentring), or a tuple of per-element values in
     [0, 1] over the batch shape (0 = fully non-centred), used as the initial value when
-    ``learn_centered`` is True.
+    ``learn_centredness`` is True. (NumPyro's ``LocScaleReparam`` calls it ``centered``.)
     """
 
     name: str
     shape: tuple[int, ...]
     batch_shape: tuple[int, ...]
     offsets: tuple[Offset, ...] = ()
-    centered: tuple[float, ...] | None = None
-    learn_centered: bool = True
+    centredness: tuple[float, ...] | None = None
+    learn_centredness: bool = True
 
     @property
     def parents(self) -> tuple[str, ...]:
@@ -264,13 +264,13 @@ class SitePlan:
 
     @property
     def noncentred(self) -> bool:
-        return self.centered is not None
+        return self.centredness is not None
 
     def to_json(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "batch_shape": list(self.batch_shape),
                 "offsets": [o.to_json() for o in self.offsets],
-                "centered": None if self.centered is None else list(self.centered),
-                "learn_centered": self.learn_centered}
+                "centredness": None if self.centredness is None else list(self.centredness),
+                "learn_centredness": self.learn_centredness}
 
     @classmethod
     def from_json(cls, d: dict, where: str = "site") -> "SitePlan":
@@ -279,12 +279,13 @@ class SitePlan:
         offsets = _get(d, "offsets", where)
         if not isinstance(offsets, list):
             _fail(where, f"'offsets' must be a list, got {_kind(offsets)}")
-        centered = _get(d, "centered", where, None)
+        # Plans saved before the names were settled have "centered" and "learn_centered".
+        centredness = _get(d, "centredness", where, _get(d, "centered", where, None))
         return cls(name, _ints(_get(d, "shape", where), where, "shape"),
                    _ints(_get(d, "batch_shape", where), where, "batch_shape"),
                    tuple(Offset.from_json(o, f"{where}, offset") for o in offsets),
-                   None if centered is None else _numbers(centered, where, "centered"),
-                   _get(d, "learn_centered", where, True))
+                   None if centredness is None else _numbers(centredness, where, "centredness"),
+                   _get(d, "learn_centredness", where, _get(d, "learn_centered", where, True)))
 
     def check(self) -> None:
         """Raise PlanError naming the site and field unless every field is well-formed."""
@@ -304,16 +305,16 @@ class SitePlan:
             if off.parent in seen:
                 _fail(where, f"has two offsets from '{off.parent}'")
             seen.add(off.parent)
-        if self.centered is not None:
-            centered = _numbers(self.centered, where, "centered")
-            if len(centered) != n_batch:
-                _fail(where, f"'centered' has {_values(len(centered))}, expected {n_batch} (one per element "
+        if self.centredness is not None:
+            centredness = _numbers(self.centredness, where, "centredness")
+            if len(centredness) != n_batch:
+                _fail(where, f"'centredness' has {_values(len(centredness))}, expected {n_batch} (one per element "
                              f"of the batch shape {batch_shape})")
-            outside = [c for c in centered if not 0.0 <= c <= 1.0]
+            outside = [c for c in centredness if not 0.0 <= c <= 1.0]
             if outside:
-                _fail(where, f"'centered' must be in [0, 1], got {outside[0]}")
-        if not isinstance(self.learn_centered, bool):
-            _fail(where, f"'learn_centered' must be true or false, got {self.learn_centered!r}")
+                _fail(where, f"'centredness' must be in [0, 1], got {outside[0]}")
+        if not isinstance(self.learn_centredness, bool):
+            _fail(where, f"'learn_centredness' must be true or false, got {self.learn_centredness!r}")
 
 
 @dataclass(frozen=True)
@@ -334,16 +335,16 @@ class Plan:
     candidates: tuple[tuple[str, Offset], ...] = field(default=(), compare=False)
     latent: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()  # (name, shape, batch shape)
     init: str = "analytic"
-    # Offset parents enter as ``G(P - center)``: centring at the point where xi was measured
+    # Offset parents enter as ``G(P - anchor)``: anchoring them at the point where xi was measured
     # keeps a change of xi from moving the site's mean (and keeps xi's SVI gradient quiet).
-    centers: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    anchors: tuple[tuple[str, tuple[float, ...]], ...] = ()
     # Learned xi = init + xi_step * param; see ConditionalOffsetReparam.
     xi_step: float = 1.0
     # What the planning left out and why (e.g. an item that made the geometry worse).
     notes: tuple[str, ...] = field(default=(), compare=False)
 
-    def center_of(self, name: str):
-        for n, values in self.centers:
+    def anchor_of(self, name: str):
+        for n, values in self.anchors:
             if n == name:
                 return values
         return None
@@ -413,20 +414,20 @@ class Plan:
         raise PlanError(f"site '{name}' is not a latent site of {self.model} "
                         f"(latent sites: {', '.join(self.order) or 'none'})")
 
-    def with_centering(self, name: str, centered: float | None, learn: bool = True) -> "Plan":
-        """Force a site centred (``centered=1`` or None) or (partially) non-centred (0 <= c < 1)."""
+    def with_centredness(self, name: str, centredness: float | None, learn: bool = True) -> "Plan":
+        """Force a site centred (``centredness=1`` or None) or (partially) non-centred (0 <= c < 1)."""
         site = self._site_or_new(name)
-        if centered is None or centered == 1:
-            return self._replace_site(replace(site, centered=None, learn_centered=True))
-        if not 0 <= centered <= 1:
-            raise PlanError(f"centered for site '{name}' must be in [0, 1], got {centered}")
+        if centredness is None or centredness == 1:
+            return self._replace_site(replace(site, centredness=None, learn_centredness=True))
+        if not 0 <= centredness <= 1:
+            raise PlanError(f"centredness for site '{name}' must be in [0, 1], got {centredness}")
         n = int(np.prod(site.batch_shape, dtype=np.int64))
-        return self._replace_site(replace(site, centered=(float(centered),) * n, learn_centered=learn))
+        return self._replace_site(replace(site, centredness=(float(centredness),) * n, learn_centredness=learn))
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self) -> dict:
         return {"format": PLAN_FORMAT, "model": self.model, "init": self.init,
-                "centers": {n: list(v) for n, v in self.centers}, "xi_step": self.xi_step,
+                "anchors": {n: list(v) for n, v in self.anchors}, "xi_step": self.xi_step,
                 "latent": [{"name": n, "shape": list(s), "batch_shape": list(b)} for n, s, b in self.latent],
                 "sites": [s.to_json() for s in self.sites], "notes": list(self.notes),
                 "candidates": [{"site": c, **o.to_json()} for c, o in self.candidates]}
@@ -438,9 +439,10 @@ class Plan:
             raise PlanError(f"not an autoreparam plan (expected a JSON object with \"format\": {PLAN_FORMAT})")
         where = "plan"
         sites, candidates = _get(d, "sites", where), _get(d, "candidates", where, [])
-        latent, centers = _get(d, "latent", where, []), _get(d, "centers", where, {})
+        # Plans saved before the names were settled have "centers".
+        latent, anchors = _get(d, "latent", where, []), _get(d, "anchors", where, _get(d, "centers", where, {}))
         for field_name, value, kind in (("sites", sites, list), ("candidates", candidates, list),
-                                        ("latent", latent, list), ("centers", centers, dict)):
+                                        ("latent", latent, list), ("anchors", anchors, dict)):
             if not isinstance(value, kind):
                 _fail(where, f"'{field_name}' must be a {'list' if kind is list else 'JSON object'}, "
                              f"got {_kind(value)}")
@@ -455,7 +457,7 @@ class Plan:
                           _ints(_get(x, "batch_shape", f"latent[{i}]"), f"latent[{i}]", "batch_shape"))
                          for i, x in enumerate(latent)),
                    _get(d, "init", where, "analytic"),
-                   tuple((n, _numbers(v, f"centers['{n}']", "values")) for n, v in centers.items()),
+                   tuple((n, _numbers(v, f"anchors['{n}']", "values")) for n, v in anchors.items()),
                    float(xi_step),
                    _notes(_get(d, "notes", where, []), where))
         plan.check()
@@ -495,12 +497,12 @@ class Plan:
             if child in sizes:
                 off.check(f"candidate for '{child}', offset", sizes[child], _prod(batches[child]), batches[child])
         seen = set()
-        for i, entry in enumerate(self.centers):
+        for i, entry in enumerate(self.anchors):
             if not (isinstance(entry, tuple) and len(entry) == 2):
-                _fail(f"centers[{i}]", "must be (site name, values)")
+                _fail(f"anchors[{i}]", "must be (site name, values)")
             name, values = entry
-            _text(name, f"centers[{i}]", "name")
-            where_c = f"centers['{name}']"
+            _text(name, f"anchors[{i}]", "name")
+            where_c = f"anchors['{name}']"
             if name in seen:
                 _fail(where_c, "appears twice")
             seen.add(name)
@@ -550,7 +552,7 @@ class Plan:
             if parts:
                 line += " <- " + ", ".join(parts)
             if s.noncentred:
-                line += f"  non-centred (centered {_summary(s.centered)}{', learned' if s.learn_centered else ''})"
+                line += f"  non-centred (centredness {_summary(s.centredness)}{', learned' if s.learn_centredness else ''})"
             lines.append(line)
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
@@ -597,7 +599,7 @@ def validate_plan(plan: Plan, sites: dict[str, TracedSite]) -> None:
                 raise PlanError(f"plan site '{s.name}': the offset from '{off.parent}' maps "
                                 f"{off.M.shape[1]} values to {off.E.shape[0]}, but the model has "
                                 f"{parent.size} and {site.size}")
-            center = plan.center_of(off.parent)
+            center = plan.anchor_of(off.parent)
             if center is not None and len(center) != parent.size:
-                raise PlanError(f"plan centers['{off.parent}'] has {len(center)} values, but site "
+                raise PlanError(f"plan anchors['{off.parent}'] has {len(center)} values, but site "
                                 f"'{off.parent}' has {parent.size}")

@@ -73,8 +73,8 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
                                      NoteKind.NO_REAL_SUPPORT, name))
 
     xi: dict[tuple[str, str], np.ndarray] = {}
-    centered: dict[str, np.ndarray] = {}
-    centers: dict[str, tuple[float, ...]] = {}
+    centredness: dict[str, np.ndarray] = {}
+    anchors: dict[str, tuple[float, ...]] = {}
     curv = None
     funnel_sites = [f.site for f in report.funnels if f.site in eligible] if noncentre else []
     families = {f.__name__ for f in LOC_SCALE_FAMILIES}
@@ -88,9 +88,9 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
         for (b, a), inv in pairs.items():
             xi[(b, a)] = curv.response(b, a, inv, pairs)
         for name in funnel_sites:
-            centered[name] = curv.centeredness(name)
+            centredness[name] = curv.centredness(name)
         for _, a in pairs:
-            centers[a] = tuple(float(v) for v in np.ravel(np.asarray(curv.point[a])))
+            anchors[a] = tuple(float(v) for v in np.ravel(np.asarray(curv.point[a])))
     candidates = []
     for (b, a), inv in pairs.items():
         site = sites[b]
@@ -109,7 +109,7 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
         cen = None
         if name in funnel_sites:
             # Analytic centredness near 1 means the data dominate: the centred form is right.
-            c = np.ravel(centered.get(name, np.full(n_batch, 0.5)))
+            c = np.ravel(centredness.get(name, np.full(n_batch, 0.5)))
             if c.min() < CENTRED_ENOUGH:
                 cen = tuple(float(v) for v in c)
         if offs or cen is not None:
@@ -118,7 +118,7 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
     if curv is not None and plan_sites and guard:
         # Never make the geometry worse: drop what worsens the conditioning at the curvature point.
         try:
-            plan_sites, dropped, _ = check_plan_sites(curv, plan_sites, centers, report.hyperparameters,
+            plan_sites, dropped, _ = check_plan_sites(curv, plan_sites, anchors, report.hyperparameters,
                                                       report.funnels)
             notes = [Note(text, NoteKind.GUARD_DROPPED) for text in dropped]
         except Exception as exc:  # the check is a safety net: an unchecked plan beats no plan
@@ -127,5 +127,5 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
         report_notes.extend(notes)
     shapes = tuple((n, tuple(sites[n].shape), tuple(sites[n].batch_shape)) for n in latent)
     return Plan(report.model_name, tuple(plan_sites), tuple(candidates), shapes, init,
-                tuple(sorted(centers.items(), key=lambda kv: order.index(kv[0]))),
+                tuple(sorted(anchors.items(), key=lambda kv: order.index(kv[0]))),
                 ANALYTIC_XI_STEP if init == "analytic" else 1.0, notes=tuple(notes)), report_notes

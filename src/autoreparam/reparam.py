@@ -201,8 +201,8 @@ class SiteNames:
     """The sites and params a reparameterized site introduces (fresh in the model's namespace)."""
 
     base: str
-    decentered: str
-    centered: str
+    decentred: str  # NumPyro's LocScaleReparam names this site {a}_decentered
+    centredness: str  # and this param {a}_centered
     offsets: tuple[tuple[str, str], ...] = ()  # (parent, param name)
 
     @classmethod
@@ -221,20 +221,20 @@ class ConditionalOffsetReparam(Reparam):
     ``learn=True``, ``xi = init + xi_step * {a}_offset_{P}`` where ``{a}_offset_{P}`` is a
     ``numpyro.param`` starting at zero (``xi_step`` is 1 for ``init="zero"`` and small for the
     analytic start, see ``Plan.xi_step``); with ``learn=False`` xi stays at its initial value.
-    Parents enter centred at the plan's ``centers`` (the point where xi was measured).
-    With ``site.centered`` set, the shifted distribution is further decentred as NumPyro's
+    Parents enter relative to the plan's ``anchors`` (the point where xi was measured).
+    With ``site.centredness`` set, the shifted distribution is further decentred as NumPyro's
     ``LocScaleReparam`` does (latent ``{a}_decentered``; learned centredness ``{a}_centered``),
     for every family in ``LOC_SCALE_FAMILIES``, with the Jacobian counted once under the
     model's ``scale`` and ``mask`` handlers (see ``record_values``). The names are those of
     ``names`` (fresh ones when a model already uses ``{a}_base`` and the like).
     """
 
-    def __init__(self, site: SitePlan, store: SiteValues, learn: bool = True, centers: dict | None = None,
+    def __init__(self, site: SitePlan, store: SiteValues, learn: bool = True, anchors: dict | None = None,
                  xi_step: float = 1.0, names: SiteNames | None = None):
         self.site = site
         self.store = store
         self.learn = learn
-        self.centers = centers or {}
+        self.anchors = anchors or {}
         self.xi_step = xi_step
         self.names = names or SiteNames.default(site.name, site.parents)
 
@@ -283,9 +283,9 @@ class ConditionalOffsetReparam(Reparam):
                 # valley noise again) from undoing a good analytic start; step 1 learns xi directly.
                 xi = xi + self.xi_step * numpyro.param(names.offset(off.parent), jnp.zeros_like(xi))
             parent_value = self.store[off.parent]
-            if off.parent in self.centers:
-                center = jnp.asarray(self.centers[off.parent], dtype=jnp.result_type(parent_value))
-                parent_value = parent_value - jnp.reshape(center, jnp.shape(parent_value))
+            if off.parent in self.anchors:
+                anchor = jnp.asarray(self.anchors[off.parent], dtype=jnp.result_type(parent_value))
+                parent_value = parent_value - jnp.reshape(anchor, jnp.shape(parent_value))
             term = _expand_batch(xi, event_ndim) * off.absorb(parent_value, shape)
             offset = term if offset is None else offset + term
 
@@ -300,10 +300,10 @@ class ConditionalOffsetReparam(Reparam):
         if not isinstance(core, LOC_SCALE_FAMILIES):
             raise PlanError(f"site '{name}' is {type(core).__name__}, not one of the loc-scale families "
                             f"({', '.join(f.__name__ for f in LOC_SCALE_FAMILIES)}); it cannot be non-centred")
-        centered = jnp.reshape(jnp.asarray(site.centered, dtype=dtype), site.batch_shape)
-        if self.learn and site.learn_centered:
-            centered = numpyro.param(names.centered, centered, constraint=constraints.unit_interval)
-        c = jnp.broadcast_to(_expand_batch(centered, event_ndim), shape)
+        centredness = jnp.reshape(jnp.asarray(site.centredness, dtype=dtype), site.batch_shape)
+        if self.learn and site.learn_centredness:
+            centredness = numpyro.param(names.centredness, centredness, constraint=constraints.unit_interval)
+        c = jnp.broadcast_to(_expand_batch(centredness, event_ndim), shape)
         loc = jnp.broadcast_to(core.loc, shape)
         scale = jnp.broadcast_to(core.scale, shape)
         if offset is not None:
@@ -316,11 +316,11 @@ class ConditionalOffsetReparam(Reparam):
         intercept = loc - factor * c * loc
         if offset is not None:
             intercept = intercept + offset
-        self.store.decentred[names.decentered] = (fn, factor, intercept, event_ndim)
+        self.store.decentred[names.decentred] = (fn, factor, intercept, event_ndim)
         try:
-            z = numpyro.sample(names.decentered, decentred)
+            z = numpyro.sample(names.decentred, decentred)
         finally:
-            self.store.decentred.pop(names.decentered, None)
+            self.store.decentred.pop(names.decentred, None)
         return factor * z + intercept
 
 
@@ -394,15 +394,15 @@ def site_names(plan: Plan, learn: bool = True, taken=()) -> dict[str, SiteNames]
     out = {}
     for s in plan.sites:
         default = SiteNames.default(s.name, s.parents)
-        base = decentered = centered = ""
+        base = decentred = centredness = ""
         if s.noncentred:
-            decentered = pick(default.decentered)
-            if learn and s.learn_centered:
-                centered = pick(default.centered)
+            decentred = pick(default.decentred)
+            if learn and s.learn_centredness:
+                centredness = pick(default.centredness)
         else:
             base = pick(default.base)
         offsets = tuple((p, pick(n) if learn else n) for p, n in default.offsets)
-        out[s.name] = SiteNames(base, decentered, centered, offsets)
+        out[s.name] = SiteNames(base, decentred, centredness, offsets)
     return out
 
 
@@ -415,10 +415,10 @@ def build_config(plan: Plan, learn: bool = True, taken=()) -> ReparamConfig:
     """
     plan.check()
     store = SiteValues()
-    centers = dict(plan.centers)
+    anchors = dict(plan.anchors)
     names = site_names(plan, learn, taken)
     for site_name, n in names.items():
-        introduced = [n.base, n.decentered, n.centered] + ([p for _, p in n.offsets] if learn else [])
+        introduced = [n.base, n.decentred, n.centredness] + ([p for _, p in n.offsets] if learn else [])
         store.introduced.update({x: site_name for x in introduced if x})
-    return ReparamConfig({s.name: ConditionalOffsetReparam(s, store, learn, centers, plan.xi_step, names[s.name])
+    return ReparamConfig({s.name: ConditionalOffsetReparam(s, store, learn, anchors, plan.xi_step, names[s.name])
                           for s in plan.sites}, store=store, plan=plan)

@@ -93,8 +93,19 @@ def reparameterize(model: Callable, plan: Plan | None = None, *, init: str = "an
     making them ``numpyro.param`` sites; ``noncentre`` is ``"auto"`` (non-centre funnels)
     or False; ``at`` optionally fixes latent values at which the curvature is measured.
 
-    >>> rmodel = autoreparam.reparameterize(model)
-    >>> svi = SVI(rmodel, AutoNormal(rmodel), optax.adam(1e-2), Trace_ELBO())  # doctest: +SKIP
+    >>> def model(group, y=None):
+    ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
+    ...     with numpyro.plate("groups", 3):
+    ...         a = numpyro.sample("a", dist.Normal(0, 1))
+    ...     with numpyro.plate("data", len(group)):
+    ...         numpyro.sample("y", dist.Normal(mu + a[group], 0.5), obs=y)
+    >>> group, y = jnp.array([0, 1, 2, 0]), jnp.array([0.5, 1.0, -0.3, 0.2])
+    >>> rmodel = reparameterize(model)  # use it as the model: SVI, MCMC, Predictive
+    >>> tr = handlers.trace(handlers.seed(rmodel, 0)).get_trace(group, y=y)
+    >>> tr["a"]["type"], tr["a_base"]["type"], tr["a_offset_mu"]["type"]
+    ('deterministic', 'sample', 'param')
+    >>> rmodel.plan_for(group, y=y).names
+    ('a',)
     """
     if not callable(model):
         raise InputError(f"reparameterize: model must be callable, got {type(model).__name__}")
@@ -181,9 +192,15 @@ def auto(model: Callable | None = None, *, plan: Plan | None = None, init: str =
          noncentre: Any = "auto", at: dict | None = None):
     """Decorator form of ``reparameterize``: ``@auto`` or ``@auto(init="zero", ...)``.
 
-    >>> @autoreparam.auto
-    ... def model(group, y=None):
-    ...     ...
+    >>> @auto(init="zero")
+    ... def model(y=None):
+    ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
+    ...     with numpyro.plate("groups", 3):
+    ...         a = numpyro.sample("a", dist.Normal(mu, 1))
+    ...         numpyro.sample("y", dist.Normal(a, 0.5), obs=y)
+    >>> print(model.plan_for(y=jnp.zeros(3)))
+    plan for model: 0 sites with offsets, 0 non-centred (xi init: zero)
+      (empty: the model is left as it is)
     """
     if model is None:
         return lambda fn: reparameterize(fn, plan, init=init, learn=learn, noncentre=noncentre, at=at)

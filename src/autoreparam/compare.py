@@ -114,8 +114,13 @@ def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "Aut
             seed: int = 0, progress: bool = False) -> Comparison:
     """Fit ``model`` and ``reparameterize(model)`` with the same guide family, optimizer, seed and steps.
 
-    >>> c = compare(model, (county, u), {"y": y}, steps=2000)     # doctest: +SKIP
-    >>> print(c.table())                                           # doctest: +SKIP
+    >>> def model(y=None):
+    ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
+    ...     with numpyro.plate("groups", 3):
+    ...         numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+    >>> c = compare(model, (), {"y": jnp.array([0.5, 1.0, -0.3])}, steps=20)  # print(c.table())
+    >>> [fit.label for fit in c.fits], c.steps
+    (['original', 'reparameterized'], 20)
     """
     from .api import analyze, reparameterize
 

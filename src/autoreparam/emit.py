@@ -660,10 +660,18 @@ def _nested(values, shape):
 
 
 def emit_source(source: str, function: str, plan: Plan) -> EmitResult:
-    """Rewrite ``function`` in ``source`` to carry ``plan``; returns the new source and warnings.
+    r"""Rewrite ``function`` in ``source`` to carry ``plan``; returns the new source and warnings.
 
-    >>> result = emit_source(open("model.py").read(), "model", plan)      # doctest: +SKIP
-    >>> print(result.source)                                              # doctest: +SKIP
+    >>> source = "\n".join(["import numpyro", "import numpyro.distributions as dist", "", "",
+    ...                     "def model():", '    mu = numpyro.sample("mu", dist.Normal(0, 1))',
+    ...                     '    a = numpyro.sample("a", dist.Normal(mu, 1))', ""])
+    >>> offset = Offset("mu", SparseMap((1, 1), (0,), (0,), (1.0,)), SparseMap((1, 1), (0,), (0,), (1.0,)), (-0.5,))
+    >>> result = emit_source(source, "model", Plan("model", (SitePlan("a", (), (), (offset,)),)))
+    >>> print("\n".join(result.source.splitlines()[-4:]))
+        xi_a_mu = _AUTOREPARAM_XI['a|mu'] + numpyro.param('a_offset_mu', jnp.zeros(()))
+        a_offset = jnp.reshape(xi_a_mu, ()) * _autoreparam_absorb(mu, 'a|mu')
+        a_base = numpyro.sample('a_base', AutoreparamShifted(dist.Normal(mu, 1), -a_offset))
+        a = numpyro.deterministic('a', a_base + a_offset)
     """
     if not isinstance(source, str):
         hint = "; decode it first, e.g. source.decode('utf-8')" if isinstance(source, (bytes, bytearray)) else ""

@@ -321,13 +321,21 @@ class SitePlan:
 class Plan:
     """The reparameterization of a model, as plain data.
 
-    >>> plan = autoreparam.analyze(model, group, y=y).plan        # doctest: +SKIP
-    >>> print(plan)                                               # doctest: +SKIP
-    plan for model: 1 site with offsets, 0 non-centred
-      a  <- mu (broadcast)   xi init mean -0.97
-    >>> plan.without_parent("a", "mu").save("plan.json")          # doctest: +SKIP
-    >>> Plan.load("plan.json").to_config()                        # doctest: +SKIP
-    {'a': ConditionalOffsetReparam(site='a', parents=('mu',), ...)}
+    >>> def model(group, y=None):
+    ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
+    ...     with numpyro.plate("groups", 3):
+    ...         a = numpyro.sample("a", dist.Normal(0, 1))
+    ...     with numpyro.plate("data", len(group)):
+    ...         numpyro.sample("y", dist.Normal(mu + a[group], 0.5), obs=y)
+    >>> report = autoreparam.analyze(model, jnp.array([0, 1, 2, 0]), y=jnp.zeros(4))
+    >>> plan = report.make_plan(init="zero")  # report.plan: the default, analytic xi
+    >>> print(plan)
+    plan for model: 1 site with offsets, 0 non-centred (xi init: zero)
+      a <- mu (broadcast, xi 0.00)
+    >>> plan.without_parent("a", "mu").is_empty()
+    True
+    >>> Plan.from_json(plan.to_json()) == plan  # plan.save(path) and Plan.load(path) write and read it
+    True
     """
 
     model: str

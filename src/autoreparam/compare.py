@@ -9,8 +9,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from .api import analyze, reparameterize
 from .errors import InputError
 from .files import write_atomic
+from .trace import describe_exception
 
 __all__ = ["GUIDES", "compare", "Comparison", "FitSummary"]
 
@@ -122,8 +124,6 @@ def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "Aut
     >>> [fit.label for fit in c.fits], c.steps
     (['original', 'reparameterized'], 20)
     """
-    from .api import analyze, reparameterize
-
     if guide not in GUIDES:
         raise InputError(f"--guide {guide}: expected one of {', '.join(GUIDES)}")
     if not isinstance(steps, int) or steps < 1:
@@ -142,7 +142,5 @@ def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "Aut
         except InputError:
             raise
         except Exception as exc:
-            from .trace import describe_exception
-
             raise InputError(f"compare: SVI on the {label} model failed: {describe_exception(exc)}") from exc
     return Comparison(guide, steps, fits)

@@ -31,6 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import InputError
+from .files import write_atomic
 from .trace import LOC_SCALE_FAMILIES
 
 if TYPE_CHECKING:
@@ -521,8 +522,6 @@ class Plan:
 
     def save(self, path) -> None:
         """Write the plan as JSON (atomically: a failed write leaves no half-written file)."""
-        from .files import write_atomic
-
         try:
             write_atomic(path, json.dumps(self.to_json()))
         except OSError as exc:

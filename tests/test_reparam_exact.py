@@ -230,7 +230,7 @@ def sample_shape_model(tank, y=None):
     numpyro.sample("y", dist.Normal(a[tank], 1.0), obs=y)
 
 
-@pytest.mark.parametrize("centered", [None, 0.25])
+@pytest.mark.parametrize("centredness", [None, 0.25])
 def test_site_with_sample_shape_is_reparameterized_exactly(centredness):
     for batch_shape in ((), (N,)):  # the plan's batch shape may or may not include the sample_shape
         plan = hand_plan("a", (N,), batch_shape, "a_bar", centredness=centredness)
@@ -282,7 +282,7 @@ def colliding_model(y=None):
         numpyro.sample("y", dist.Normal(a + a_base + b, 0.5), obs=y)
 
 
-@pytest.mark.parametrize("centered", [None, 0.3])
+@pytest.mark.parametrize("centredness", [None, 0.3])
 def test_introduced_names_avoid_the_models_own_names(centredness):
     plan = hand_plan("a", (N,), (N,), "mu", centredness=centredness)
     plan = Plan("m", plan.sites + hand_plan("b", (N,), (N,), "mu").sites)

@@ -411,3 +411,52 @@ def test_dataclasses_keep_their_fields():
     assert site.size == 6 and lik.exact and lik.param == ""
     block = GaussianBlock((site,), (lik,), ("s",))
     assert block.names == ("a",) and block.exact and block.left_out == {} and block.residual is None
+
+
+# -- what else a model can do ----------------------------------------------------------------------
+
+def data_in_python(group, y=None):
+    n = int(group.max()) + 1  # needs the data's values: traced with them evaluated eagerly
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("g", n):
+        a = numpyro.sample("a", dist.Normal(mu, 1.0))
+    with numpyro.plate("n", len(group)):
+        numpyro.sample("y", dist.Normal(a[group], 1.0), obs=y)
+
+
+X100 = np.linspace(-1.0, 1.0, 100).astype(np.float32)
+
+
+def subsampled():
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+    with numpyro.plate("n", 100, subsample_size=10) as idx:
+        numpyro.sample("y", dist.Normal(w * X100[idx], 1.0), obs=2.0 * X100[idx])
+
+
+def factor_scale_mask_where(y=None):
+    with numpyro.plate("g", 3):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+    numpyro.factor("sum_to_zero", -0.5 * a.sum() ** 2 / 0.01)
+    s = numpyro.sample("s", dist.Normal(0.0, 1.0))
+    nu = numpyro.sample("nu", dist.Normal(0.0, 1.0))
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("n", 3), numpyro.handlers.scale(scale=jnp.exp(s)):
+        numpyro.sample("y", dist.Normal(a + jnp.where(nu > 0, nu, 0.0), 1.0), obs=y)
+        numpyro.sample("v", dist.Normal(mu, 1.0), obs=y, obs_mask=np.array([True, False, True]))
+
+
+@pytest.mark.parametrize("model, args, kwargs, expected", [
+    (data_in_python, (np.array([0, 1, 2, 1]),), {"y": np.zeros(4)},
+     ([("mu", "Normal", ()), ("a", "Normal", (3,))], [("y", "Normal", "identity", "loc", True)], (), {})),
+    (subsampled, (), {},
+     ([("w", "Normal", ())], [("y", "Normal", "identity", "loc", True)], (), {})),
+    (factor_scale_mask_where, (), {"y": np.zeros(3)},
+     ([("mu", "Normal", ()), ("v_unobserved", "Normal", (3,))],  # obs_mask: the missing values join
+      [("v_observed", "Normal", "identity", "loc", True)],
+      ("a", "s", "nu"),
+      {"a": "'sum_to_zero' is Unit: no supported link",
+       "s": "enters the scale factor of observed 'y'",
+       "nu": "enters observed 'y' through a non-affine function (a comparison)"})),
+])
+def test_data_in_python_subsampling_factor_scale_obs_mask_where(model, args, kwargs, expected):
+    assert summary(model, *args, **kwargs) == expected

@@ -396,7 +396,7 @@ def test_report_says_why_there_is_no_block():
     assert report.block is None and report.to_json()["block"] is None
     text = str(report)
     assert "Gaussian block: none (see the note)" in text
-    assert "note: no conditionally Gaussian block: 'rate' Gamma is not Gaussian (support positive)" in text
+    assert "note: no conditionally Gaussian block: 'rate' (Gamma is not Gaussian (support positive))" in text
 
 
 def test_docstrings():

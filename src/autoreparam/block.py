@@ -196,8 +196,9 @@ class GaussianBlock:
         lines.append(f"  theta (the other latent sites): {', '.join(self.theta) if self.theta else 'none'}")
         lines.extend(describe_left_out(self.left_out))
         if self.residual is not None:
-            lines.append(f"  checked: Hessian-vector products in the block equal at two points "
-                         f"(residual {self.residual:.0e})")
+            what = "Hessian-vector products in the block" if self.exact else \
+                "Hessian-vector products (Laplace likelihoods aside) and the natural parameters' JVPs"
+            lines.append(f"  checked: {what} equal at two points (residual {self.residual:.0e})")
         return lines
 
 
@@ -716,5 +717,5 @@ def no_block_note(left_out: dict[str, str]) -> str:
     """The report's note when no latent site is in the block: each site with its reason."""
     if not left_out:
         return "no conditionally Gaussian block: the model has no continuous latent site"
-    reasons = "; ".join(f"'{n}' {why}" for n, why in left_out.items())
+    reasons = "; ".join(f"'{n}' ({why})" for n, why in left_out.items())
     return f"no conditionally Gaussian block: {reasons}"

@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions import biject_to
 
+from .block import no_block_note, search_block
 from .errors import ModelError
 from .graph import build_graph
 from .linear_maps import DenseMap, GatherMap, shared_subspace
+from .notes import Note, NoteKind
 from .report import Funnel, Invariance, Report, Term
 from .trace import (
     _TRACER_ERRORS,
@@ -108,8 +110,11 @@ def _analyze(model, args, kwargs) -> tuple[Report, ModelTrace]:
     if parents is None:
         parents = probe.jvp_dependencies()
     graph = build_graph(mt.sites, parents, invariances)
+    block, left_out = search_block(mt)
+    if block is None:
+        notes.append(Note(no_block_note(left_out), NoteKind.NO_GAUSSIAN_BLOCK))
     return Report(_model_name(model), mt.sites, graph, terms, invariances, funnels, notes,
-                  hyperparameters=probe.hyperparameters()), mt
+                  hyperparameters=probe.hyperparameters(), block=block), mt
 
 
 def _model_name(model) -> str:

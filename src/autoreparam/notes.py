@@ -25,6 +25,7 @@ class NoteKind(enum.Enum):
     CANNOT_NONCENTRE = "cannot non-centre"  # a funnel of a family non-centring does not support
     GUARD_DROPPED = "dropped by the conditioning guard"
     GUARD_FAILED = "conditioning guard failed"  # the plan is unchecked
+    NO_GAUSSIAN_BLOCK = "no Gaussian block"  # hybrid VI and collapsed MCMC do not apply
     OTHER = "other"
 
     @property

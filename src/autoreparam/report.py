@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import networkx as nx
 import numpy as np
@@ -12,6 +12,9 @@ from .errors import InputError
 from .linear_maps import LinearMap, SharedSubspace
 from .notes import Note
 from .trace import Site
+
+if TYPE_CHECKING:
+    from .block import GaussianBlock
 
 __all__ = ["Term", "Invariance", "Funnel", "Report"]
 
@@ -125,6 +128,7 @@ class Report:
     funnels: list[Funnel]
     notes: list[Note] = field(default_factory=list)  # str with a kind and a site (see notes.Note)
     hyperparameters: tuple[str, ...] = ()  # latent sites that scale other latent sites' priors
+    block: GaussianBlock | None = None  # the conditionally Gaussian block (see autoreparam.block)
 
     def __post_init__(self):
         self.notes = [note if isinstance(note, Note) else Note(note) for note in self.notes]
@@ -172,6 +176,7 @@ class Report:
             "invariances": [i.to_json() for i in self.invariances],
             "funnels": [f.to_json() for f in self.funnels],
             "notes": list(self.notes),
+            "block": self.block.to_json() if self.block is not None else None,
         }
 
     def __str__(self) -> str:
@@ -224,6 +229,8 @@ class Report:
                 lines.append(f"  {f.site} ~ {f.distribution}: scale depends on {', '.join(f.scale_parents)}")
         else:
             lines.append("funnels: none")
+        lines.append("")
+        lines.extend(self.block.describe() if self.block is not None else ["Gaussian block: none (see the note)"])
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)

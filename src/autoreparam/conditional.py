@@ -109,8 +109,8 @@ class BlockConditional:
     >>> cond = BlockConditional(model, block, (np.array([2.0, -4.0]),))
     >>> np.asarray(cond.mean({"s": 1.0})["a"]).round(6)     # prior precision 1 + data precision 1
     array([ 1., -2.], dtype=float32)
-    >>> round(float(cond.log_marginal({"s": 1.0})), 4)   # y ~ N(0, 2 I)
-    -7.5310
+    >>> round(float(cond.log_marginal({"s": 1.0})), 4)   # log N(y; 0, 2 I) + log HalfNormal(1 | 1)
+    -8.2568
     """
 
     def __init__(self, model: Callable, block: GaussianBlock, args: tuple = (), kwargs: dict | None = None,
@@ -209,21 +209,19 @@ class BlockConditional:
     # ----------------------------------------------------------------- construction checks
 
     def _theta_point(self, seed):
-        """The model's sites, and theta drawn from its prior (a generic point for the checks)."""
-        mt = trace_model(self.model, self.args, self.kwargs)
-
+        """theta drawn from its prior: a generic point for the structural checks."""
         def draw():
             tr = handlers.trace(handlers.seed(self.model, seed)).get_trace(*self.args, **self.kwargs)
             return {n: tr[n]["value"] for n in self.block.theta if n in tr}
 
         try:
             theta = jax.jit(draw)()
-        except jax.errors.ConcretizationTypeError:
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
             theta = draw()  # the model's Python code needs concrete data values
-        return mt, {n: jnp.asarray(v, jnp.float64) for n, v in theta.items()}
+        return {n: jnp.asarray(v, jnp.float64) for n, v in theta.items()}
 
     def _check_model(self, seed):
-        mt, theta = self._theta_point(seed)
+        mt = trace_model(self.model, self.args, self.kwargs)
         for name in self._block_names + tuple(self.block.theta):
             if name not in mt.sites or mt.sites[name].type != "latent":
                 raise ModelError(f"BlockConditional: site '{name}' of the block is not a latent site of the model")
@@ -236,16 +234,25 @@ class BlockConditional:
                     raise ModelError(
                         f"BlockConditional: site '{name}' is in subsampled plate '{plate.name}' "
                         f"({plate.subsample_size} of {plate.size}); the exact conditional needs the full plate")
+        theta = self._theta_point(seed)
         self._theta0 = theta
         z0 = jax.random.normal(jax.random.PRNGKey(seed + 1), (self.size,), jnp.float64)
-        tr = self._run({**theta, **self._unravel(z0)})
+        families, observed = {}, []
+
+        def record():  # shapes only: the families and observed sites, without running the model eagerly
+            tr = self._run({**theta, **self._unravel(z0)})
+            families.update({n: type(unwrap_distribution(tr[n]["fn"])).__name__ for n in self._lik_names})
+            observed.extend(n for n, s in tr.items() if s["type"] == "sample" and s["is_observed"])
+            return 0
+
+        jax.eval_shape(record)
         for lik in self.block.likelihoods:
-            family = type(unwrap_distribution(tr[lik.name]["fn"])).__name__
+            family = families[lik.name]
             if family not in LIKELIHOOD_LINKS:
                 raise ModelError(
                     f"BlockConditional: likelihood site '{lik.name}' is {family} in the model; expected one of "
                     f"{', '.join(sorted(LIKELIHOOD_LINKS))}")
-        others = [n for n, s in tr.items() if s["type"] == "sample" and s["is_observed"] and n not in self._lik_names]
+        others = [n for n in observed if n not in self._lik_names]
         for name in others:
             g = jax.jit(jax.grad(lambda zz, n=name: self._log_terms(self._run({**theta, **self._unravel(zz)}), [n])))(z0)
             if bool(jnp.any(g != 0)):

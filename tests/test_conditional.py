@@ -396,3 +396,11 @@ def test_log_marginal_above_dense_below_says_why(crossed_conds):
 
 def test_docstring_examples_run():
     assert doctest.testmod(conditional, raise_on_error=False).failed == 0
+
+
+def test_float32_caller_can_draw_inside_its_own_jit(crossed_conds):
+    theta = {n: jnp.float32(v) for n, v in random_theta(5).items()}
+    draws = jax.jit(lambda k: crossed_conds["cg"].sample(k, theta, 3))(jax.random.PRNGKey(0))
+    assert draws["a"].shape == (3, I) and draws["a"].dtype == jnp.float32
+    _, log_w = jax.jit(lambda k: crossed_conds["cg"].sample_weighted(k, theta, 3))(jax.random.PRNGKey(0))
+    assert log_w.dtype == jnp.float32

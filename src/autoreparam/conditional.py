@@ -60,6 +60,10 @@ def _caller_float():
     return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
+def _copy_numpy(tree):
+    return jax.tree.map(lambda v: np.array(v) if isinstance(v, np.ndarray) else v, tree)
+
+
 def _site_key(key, name):
     return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
@@ -137,6 +141,11 @@ class BlockConditional:
         self.block = block
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
+        # Separate copies of the numpy inputs for the float64 runs and for the runs in the
+        # caller's precision: JAX (0.10) caches a numpy constant's conversion per array object
+        # without its x64 state, so one array seen in both modes breaks (or silently rounds).
+        self._inputs64 = _copy_numpy((self.args, self.kwargs))
+        self._inputs_caller = _copy_numpy((self.args, self.kwargs))
         self.size = block.size
         self.exact = block.exact
         self.dense = method == "dense" or (method == "auto" and self.size <= dense_below)
@@ -152,13 +161,15 @@ class BlockConditional:
 
     # ----------------------------------------------------------------- model evaluation
 
-    def _run(self, values: dict, substitute_fn=None):
+    def _run(self, values: dict, substitute_fn=None, caller: bool = False):
+        """The model's trace at ``values`` (float64 inputs, or the caller's precision)."""
         model = handlers.seed(self.model, 0)  # fixed: any other randomness is the same on every run
         if substitute_fn is None:
             model = handlers.substitute(model, data=values)
         else:
             model = handlers.substitute(model, substitute_fn=substitute_fn)
-        return handlers.trace(model).get_trace(*self.args, **self.kwargs)
+        args, kwargs = self._inputs_caller if caller else self._inputs64
+        return handlers.trace(model).get_trace(*args, **kwargs)
 
     @staticmethod
     def _log_terms(trace, names, power=1.0, values=None):
@@ -211,7 +222,8 @@ class BlockConditional:
     def _theta_point(self, seed):
         """theta drawn from its prior: a generic point for the structural checks."""
         def draw():
-            tr = handlers.trace(handlers.seed(self.model, seed)).get_trace(*self.args, **self.kwargs)
+            args, kwargs = self._inputs64
+            tr = handlers.trace(handlers.seed(self.model, seed)).get_trace(*args, **kwargs)
             return {n: tr[n]["value"] for n in self.block.theta if n in tr}
 
         try:
@@ -221,7 +233,7 @@ class BlockConditional:
         return {n: jnp.asarray(v, jnp.float64) for n, v in theta.items()}
 
     def _check_model(self, seed):
-        mt = trace_model(self.model, self.args, self.kwargs)
+        mt = trace_model(self.model, *self._inputs64)
         for name in self._block_names + tuple(self.block.theta):
             if name not in mt.sites or mt.sites[name].type != "latent":
                 raise ModelError(f"BlockConditional: site '{name}' of the block is not a latent site of the model")
@@ -303,11 +315,9 @@ class BlockConditional:
     # ----------------------------------------------------------------- solves
 
     def _as_theta(self, theta: dict) -> dict:
-        missing = [n for n in self.block.theta if n not in theta]
-        if missing:
-            raise InputError(f"BlockConditional: theta is missing site '{missing[0]}' (expected {list(self.block.theta)})")
-        return {n: jnp.asarray(theta[n], jnp.float64) if jnp.issubdtype(jnp.asarray(theta[n]).dtype, jnp.floating)
-                else jnp.asarray(theta[n]) for n in self.block.theta}
+        """theta in float64 (integer-valued sites are kept as they are)."""
+        return {n: v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v
+                for n, v in self._caller_theta(theta).items()}
 
     def _solver(self, matvec):
         """A differentiable linear solve with H (CG or Cholesky), and its iteration count."""
@@ -362,10 +372,14 @@ class BlockConditional:
         z, _, _, cg_its = jax.lax.while_loop(cond, body, state)
         return z, cg_its
 
-    def _noise(self, key, theta, m):
-        """eps ~ N(0, H(m)): prior-gradient noise plus redrawn-likelihood gradient noise."""
+    def _random_values(self, key, theta, m):
+        """An ancestral prior draw of the block, and the likelihoods' observations redrawn at m.
+
+        Runs in the CALLER's precision, outside the float64 context: JAX cannot generate
+        float64 random bits (nor run a model switched back to 32 bits) inside a float32 caller's
+        jit. Only the noise is then rounded to the caller's precision; it is solved in float64.
+        """
         key_prior, key_lik = jax.random.split(key)
-        latent_names = None
 
         def draw_prior(msg):
             if msg["type"] != "sample" or msg["is_observed"]:
@@ -376,8 +390,15 @@ class BlockConditional:
                 return msg["fn"].sample(_site_key(key_prior, msg["name"]))
             return None
 
-        tr = self._run(None, substitute_fn=draw_prior)
-        z_prior = self._ravel({n: tr[n]["value"] for n in self._block_names})
+        prior_trace = self._run(None, substitute_fn=draw_prior, caller=True)
+        at_m = self._run({**theta, **self._unravel(m)}, caller=True)
+        return ({n: prior_trace[n]["value"] for n in self._block_names},
+                {n: at_m[n]["fn"].sample(_site_key(key_lik, n)) for n in self._lik_names})
+
+    def _noise(self, theta, m, z_prior, observations):
+        """eps ~ N(0, H(m)): prior-gradient noise plus redrawn-likelihood gradient noise (float64)."""
+        z_prior, observations = jax.lax.stop_gradient((self._ravel(z_prior), observations))
+        tr = self._run({**theta, **self._unravel(m)})
         latent_names = [n for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]]
 
         def prior_terms(z):
@@ -385,10 +406,28 @@ class BlockConditional:
 
         def lik_terms(z):
             tr = self._run({**theta, **self._unravel(z)})
-            redrawn = {n: jax.lax.stop_gradient(tr[n]["fn"].sample(_site_key(key_lik, n))) for n in self._lik_names}
-            return self._log_terms(tr, self._lik_names, power=0.5, values=redrawn)
+            return self._log_terms(tr, self._lik_names, power=0.5, values=observations)
 
         return jax.grad(prior_terms)(z_prior) + jax.grad(lik_terms)(m)
+
+    def _caller_theta(self, theta):
+        missing = [n for n in self.block.theta if n not in theta]
+        if missing:
+            raise InputError(f"BlockConditional: theta is missing site '{missing[0]}' (expected {list(self.block.theta)})")
+        return {n: jnp.asarray(theta[n]) for n in self.block.theta}
+
+    def _draw_phases(self, key, theta, num_draws, init):
+        """The mean (float64), the random values (caller's precision), the noise and solves (float64)."""
+        dtype = _caller_float()
+        theta_caller = self._caller_theta(theta)
+        with jax.enable_x64(True):
+            theta64 = self._as_theta(theta)
+            m, matvec, solve, _, mode_its = self._mode(theta64, None if init is None else self._ravel(init))
+            m_caller = m.astype(dtype)
+        keys = key if num_draws is None else jax.random.split(key, num_draws)
+        randomness = jax.vmap if num_draws is not None else (lambda f: f)
+        z_prior, observations = randomness(lambda k: self._random_values(k, theta_caller, m_caller))(keys)
+        return dtype, theta64, m, solve, mode_its, z_prior, observations
 
     # ----------------------------------------------------------------- public API
 
@@ -426,31 +465,17 @@ class BlockConditional:
         with ``return_info`` also ``{"mean": ..., "iterations": CG iterations per draw,
         "mode_iterations": CG iterations of the mean/mode solve}``.
         """
-        dtype = _caller_float()
+        dtype, theta, m, solve, mode_its, z_prior, observations = self._draw_phases(key, theta, num_draws, init)
         with jax.enable_x64(True):
-            theta = self._as_theta(theta)
-            init_flat = None if init is None else self._ravel(init)
-            z, draw_its, m, mode_its = self._draws(key, theta, num_draws, init_flat)
-            if num_draws is None:
-                out = self._out(z, dtype)
-            else:
-                out = {n: v.astype(dtype) for n, v in self._unravel(z).items()}
+            def one(zp, obs):
+                step, it = solve(self._noise(theta, m, zp, obs))
+                return m + step, it
+
+            z, its = one(z_prior, observations) if num_draws is None else jax.vmap(one)(z_prior, observations)
+            out = self._out(z, dtype)
             if return_info:
-                return out, {"mean": self._out(m, dtype), "iterations": draw_its, "mode_iterations": mode_its}
+                return out, {"mean": self._out(m, dtype), "iterations": its, "mode_iterations": mode_its}
             return out
-
-    def _draws(self, key, theta, num_draws, init_flat):
-        m, matvec, solve, _, mode_its = self._mode(theta, init_flat)
-
-        def one(k):
-            step, it = solve(self._noise(k, theta, m))
-            return m + step, it
-
-        if num_draws is None:
-            z, its = one(key)
-        else:
-            z, its = jax.vmap(one)(jax.random.split(key, num_draws))
-        return z, its, m, mode_its
 
     def sample_weighted(self, key, theta: dict, num_draws: int, *, init: dict | None = None):
         """``num_draws`` draws and their self-normalised log importance weights.
@@ -458,23 +483,18 @@ class BlockConditional:
         log w_i = log p(y, z_i, theta) - log N(z_i; m, H^-1) + const, normalised so that
         ``logsumexp(log_w) == 0``; uniform (all ``-log num_draws``) up to rounding for exact blocks.
         """
-        dtype = _caller_float()
+        dtype, theta, m, solve, _, z_prior, observations = self._draw_phases(key, theta, num_draws, init)
         with jax.enable_x64(True):
-            theta = self._as_theta(theta)
-            init_flat = None if init is None else self._ravel(init)
-            m, matvec, solve, _, _ = self._mode(theta, init_flat)
-
-            def one(k):
-                eps = self._noise(k, theta, m)
+            def one(zp, obs):
+                eps = self._noise(theta, m, zp, obs)
                 step, _ = solve(eps)
                 z = m + step
                 # (z - m)^T H (z - m) = step . eps, so no further HVP is needed.
                 return z, self._log_joint(theta, z) + 0.5 * jnp.vdot(step, eps)
 
-            z, log_w = jax.vmap(one)(jax.random.split(key, num_draws))
+            z, log_w = jax.vmap(one)(z_prior, observations)
             log_w = log_w - jax.scipy.special.logsumexp(log_w)
-            draws = {n: v.astype(dtype) for n, v in self._unravel(z).items()}
-            return draws, log_w.astype(dtype)
+            return self._out(z, dtype), log_w.astype(dtype)
 
     def log_marginal(self, theta: dict) -> jax.Array:
         """log p(y, theta) = log integral of p(y, z, theta) dz (Laplace approximation for Laplace blocks).

@@ -332,8 +332,8 @@ def dense_by_numpyro_hessian(model, args, block, theta):
         return log_density(model, args, {}, values)[0]
 
     z0 = jnp.zeros(block.size)
-    H = -np.asarray(jax.hessian(log_joint)(z0))
-    return H, np.linalg.solve(H, np.asarray(jax.grad(log_joint)(z0)))
+    H = -np.asarray(jax.jit(jax.hessian(log_joint))(z0))
+    return H, np.linalg.solve(H, np.asarray(jax.jit(jax.grad(log_joint))(z0)))
 
 
 def test_random_walk_rows_mvn_prior_to_event_and_dim_minus_two():
@@ -389,9 +389,16 @@ def test_observed_site_outside_the_likelihoods_that_depends_on_the_block_is_refu
         BlockConditional(model, block, (1.0,))
 
 
-def test_log_marginal_above_dense_below_says_why(crossed_conds):
-    with pytest.raises(InputError, match="log_marginal: block .* has size 8, above dense_below"):
+def test_log_marginal_on_the_cg_path_is_a_stated_estimate(crossed_conds):
+    with pytest.raises(InputError, match="log_marginal: block .* has size 8, above dense_below: .* pass key="):
         crossed_conds["cg"].log_marginal(random_theta(0))
+    theta = random_theta(4)
+    with jax.enable_x64(True):
+        exact = float(jax.jit(crossed_conds["dense"].log_marginal)(theta))
+        keys = jax.random.split(jax.random.PRNGKey(0), 40)
+        estimates = np.asarray(jax.jit(jax.vmap(lambda k: crossed_conds["cg"].log_marginal(theta, k)))(keys))
+    assert estimates.std() > 0  # a real estimate, not the dense value
+    assert abs(estimates.mean() - exact) < 4 * estimates.std() / np.sqrt(len(estimates))
 
 
 def test_docstring_examples_run():

@@ -45,9 +45,11 @@ from .trace import trace_model, unwrap_distribution
 
 __all__ = ["BlockConditional", "DENSE_BELOW", "DENSE_LIMIT"]
 
-#: Block size up to which the dense Cholesky path is used by ``method="auto"``: measured on this
-#: 2-core machine by ``benchmarks/bench_conditional.py`` (see benchmarks/README.md).
-DENSE_BELOW = 512
+#: Block size up to which ``method="auto"`` takes the dense Cholesky path. Measured by
+#: ``benchmarks/bench_conditional.py`` (CPU time of a mean plus one draw, OPENBLAS_NUM_THREADS=1):
+#: CG overtakes Cholesky between D = 115 and 179 on the tensor model and between D = 100 and
+#: 196 on a crossed design (benchmarks/README.md); 150 lies in both intervals.
+DENSE_BELOW = 150
 #: Largest block the dense path accepts at all (a D x D float64 matrix of ~290 MB).
 DENSE_LIMIT = 6000
 
@@ -496,23 +498,62 @@ class BlockConditional:
             log_w = log_w - jax.scipy.special.logsumexp(log_w)
             return self._out(z, dtype), log_w.astype(dtype)
 
-    def log_marginal(self, theta: dict) -> jax.Array:
-        """log p(y, theta) = log integral of p(y, z, theta) dz (Laplace approximation for Laplace blocks).
+    def log_marginal(self, theta: dict, key=None, *, num_probes: int = 16, lanczos_steps: int = 50):
+        """log p(y, theta) = log of the integral of p(y, z, theta) over z (Laplace blocks: its Laplace approximation).
 
-        Exact (dense Cholesky of H) for Normal blocks on the dense path; differentiable in theta.
-        Above ``dense_below`` (the CG path) it raises: log det H needs a factorisation.
+        log p(y, z=m, theta) + D/2 log(2 pi) - 1/2 log det H. On the dense path log det H comes
+        from the Cholesky factor: exact for Normal blocks, and differentiable in theta. On the
+        CG path it needs ``key`` and is a stochastic Lanczos quadrature ESTIMATE (``num_probes``
+        Rademacher probes, ``lanczos_steps`` steps on the Jacobi-scaled H): unbiased in log det
+        up to the quadrature error; its gradient in theta is not provided (log det is held
+        fixed; for the gradient of log p(y, theta) use Fisher's identity with ``sample``).
         """
-        if not self.dense:
+        if not self.dense and key is None:
             raise InputError(
                 f"BlockConditional.log_marginal: block ({', '.join(self._block_names)}) has size {self.size}, "
-                f"above dense_below; log det H needs method='dense' (size at most {DENSE_LIMIT})")
+                f"above dense_below: exact log det H needs method='dense' (size at most {DENSE_LIMIT}); "
+                "pass key= for a stochastic Lanczos estimate")
         dtype = _caller_float()
+        if not self.dense:
+            probes = jax.random.rademacher(key, (num_probes, self.size), dtype=jnp.int32)
         with jax.enable_x64(True):
             theta = self._as_theta(theta)
-            m, _, _, chol, _ = self._mode(theta, None)
-            log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+            m, matvec, _, chol, _ = self._mode(theta, None)
+            if self.dense:
+                log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+            else:
+                log_det = jax.lax.stop_gradient(self._slq_log_det(matvec, probes.astype(jnp.float64), lanczos_steps))
             value = self._log_joint(theta, m) + 0.5 * self.size * math.log(2 * math.pi) - 0.5 * log_det
             return value.astype(dtype)
+
+    def _slq_log_det(self, matvec, probes, steps):
+        """log det H = sum log diag(H) + log det(S H S), S = diag(H)^-1/2, the latter by SLQ."""
+        diag = self._diag(matvec)
+        scale = 1.0 / jnp.sqrt(diag)
+        scaled = lambda v: scale * matvec(scale * v)
+        steps = min(steps, self.size)
+
+        def quadrature(probe):
+            def step(carry, _):
+                v, v_prev, beta, done = carry
+                w = scaled(v) - beta * v_prev
+                alpha = jnp.vdot(w, v)
+                w = w - alpha * v
+                beta_next = jnp.linalg.norm(w)
+                # After the Krylov space is exhausted, pad with decoupled unit eigenvalues (weight 0).
+                stop = done | (beta_next < 1e-10 * jnp.abs(alpha))
+                v_next = jnp.where(stop, 0.0, w / jnp.where(stop, 1.0, beta_next))
+                return (v_next, v, jnp.where(stop, 0.0, beta_next), stop), \
+                    (jnp.where(done, 1.0, alpha), jnp.where(stop, 0.0, beta_next))
+
+            v0 = probe / jnp.linalg.norm(probe)
+            init = (v0, jnp.zeros_like(v0), jnp.asarray(0.0), jnp.asarray(False))
+            _, (alphas, betas) = jax.lax.scan(step, init, None, length=steps)
+            tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+            eigenvalues, eigenvectors = jnp.linalg.eigh(tridiagonal)
+            return self.size * jnp.sum(eigenvectors[0] ** 2 * jnp.log(eigenvalues))
+
+        return jnp.sum(jnp.log(diag)) + jnp.mean(jax.vmap(quadrature)(probes))
 
     def precision(self, theta: dict, at: dict | None = None) -> jax.Array:
         """Dense H (flat order of ``flatten``) at the mean/mode or at ``at``: small blocks only (tests)."""

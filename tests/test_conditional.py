@@ -411,3 +411,23 @@ def test_float32_caller_can_draw_inside_its_own_jit(crossed_conds):
     assert draws["a"].shape == (3, I) and draws["a"].dtype == jnp.float32
     _, log_w = jax.jit(lambda k: crossed_conds["cg"].sample_weighted(k, theta, 3))(jax.random.PRNGKey(0))
     assert log_w.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("case", ["normal_cg", "poisson_laplace"])
+def test_mean_is_differentiable_in_theta(crossed_conds, case):
+    """Implicit derivative of the mean/mode (through the final Newton step) against finite differences."""
+    if case == "normal_cg":
+        cond, theta = crossed_conds["cg"], random_theta(6)
+    else:
+        cond = BlockConditional(glm, glm_block("Poisson"), (II, JJ, Y_COUNT, "Poisson"), method="cg")
+        theta = {"c": 0.1, "s_a": 0.9, "s_b": 1.1}
+    weights = np.linspace(-1.0, 1.0, cond.size)
+    with jax.enable_x64(True):
+        objective = jax.jit(lambda th: jnp.vdot(weights, cond.flatten(cond.mean(th))))
+        grad = jax.jit(jax.grad(objective))(theta)
+        for name in theta:
+            up, down = dict(theta), dict(theta)
+            up[name] += 1e-5
+            down[name] -= 1e-5
+            fd = (float(objective(up)) - float(objective(down))) / 2e-5
+            assert float(grad[name]) == pytest.approx(fd, rel=1e-5, abs=1e-6)

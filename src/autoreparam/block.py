@@ -382,6 +382,7 @@ class _Structure:
     families: dict[str, type]  # innermost distribution class of every sample site
     log_prob_at: dict[str, int]  # sample site -> output index of its summed log density
     eta_at: dict[str, int]  # observed site of a supported family -> output index of its eta
+    masked: set[str] = field(default_factory=set)  # latent sites whose density is masked
 
     def flows(self, block: frozenset) -> dict[str, dict[str, _Flow]]:
         ins = [_Flow(frozenset([n]), {}, frozenset()) for n in self.inputs]
@@ -393,6 +394,15 @@ class _Structure:
 
 def _is_array(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer))
+
+
+def _is_masked(fn) -> bool:
+    """True when a wrapper masks the density (handlers.mask, obs_mask's missing values, .mask())."""
+    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
+        if isinstance(fn, dist.MaskedDistribution) and fn._mask is not True:
+            return True
+        fn = fn.base_dist
+    return False
 
 
 def _slots(site) -> dict[str, Any]:
@@ -427,6 +437,7 @@ def _structure(mt: ModelTrace, point: dict) -> _Structure:
     families: dict[str, type] = {}
     log_prob_at: dict[str, int] = {}
     eta_at: dict[str, int] = {}
+    masked: set[str] = set()
 
     def outputs(values):
         tr = mt.run({**dict(zip(names, values)), **fixed})
@@ -436,6 +447,8 @@ def _structure(mt: ModelTrace, point: dict) -> _Structure:
             if site["type"] != "sample":
                 continue
             families[name] = type(unwrap_distribution(site["fn"]))
+            if not site["is_observed"] and _is_masked(site["fn"]):
+                masked.add(name)
             for slot, value in _slots(site).items():
                 labels.append((name, slot))
                 slots.append(value)
@@ -456,7 +469,7 @@ def _structure(mt: ModelTrace, point: dict) -> _Structure:
         except _TRACER_ERRORS:  # the model computes with its data in Python (int(idx.max()) + 1)
             with data_evaluated_eagerly():
                 closed = jax.make_jaxpr(outputs)(example)
-    return _Structure(closed, list(names), list(labels), families, log_prob_at, eta_at)
+    return _Structure(closed, list(names), list(labels), families, log_prob_at, eta_at, masked)
 
 
 # -- the search: a fixed point of the structural rules, then the numerical check ---------------------
@@ -526,6 +539,9 @@ def _not_gaussian(mt: ModelTrace, structure: _Structure) -> dict[str, str]:
         family = structure.families[name]
         if site.is_discrete:
             out[name] = f"discrete ({site.distribution}): held fixed, in neither the block nor theta"
+        elif family in GAUSSIAN_PRIORS and name in structure.masked:
+            out[name] = ("its Gaussian prior is masked (handlers.mask or obs_mask): masked elements have "
+                         "no density, so their conditional is improper")
         elif family in GAUSSIAN_PRIORS:
             continue
         elif issubclass(family, tuple(GAUSSIAN_PRIORS)):

@@ -468,3 +468,14 @@ def factor_scale_mask_where(y=None):
 ])
 def test_data_in_python_subsampling_factor_scale_obs_mask_where(model, args, kwargs, expected):
     assert summary(model, *args, **kwargs) == expected
+
+
+def test_a_search_that_fails_is_a_note_in_the_report(monkeypatch):
+    from autoreparam.errors import ModelError
+
+    def fails(model_trace):
+        raise ModelError("site 'z': something the search cannot trace")
+
+    monkeypatch.setattr(block_module, "search_block", fails)
+    assert block_module.block_for_report(None) == (
+        None, "the Gaussian block was not searched: site 'z': something the search cannot trace")

@@ -38,11 +38,12 @@ from .trace import (
     data_evaluated_eagerly,
     describe_exception,
     isolated_from_handlers,
+    untraceable_error,
     unwrap_distribution,
 )
 
 __all__ = ["LIKELIHOOD_LINKS", "BlockSite", "BlockLikelihood", "GaussianBlock", "find_block", "search_block",
-           "natural_parameter"]
+           "block_for_report", "natural_parameter"]
 
 #: How each supported likelihood family enters: the natural parameter that must be affine in z.
 LIKELIHOOD_LINKS = {
@@ -474,9 +475,6 @@ def _structure(mt: ModelTrace, point: dict) -> _Structure:
 
 # -- the search: a fixed point of the structural rules, then the numerical check ---------------------
 
-MAX_CHECK_ROUNDS = 3  # structural fixed point + numerical check, repeated while the check removes sites
-
-
 def find_block(model_trace: ModelTrace) -> GaussianBlock | None:
     """The conditionally Gaussian block of a traced model, or None when no latent site qualifies.
 
@@ -505,26 +503,24 @@ def search_block(model_trace: ModelTrace) -> tuple[GaussianBlock | None, dict[st
         structure = _structure(mt, points[0])
     except ModelError:
         raise
+    except _TRACER_ERRORS as exc:
+        raise untraceable_error(exc) from None
     except Exception as exc:
         raise ModelError(f"the model raised {describe_exception(exc)} when traced for its Gaussian block") \
             from exc
     left_out = _not_gaussian(mt, structure)
     block = frozenset(n for n in mt.latent_names if n not in left_out)
-    residual = None
-    for _ in range(MAX_CHECK_ROUNDS):
+    while True:  # every failed check takes at least one site out
         block, flows = _fixed_point(mt, structure, block, left_out)
         if not block:
-            break
+            return None, {n: left_out[n] for n in mt.sites if n in left_out}
         likelihoods = _likelihoods(mt, structure, flows, block)
         failed, residual = _check(mt, structure, block, likelihoods, flows, points)
         if not failed:
             break
         left_out.update({n: why for n, why in failed.items() if n not in left_out})
         block = block - frozenset(failed)
-        residual = None
     left_out = {n: left_out[n] for n in mt.sites if n in left_out}
-    if not block or residual is None:
-        return None, left_out
     names = [n for n in mt.latent_names if n in block]
     sites = tuple(BlockSite(n, tuple(mt.sites[n].shape), structure.families[n].__name__) for n in names)
     theta = tuple(n for n in mt.latent_names if n not in block)
@@ -729,9 +725,16 @@ def _relative_difference(a, b) -> float:
     return float(np.abs(a - b).max() / scale) if scale > 0 else 0.0
 
 
-def no_block_note(left_out: dict[str, str]) -> str:
-    """The report's note when no latent site is in the block: each site with its reason."""
+def block_for_report(model_trace: ModelTrace) -> tuple[GaussianBlock | None, str | None]:
+    """``(block, None)``, or ``(None, note)`` saying why there is no block (each site with its reason,
+    or the one-line error that stopped the search: the rest of the analysis stands without it)."""
+    try:
+        block, left_out = search_block(model_trace)
+    except ModelError as exc:
+        return None, f"the Gaussian block was not searched: {exc}"
+    if block is not None:
+        return block, None
     if not left_out:
-        return "no conditionally Gaussian block: the model has no continuous latent site"
+        return None, "no conditionally Gaussian block: the model has no continuous latent site"
     reasons = "; ".join(f"'{n}' ({why})" for n, why in left_out.items())
-    return f"no conditionally Gaussian block: {reasons}"
+    return None, f"no conditionally Gaussian block: {reasons}"

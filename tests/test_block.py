@@ -479,3 +479,20 @@ def test_a_search_that_fails_is_a_note_in_the_report(monkeypatch):
     monkeypatch.setattr(block_module, "search_block", fails)
     assert block_module.block_for_report(None) == (
         None, "the Gaussian block was not searched: site 'z': something the search cannot trace")
+
+
+class Normal(dist.Normal):
+    """A user's Normal with an extra quartic term: only numpyro's own families are trusted."""
+
+    def log_prob(self, value):
+        return super().log_prob(value) - 0.1 * value ** 4
+
+
+def subclassed(y=None):
+    a = numpyro.sample("a", Normal(0.0, 1.0))
+    numpyro.sample("y", dist.Normal(a, 1.0), obs=y)
+
+
+def test_a_subclass_of_a_gaussian_family_is_not_trusted():
+    assert summary(subclassed, y=0.5) == (None, {
+        "a": "test_block.Normal subclasses a Gaussian family; only numpyro's own Gaussian families are trusted"})

@@ -211,9 +211,17 @@ def exp_loc(y=None):
         numpyro.sample("y", dist.Normal(mu + jnp.exp(z), 1.0), obs=y)
 
 
-def test_exp_in_the_loc_of_a_likelihood():
+def stopped(y=None):
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    numpyro.sample("y", dist.Normal(jax.lax.stop_gradient(z), 1.0), obs=y)
+
+
+def test_exp_in_the_loc_of_a_likelihood_and_stop_gradient():
     assert summary(exp_loc, y=np.zeros(3))[2:] == (
         ("z",), {"z": "enters observed 'y' through a non-affine function (exp)"})
+    # its value is affine, but a Hessian-vector product through it would be zero
+    assert summary(stopped, y=0.5) == (
+        None, {"z": "enters observed 'y' through a non-affine function (stop_gradient)"})
 
 
 def latent_child(y=None):
@@ -451,12 +459,40 @@ def factor_scale_mask_where(y=None):
     (subsampled, (), {},
      ([("w", "Normal", ())], [("y", "Normal", "identity", "loc", True)], (), {})),
     (factor_scale_mask_where, (), {"y": np.zeros(3)},
-     ([("mu", "Normal", ()), ("v_unobserved", "Normal", (3,))],  # obs_mask: the missing values join
-      [("v_observed", "Normal", "identity", "loc", True)],
-      ("a", "s", "nu"),
-      {"a": "'sum_to_zero' is Unit: no supported link",
-       "s": "enters the scale factor of observed 'y'",
-       "nu": "enters observed 'y' through a non-affine function (a comparison)"})),
+     (None, {"a": "'sum_to_zero' is Unit: no supported link",
+             "s": "enters the scale factor of observed 'y'",
+             "nu": "enters observed 'y' through a non-affine function (a comparison)",
+             "mu": "enters the prior of 'v_unobserved' (Normal), which is outside the block",
+             "v_unobserved": "its Gaussian prior is masked (handlers.mask or obs_mask): masked elements have "
+                             "no density, so their conditional is improper"})),
 ])
 def test_data_in_python_subsampling_factor_scale_obs_mask_where(model, args, kwargs, expected):
     assert summary(model, *args, **kwargs) == expected
+
+
+def test_a_search_that_fails_is_a_note_in_the_report(monkeypatch):
+    from autoreparam.errors import ModelError
+
+    def fails(model_trace):
+        raise ModelError("site 'z': something the search cannot trace")
+
+    monkeypatch.setattr(block_module, "search_block", fails)
+    assert block_module.block_for_report(None) == (
+        None, "the Gaussian block was not searched: site 'z': something the search cannot trace")
+
+
+class Normal(dist.Normal):
+    """A user's Normal with an extra quartic term: only numpyro's own families are trusted."""
+
+    def log_prob(self, value):
+        return super().log_prob(value) - 0.1 * value ** 4
+
+
+def subclassed(y=None):
+    a = numpyro.sample("a", Normal(0.0, 1.0))
+    numpyro.sample("y", dist.Normal(a, 1.0), obs=y)
+
+
+def test_a_subclass_of_a_gaussian_family_is_not_trusted():
+    assert summary(subclassed, y=0.5) == (None, {
+        "a": "test_block.Normal subclasses a Gaussian family; only numpyro's own Gaussian families are trusted"})

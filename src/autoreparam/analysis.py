@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions import biject_to
 
-from .block import no_block_note, search_block
+from .block import block_for_report
 from .errors import ModelError
 from .graph import build_graph
 from .linear_maps import DenseMap, GatherMap, shared_subspace
@@ -110,9 +110,9 @@ def _analyze(model, args, kwargs) -> tuple[Report, ModelTrace]:
     if parents is None:
         parents = probe.jvp_dependencies()
     graph = build_graph(mt.sites, parents, invariances)
-    block, left_out = search_block(mt)
-    if block is None:
-        notes.append(Note(no_block_note(left_out), NoteKind.NO_GAUSSIAN_BLOCK))
+    block, block_note = block_for_report(mt)
+    if block_note:
+        notes.append(Note(block_note, NoteKind.NO_GAUSSIAN_BLOCK))
     return Report(_model_name(model), mt.sites, graph, terms, invariances, funnels, notes,
                   hyperparameters=probe.hyperparameters(), block=block), mt
 

@@ -38,11 +38,12 @@ from .trace import (
     data_evaluated_eagerly,
     describe_exception,
     isolated_from_handlers,
+    untraceable_error,
     unwrap_distribution,
 )
 
 __all__ = ["LIKELIHOOD_LINKS", "BlockSite", "BlockLikelihood", "GaussianBlock", "find_block", "search_block",
-           "natural_parameter"]
+           "block_for_report", "natural_parameter"]
 
 #: How each supported likelihood family enters: the natural parameter that must be affine in z.
 LIKELIHOOD_LINKS = {
@@ -382,6 +383,7 @@ class _Structure:
     families: dict[str, type]  # innermost distribution class of every sample site
     log_prob_at: dict[str, int]  # sample site -> output index of its summed log density
     eta_at: dict[str, int]  # observed site of a supported family -> output index of its eta
+    masked: set[str] = field(default_factory=set)  # latent sites whose density is masked
 
     def flows(self, block: frozenset) -> dict[str, dict[str, _Flow]]:
         ins = [_Flow(frozenset([n]), {}, frozenset()) for n in self.inputs]
@@ -393,6 +395,15 @@ class _Structure:
 
 def _is_array(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer))
+
+
+def _is_masked(fn) -> bool:
+    """True when a wrapper masks the density (handlers.mask, obs_mask's missing values, .mask())."""
+    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
+        if isinstance(fn, dist.MaskedDistribution) and fn._mask is not True:
+            return True
+        fn = fn.base_dist
+    return False
 
 
 def _slots(site) -> dict[str, Any]:
@@ -427,6 +438,7 @@ def _structure(mt: ModelTrace, point: dict) -> _Structure:
     families: dict[str, type] = {}
     log_prob_at: dict[str, int] = {}
     eta_at: dict[str, int] = {}
+    masked: set[str] = set()
 
     def outputs(values):
         tr = mt.run({**dict(zip(names, values)), **fixed})
@@ -436,6 +448,8 @@ def _structure(mt: ModelTrace, point: dict) -> _Structure:
             if site["type"] != "sample":
                 continue
             families[name] = type(unwrap_distribution(site["fn"]))
+            if not site["is_observed"] and _is_masked(site["fn"]):
+                masked.add(name)
             for slot, value in _slots(site).items():
                 labels.append((name, slot))
                 slots.append(value)
@@ -456,13 +470,10 @@ def _structure(mt: ModelTrace, point: dict) -> _Structure:
         except _TRACER_ERRORS:  # the model computes with its data in Python (int(idx.max()) + 1)
             with data_evaluated_eagerly():
                 closed = jax.make_jaxpr(outputs)(example)
-    return _Structure(closed, list(names), list(labels), families, log_prob_at, eta_at)
+    return _Structure(closed, list(names), list(labels), families, log_prob_at, eta_at, masked)
 
 
 # -- the search: a fixed point of the structural rules, then the numerical check ---------------------
-
-MAX_CHECK_ROUNDS = 3  # structural fixed point + numerical check, repeated while the check removes sites
-
 
 def find_block(model_trace: ModelTrace) -> GaussianBlock | None:
     """The conditionally Gaussian block of a traced model, or None when no latent site qualifies.
@@ -492,26 +503,24 @@ def search_block(model_trace: ModelTrace) -> tuple[GaussianBlock | None, dict[st
         structure = _structure(mt, points[0])
     except ModelError:
         raise
+    except _TRACER_ERRORS as exc:
+        raise untraceable_error(exc) from None
     except Exception as exc:
         raise ModelError(f"the model raised {describe_exception(exc)} when traced for its Gaussian block") \
             from exc
     left_out = _not_gaussian(mt, structure)
     block = frozenset(n for n in mt.latent_names if n not in left_out)
-    residual = None
-    for _ in range(MAX_CHECK_ROUNDS):
+    while True:  # every failed check takes at least one site out
         block, flows = _fixed_point(mt, structure, block, left_out)
         if not block:
-            break
+            return None, {n: left_out[n] for n in mt.sites if n in left_out}
         likelihoods = _likelihoods(mt, structure, flows, block)
         failed, residual = _check(mt, structure, block, likelihoods, flows, points)
         if not failed:
             break
         left_out.update({n: why for n, why in failed.items() if n not in left_out})
         block = block - frozenset(failed)
-        residual = None
     left_out = {n: left_out[n] for n in mt.sites if n in left_out}
-    if not block or residual is None:
-        return None, left_out
     names = [n for n in mt.latent_names if n in block]
     sites = tuple(BlockSite(n, tuple(mt.sites[n].shape), structure.families[n].__name__) for n in names)
     theta = tuple(n for n in mt.latent_names if n not in block)
@@ -526,6 +535,9 @@ def _not_gaussian(mt: ModelTrace, structure: _Structure) -> dict[str, str]:
         family = structure.families[name]
         if site.is_discrete:
             out[name] = f"discrete ({site.distribution}): held fixed, in neither the block nor theta"
+        elif family in GAUSSIAN_PRIORS and name in structure.masked:
+            out[name] = ("its Gaussian prior is masked (handlers.mask or obs_mask): masked elements have "
+                         "no density, so their conditional is improper")
         elif family in GAUSSIAN_PRIORS:
             continue
         elif issubclass(family, tuple(GAUSSIAN_PRIORS)):
@@ -713,9 +725,16 @@ def _relative_difference(a, b) -> float:
     return float(np.abs(a - b).max() / scale) if scale > 0 else 0.0
 
 
-def no_block_note(left_out: dict[str, str]) -> str:
-    """The report's note when no latent site is in the block: each site with its reason."""
+def block_for_report(model_trace: ModelTrace) -> tuple[GaussianBlock | None, str | None]:
+    """``(block, None)``, or ``(None, note)`` saying why there is no block (each site with its reason,
+    or the one-line error that stopped the search: the rest of the analysis stands without it)."""
+    try:
+        block, left_out = search_block(model_trace)
+    except ModelError as exc:
+        return None, f"the Gaussian block was not searched: {exc}"
+    if block is not None:
+        return block, None
     if not left_out:
-        return "no conditionally Gaussian block: the model has no continuous latent site"
+        return None, "no conditionally Gaussian block: the model has no continuous latent site"
     reasons = "; ".join(f"'{n}' ({why})" for n, why in left_out.items())
-    return f"no conditionally Gaussian block: {reasons}"
+    return None, f"no conditionally Gaussian block: {reasons}"

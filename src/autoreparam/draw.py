@@ -47,8 +47,7 @@ BLOCK_COLOR = "#cfe2ff"  # sites of the conditionally Gaussian block
 
 
 def _block_names(report: Report) -> set[str]:
-    block = getattr(report, "block", None)
-    return set(block.names) if block is not None else set()
+    return set(report.block.names) if report.block is not None else set()
 
 
 def _layers(g: nx.DiGraph) -> dict[str, int]:

@@ -504,8 +504,10 @@ class BlockConditional:
 
         Returns a dict of block values, with a leading ``num_draws`` axis when it is given;
         with ``return_info`` also ``{"mean": ..., "iterations": CG iterations per draw,
-        "mode_iterations": CG iterations of the mean/mode solve}``.
+        "mode_iterations": CG iterations of the mean/mode solve}``. The draws carry no gradient
+        in theta (theta is stop-gradiented): Fisher's identity needs none.
         """
+        theta = jax.lax.stop_gradient(self._caller_theta(theta))
         dtype, theta, m, solve, mode_its, z_prior, observations = self._draw_phases(key, theta, num_draws, init)
         with jax.enable_x64(True):
             def one(zp, obs):
@@ -523,7 +525,9 @@ class BlockConditional:
 
         log w_i = log p(y, z_i, theta) - log N(z_i; m, H^-1) + const, normalised so that
         ``logsumexp(log_w) == 0``; uniform (all ``-log num_draws``) up to rounding for exact blocks.
+        No gradient in theta, as for ``sample``.
         """
+        theta = jax.lax.stop_gradient(self._caller_theta(theta))
         dtype, theta, m, solve, _, z_prior, observations = self._draw_phases(key, theta, num_draws, init)
         with jax.enable_x64(True):
             def one(zp, obs):

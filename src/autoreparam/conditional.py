@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

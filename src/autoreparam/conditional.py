@@ -178,8 +178,9 @@ class BlockConditional:
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
         # Separate copies of the numpy inputs for the float64 runs and for the runs in the
-        # caller's precision: JAX (0.10) caches a numpy constant's conversion per array object
-        # without its x64 state, so one array seen in both modes breaks (or silently rounds).
+        # caller's precision. Observed with JAX 0.10: the same numpy int64 index array used under
+        # jit in both precisions failed to compile ("lax.add requires arguments to have the same
+        # dtypes, int64, int32"); with one copy per precision it compiles.
         self._inputs64 = _copy_numpy((self.args, self.kwargs))
         self._inputs_caller = _copy_numpy((self.args, self.kwargs))
         self.size = block.size

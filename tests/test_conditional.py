@@ -413,6 +413,18 @@ def test_float32_caller_can_draw_inside_its_own_jit(crossed_conds):
     assert log_w.dtype == jnp.float32
 
 
+def test_float32_caller_gets_the_float64_gradient(crossed_conds):
+    """The backward pass runs in float64 too (a custom VJP), so jax.grad works from float32 code."""
+    cond = crossed_conds["dense"]
+    theta = random_theta(4)
+    grad32 = jax.jit(jax.grad(cond.log_marginal))({n: jnp.float32(v) for n, v in theta.items()})
+    with jax.enable_x64(True):
+        grad64 = jax.jit(jax.grad(cond.log_marginal))(theta)
+    for name in theta:
+        assert grad32[name].dtype == jnp.float32
+        assert float(grad32[name]) == pytest.approx(float(grad64[name]), rel=1e-5)
+
+
 @pytest.mark.parametrize("case", ["normal_cg", "poisson_laplace"])
 def test_mean_is_differentiable_in_theta(crossed_conds, case):
     """Implicit derivative of the mean/mode (through the final Newton step) against finite differences."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,40 @@ _MAP_BATCH = 64
 def _caller_float():
     """The float dtype results are returned in: the caller's default (float32 when x64 is off)."""
     return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def _float64_with_gradient(fun):
+    """``fun(*arrays)`` computed in float64, its backward pass too, for a caller in either precision.
+
+    Outputs are returned in the caller's float dtype. Without this, a float32 caller's
+    ``jax.grad`` would transpose the float64 computation outside the float64 context.
+    Every argument is a pytree of float arrays (cotangents are returned for all of them).
+    """
+    def markers(tree):  # zero-size arrays that carry each leaf's dtype through the residuals
+        return jax.tree.map(lambda v: jnp.zeros((0,), jnp.asarray(v).dtype), tree)
+
+    def cast_like(tree, like):
+        return jax.tree.map(lambda v, m: jnp.asarray(v).astype(m.dtype), tree, like)
+
+    @jax.custom_vjp
+    def wrapped(*args):
+        caller = _caller_float()
+        with jax.enable_x64(True):
+            return jax.tree.map(lambda v: v.astype(caller), fun(*args))
+
+    def forward(*args):
+        caller = _caller_float()
+        with jax.enable_x64(True):
+            out, pullback = jax.vjp(fun, *args)
+            return jax.tree.map(lambda v: v.astype(caller), out), (pullback, markers(args), markers(out))
+
+    def backward(residuals, cotangent):
+        pullback, arg_markers, out_markers = residuals
+        with jax.enable_x64(True):
+            return cast_like(pullback(cast_like(cotangent, out_markers)), arg_markers)
+
+    wrapped.defvjp(forward, backward)
+    return wrapped
 
 
 def _copy_numpy(tree):
@@ -144,8 +178,9 @@ class BlockConditional:
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
         # Separate copies of the numpy inputs for the float64 runs and for the runs in the
-        # caller's precision: JAX (0.10) caches a numpy constant's conversion per array object
-        # without its x64 state, so one array seen in both modes breaks (or silently rounds).
+        # caller's precision. Observed with JAX 0.10: the same numpy int64 index array used under
+        # jit in both precisions failed to compile ("lax.add requires arguments to have the same
+        # dtypes, int64, int32"); with one copy per precision it compiles.
         self._inputs64 = _copy_numpy((self.args, self.kwargs))
         self._inputs_caller = _copy_numpy((self.args, self.kwargs))
         self.size = block.size
@@ -443,6 +478,9 @@ class BlockConditional:
         with jax.enable_x64(True):
             return self._unravel(jnp.asarray(flat, jnp.float64))
 
+    def _ravel_caller(self, z: dict):
+        return jnp.concatenate([jnp.ravel(jnp.asarray(z[s.name], _caller_float())) for s in self.block.sites])
+
     def _out(self, z_flat, dtype):
         return {n: v.astype(dtype) for n, v in self._unravel(z_flat).items()}
 
@@ -452,12 +490,14 @@ class BlockConditional:
         ``init`` (a dict of block values, e.g. the previous mode) only warm-starts the solve.
         Differentiable in theta (implicit function theorem through a final Newton step).
         """
-        dtype = _caller_float()
-        with jax.enable_x64(True):
+        theta = self._caller_theta(theta)
+        init_flat = jnp.zeros(self.size, _caller_float()) if init is None else self._ravel_caller(init)
+
+        def mean64(theta, init_flat):
             theta = self._as_theta(theta)
-            init_flat = None if init is None else self._ravel(init)
-            m = self._mode(theta, init_flat)[0]
-            return self._out(m, dtype)
+            return self._unravel(self._mode(theta, None if init is None else init_flat.astype(jnp.float64))[0])
+
+        return _float64_with_gradient(mean64)(theta, init_flat)
 
     def sample(self, key, theta: dict, num_draws: int | None = None, *, init: dict | None = None,
                return_info: bool = False):
@@ -465,8 +505,10 @@ class BlockConditional:
 
         Returns a dict of block values, with a leading ``num_draws`` axis when it is given;
         with ``return_info`` also ``{"mean": ..., "iterations": CG iterations per draw,
-        "mode_iterations": CG iterations of the mean/mode solve}``.
+        "mode_iterations": CG iterations of the mean/mode solve}``. The draws carry no gradient
+        in theta (theta is stop-gradiented): Fisher's identity needs none.
         """
+        theta = jax.lax.stop_gradient(self._caller_theta(theta))
         dtype, theta, m, solve, mode_its, z_prior, observations = self._draw_phases(key, theta, num_draws, init)
         with jax.enable_x64(True):
             def one(zp, obs):
@@ -484,7 +526,9 @@ class BlockConditional:
 
         log w_i = log p(y, z_i, theta) - log N(z_i; m, H^-1) + const, normalised so that
         ``logsumexp(log_w) == 0``; uniform (all ``-log num_draws``) up to rounding for exact blocks.
+        No gradient in theta, as for ``sample``.
         """
+        theta = jax.lax.stop_gradient(self._caller_theta(theta))
         dtype, theta, m, solve, _, z_prior, observations = self._draw_phases(key, theta, num_draws, init)
         with jax.enable_x64(True):
             def one(zp, obs):
@@ -514,17 +558,20 @@ class BlockConditional:
                 f"above dense_below: exact log det H needs method='dense' (size at most {DENSE_LIMIT}); "
                 "pass key= for a stochastic Lanczos estimate")
         dtype = _caller_float()
-        if not self.dense:
-            probes = jax.random.rademacher(key, (num_probes, self.size), dtype=jnp.int32)
-        with jax.enable_x64(True):
+        probes = (jnp.zeros((0, self.size), dtype) if self.dense else
+                  jax.random.rademacher(key, (num_probes, self.size), dtype=jnp.int32).astype(dtype))
+
+        def log_marginal64(theta, probes):
             theta = self._as_theta(theta)
             m, matvec, _, chol, _ = self._mode(theta, None)
             if self.dense:
                 log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
             else:
-                log_det = jax.lax.stop_gradient(self._slq_log_det(matvec, probes.astype(jnp.float64), lanczos_steps))
-            value = self._log_joint(theta, m) + 0.5 * self.size * math.log(2 * math.pi) - 0.5 * log_det
-            return value.astype(dtype)
+                log_det = jax.lax.stop_gradient(
+                    self._slq_log_det(matvec, probes.astype(jnp.float64), lanczos_steps))
+            return self._log_joint(theta, m) + 0.5 * self.size * math.log(2 * math.pi) - 0.5 * log_det
+
+        return _float64_with_gradient(log_marginal64)(self._caller_theta(theta), jax.lax.stop_gradient(probes))
 
     def _slq_log_det(self, matvec, probes, steps):
         """log det H = sum log diag(H) + log det(S H S), S = diag(H)^-1/2, the latter by SLQ."""

@@ -32,7 +32,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions import biject_to
 from numpyro.primitives import Messenger
 
-from .trace import unwrap_distribution
+from .trace import jit_quick, unwrap_distribution
 
 __all__ = ["newton_refine", "ReparamGeometry", "condition_number", "guard_items", "check_plan_sites"]
 
@@ -62,6 +62,8 @@ def newton_refine(loss: Callable, u0: dict, max_iter: int = 30, cg_iter: int = 5
     if flat0.size == 0:
         return u0
     value_and_grad = jax.value_and_grad(lambda x: loss(unravel(x)))
+    # XLA's default options: quicker ones sum the log joint in another order, and the MAP point
+    # (of a thin ridge) moves with the rounding.
     evaluate = jax.jit(lambda x, v: jax.jvp(value_and_grad, (x,), (v,)))
 
     def value_grad(x):
@@ -207,16 +209,17 @@ class ReparamGeometry:
         from numpyro import handlers
         from numpyro.infer.util import log_density
 
-        from .trace import data_evaluated_eagerly
+        from .trace import staged_if_possible
 
         self.mt, self.names, self.specs = mt, list(names), specs
         seeded = handlers.substitute(handlers.seed(mt.model, 0), data=fixed)
+        size = sum(s.size for s in mt.sites.values())
 
+        @staged_if_possible
         def run(coords, knobs, inverse):
             cov = _ChangeOfVariables(seeded, set(self.names), specs, coords, knobs, inverse)
-            # Inputs closed over and evaluated eagerly: a model may compute sizes from its data.
-            with data_evaluated_eagerly():
-                logp, _ = log_density(cov, mt.args, mt.kwargs, {})
+            # Inputs closed over: staged, or evaluated eagerly if the model computes sizes from its data.
+            logp, _ = log_density(cov, mt.args, mt.kwargs, {})
             return logp, cov
 
         def to_unconstrained(theta, knobs):
@@ -227,12 +230,12 @@ class ReparamGeometry:
             logp, cov = run(u, knobs, False)
             return -(logp + cov.log_jacobian)
 
-        self._to_u = jax.jit(to_unconstrained)
-        self._value = jax.jit(neg_log_joint)
+        self._to_u = jit_quick(to_unconstrained, size)
+        self._value = jit_quick(neg_log_joint, size)
         grad = jax.grad(neg_log_joint)
-        self._hvp = jax.jit(lambda u, knobs, t: jax.jvp(lambda x: grad(x, knobs), (u,), (t,))[1])
-        self._hvp_many = jax.jit(jax.vmap(lambda u, knobs, t: jax.jvp(lambda x: grad(x, knobs), (u,), (t,))[1],
-                                          in_axes=(None, None, 0)))
+        self._hvp = jit_quick(lambda u, knobs, t: jax.jvp(lambda x: grad(x, knobs), (u,), (t,))[1], size)
+        self._hvp_many = jit_quick(jax.vmap(lambda u, knobs, t: jax.jvp(lambda x: grad(x, knobs), (u,), (t,))[1],
+                                            in_axes=(None, None, 0)), size)
 
     def operator(self, theta: dict, knobs: dict):
         """(hvp on flat vectors, dense matrix or None, size) at ``theta`` for ``knobs``."""

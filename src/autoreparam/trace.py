@@ -473,7 +473,10 @@ class ModelTrace:
         jitted = self.__dict__.get("_draw")
         if jitted is None:
             jitted = self.__dict__["_draw"] = jit_quick(draw, sum(s.size for s in self.sites.values()))
-        return jitted(np.int32(rng_seed))
+        try:
+            return jitted(np.int32(rng_seed))
+        except _TRACER_ERRORS:  # the model needs a seeded value (a numpy index by a random subsample)
+            return draw(rng_seed)
 
 
 _LIBRARY_MODULES = ("jax", "jaxlib", "numpyro", "numpy", "autoreparam", "contextlib", "functools")

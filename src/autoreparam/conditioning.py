@@ -233,9 +233,10 @@ class ReparamGeometry:
         self._to_u = jit_quick(to_unconstrained, size)
         self._value = jit_quick(neg_log_joint, size)
         grad = jax.grad(neg_log_joint)
-        self._hvp = jit_quick(lambda u, knobs, t: jax.jvp(lambda x: grad(x, knobs), (u,), (t,))[1], size)
-        self._hvp_many = jit_quick(jax.vmap(lambda u, knobs, t: jax.jvp(lambda x: grad(x, knobs), (u,), (t,))[1],
-                                            in_axes=(None, None, 0)), size)
+        # XLA's defaults for the HVPs: the Lanczos iterations call them hundreds of times.
+        self._hvp = jax.jit(lambda u, knobs, t: jax.jvp(lambda x: grad(x, knobs), (u,), (t,))[1])
+        self._hvp_many = jax.jit(jax.vmap(lambda u, knobs, t: jax.jvp(lambda x: grad(x, knobs), (u,), (t,))[1],
+                                          in_axes=(None, None, 0)))
 
     def operator(self, theta: dict, knobs: dict):
         """(hvp on flat vectors, dense matrix or None, size) at ``theta`` for ``knobs``."""

@@ -1,4 +1,5 @@
 """``python -m benchmarks [--quick] [--models ...] [--jobs N]``: run the harness and publish its results.
+(``python -m benchmarks --cold-start`` runs the cold-start benchmark, ``benchmarks/cold_start.py``, instead.)
 
 Run from the repository root. Writes ``benchmarks/results/harness.json`` (``harness_quick.json``
 with ``--quick``), the plots ``benchmarks/plots/elbo_vs_steps.png`` and
@@ -39,6 +40,10 @@ def parse(argv):
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
     p.add_argument("--rebuild", action="store_true",
                    help="run nothing: rewrite the markdown and the plots from the existing results JSON")
+    p.add_argument("--cold-start", action="store_true",
+                   help="run only the cold-start benchmark (python -m benchmarks.cold_start, a few minutes): "
+                        "CPU time of a cold 'autoreparam analyze' per example, and the per-gradient cost of "
+                        "the reparameterized models")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -87,6 +92,10 @@ def partition(models, jobs, mode):
 
 def main(argv=None) -> int:
     ns = parse(sys.argv[1:] if argv is None else argv)
+    if ns.cold_start:
+        from .cold_start import main as cold_start
+
+        return cold_start([])
     mode = "quick" if ns.quick else "full"
     if ns.jobs is None:
         ns.jobs = min(2, os.cpu_count() or 1)

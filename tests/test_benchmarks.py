@@ -158,3 +158,37 @@ def test_a_lucky_checkpoint_is_not_reached_unless_the_elbo_stays():
     out = {"methods": {"autoreparam analytic": {"kind": "vi", "runs": [_vi_run([-10.5, -15, -10.2, -10])]}}}
     harness.summarize(out)
     assert out["methods"]["autoreparam analytic"]["summary"]["reach_step"] == 300
+
+
+# -- the cold-start benchmark (benchmarks/cold_start.py) -------------------------------------------
+
+def test_cold_start_child_cpu_counts_the_child_not_the_parent():
+    from benchmarks.cold_start import child_cpu
+
+    busy, out = child_cpu([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                           "while time.process_time() - t < 0.3: pass\nprint('done')"])
+    idle, _ = child_cpu([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    assert out.strip() == "done"
+    assert busy >= 0.3 > idle
+
+
+def test_cold_start_child_failure_is_an_error():
+    from benchmarks.cold_start import child_cpu
+
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        child_cpu([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_cold_start_table_marks_targets():
+    from benchmarks.cold_start import markdown
+
+    payload = {"created": "now", "git": "abc", "machine": "2 CPUs", "repeats": 1, "command": "cmd", "cache": None,
+               "examples": {"eight_schools": {"analyze": 4.0, "import": 2.5, "beyond_import": 1.5, "jit": 0.3,
+                                              "ratio": 5.0},
+                            "crossed_logistic": {"analyze": 3.0, "import": 2.5, "beyond_import": 0.5, "jit": 0.5,
+                                                 "ratio": 1.0}},
+               "gradients": {"radon_mn": {"original": 2e-5, "reparameterized": 3e-5, "ratio": 1.5}}}
+    text = markdown(payload)
+    assert "| eight_schools | 4.00 | 2.50 | 1.50 (> 1) | 0.30 | 5.0x |" in text
+    assert "| crossed_logistic | 3.00 | 2.50 | 0.50 | 0.50 | 1.0x |" in text  # no target for this example
+    assert "| radon_mn | 20 us | 30 us | 1.50x |" in text

@@ -30,8 +30,10 @@ from .trace import (
     ModelTrace,
     _SiteRecorder,
     data_evaluated_eagerly,
+    staged_if_possible,
     describe_exception,
     isolated_from_handlers,
+    jit_quick,
     site_dependencies,
     trace_model,
     untraceable_error,
@@ -121,6 +123,22 @@ def _model_name(model) -> str:
     return getattr(model, "__qualname__", None) or getattr(model, "__name__", None) or type(model).__name__
 
 
+PROBE_BATCH_ENTRIES = 1 << 22  # at most this many output values per point in one batched JVP call
+
+
+def _probe_batch(n_out: int) -> int:
+    """Tangents per batched JVP call: a power of two up to 64, fewer when the outputs are large."""
+    batch = 64
+    while batch > 1 and batch * max(n_out, 1) > PROBE_BATCH_ENTRIES:
+        batch //= 2
+    return batch
+
+
+def _abstractly(fn, *args):
+    """``jax.eval_shape(fn, *args)``, with the data evaluated eagerly only if the model needs it."""
+    return jax.eval_shape(staged_if_possible(fn), *args)
+
+
 def _linked(value, constraint):
     """The parameter on the unconstrained scale of its constraint (the link), or None."""
     if constraint.is_discrete or not jnp.issubdtype(jnp.result_type(value), jnp.floating):
@@ -132,7 +150,12 @@ def _linked(value, constraint):
 
 
 class _Probe:
-    """The model linearised at two random points, with JVP probes per latent site."""
+    """The model linearised at two random points, with JVP probes per latent site.
+
+    Every probe goes through one compiled function: a batch of tangents (a power of two in
+    size, padded with zeros) pushed forward at both points, so that the whole analysis
+    compiles the model once however many sites and pairs it probes.
+    """
 
     def __init__(self, mt: ModelTrace):
         self.mt = mt
@@ -143,9 +166,15 @@ class _Probe:
         self.theta2 = {n: jnp.asarray(p2[n]) for n in self.names}
         self.rng = np.random.default_rng(0)
         self._check_traceable()
-        self.lin1 = self._linearize(self.theta1)
-        self.lin2 = self._linearize(self.theta2)
         self.layout = self._layout()
+        self._offsets = {}
+        start = 0
+        for name, (_, n) in self.layout.items():
+            self._offsets[name] = start
+            start += n
+        self._n_out = start
+        self.batch = _probe_batch(self._n_out)
+        self._pushforward = self._compile_pushforward()
         self._dense_cache: dict[str, dict[str, np.ndarray]] = {}
         self._probes: dict[str, dict] = {}
 
@@ -169,31 +198,72 @@ class _Probe:
 
     def _check_traceable(self):
         """Python control flow on latent values breaks jit/NUTS: find it with a batch of two points."""
-        stacked = jax.tree.map(lambda x, y: jnp.stack([x, y]), self.theta1, self.theta2)
+        stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((2,) + jnp.shape(x), jnp.result_type(x)), self.theta1)
         recorder = _SiteRecorder()
         try:
             with recorder:
-                jax.vmap(self._outputs)(stacked)
+                _abstractly(jax.vmap(self._outputs), stacked)
         except _TRACER_ERRORS as exc:
             raise untraceable_error(exc, recorder) from exc
-        except Exception:  # noqa: BLE001 - vmap is only a probe for control flow; linearize reports the rest
+        except Exception:  # noqa: BLE001 - vmap is only a probe for control flow; the JVPs report the rest
             pass
 
-    def _linearize(self, theta):
-        try:
-            _, f = jax.linearize(self._outputs, theta)
-        except _TRACER_ERRORS as exc:
-            raise untraceable_error(exc) from exc
-        except ModelError:
-            raise
-        except Exception as exc:
-            raise ModelError(f"the model raised {describe_exception(exc)} when differentiated "
-                             "with respect to its latent sites") from exc
-        return jax.jit(f)
+    def _compile_pushforward(self):
+        """jit(tangents [B, D] -> JVPs at both points [2, B, n_out]) for flat latent tangents."""
+        self._dtype = np.dtype(jnp.result_type(*self.theta1.values())) if self.names else np.dtype(np.float32)
+        self._starts = {}
+        start = 0
+        for n in self.names:
+            self._starts[n] = start
+            start += int(np.size(self.theta1[n]))
+        self._size = start
+
+        def unravel(t):
+            return {n: jnp.reshape(t[self._starts[n]:self._starts[n] + int(np.size(v))], jnp.shape(v)).astype(v.dtype)
+                    for n, v in self.theta1.items()}
+        order = [(s, p) for s, (slices, _) in self.layout.items() for p in slices]
+
+        @staged_if_possible
+        def flat_outputs(theta):
+            out = self._outputs(theta)
+            parts = [jnp.ravel(out[s][p]) for s, p in order]
+            return jnp.concatenate(parts) if parts else jnp.zeros(0)
+
+        def both(theta1, theta2, t):
+            tangent = unravel(t)
+            return (jax.jvp(flat_outputs, (theta1,), (tangent,))[1],
+                    jax.jvp(flat_outputs, (theta2,), (tangent,))[1])
+
+        return jit_quick(jax.vmap(both, in_axes=(None, None, 0)), self.batch * (self._n_out + self._size))
+
+    def _push(self, tangents: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """JVPs of the flat outputs along each tangent ({site: values}) at points 1 and 2."""
+        rows = np.zeros((len(tangents), self._size), dtype=self._dtype)
+        for i, updates in enumerate(tangents):
+            for n, v in updates.items():
+                values = np.asarray(v).astype(self.theta1[n].dtype)
+                rows[i, self._starts[n]:self._starts[n] + values.size] = values.ravel()
+        out1, out2 = [], []
+        for s in range(0, len(tangents), self.batch):
+            chunk = rows[s:s + self.batch]
+            padded = np.zeros((self.batch, self._size), dtype=self._dtype)
+            padded[:len(chunk)] = chunk
+            try:
+                a, b = self._pushforward(self.theta1, self.theta2, padded)
+            except _TRACER_ERRORS as exc:
+                raise untraceable_error(exc) from exc
+            except ModelError:
+                raise
+            except Exception as exc:
+                raise ModelError(f"the model raised {describe_exception(exc)} when differentiated "
+                                 "with respect to its latent sites") from exc
+            out1.append(np.asarray(a)[:len(chunk)])
+            out2.append(np.asarray(b)[:len(chunk)])
+        return np.concatenate(out1), np.concatenate(out2)
 
     def _layout(self):
         """Per sample site: the parameter names and their slices in the flattened output."""
-        shapes = jax.tree.map(jnp.shape, self._outputs(self.theta1))
+        shapes = jax.tree.map(jnp.shape, _abstractly(self._outputs, self.theta1))
         layout = {}
         for name, params in shapes.items():
             start, slices = 0, {}
@@ -204,40 +274,36 @@ class _Probe:
             layout[name] = (slices, start)
         return layout
 
-    def _tangent(self, updates: dict[str, np.ndarray]):
-        return {
-            n: (jnp.asarray(updates[n], dtype=self.theta1[n].dtype).reshape(self.theta1[n].shape)
-                if n in updates else jnp.zeros_like(self.theta1[n]))
-            for n in self.names
-        }
-
     def _flat(self, out, site) -> np.ndarray:
-        slices, _ = self.layout[site]
-        parts = [np.ravel(np.asarray(out[site][p], dtype=np.float64)) for p in slices]
-        return np.concatenate(parts) if parts else np.zeros(0)
+        start = self._offsets[site]
+        return np.asarray(out[start:start + self.layout[site][1]], dtype=np.float64)
 
     def jvp(self, updates, which: int = 1):
-        return (self.lin1 if which == 1 else self.lin2)(self._tangent(updates))
+        """The flat outputs' JVP along ``updates`` ({site: values}) at point 1 or 2."""
+        out1, out2 = self._push([updates])
+        return (out1 if which == 1 else out2)[0]
 
     # -- terms ------------------------------------------------------------------------------
     def _site_probes(self, a: str) -> dict:
-        if a not in self._probes:
-            size = self.mt.sites[a].size
-            r = self.rng.standard_normal(size)
-            r2 = self.rng.standard_normal(size)
-            self._probes[a] = {
-                "r": r, "r2": r2,
-                "at1": self.jvp({a: r}, 1), "at2": self.jvp({a: r}, 2),
-            }
+        if not self._probes:
+            # Every site's probes at once (drawn in program order, as one site at a time would).
+            draws = {}
+            for n in self.names:
+                size = self.mt.sites[n].size
+                draws[n] = (self.rng.standard_normal(size), self.rng.standard_normal(size))
+            at1, at2 = self._push([{n: draws[n][0]} for n in self.names])
+            for i, n in enumerate(self.names):
+                self._probes[n] = {"r": draws[n][0], "r2": draws[n][1], "at1": at1[i], "at2": at2[i]}
         return self._probes[a]
 
     def depends(self, a: str, site: str, param: str | None = None) -> bool:
         pr = self._site_probes(a)
-        for out in (pr["at1"], pr["at2"]):
-            values = out[site].values() if param is None else [out[site][param]] if param in out[site] else []
-            if any(np.any(np.asarray(v) != 0) for v in values):
-                return True
-        return False
+        slices, n = self.layout[site]
+        if param is not None and param not in slices:
+            return False
+        part = slice(0, n) if param is None else slices[param]
+        start = self._offsets[site]
+        return any(np.any(out[start:start + n][part] != 0) for out in (pr["at1"], pr["at2"]))
 
     def classify(self, a: str) -> dict[str, tuple[str, Any, tuple[str, ...]]]:
         """For each observed site that reads ``a``: additive or not, its linear map, the params."""
@@ -256,8 +322,8 @@ class _Probe:
                 found[y] = ("local", None, params)
                 continue
             if gather_probe is None:
-                gather_probe = (self.jvp({a: np.ones(size)}), self.jvp({a: np.arange(size, dtype=float)}),
-                                self.jvp({a: pr["r2"]}))
+                gather_probe = tuple(self._push([{a: np.ones(size)}, {a: np.arange(size, dtype=float)},
+                                                 {a: pr["r2"]}])[0])
             lmap = self._gather(y, size, gather_probe, pr["r2"])
             if lmap is None and (size <= DENSE_MAX_SIZE or size * v1.size <= DENSE_MAX_ENTRIES):
                 lmap = DenseMap(self.dense_jacobian(a, y))
@@ -282,16 +348,11 @@ class _Probe:
         key = (a, y)
         if key not in self._dense_cache:
             size = self.mt.sites[a].size
-            slices, _ = self.layout[y]
-
-            def column(t):
-                out = self.lin1(self._tangent({a: t}))[y]
-                return jnp.concatenate([jnp.ravel(out[p]) for p in slices]) if slices else jnp.zeros(0)
-
-            basis_fn = jax.jit(jax.vmap(column))
-            blocks = [np.asarray(basis_fn(jnp.asarray(np.eye(size, dtype=np.float32)[s:s + 64])))
-                      for s in range(0, size, 64)]
-            self._dense_cache[key] = np.concatenate(blocks, axis=0).T.astype(np.float64)
+            eye = np.eye(size, dtype=np.float32)
+            columns, _ = self._push([{a: eye[i]} for i in range(size)])
+            start = self._offsets[y]
+            block = columns[:, start:start + self.layout[y][1]] if size else np.zeros((0, self.layout[y][1]))
+            self._dense_cache[key] = block.T.astype(np.float64)
         return self._dense_cache[key]
 
     # -- pairs ------------------------------------------------------------------------------
@@ -299,8 +360,8 @@ class _Probe:
         """Relative change of y's parameters along a random direction (U r, -E r)."""
         r = self.rng.standard_normal(sub.dim)
         da, db = sub.U @ r, -(sub.E @ r)
-        moved = self._flat(self.jvp({a: da, b: db}), y)
-        alone = self._flat(self.jvp({a: da}), y)
+        both, _ = self._push([{a: da, b: db}, {a: da}])
+        moved, alone = self._flat(both[0], y), self._flat(both[1], y)
         if rows is not None:
             moved, alone = moved[rows], alone[rows]
         return float(np.linalg.norm(moved) / max(np.linalg.norm(alone), 1e-30))

@@ -337,6 +337,23 @@ def _import_analysis(run: _Run) -> None:
     finally:
         run.deferring = False
     run.check()
+    _use_compilation_cache(os.environ.get(COMPILATION_CACHE_VARIABLE))
+
+
+COMPILATION_CACHE_VARIABLE = "AUTOREPARAM_COMPILATION_CACHE"
+
+
+def _use_compilation_cache(path: str | None) -> None:
+    """Opt-in: keep JAX's compiled programs in ``path`` (``AUTOREPARAM_COMPILATION_CACHE``), so
+    that running the CLI again on a model of the same shapes skips XLA's compilations."""
+    if not path:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
+    # Every program, however small or quick to compile: the analysis compiles many small ones.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

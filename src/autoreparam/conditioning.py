@@ -32,7 +32,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions import biject_to
 from numpyro.primitives import Messenger
 
-from .trace import log_joint, unwrap_distribution
+from .trace import jit_quick, log_joint, unwrap_distribution
 
 __all__ = ["ReparamGeometry", "condition_number", "guard_items", "check_plan_sites"]
 
@@ -143,9 +143,11 @@ class ReparamGeometry:
             logp, cov = run(u, knobs, False)
             return -(logp + cov.log_jacobian)
 
-        self._to_u = jax.jit(to_unconstrained)
-        self._value = jax.jit(neg_log_joint)
+        size = sum(s.size for s in mt.sites.values())
+        self._to_u = jit_quick(to_unconstrained, size)
+        self._value = jit_quick(neg_log_joint, size)
         grad = jax.grad(neg_log_joint)
+        # XLA's defaults for the HVPs: the Lanczos iterations call them hundreds of times.
         self._hvp = jax.jit(lambda u, knobs, t: jax.jvp(lambda x: grad(x, knobs), (u,), (t,))[1])
         self._hvp_many = jax.jit(jax.vmap(lambda u, knobs, t: jax.jvp(lambda x: grad(x, knobs), (u,), (t,))[1],
                                           in_axes=(None, None, 0)))

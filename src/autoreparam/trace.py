@@ -8,6 +8,7 @@ continuous latent site is drawn uniformly in (-2, 2) of its unconstrained space.
 
 from __future__ import annotations
 
+import functools
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -123,6 +124,72 @@ def data_evaluated_eagerly():
     """
     with jax.ensure_compile_time_eval():
         yield
+
+
+@contextmanager
+def data_staged():
+    """Undo ``data_evaluated_eagerly`` inside: stage every operation under jit or ``eval_shape``.
+
+    A shape-only trace under ``data_evaluated_eagerly`` would run every operation on the data
+    (and on the seeded random keys) eagerly, each one compiled on its own: try it staged first.
+    """
+    from jax._src.config import eager_constant_folding
+
+    with eager_constant_folding(False):
+        yield
+
+
+def staged_if_possible(fn: Callable) -> Callable:
+    """``fn`` traced with the data staged (``data_staged``), or, when the model's Python code
+    needs the data's values, with the data evaluated eagerly. Wrap what jit or eval_shape traces."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            with data_staged():
+                return fn(*args, **kwargs)
+        except _TRACER_ERRORS:
+            with data_evaluated_eagerly():
+                return fn(*args, **kwargs)
+
+    return wrapped
+
+
+# XLA options for the analysis's own programs: each runs a few times on a small model, so
+# compiling (3x faster without LLVM's optimisations and the new fusion emitters, measured on
+# the tensor example) costs more than running. Elementwise IEEE arithmetic is the same either way.
+QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+QUICK_COMPILE_MAX_SIZE = 200_000  # programs on more values than this compile with XLA's defaults
+
+
+def jit_quick(fn: Callable, size: int = 0) -> Callable:
+    """``jax.jit(fn)``, compiled with ``QUICK_COMPILE_OPTIONS`` when ``size`` (the number of
+    values the program handles) is at most ``QUICK_COMPILE_MAX_SIZE``.
+
+    >>> double = jit_quick(lambda x: 2 * x)
+    >>> double(jnp.arange(3.0))
+    Array([0., 2., 4.], dtype=float32)
+    """
+    jitted = jax.jit(fn)
+    if size > QUICK_COMPILE_MAX_SIZE:
+        return jitted
+    compiled = {}
+
+    @functools.wraps(fn)
+    def call(*args):
+        leaves, tree = jax.tree.flatten(args)
+        key = (tree, tuple((np.shape(x), jnp.result_type(x), isinstance(x, jax.core.Tracer)) for x in leaves))
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):
+            return jitted(*args)  # inside a transformation: an ordinary jit
+        if key not in compiled:
+            lowered = jitted.lower(*args)
+            try:
+                compiled[key] = lowered.compile(compiler_options=QUICK_COMPILE_OPTIONS)
+            except Exception:  # noqa: BLE001 - an XLA without these options: its defaults
+                compiled[key] = lowered.compile()
+        return compiled[key](*args)
+
+    return call
 
 
 def unwrap_distribution(fn):
@@ -392,15 +459,25 @@ class ModelTrace:
 
     def point(self, rng_seed: int) -> dict[str, jax.Array]:
         """Values of all latent sample sites, uniform in (-2, 2) of the unconstrained space."""
-        model = handlers.substitute(
-            handlers.seed(self.model, rng_seed), substitute_fn=init_to_uniform(radius=2)
-        )
-        tr = _run_guarded(lambda: handlers.trace(model).get_trace(*self.args, **self.kwargs))
-        return {
-            n: s["value"]
-            for n, s in tr.items()
-            if s["type"] == "sample" and not s["is_observed"]
-        }
+        @staged_if_possible
+        def draw(seed):
+            # One compiled program (the seed is an argument, so nothing is folded at compile time)
+            # rather than one compiled operation per sampling step.
+            model = handlers.substitute(handlers.seed(self.model, seed), substitute_fn=init_to_uniform(radius=2))
+            tr = _run_guarded(lambda: handlers.trace(model).get_trace(*self.args, **self.kwargs))
+            return {
+                n: s["value"]
+                for n, s in tr.items()
+                if s["type"] == "sample" and not s["is_observed"]
+            }
+
+        jitted = self.__dict__.get("_draw")
+        if jitted is None:
+            jitted = self.__dict__["_draw"] = jit_quick(draw, sum(s.size for s in self.sites.values()))
+        try:
+            return jitted(np.int32(rng_seed))
+        except _TRACER_ERRORS:  # the model needs a seeded value (a numpy index by a random subsample)
+            return draw(rng_seed)
 
 
 _LIBRARY_MODULES = ("jax", "jaxlib", "numpyro", "numpy", "autoreparam", "contextlib", "functools")
@@ -505,7 +582,17 @@ def trace_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -
         return 0
 
     try:
-        jax.eval_shape(shape_run)
+        try:
+            with data_staged():
+                jax.eval_shape(shape_run)
+        except _TRACER_ERRORS:
+            # Python code on the data values (``int(idx.max())``): evaluate the data eagerly if
+            # the caller asked for it (``data_evaluated_eagerly``), else the eager run below.
+            from jax._src.config import eager_constant_folding
+
+            if not eager_constant_folding.value:
+                raise
+            jax.eval_shape(shape_run)
     except _TRACER_ERRORS:
         # The model's Python code looks at data values (e.g. ``int(idx.max())``): run it eagerly.
         shape_only = False
@@ -581,17 +668,18 @@ def site_dependencies(mt: ModelTrace, values: dict[str, Any]) -> dict[str, set[s
     """
     from numpyro.ops.provenance import eval_provenance
 
-    tr = mt.run(values)
-    inputs = {
-        n: jnp.asarray(s["value"])
-        for n, s in tr.items()
-        if s["type"] in ("deterministic", "param") or (s["type"] == "sample" and not s["is_observed"])
-    }
+    def input_values():
+        tr = mt.run(values)
+        return {
+            n: jnp.asarray(s["value"])
+            for n, s in tr.items()
+            if s["type"] in ("deterministic", "param") or (s["type"] == "sample" and not s["is_observed"])
+        }
 
+    @staged_if_possible
     def outputs(**inp):
         keep = _KeepComputedDeterministic()
-        with data_evaluated_eagerly(), handlers.trace() as tr2, handlers.seed(rng_seed=0), \
-                handlers.substitute(data=inp), keep:
+        with handlers.trace() as tr2, handlers.seed(rng_seed=0), handlers.substitute(data=inp), keep:
             mt.model(*mt.args, **mt.kwargs)
         out = {}
         for name, site in tr2.items():
@@ -604,6 +692,7 @@ def site_dependencies(mt: ModelTrace, values: dict[str, Any]) -> dict[str, set[s
         return out
 
     try:
+        inputs = jax.eval_shape(staged_if_possible(input_values))  # only their shapes are needed
         prov = eval_provenance(outputs, **inputs)
     except Exception:  # noqa: BLE001 - abstract tracing is best effort; JVP probes are the fallback
         return None
@@ -681,8 +770,9 @@ def log_joint(mt: ModelTrace, values: dict[str, Any], handler: Messenger | None 
     """The model's log joint density at ``values``, seeded as every other run (seed 0).
 
     ``fixed`` site values are substituted first; ``handler`` (a NumPyro handler made without a
-    function, such as a change of variables) then wraps the model. The inputs are closed over
-    and evaluated eagerly under jit: a model may compute sizes or numpy indices from its data.
+    function, such as a change of variables) then wraps the model. The inputs are closed over:
+    staged with the latent values, or evaluated eagerly under jit when the model computes sizes
+    or numpy indices from its data (``staged_if_possible``).
     """
     from numpyro.infer.util import log_density
 
@@ -691,6 +781,5 @@ def log_joint(mt: ModelTrace, values: dict[str, Any], handler: Messenger | None 
         model = handlers.substitute(model, data=fixed)
     if handler is not None:
         model = handler(model)
-    with data_evaluated_eagerly():
-        return log_density(model, mt.args, mt.kwargs, values)[0]
+    return staged_if_possible(lambda: log_density(model, mt.args, mt.kwargs, values)[0])()
 

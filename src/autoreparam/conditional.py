@@ -1,0 +1,513 @@
+"""The conditional p(z | theta, y) of a conditionally Gaussian block, matrix-free.
+
+Given the hyperparameters theta, the log joint in the flattened block z is
+
+    log p(y, z, theta) = -1/2 z^T H z + b^T z + c          (Normal likelihoods: exact)
+
+and for Bernoulli/Binomial logits or a Poisson log rate it is concave in z and is replaced
+by its Laplace approximation at the conditional mode (Newton-CG). ``H v`` is minus a
+Hessian-vector product of the model's log joint (``jax.linearize`` of ``jax.grad``), so H is
+never formed above ``dense_below``; neither is any matrix of the size of the data.
+
+- **Mean / mode.** Jacobi-preconditioned conjugate gradients (relative residual ``tol``) on
+  ``H m = b``; Laplace blocks take damped Newton steps, each solved by the same CG. The
+  preconditioner is the exact diagonal of H, read off a few HVPs with probe vectors: the
+  elements of each site are split into classes ``d mod k`` whose within-class Hessian is
+  diagonal (``k`` found numerically at construction; e.g. 1 for ``a[i]``, 2 for a random walk).
+- **Draws by perturbation-optimisation.** ``z = m + H^-1 eps`` with ``eps ~ N(0, H)``: ``eps``
+  is the gradient of the latent log densities at an ancestral prior draw (covariance: the prior
+  precision) plus the gradient of the likelihoods at ``m`` with the observations redrawn from
+  the likelihood at ``m`` (covariance J^T W J, the Laplace curvature for canonical links).
+  A term under ``handlers.scale(s)`` enters the noise with ``sqrt(s)``, so its covariance is
+  ``s`` times its curvature, as in H; masked terms contribute nothing to either.
+- **Dense path** (block size ``<= dense_below``): H from HVPs against the identity, Cholesky,
+  exact mean, draws (the same ``eps``) and ``log det H``.
+
+Everything runs in float64 inside a local ``jax.enable_x64`` context, whatever the caller uses:
+theta is upcast on entry and results are returned in the caller's default float dtype
+(float32 when x64 is off, which rounds the float64 result once at the end).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro import handlers
+
+from .block import LIKELIHOOD_LINKS, GaussianBlock
+from .errors import InputError, ModelError
+from .trace import trace_model, unwrap_distribution
+
+__all__ = ["BlockConditional", "DENSE_BELOW", "DENSE_LIMIT"]
+
+#: Block size up to which the dense Cholesky path is used by ``method="auto"``: measured on this
+#: 2-core machine by ``benchmarks/bench_conditional.py`` (see benchmarks/README.md).
+DENSE_BELOW = 512
+#: Largest block the dense path accepts at all (a D x D float64 matrix of ~290 MB).
+DENSE_LIMIT = 6000
+
+_PROBE_PERIODS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64)
+_MAP_BATCH = 64
+
+
+def _caller_float():
+    """The float dtype results are returned in: the caller's default (float32 when x64 is off)."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def _site_key(key, name):
+    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _pcg(matvec, rhs, inv_diag, tol, maxiter):
+    """Jacobi-preconditioned CG from 0; stops at ||r|| <= tol ||rhs||. Returns (x, iterations)."""
+    rhs_norm = jnp.linalg.norm(rhs)
+
+    def cond(state):
+        _, r, _, _, _, it = state
+        return (jnp.linalg.norm(r) > tol * rhs_norm) & (it < maxiter)
+
+    def body(state):
+        x, r, p, zr, rz, it = state
+        hp = matvec(p)
+        alpha = rz / jnp.vdot(p, hp)
+        x = x + alpha * p
+        r = r - alpha * hp
+        zr = inv_diag * r
+        rz_new = jnp.vdot(r, zr)
+        p = zr + (rz_new / rz) * p
+        return x, r, p, zr, rz_new, it + 1
+
+    zr = inv_diag * rhs
+    state = (jnp.zeros_like(rhs), rhs, zr, zr, jnp.vdot(rhs, zr), jnp.asarray(0))
+    x, *_, it = jax.lax.while_loop(cond, body, state)
+    return x, it
+
+
+class BlockConditional:
+    """The conditional of ``block`` given theta in ``model(*args, **kwargs)``: mean, draws, marginal.
+
+    ``theta`` is always a dict of CONSTRAINED values of the sites in ``block.theta``; every
+    method is a pure function of its arguments (jit/vmap safe). ``method``: ``"cg"``
+    (matrix-free), ``"dense"`` (Cholesky; block size at most ``DENSE_LIMIT``) or ``"auto"``
+    (dense up to ``dense_below``). ``tol``: CG relative residual; ``maxiter``: CG iterations
+    (default ``10 * size``); Newton stops when the Newton decrement is below ``newton_tol``.
+
+    >>> import numpyro, numpyro.distributions as dist
+    >>> from autoreparam.block import BlockSite, BlockLikelihood, GaussianBlock
+    >>> def model(y):
+    ...     s = numpyro.sample("s", dist.HalfNormal(1.0))
+    ...     a = numpyro.sample("a", dist.Normal(0.0, s).expand([2]).to_event(1))
+    ...     numpyro.sample("y", dist.Normal(a, 1.0).to_event(1), obs=y)
+    >>> block = GaussianBlock((BlockSite("a", (2,), "Normal"),),
+    ...                       (BlockLikelihood("y", "Normal", "identity"),), ("s",))
+    >>> cond = BlockConditional(model, block, (np.array([2.0, -4.0]),))
+    >>> np.asarray(cond.mean({"s": 1.0})["a"]).round(6)     # prior precision 1 + data precision 1
+    array([ 1., -2.], dtype=float32)
+    >>> round(float(cond.log_marginal({"s": 1.0})), 4)   # y ~ N(0, 2 I)
+    -7.5310
+    """
+
+    def __init__(self, model: Callable, block: GaussianBlock, args: tuple = (), kwargs: dict | None = None,
+                 *, method: str = "auto", tol: float = 1e-8, maxiter: int | None = None,
+                 dense_below: int = DENSE_BELOW, newton_tol: float = 1e-12, newton_maxiter: int = 50,
+                 seed: int = 0):
+        if method not in ("auto", "cg", "dense"):
+            raise InputError(f"BlockConditional: method must be 'auto', 'cg' or 'dense', got {method!r}")
+        if not block.sites:
+            raise InputError("BlockConditional: the block has no sites; expected at least one Gaussian latent site")
+        for site in block.sites:
+            if site.size == 0:
+                raise InputError(f"BlockConditional: block site '{site.name}' has size 0 (shape {site.shape})")
+        for lik in block.likelihoods:
+            if lik.family not in LIKELIHOOD_LINKS:
+                raise ModelError(
+                    f"BlockConditional: likelihood site '{lik.name}' is {lik.family}; expected one of "
+                    f"{', '.join(sorted(LIKELIHOOD_LINKS))}")
+        if method == "dense" and block.size > DENSE_LIMIT:
+            raise InputError(
+                f"BlockConditional: block ({', '.join(block.names)}) has size {block.size}, above "
+                f"DENSE_LIMIT={DENSE_LIMIT} for method='dense'; use method='cg'")
+        self.model = model
+        self.block = block
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        self.size = block.size
+        self.exact = block.exact
+        self.dense = method == "dense" or (method == "auto" and self.size <= dense_below)
+        self.tol = float(tol)
+        self.maxiter = int(maxiter) if maxiter is not None else 10 * self.size
+        self.newton_tol = float(newton_tol)
+        self.newton_maxiter = int(newton_maxiter)
+        self._block_names = block.names
+        self._lik_names = tuple(lik.name for lik in block.likelihoods)
+        with jax.enable_x64(True):
+            self._check_model(seed)
+            self._probes = self._find_probes(seed)
+
+    # ----------------------------------------------------------------- model evaluation
+
+    def _run(self, values: dict, substitute_fn=None):
+        model = handlers.seed(self.model, 0)  # fixed: any other randomness is the same on every run
+        if substitute_fn is None:
+            model = handlers.substitute(model, data=values)
+        else:
+            model = handlers.substitute(model, substitute_fn=substitute_fn)
+        return handlers.trace(model).get_trace(*self.args, **self.kwargs)
+
+    @staticmethod
+    def _log_terms(trace, names, power=1.0, values=None):
+        """Sum of scale**power * log_prob over ``names`` (observed values may be replaced)."""
+        total = jnp.zeros((), jnp.float64)
+        for name in names:
+            site = trace[name]
+            value = site["value"] if values is None or name not in values else values[name]
+            log_prob = site["fn"].log_prob(value)
+            if site["scale"] is not None:
+                log_prob = log_prob * jnp.asarray(site["scale"]) ** power
+            total = total + jnp.sum(log_prob)
+        return total
+
+    def _unravel(self, flat):
+        out, offset = {}, 0
+        for site in self.block.sites:
+            out[site.name] = flat[..., offset:offset + site.size].reshape(flat.shape[:-1] + site.shape)
+            offset += site.size
+        return out
+
+    def _ravel(self, z: dict):
+        return jnp.concatenate([jnp.ravel(jnp.asarray(z[s.name], jnp.float64)) for s in self.block.sites])
+
+    def _sample_names(self, trace):
+        return [n for n, s in trace.items() if s["type"] == "sample"]
+
+    def _log_joint(self, theta, z):
+        tr = self._run({**theta, **self._unravel(z)})
+        return self._log_terms(tr, self._sample_names(tr))
+
+    def _grad(self, theta, z):
+        return jax.grad(lambda zz: self._log_joint(theta, zz))(z)
+
+    def _hvp_at(self, theta, z):
+        """(g, v -> H v) at z, with H minus the Hessian of the log joint in z."""
+        g, lin = jax.linearize(lambda zz: self._grad(theta, zz), z)
+        return g, lambda v: -lin(v)
+
+    def _diag(self, matvec):
+        probes = jnp.asarray(self._probes)
+        return jnp.sum(probes * jax.lax.map(matvec, probes, batch_size=_MAP_BATCH), axis=0)
+
+    def _dense_H(self, matvec):
+        H = jax.lax.map(matvec, jnp.eye(self.size), batch_size=_MAP_BATCH)
+        return 0.5 * (H + H.T)
+
+    # ----------------------------------------------------------------- construction checks
+
+    def _theta_point(self, seed):
+        """The model's sites, and theta drawn from its prior (a generic point for the checks)."""
+        mt = trace_model(self.model, self.args, self.kwargs)
+
+        def draw():
+            tr = handlers.trace(handlers.seed(self.model, seed)).get_trace(*self.args, **self.kwargs)
+            return {n: tr[n]["value"] for n in self.block.theta if n in tr}
+
+        try:
+            theta = jax.jit(draw)()
+        except jax.errors.ConcretizationTypeError:
+            theta = draw()  # the model's Python code needs concrete data values
+        return mt, {n: jnp.asarray(v, jnp.float64) for n, v in theta.items()}
+
+    def _check_model(self, seed):
+        mt, theta = self._theta_point(seed)
+        for name in self._block_names + tuple(self.block.theta):
+            if name not in mt.sites or mt.sites[name].type != "latent":
+                raise ModelError(f"BlockConditional: site '{name}' of the block is not a latent site of the model")
+        for name in self._lik_names:
+            if name not in mt.sites or mt.sites[name].type != "observed":
+                raise ModelError(f"BlockConditional: likelihood site '{name}' is not an observed site of the model")
+        for name in self._block_names + self._lik_names:
+            for plate in mt.sites[name].plates:
+                if plate.subsample_size < plate.size:
+                    raise ModelError(
+                        f"BlockConditional: site '{name}' is in subsampled plate '{plate.name}' "
+                        f"({plate.subsample_size} of {plate.size}); the exact conditional needs the full plate")
+        self._theta0 = theta
+        z0 = jax.random.normal(jax.random.PRNGKey(seed + 1), (self.size,), jnp.float64)
+        tr = self._run({**theta, **self._unravel(z0)})
+        for lik in self.block.likelihoods:
+            family = type(unwrap_distribution(tr[lik.name]["fn"])).__name__
+            if family not in LIKELIHOOD_LINKS:
+                raise ModelError(
+                    f"BlockConditional: likelihood site '{lik.name}' is {family} in the model; expected one of "
+                    f"{', '.join(sorted(LIKELIHOOD_LINKS))}")
+        others = [n for n, s in tr.items() if s["type"] == "sample" and s["is_observed"] and n not in self._lik_names]
+        for name in others:
+            g = jax.jit(jax.grad(lambda zz, n=name: self._log_terms(self._run({**theta, **self._unravel(zz)}), [n])))(z0)
+            if bool(jnp.any(g != 0)):
+                raise ModelError(
+                    f"BlockConditional: observed site '{name}' depends on the block but is not one of its "
+                    f"likelihoods ({', '.join(self._lik_names) or 'none'})")
+
+    def _find_probes(self, seed):
+        """Probe vectors whose HVPs give diag(H) exactly: per site, classes ``d mod k``.
+
+        A class C is valid when H restricted to C is diagonal, tested with random weights r:
+        (H (r * 1_C)) / r equals H 1_C on C exactly when no two members of C interact.
+        The smallest valid k in ``_PROBE_PERIODS`` is used, else one probe per element.
+        """
+        theta = self._theta0
+        z0 = jax.random.normal(jax.random.PRNGKey(seed + 2), (self.size,), jnp.float64)
+        batched = jax.jit(lambda rows: jax.vmap(self._hvp_at(theta, z0)[1])(rows))
+
+        def hvps(rows):
+            pad = -len(rows) % _MAP_BATCH
+            padded = np.concatenate([rows, np.zeros((pad, self.size))])
+            out = [np.asarray(batched(jnp.asarray(padded[i:i + _MAP_BATCH])))
+                   for i in range(0, len(padded), _MAP_BATCH)]
+            return np.concatenate(out)[:len(rows)]
+
+        rng = np.random.default_rng(seed)
+        probes, offset = [], 0
+        for site in self.block.sites:
+            n = site.size
+            chosen = np.zeros((n, self.size))
+            chosen[np.arange(n), offset + np.arange(n)] = 1.0
+            weights = np.zeros(self.size)
+            weights[offset:offset + n] = rng.uniform(1.0, 2.0, n) * rng.choice([-1.0, 1.0], n)
+            for k in (k for k in _PROBE_PERIODS if k < n):
+                classes = np.zeros((k, self.size))
+                for c in range(k):
+                    classes[c, offset + np.arange(c, n, k)] = 1.0
+                out = hvps(np.concatenate([classes, classes * weights]))
+                plain = out[:k] * classes
+                weighted = out[k:] * classes / np.where(classes > 0, weights, 1.0)
+                if np.allclose(plain, weighted, rtol=1e-7, atol=1e-9 * np.abs(plain).max()):
+                    chosen = classes
+                    break
+            probes.append(chosen)
+            offset += n
+        return np.concatenate(probes, axis=0)
+
+    # ----------------------------------------------------------------- solves
+
+    def _as_theta(self, theta: dict) -> dict:
+        missing = [n for n in self.block.theta if n not in theta]
+        if missing:
+            raise InputError(f"BlockConditional: theta is missing site '{missing[0]}' (expected {list(self.block.theta)})")
+        return {n: jnp.asarray(theta[n], jnp.float64) if jnp.issubdtype(jnp.asarray(theta[n]).dtype, jnp.floating)
+                else jnp.asarray(theta[n]) for n in self.block.theta}
+
+    def _solver(self, matvec):
+        """A differentiable linear solve with H (CG or Cholesky), and its iteration count."""
+        if self.dense:
+            chol = jnp.linalg.cholesky(self._dense_H(matvec))
+            return (lambda rhs: (jax.scipy.linalg.cho_solve((chol, True), rhs), jnp.asarray(0))), chol
+        inv_diag = jax.lax.stop_gradient(1.0 / self._diag(matvec))
+
+        def solve(rhs):
+            def inner(mv, r):
+                return _pcg(mv, r, inv_diag, self.tol, self.maxiter)
+            return jax.lax.custom_linear_solve(matvec, rhs, inner, symmetric=True, has_aux=True)
+        return solve, None
+
+    def _mode(self, theta, init):
+        """The conditional mean (exact) or mode (Laplace), with one differentiable final step."""
+        z = jnp.zeros(self.size, jnp.float64) if init is None else jax.lax.stop_gradient(init)
+        iterations = jnp.asarray(0)
+        if not self.exact:
+            z, iterations = self._newton(jax.lax.stop_gradient(theta), z)
+        # One (Newton) step from the stop-gradient point: exact for a quadratic, and at the mode
+        # it has the implicit-function derivative dm/dtheta.
+        g, matvec = self._hvp_at(theta, z)
+        solve, chol = self._solver(matvec)
+        step, it = solve(g)
+        return z + step, matvec, solve, chol, iterations + it
+
+    def _newton(self, theta, z):
+        f = lambda zz: self._log_joint(theta, zz)
+
+        def cond(state):
+            _, decrement, it, _ = state
+            return (decrement > self.newton_tol) & (it < self.newton_maxiter)
+
+        def body(state):
+            z, _, it, cg_its = state
+            g, matvec = self._hvp_at(theta, z)
+            solve, _ = self._solver(matvec)
+            d, cg_it = solve(g)
+            slope = jnp.vdot(g, d)  # Newton decrement squared, > 0
+            f0 = f(z)
+
+            # Backtracking (Armijo) on the log joint: Poisson rates can make a full step overshoot.
+            def ls_cond(s):
+                alpha, k = s
+                return (f(z + alpha * d) < f0 + 1e-4 * alpha * slope) & (k < 30)
+
+            alpha, _ = jax.lax.while_loop(ls_cond, lambda s: (0.5 * s[0], s[1] + 1), (jnp.asarray(1.0), 0))
+            return z + alpha * d, slope, it + 1, cg_its + cg_it
+
+        state = (z, jnp.asarray(jnp.inf), jnp.asarray(0), jnp.asarray(0))
+        z, _, _, cg_its = jax.lax.while_loop(cond, body, state)
+        return z, cg_its
+
+    def _noise(self, key, theta, m):
+        """eps ~ N(0, H(m)): prior-gradient noise plus redrawn-likelihood gradient noise."""
+        key_prior, key_lik = jax.random.split(key)
+        latent_names = None
+
+        def draw_prior(msg):
+            if msg["type"] != "sample" or msg["is_observed"]:
+                return None
+            if msg["name"] in theta:
+                return theta[msg["name"]]
+            if msg["name"] in self._block_names:
+                return msg["fn"].sample(_site_key(key_prior, msg["name"]))
+            return None
+
+        tr = self._run(None, substitute_fn=draw_prior)
+        z_prior = self._ravel({n: tr[n]["value"] for n in self._block_names})
+        latent_names = [n for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]]
+
+        def prior_terms(z):
+            return self._log_terms(self._run({**theta, **self._unravel(z)}), latent_names, power=0.5)
+
+        def lik_terms(z):
+            tr = self._run({**theta, **self._unravel(z)})
+            redrawn = {n: jax.lax.stop_gradient(tr[n]["fn"].sample(_site_key(key_lik, n))) for n in self._lik_names}
+            return self._log_terms(tr, self._lik_names, power=0.5, values=redrawn)
+
+        return jax.grad(prior_terms)(z_prior) + jax.grad(lik_terms)(m)
+
+    # ----------------------------------------------------------------- public API
+
+    def flatten(self, z: dict) -> jax.Array:
+        """The flat float64 vector of a dict of block values (``block.sites`` order, row-major)."""
+        with jax.enable_x64(True):
+            return self._ravel(z)
+
+    def unflatten(self, flat) -> dict:
+        """The dict of block values of a flat vector (inverse of ``flatten``)."""
+        with jax.enable_x64(True):
+            return self._unravel(jnp.asarray(flat, jnp.float64))
+
+    def _out(self, z_flat, dtype):
+        return {n: v.astype(dtype) for n, v in self._unravel(z_flat).items()}
+
+    def mean(self, theta: dict, init: dict | None = None) -> dict:
+        """The conditional mean (Normal likelihoods) or mode (Laplace) of every block site.
+
+        ``init`` (a dict of block values, e.g. the previous mode) only warm-starts the solve.
+        Differentiable in theta (implicit function theorem through a final Newton step).
+        """
+        dtype = _caller_float()
+        with jax.enable_x64(True):
+            theta = self._as_theta(theta)
+            init_flat = None if init is None else self._ravel(init)
+            m = self._mode(theta, init_flat)[0]
+            return self._out(m, dtype)
+
+    def sample(self, key, theta: dict, num_draws: int | None = None, *, init: dict | None = None,
+               return_info: bool = False):
+        """Exact draws from N(m, H^-1) (Laplace: H at the mode), one CG solve per draw.
+
+        Returns a dict of block values, with a leading ``num_draws`` axis when it is given;
+        with ``return_info`` also ``{"mean": ..., "iterations": CG iterations per draw,
+        "mode_iterations": CG iterations of the mean/mode solve}``.
+        """
+        dtype = _caller_float()
+        with jax.enable_x64(True):
+            theta = self._as_theta(theta)
+            init_flat = None if init is None else self._ravel(init)
+            z, draw_its, m, mode_its = self._draws(key, theta, num_draws, init_flat)
+            if num_draws is None:
+                out = self._out(z, dtype)
+            else:
+                out = {n: v.astype(dtype) for n, v in self._unravel(z).items()}
+            if return_info:
+                return out, {"mean": self._out(m, dtype), "iterations": draw_its, "mode_iterations": mode_its}
+            return out
+
+    def _draws(self, key, theta, num_draws, init_flat):
+        m, matvec, solve, _, mode_its = self._mode(theta, init_flat)
+
+        def one(k):
+            step, it = solve(self._noise(k, theta, m))
+            return m + step, it
+
+        if num_draws is None:
+            z, its = one(key)
+        else:
+            z, its = jax.vmap(one)(jax.random.split(key, num_draws))
+        return z, its, m, mode_its
+
+    def sample_weighted(self, key, theta: dict, num_draws: int, *, init: dict | None = None):
+        """``num_draws`` draws and their self-normalised log importance weights.
+
+        log w_i = log p(y, z_i, theta) - log N(z_i; m, H^-1) + const, normalised so that
+        ``logsumexp(log_w) == 0``; uniform (all ``-log num_draws``) up to rounding for exact blocks.
+        """
+        dtype = _caller_float()
+        with jax.enable_x64(True):
+            theta = self._as_theta(theta)
+            init_flat = None if init is None else self._ravel(init)
+            m, matvec, solve, _, _ = self._mode(theta, init_flat)
+
+            def one(k):
+                eps = self._noise(k, theta, m)
+                step, _ = solve(eps)
+                z = m + step
+                # (z - m)^T H (z - m) = step . eps, so no further HVP is needed.
+                return z, self._log_joint(theta, z) + 0.5 * jnp.vdot(step, eps)
+
+            z, log_w = jax.vmap(one)(jax.random.split(key, num_draws))
+            log_w = log_w - jax.scipy.special.logsumexp(log_w)
+            draws = {n: v.astype(dtype) for n, v in self._unravel(z).items()}
+            return draws, log_w.astype(dtype)
+
+    def log_marginal(self, theta: dict) -> jax.Array:
+        """log p(y, theta) = log integral of p(y, z, theta) dz (Laplace approximation for Laplace blocks).
+
+        Exact (dense Cholesky of H) for Normal blocks on the dense path; differentiable in theta.
+        Above ``dense_below`` (the CG path) it raises: log det H needs a factorisation.
+        """
+        if not self.dense:
+            raise InputError(
+                f"BlockConditional.log_marginal: block ({', '.join(self._block_names)}) has size {self.size}, "
+                f"above dense_below; log det H needs method='dense' (size at most {DENSE_LIMIT})")
+        dtype = _caller_float()
+        with jax.enable_x64(True):
+            theta = self._as_theta(theta)
+            m, _, _, chol, _ = self._mode(theta, None)
+            log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+            value = self._log_joint(theta, m) + 0.5 * self.size * math.log(2 * math.pi) - 0.5 * log_det
+            return value.astype(dtype)
+
+    def precision(self, theta: dict, at: dict | None = None) -> jax.Array:
+        """Dense H (flat order of ``flatten``) at the mean/mode or at ``at``: small blocks only (tests)."""
+        self._check_dense_size("precision")
+        dtype = _caller_float()
+        with jax.enable_x64(True):
+            theta = self._as_theta(theta)
+            z = self._mode(theta, None)[0] if at is None else self._ravel(at)
+            return self._dense_H(self._hvp_at(theta, z)[1]).astype(dtype)
+
+    def covariance(self, theta: dict) -> jax.Array:
+        """Dense H^-1 at the mean/mode (flat order of ``flatten``): small blocks only (tests)."""
+        self._check_dense_size("covariance")
+        dtype = _caller_float()
+        with jax.enable_x64(True):
+            theta = self._as_theta(theta)
+            m = self._mode(theta, None)[0]
+            H = self._dense_H(self._hvp_at(theta, m)[1])
+            return jnp.linalg.inv(H).astype(dtype)
+
+    def _check_dense_size(self, what):
+        if self.size > DENSE_LIMIT:
+            raise InputError(
+                f"BlockConditional.{what}: block ({', '.join(self._block_names)}) has size {self.size}, "
+                f"above DENSE_LIMIT={DENSE_LIMIT}")

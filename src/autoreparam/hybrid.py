@@ -37,31 +37,15 @@ from numpyro.infer import Trace_ELBO
 from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.initialization import init_to_median
 from numpyro.infer.util import log_density
-from numpyro.primitives import Messenger
 
-from .block import GaussianBlock
+from .block import BlockLikelihood, BlockSite, GaussianBlock  # noqa: F401 (doctest)
 from .conditional import BlockConditional
 from .errors import InputError, ModelError
+from .trace import isolated_from_handlers
 
 __all__ = ["AutoHybrid", "HybridELBO", "THETA_GUIDES"]
 
 THETA_GUIDES = ("normal", "lowrank", "full")
-
-
-class _FillObserved(Messenger):
-    """Observe the block's likelihood sites at the data the guide was set up with, where a call
-    leaves them unobserved (``Predictive(model, guide=guide, ...)(key, x, y=None)``): the
-    conditional of z needs y even when the model is asked to predict it."""
-
-    def __init__(self, fn=None, data=None):
-        self.data = data or {}
-        super().__init__(fn)
-
-    def process_message(self, msg):
-        if msg["type"] != "sample" or msg["is_observed"] or msg["name"] not in self.data:
-            return
-        msg["value"] = self.data[msg["name"]]
-        msg["is_observed"] = True
 
 
 def _concrete(x) -> bool:
@@ -148,7 +132,6 @@ class AutoHybrid(AutoGuide):
             if tr[n]["fn"].support.is_discrete:
                 raise ModelError(f"AutoHybrid: site '{n}' is a discrete latent site outside the block; "
                                  "q(theta) needs continuous theta (marginalise it, e.g. by enumeration)")
-        observed = {}
         for lik in block.likelihoods:
             site = tr.get(lik.name)
             if site is None or site["type"] != "sample":
@@ -156,18 +139,18 @@ class AutoHybrid(AutoGuide):
             if not site["is_observed"]:
                 raise ModelError(f"AutoHybrid: likelihood '{lik.name}' of the block is not observed in the inputs "
                                  "the guide was set up with; pass its data")
-            if _concrete(site["value"]):
-                observed[lik.name] = site["value"]
-        self._observed = observed
+        if not all(_concrete(x) for x in jax.tree.leaves((args, kwargs))):
+            raise InputError("AutoHybrid: the guide must be set up (its first call, e.g. svi.init) on concrete "
+                             "inputs, not inside jit or vmap: the conditional of the block is built on them")
         self._theta_shapes = {n: tuple(jnp.shape(self._init_locs[n])) for n in self.theta_names}
         self._theta_sizes = {n: math.prod(s) for n, s in self._theta_shapes.items()}
         self.theta_dim = sum(self._theta_sizes.values())
-        self._setup_inputs = (args, kwargs) if all(_concrete(x) for x in jax.tree.leaves((args, kwargs))) else None
-        self._conditional(args, kwargs)  # bad input (block too large, unsupported link) fails here
-
-    def _conditional(self, args, kwargs) -> BlockConditional:
-        model = _FillObserved(self.model, self._observed)
-        return BlockConditional(model, self.block, args, kwargs, **self.conditional_options)
+        self._setup_inputs = (args, kwargs)
+        # Built once, on the data of the set-up call: bad input (block too large for the solver,
+        # unsupported link) fails here, and later calls (Predictive with y=None, new covariates)
+        # draw z from the conditional given the data the guide was fitted on.
+        with isolated_from_handlers():
+            self.conditional = BlockConditional(self.model, self.block, args, kwargs, **self.conditional_options)
 
     @property
     def param_names(self) -> dict[str, str]:
@@ -245,17 +228,24 @@ class AutoHybrid(AutoGuide):
             raise InputError("AutoHybrid: the guide needs a random key to draw the block; run it under "
                              "numpyro.handlers.seed (SVI and Predictive do)")
         with handlers.block():
-            z = self._conditional(args, kwargs).sample(key, jax.lax.stop_gradient(theta))
+            z = self.conditional.sample(key, jax.lax.stop_gradient(theta))
         out = dict(theta)
         for name in self.z_names:
             value = lax.stop_gradient(z[name])
             out[name] = numpyro.sample(name, dist.Delta(value, event_dim=jnp.ndim(value)))
         return out
 
-    def log_marginal(self, theta: dict, *args, **kwargs):
-        """log p(y, theta) at constrained ``theta`` (block integrated out), from the conditional."""
+    @property
+    def exact_marginal(self) -> bool:
+        """True when ``log_marginal`` is available: the conditional factorises H (its dense path)."""
+        self._require_setup("exact_marginal")
+        return self.conditional.dense
+
+    def log_marginal(self, theta: dict):
+        """log p(y, theta) at constrained ``theta`` with the block integrated out (Laplace blocks: the
+        Laplace approximation); only where ``exact_marginal``."""
         with handlers.block():
-            return self._conditional(args, kwargs).log_marginal(theta)
+            return self.conditional.log_marginal(theta)
 
     # -- after the fit -----------------------------------------------------------------------------
     def _inputs(self, args, kwargs, what: str):
@@ -285,8 +275,7 @@ class AutoHybrid(AutoGuide):
             guide = handlers.substitute(handlers.seed(self, k_guide), data=params)
             tr = handlers.trace(guide).get_trace(*args, **kwargs)
             values = {name: tr[name]["value"] for name in names}
-            model = _FillObserved(self.model, self._observed)
-            mtr = handlers.trace(handlers.seed(handlers.substitute(model, data={**params, **values}), k_model)) \
+            mtr = handlers.trace(handlers.seed(handlers.substitute(self.model, data={**params, **values}), k_model)) \
                 .get_trace(*args, **kwargs)
             values.update({name: s["value"] for name, s in mtr.items() if s["type"] == "deterministic"})
             return values
@@ -302,7 +291,7 @@ class AutoHybrid(AutoGuide):
         args, kwargs = self._inputs(args, kwargs, "median")
         theta = self._constrain(self._unpack(params[self.param_names["loc"]])) if self.theta_names else {}
         with handlers.block():
-            z = self._conditional(args, kwargs).mean(theta)
+            z = self.conditional.mean(theta)
         return {**theta, **{n: z[n] for n in self.z_names}}
 
     def quantiles(self, params, quantiles, *args, num_samples: int = 1000, rng_key=None, **kwargs):
@@ -351,16 +340,26 @@ class HybridELBO(Trace_ELBO):
     conditional and held fixed (what ``Trace_ELBO`` would give with this guide). The reported value
     is ``-E_q[log p(y, theta) - log q(theta)]`` (the negative ELBO) with ``log p(y, theta)`` from
     ``guide.log_marginal``: exact (Cholesky) for Normal blocks, the Laplace approximation for
-    Bernoulli/Binomial/Poisson blocks. With ``exact_value=False`` (needed where the block is too
-    large for a log-determinant) the value is ``-E[log p(y, z, theta) - log q(theta)]``, which
-    is *not* an ELBO: it leaves out the entropy of p(z | theta, y).
+    Bernoulli/Binomial/Poisson blocks. Where the block is above the conditional's dense threshold
+    (no log-determinant; ``guide.exact_marginal`` is False), or with ``exact_value=False``, the
+    value is ``-E[log p(y, z, theta) - log q(theta)]``, which is *not* an ELBO: it leaves out the
+    entropy of p(z | theta, y) (it is what ``Trace_ELBO`` reports with this guide).
     """
 
-    def __init__(self, num_particles: int = 1, *, exact_value: bool = True, vectorize_particles: bool = True):
+    def __init__(self, num_particles: int = 1, *, exact_value: bool | None = None, vectorize_particles: bool = True):
         if not isinstance(num_particles, int) or num_particles < 1:
             raise InputError(f"HybridELBO: num_particles must be a positive integer, got {num_particles!r}")
         super().__init__(num_particles=num_particles, vectorize_particles=vectorize_particles)
         self.exact_value = exact_value
+
+    def reports_elbo(self, guide) -> bool:
+        """Whether the loss value is the (negative) hybrid ELBO for this guide, or the joint surrogate."""
+        if self.exact_value is None:
+            return guide.exact_marginal
+        if self.exact_value and not guide.exact_marginal:
+            raise InputError(f"HybridELBO(exact_value=True): the block ({guide.conditional.size} values) is above the "
+                             "conditional's dense threshold, so log p(y, theta) is not available; use exact_value=None")
+        return self.exact_value
 
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
         if not isinstance(guide, AutoHybrid):
@@ -372,10 +371,10 @@ class HybridELBO(Trace_ELBO):
             model_lp, _ = log_density(handlers.replay(handlers.seed(model, k_model), guide_trace), args, kwargs,
                                       param_map)
             surrogate = model_lp - guide_lp
-            if not self.exact_value:
+            if not self.reports_elbo(guide):
                 return surrogate
             theta = {n: lax.stop_gradient(guide_trace[n]["value"]) for n in guide.theta_names}
-            value = guide.log_marginal(theta, *args, **kwargs) - lax.stop_gradient(guide_lp)
+            value = guide.log_marginal(theta) - lax.stop_gradient(guide_lp)
             return surrogate + lax.stop_gradient(value - surrogate)
 
         keys = jax.random.split(rng_key, self.num_particles)

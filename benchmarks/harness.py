@@ -115,6 +115,7 @@ def machine_info() -> dict:
 HYBRID_STEPS = {"full": 2000, "quick": 200}
 HYBRID_PARTICLES = 4
 HYBRID_CKPT_DRAWS = {"full": 400, "quick": 50}
+HYBRID_SIR = 4
 TARGETS = {"crossed_logistic": (0.8, 1.2, 0.25)}  # model -> (sd ratio low, high, max mean err in ref sds)
 DEFAULT_TARGET = (0.85, 1.15, 0.15)
 
@@ -375,20 +376,20 @@ class HybridMethod:
                 keys = jax.random.split(key, P)
                 return -jax.vmap(lambda k: elbo.loss(k, params, model, guide, *args, **kwargs))(keys)
 
-            def draws(num):
+            def draws(num, resample=0):
                 batch = min(num, 100)
 
                 def fn(params, key):
                     keys = jax.random.split(key, num // batch)
                     out = jax.lax.map(lambda k: guide.sample_posterior(k, params, *args, sample_shape=(batch,),
-                                                                       **kwargs), keys)
+                                                                       resample_theta=resample, **kwargs), keys)
                     out = {s: v.reshape((-1,) + v.shape[2:]) for s, v in out.items() if s in self.sites}
                     return {s: (jnp.mean(v, 0), jnp.std(v, 0)) for s, v in out.items()}
                 return fn
 
             def run_chunk(state, key):
                 def body(st, _):
-                    return svi.update(st, *args, **kwargs)
+                    return svi.stable_update(st, *args, **kwargs)  # a non-finite step is skipped
                 state, losses = jax.lax.scan(body, state, None, length=chunk)
                 return state, losses, svi.get_params(state)
 
@@ -399,6 +400,9 @@ class HybridMethod:
             self.elbo_fn = jax.jit(elbo_particles).lower(params0, key).compile()
             self.ckpt_draws_fn = jax.jit(draws(HYBRID_CKPT_DRAWS[mode])).lower(params0, key).compile()
             self.draws_fn = jax.jit(draws(cfg["draws"])).lower(params0, key).compile()
+            # theta resampled by p(y, theta) / q(theta) (SIR, 4 proposals per draw): where log p(y, theta) exists
+            self.draws_sir_fn = jax.jit(draws(cfg["draws"], HYBRID_SIR)).lower(params0, key).compile() \
+                if self.exact else None
             self.compile_seconds = time.perf_counter() - t0
 
     def run(self, seed):
@@ -430,6 +434,11 @@ class HybridMethod:
             key, k = jax.random.split(key)
             mom = self.draws_fn(params, k)
             moments = {s: (np.asarray(m, np.float64), np.asarray(sd, np.float64)) for s, (m, sd) in mom.items()}
+            sir = None
+            if self.draws_sir_fn is not None:
+                key, k = jax.random.split(key)
+                sir = {s: (np.asarray(m, np.float64), np.asarray(sd, np.float64))
+                       for s, (m, sd) in self.draws_sir_fn(params, k).items()}
             # CG iterations per draw, at the median of q(theta) (0 on the dense path: a Cholesky, no CG).
             theta = {n: v for n, v in self.guide.median(params).items() if n in self.guide.theta_names}
             key, k = jax.random.split(key)
@@ -443,11 +452,11 @@ class HybridMethod:
                              "joint surrogate E[log p(y,z,theta) - log q(theta)] (no ELBO: CG path, no log det H)",
                 "surrogate": None if self.exact else mean,
                 "elbo_finite": finite, "diverged": not finite, "elbo_particles": int(e.size), "checkpoints": ckpts,
-                "train_elbo": train, "load_after": load_avg(), "dense": bool(self.guide.conditional.dense),
+                "train_elbo": train, "load_after": load_avg(), "dense": bool(self.guide.conditional.dense), "laplace": not self.guide.block.exact,
                 "block_size": int(self.guide.conditional.size), "theta": list(self.guide.theta_names),
                 "cg_iterations_per_draw": float(cg.mean()), "cg_iterations_max": float(cg.max()),
                 "mode_cg_iterations": float(np.asarray(info["mode_iterations"])),
-                "_moments": moments, "_ckpt_moments": ckpt_moments, "_params": params}
+                "_moments": moments, "_sir_moments": sir, "_ckpt_moments": ckpt_moments, "_params": params}
 
 
 def target_reach(name: str, run: dict, ref: dict) -> None:
@@ -463,6 +472,9 @@ def target_reach(name: str, run: dict, ref: dict) -> None:
         if all(ok[i:]):
             run["target_step"], run["target_seconds"] = step, secs
             break
+    sir = run.pop("_sir_moments")
+    if sir is not None:
+        run["compare_sir"] = compare(sir, ref)
     c = run["compare"]["summary"]
     run["target_met_at_end"] = bool(lo <= c["sd_ratio_min_site"] and c["sd_ratio_max_site"] <= hi
                                     and c["mean_err_worst"] <= err)
@@ -711,9 +723,17 @@ def summarize(out: dict) -> None:
                 "target_step": _median_or_none([r["target_step"] for r in v["runs"]]),
                 "target_seconds": _median_or_none([r["target_seconds"] for r in v["runs"]]),
                 "target_met_at_end": sum(r["target_met_at_end"] for r in v["runs"]),
+                "sir_sd_ratio_worst": _median([r["compare_sir"]["summary"]["sd_ratio_worst"]
+                                               for r in good if r.get("compare_sir")]),
+                "sir_sd_ratio_worst_site": next((r["compare_sir"]["summary"]["sd_ratio_worst_site"]
+                                                 for r in good if r.get("compare_sir")), None),
+                "sir_mean_err_worst": _median([r["compare_sir"]["summary"]["mean_err_worst"]
+                                               for r in good if r.get("compare_sir")]),
+                "sir_mean_err_worst_site": next((r["compare_sir"]["summary"]["mean_err_worst_site"]
+                                                 for r in good if r.get("compare_sir")), None),
                 "target": v["runs"][0]["target"],
                 "cg_iterations_per_draw": _median([r["cg_iterations_per_draw"] for r in v["runs"]]),
-                "dense": v["runs"][0]["dense"], "block_size": v["runs"][0]["block_size"],
+                "dense": v["runs"][0]["dense"], "laplace": v["runs"][0].get("laplace"), "block_size": v["runs"][0]["block_size"],
                 "theta": v["runs"][0]["theta"], "elbo_kind": v["runs"][0]["elbo_kind"],
                 "surrogate": _median([r.get("surrogate") for r in v["runs"]])}),
             "elbo_min": min((r["elbo"] for r in good if r["elbo"] is not None), default=None),

@@ -102,9 +102,15 @@ def hybrid_line(m: dict) -> str:
         f" ({s['seconds_per_1000_steps'] / plain['seconds_per_1000_steps']:.1f} x AutoNormal's, float64 against float32)"
     reached = (f"reached at step {s['target_step']:,.0f} ({fmt_seconds(s['target_seconds'])} s of SVI)"
                if s["target_step"] is not None else "NOT reached")
-    solver = (f"dense Cholesky (block of {s['block_size']:,} values)" if s["dense"] else
+    solver = (("Laplace, " if s.get("laplace") else "") + f"dense Cholesky (block of {s['block_size']:,} values)"
+              if s["dense"] else
               f"CG, {s['cg_iterations_per_draw']:.0f} iterations per draw (block of {s['block_size']:,} values)")
-    elbo = "exact hybrid ELBO" if s["dense"] else "no ELBO (CG path: the loss is the joint surrogate)"
+    elbo = ("hybrid ELBO with the Laplace log p(y, theta)" if s.get("laplace") else "exact hybrid ELBO") \
+        if s["dense"] else "no ELBO (CG path: the loss is the joint surrogate)"
+    if s.get("sir_sd_ratio_worst") is not None:
+        elbo += (f"; with theta resampled by p(y, theta) / q(theta) (SIR, 4 proposals per draw): worst sd ratio "
+                 f"{worst(s['sir_sd_ratio_worst'], s['sir_sd_ratio_worst_site'])}, worst mean err "
+                 f"{worst(s['sir_mean_err_worst'], s['sir_mean_err_worst_site'])}")
     return (f"hybrid: target worst-site sd ratio in [{lo}, {hi}] and worst mean err <= {t['mean_err']} ref sds: "
             f"{reached}, met at the end in {s['target_met_at_end']}/{s['seeds']} seeds; "
             f"{f(s['seconds_per_1000_steps'])} s / 1k steps{cost}; conditional: {solver}; theta = "

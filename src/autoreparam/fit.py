@@ -57,7 +57,8 @@ def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", opt
     ``optimizer``: ``"natural"`` (``NaturalGradient`` with ``step_size``, default
     ``decaying_step_size()``), ``"adam"`` (``numpyro.optim.Adam(step_size or 0.01)``) or any NumPyro
     optimizer. The whole fit runs under ``jax.enable_x64(True)`` (and floating-point arrays among the
-    inputs are converted to float64); the global JAX setting is left as it was.
+    inputs are converted to float64); the global JAX setting is left as it was. Steps whose loss or
+    gradient is not finite are skipped (``SVI.stable_update``).
 
     >>> fit = fit_hybrid(model, g, y=y, steps=500)      # doctest: +SKIP
     >>> fit.samples["tau"].mean(), fit.elbo             # doctest: +SKIP
@@ -81,7 +82,7 @@ def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", opt
         svi = SVI(model, guide, optim, HybridELBO(num_particles))
         key_fit, key_draw = jax.random.split(jax.random.PRNGKey(seed))
         start = time.perf_counter()
-        result = svi.run(key_fit, steps, *args, progress_bar=progress_bar, **kwargs)
+        result = svi.run(key_fit, steps, *args, progress_bar=progress_bar, stable_update=True, **kwargs)
         jax.block_until_ready(result.params)
         seconds = time.perf_counter() - start
         draws = guide.sample_posterior(key_draw, result.params, *args, sample_shape=(num_samples,), **kwargs)

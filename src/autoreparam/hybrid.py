@@ -260,28 +260,54 @@ class AutoHybrid(AutoGuide):
         if self.prototype_trace is None:
             raise InputError(f"AutoHybrid.{what}: the guide has not been run yet; fit it first (svi.init / svi.run)")
 
-    def sample_posterior(self, rng_key, params, *args, sample_shape=(), **kwargs):
+    def sample_posterior(self, rng_key, params, *args, sample_shape=(), resample_theta: int = 0, **kwargs):
         """Draws of every latent site (theta from q, z from its conditional) and every deterministic site.
 
+        ``resample_theta=k`` (k >= 1; blocks with ``exact_marginal`` only): draw k times as many theta
+        from q, weight each by p(y, theta) / q(theta) and resample (sampling-importance-resampling),
+        then draw z given each resampled theta: a correction for a posterior of theta that is not
+        Gaussian in the unconstrained space (a heavy-tailed scale), at k dense factorisations per draw.
         With no ``args``/``kwargs`` the inputs the guide was set up with are used.
         """
         self._require_setup("sample_posterior")
         args, kwargs = self._inputs(args, kwargs, "sample_posterior")
-        n = int(np.prod(sample_shape))
-        names = self.theta_names + self.z_names
+        n = max(int(np.prod(sample_shape)), 1)
+        if resample_theta and not (isinstance(resample_theta, int) and resample_theta >= 1):
+            raise InputError(f"AutoHybrid.sample_posterior: resample_theta must be a positive integer or 0, "
+                             f"got {resample_theta!r}")
+        if resample_theta and not self.exact_marginal:
+            raise InputError("AutoHybrid.sample_posterior: resample_theta needs log p(y, theta), which the block "
+                             f"({self.conditional.size} values, above the dense threshold) does not have")
 
-        def one(key):
-            k_guide, k_model = jax.random.split(key)
-            guide = handlers.substitute(handlers.seed(self, k_guide), data=params)
-            tr = handlers.trace(guide).get_trace(*args, **kwargs)
-            values = {name: tr[name]["value"] for name in names}
+        def complete(key, theta):
+            k_z, k_model = jax.random.split(key)
+            with handlers.block():
+                z = self.conditional.sample(k_z, theta)
+            values = {**theta, **{name: z[name] for name in self.z_names}}
             mtr = handlers.trace(handlers.seed(handlers.substitute(self.model, data={**params, **values}), k_model)) \
                 .get_trace(*args, **kwargs)
             values.update({name: s["value"] for name, s in mtr.items() if s["type"] == "deterministic"})
             return values
 
+        key_theta, key_pick, key_rest = jax.random.split(rng_key, 3)
+        if self.theta_names:
+            qdist = self._q_theta(params)
+            u = qdist.sample(key_theta, (n * max(resample_theta, 1),))
+            theta = self._constrain(self._unpack(u))
+            if resample_theta:
+                log_q = qdist.log_prob(u)
+                for name, value in theta.items():
+                    fn = self.prototype_trace[name]["fn"]
+                    ladj = biject_to(fn.support).log_abs_det_jacobian(self._unpack(u)[name], value)
+                    log_q = log_q - jnp.reshape(ladj, (u.shape[0], -1)).sum(-1)
+                with handlers.block():
+                    log_p = jax.vmap(self.conditional.log_marginal)(theta)
+                pick = jax.random.categorical(key_pick, log_p - log_q, shape=(n,))
+                theta = {name: v[pick] for name, v in theta.items()}
+        else:
+            theta = {}
         with handlers.block():
-            draws = jax.vmap(one)(jax.random.split(rng_key, max(n, 1)))
+            draws = jax.vmap(complete)(jax.random.split(key_rest, n), theta)
         return {k: jnp.reshape(v, tuple(sample_shape) + jnp.shape(v)[1:]) for k, v in draws.items()}
 
     def median(self, params, *args, **kwargs):
@@ -325,12 +351,11 @@ def _find_block(model, args, kwargs) -> GaussianBlock:
     from .analysis import analyze
 
     report = analyze(model, *args, **kwargs)
-    block = report.block
-    if block is None or not block.sites:
-        raise ModelError("AutoHybrid: the model has no conditionally Gaussian block (latent sites with Gaussian "
-                         "priors entering a supported likelihood through an affine natural parameter); "
-                         "see `autoreparam analyze` for why each site was left out")
-    return block
+    if report.block is None:
+        note = next((n for n in report.notes if n.startswith("no conditionally Gaussian block")),
+                    "no conditionally Gaussian block")
+        raise ModelError(f"AutoHybrid: {note}")
+    return report.block
 
 
 class HybridELBO(Trace_ELBO):

@@ -28,7 +28,7 @@ from .errors import InputError
 __all__ = ["NaturalGradient", "decaying_step_size"]
 
 
-def decaying_step_size(initial: float = 0.3, decay_steps: float = 200.0, power: float = 0.6,
+def decaying_step_size(initial: float = 0.1, decay_steps: float = 200.0, power: float = 0.6,
                        final: float = 0.0) -> Callable:
     """rho_i = max(initial / (1 + i / decay_steps) ** power, final): steps summing to infinity, squares
     summing to a finite value (Robbins-Monro, for 0.5 < power <= 1).
@@ -126,7 +126,7 @@ class NaturalGradient(_NumPyroOptim):
     Array([-0.1, -0.4], dtype=float32)
     """
 
-    def __init__(self, guide, step_size=None, *, damping: float = 0.0, max_step: float = 1.0,
+    def __init__(self, guide, step_size=None, *, damping: float = 0.0, max_step: float = 0.3,
                  other_step_size: float = 1e-2):
         form = getattr(guide, "theta_guide", None)
         if form is None:

@@ -510,27 +510,34 @@ def run_model(spec: ModelSpec, mode: str, methods: list | None = None, reference
            "latent_sites": {s: list(v) for s, v in sites.items()}, "reference_kind": spec.reference,
            "steps": None, "methods": {}, "errors": {}}
 
-    # The analysis once, then both plans from the same report (what reparameterize(model, init=...) does).
-    t0 = time.perf_counter()
-    report = autoreparam.analyze(model, *args, **kwargs)
-    t_an = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    plan_an = build_plan(report, init="analytic")
-    t_plan_an = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    plan_zero = build_plan(report, init="zero")
-    t_plan_zero = time.perf_counter() - t0
-    out["analysis"] = {"analyze_seconds": t_an, "plan_analytic_seconds": t_plan_an,
-                       "plan_zero_seconds": t_plan_zero, "plan_analytic": str(plan_an),
-                       "plan_zero": str(plan_zero), "pairs": len(report.additive()),
-                       "funnels": [f.site for f in report.funnels]}
-    log(f"{spec.name}: analysis {t_an:.1f} s, analytic plan {t_plan_an:.1f} s\n{plan_an}")
-    variants = {
-        "original": model,
-        "vip": vip(model),
-        "zero": autoreparam.reparameterize(model, plan_zero),
-        "analytic": autoreparam.reparameterize(model, plan_an),
-    }
+    # The analysis once, then both plans from the same report (what reparameterize(model, init=...) does);
+    # skipped when no method of this run needs them (the hybrid runs its own analysis, inside its set-up).
+    needs_plans = any(m in methods for m in ("autoreparam zero", "autoreparam analytic", "NUTS autoreparam")) \
+        or (reference is None and spec.reference == "nuts" and spec.reference_model == "autoreparam")
+    if needs_plans:
+        t0 = time.perf_counter()
+        report = autoreparam.analyze(model, *args, **kwargs)
+        t_an = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plan_an = build_plan(report, init="analytic")
+        t_plan_an = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plan_zero = build_plan(report, init="zero")
+        t_plan_zero = time.perf_counter() - t0
+        out["analysis"] = {"analyze_seconds": t_an, "plan_analytic_seconds": t_plan_an,
+                           "plan_zero_seconds": t_plan_zero, "plan_analytic": str(plan_an),
+                           "plan_zero": str(plan_zero), "pairs": len(report.additive()),
+                           "funnels": [f.site for f in report.funnels]}
+        log(f"{spec.name}: analysis {t_an:.1f} s, analytic plan {t_plan_an:.1f} s\n{plan_an}")
+        variants = {"zero": autoreparam.reparameterize(model, plan_zero),
+                    "analytic": autoreparam.reparameterize(model, plan_an)}
+    else:
+        t_an = t_plan_an = t_plan_zero = 0.0
+        out["analysis"] = {"analyze_seconds": 0.0, "plan_analytic_seconds": 0.0, "plan_zero_seconds": 0.0,
+                           "plan_analytic": "(no plan: no method of this run needs one)", "plan_zero": "",
+                           "pairs": None, "funnels": []}
+        variants = {}
+    variants.update(original=model, vip=vip(model))
     out["vip_sites"] = vip_sites(model, args, kwargs)
     variant_of = {"AutoNormal": "original", "AutoLowRankMVN": "original", "AutoMVN": "original",
                   "VIP AutoNormal": "vip", "autoreparam zero": "zero", "autoreparam analytic": "analytic",

@@ -171,16 +171,16 @@ def test_loss_value_is_the_exact_hybrid_elbo(fitted):
     guide, result = fitted
     params = result.params
     key = jax.random.PRNGKey(3)
-    loss = HybridELBO(1).loss(key, params, random_intercepts, guide, GROUP, y=Y)
+    loss = jax.jit(lambda p: HybridELBO(1).loss(key, p, random_intercepts, guide, GROUP, y=Y))(params)
     k_guide, _ = jax.random.split(jax.random.split(key, 1)[0])
     lq, tr = log_density(handlers.seed(guide, k_guide), (GROUP,), {"y": Y}, params)
     theta = {"tau": tr["tau"]["value"], "sigma": tr["sigma"]["value"]}
     exact = dense_conditional(random_intercepts, ("mu", "a"), theta, (GROUP,), {"y": Y})[2] - lq
     assert abs(float(loss) + float(exact)) < 1e-8
     # Trace_ELBO with the same guide has the same gradient but reports log p(y, z, theta) - log q(theta)
-    grad_h = jax.grad(lambda p: HybridELBO(1).loss(key, p, random_intercepts, guide, GROUP, y=Y))(params)
-    grad_t = jax.grad(lambda p: HybridELBO(1, exact_value=False).loss(key, p, random_intercepts, guide,
-                                                                         GROUP, y=Y))(params)
+    grad_h = jax.jit(jax.grad(lambda p: HybridELBO(1).loss(key, p, random_intercepts, guide, GROUP, y=Y)))(params)
+    grad_t = jax.jit(jax.grad(lambda p: HybridELBO(1, exact_value=False).loss(key, p, random_intercepts, guide,
+                                                                                 GROUP, y=Y)))(params)
     for k in params:
         np.testing.assert_allclose(grad_h[k], grad_t[k], rtol=1e-10)
 
@@ -304,7 +304,7 @@ def test_plates_random_walks_to_event_index_arrays(x64):
     guide = AutoHybrid(tensor_model, block=block, init_scale=1e-9)
     svi = SVI(tensor_model, guide, numpyro.optim.Adam(0.01), HybridELBO(2))
     state = svi.init(jax.random.PRNGKey(0), I, J, T, y=y)
-    state, loss = svi.update(state, I, J, T, y=y)
+    state, loss = jax.jit(lambda st: svi.update(st, I, J, T, y=y))(state)
     assert np.isfinite(float(loss))
     params = svi.get_params(state)
     draws = guide.sample_posterior(jax.random.PRNGKey(1), params, I, J, T, y=y, sample_shape=(3000,))
@@ -353,7 +353,7 @@ def test_warns_once_in_float32():
         state = svi.init(jax.random.PRNGKey(0), GROUP, y=Y)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        svi.update(state, GROUP, y=Y)
+        jax.jit(lambda st: svi.update(st, GROUP, y=Y))(state)
 
 
 def test_fit_hybrid_one_line():
@@ -370,3 +370,70 @@ def test_docstrings():
     for module in (hybrid, natural):
         result = doctest.testmod(module, extraglobs=extra, raise_on_error=False)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+def test_resampled_theta_corrects_a_poor_q(fitted, quadrature):
+    """SIR with p(y, theta) / q(theta) moves the draws of theta from a shifted q to the posterior."""
+    guide, result = fitted
+    q = quadrature
+    shifted = {**result.params, "auto_loc": jnp.asarray(q["post_mean"] + 1.0 * q["post_sd"])}
+    n = 2000
+    plain = guide.sample_posterior(jax.random.PRNGKey(2), shifted, sample_shape=(n,))
+    sir = guide.sample_posterior(jax.random.PRNGKey(2), shifted, sample_shape=(n,), resample_theta=8)
+    for k, name in enumerate(("tau", "sigma")):
+        err_plain = abs(np.log(plain[name]).mean() - q["post_mean"][k]) / q["post_sd"][k]
+        err_sir = abs(np.log(sir[name]).mean() - q["post_mean"][k]) / q["post_sd"][k]
+        assert err_plain > 0.8 and err_sir < 0.3, (name, err_plain, err_sir)
+    assert sir["a"].shape == (n, G) and sir["group_mean"].shape == (n, G)
+
+
+def no_block(y=None):
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    numpyro.sample("y", dist.Normal(0.0, sigma).expand([3]).to_event(1), obs=y)
+
+
+def test_no_gaussian_block_names_the_sites(x64):
+    guide = AutoHybrid(no_block)
+    svi = SVI(no_block, guide, numpyro.optim.Adam(0.01), HybridELBO())
+    with pytest.raises(ModelError, match=r"AutoHybrid: no conditionally Gaussian block: 'sigma' ") as exc:
+        svi.init(jax.random.PRNGKey(0), y=np.zeros(3))
+    assert "\n" not in str(exc.value)
+
+
+def test_block_too_large_for_the_dense_solver(x64, monkeypatch):
+    import autoreparam.conditional as conditional
+
+    monkeypatch.setattr(conditional, "DENSE_LIMIT", 5)
+    guide = AutoHybrid(random_intercepts, block=RI_BLOCK, method="dense")
+    with pytest.raises(InputError, match=r"block \(mu, a\) has size 11, above DENSE_LIMIT=5"):
+        SVI(random_intercepts, guide, numpyro.optim.Adam(0.01), HybridELBO()).init(jax.random.PRNGKey(0), GROUP, y=Y)
+
+
+def test_compare_cli_has_a_hybrid_column(capsys, monkeypatch, examples_dir):
+    import os
+
+    import autoreparam.compare as compare_module
+    from autoreparam.cli import main
+
+    calls = []
+
+    def fit(label, model, guide_name, args, kwargs, steps, lr, seed, progress, sites):
+        calls.append((label, guide_name))
+        return compare_module.FitSummary(label, -35.0, 0.1, 1.0, np.zeros(steps), {n: (1.0, 2.0) for n in sites})
+
+    def fit_hybrid(label, model, args, kwargs, steps, seed, progress, sites):
+        calls.append((label, "hybrid"))
+        return compare_module.FitSummary(label, -31.0, 0.01, 2.0, np.zeros(steps), {n: (3.0, 4.0) for n in sites})
+
+    monkeypatch.setattr(compare_module, "_fit", fit)
+    monkeypatch.setattr(compare_module, "_fit_hybrid", fit_hybrid)
+    code = main(["compare", os.path.join(examples_dir, "eight_schools.py"), "--guide", "hybrid", "--steps", "5",
+                 "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert calls == [("original", "AutoNormal"), ("reparameterized", "AutoNormal"), ("hybrid", "hybrid")]
+    table = out.split("elements):\n", 1)[1].splitlines()
+    assert table[0].split() == ["site", "mean", "orig", "mean", "reparam", "mean", "hybrid", "sd", "orig", "sd",
+                                "reparam", "sd", "hybrid"]
+    assert table[1].split() == ["mu", "1.000", "1.000", "3.000", "2.000", "2.000", "4.000"]
+    assert "hybrid                -31.00 +- 0.01" in out

@@ -30,6 +30,14 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="tiny sizes, few steps, short NUTS (CI; < 2 min)")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), metavar="MODEL",
                    help=f"models to run (default: all of {', '.join(MODELS)})")
+    from .harness import METHODS
+
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=None, metavar="METHOD",
+                   help=f"run only these methods (default: all of {', '.join(METHODS)}); the results go to the "
+                        "*_subset files")
+    p.add_argument("--reference-from", type=Path, default=None, metavar="JSON",
+                   help="reuse the reference posteriors of a previous results file (e.g. "
+                        "benchmarks/results/harness.json) instead of running the long NUTS references again")
     p.add_argument("--jobs", type=int, default=None,
                    help="models run in this many child processes at once (default: 2, or 1 on a 1-CPU "
                         "machine; 1 runs everything in this process). The methods of one model always share "
@@ -103,8 +111,21 @@ def main(argv=None) -> int:
         quick_xla_flags()
     from . import harness
 
+    reference = None
+    if ns.reference_from is not None:
+        if not ns.reference_from.is_file():
+            print(f"python -m benchmarks: --reference-from {ns.reference_from}: no such file", file=sys.stderr)
+            return 2
+        reference = json.loads(ns.reference_from.read_text())
+        reference["_path"] = str(ns.reference_from)
+        missing = [m for m in ns.models if m not in reference.get("models", {})
+                   or "reference_moments" not in reference["models"][m]]
+        if missing or reference.get("mode") != mode:
+            print(f"python -m benchmarks: --reference-from {ns.reference_from}: no {mode}-mode reference for "
+                  f"{', '.join(missing) or 'these models'}", file=sys.stderr)
+            return 2
     if ns.worker:
-        harness.model_worker(ns.worker.split(","), mode, ns.worker_out)
+        harness.model_worker(ns.worker.split(","), mode, ns.worker_out, ns.methods, reference)
         return 0
 
     from .report import markdown, plots
@@ -112,7 +133,7 @@ def main(argv=None) -> int:
     from .models import MODELS
 
     # Only a run of every model is "the" result: a subset goes to its own file, never over it.
-    subset = set(ns.models) != set(MODELS)
+    subset = set(ns.models) != set(MODELS) or ns.methods is not None
     out = ns.out or HERE / "results" / f"harness{'_quick' if ns.quick else ''}{'_subset' if subset else ''}.json"
     if ns.rebuild:
         if not out.exists():
@@ -133,7 +154,7 @@ def main(argv=None) -> int:
     results = {}
     if ns.jobs <= 1:
         for name in ns.models:
-            results[name] = harness.run_one(name, mode)
+            results[name] = harness.run_one(name, mode, ns.methods, reference)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             env = dict(os.environ)
@@ -148,6 +169,8 @@ def main(argv=None) -> int:
                 path = Path(tmp) / f"worker{i}.json"
                 cmd = [sys.executable, "-m", "benchmarks", "--worker", ",".join(group), "--worker-out", str(path)]
                 cmd += ["--quick"] if ns.quick else []
+                cmd += ["--methods", *ns.methods] if ns.methods else []
+                cmd += ["--reference-from", str(ns.reference_from)] if ns.reference_from else []
                 harness.log(f"worker {i}: {', '.join(group)}")
                 procs.append((group, subprocess.Popen(cmd, cwd=str(HERE.parent), env=env), path))
             for group, proc, path in procs:
@@ -164,6 +187,7 @@ def main(argv=None) -> int:
         "command": " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mode": mode, "config": harness.CONFIGS[mode],
         "lr": harness.LR, "nat": harness.NAT, "methods": harness.METHOD_NOTES, "jobs": max(ns.jobs, 1),
+        "methods_run": ns.methods,
         "machine": machine, "total_seconds": total, "cpu_seconds": harness.cpu_seconds(),
         "models": results,
     }
@@ -182,7 +206,8 @@ def publish(payload, out, ns, markdown, plots) -> None:
     then republishes it."""
     from .models import MODELS
 
-    suffix = ("_quick" if payload["mode"] == "quick" else "") + ("" if set(payload["models"]) == set(MODELS) else "_subset")
+    subset = set(payload["models"]) != set(MODELS) or payload.get("methods_run") is not None
+    suffix = ("_quick" if payload["mode"] == "quick" else "") + ("_subset" if subset else "")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=1) + "\n")
     text = markdown(payload)
@@ -196,7 +221,8 @@ def publish(payload, out, ns, markdown, plots) -> None:
             print(f"wrote {p}", file=sys.stderr)
     print(text)
     print(f"wrote {out}", file=sys.stderr)
-    complete = all(name in payload["models"] and "failed" not in payload["models"][name] for name in MODELS)
+    complete = all(name in payload["models"] and "failed" not in payload["models"][name] for name in MODELS) \
+        and payload.get("methods_run") is None
     if payload["mode"] == "full" and ns.out is None and complete:
         summary = text.split("### Summary\n\n", 1)[1].split("\n\n", 1)[0]
         for readme, block in ((HERE / "README.md", text.replace("### ", "#### ")),

@@ -68,7 +68,7 @@ CONFIGS = {
 }
 
 VI_METHODS = ["AutoNormal", "AutoLowRankMVN", "AutoMVN", "VIP AutoNormal",
-              "autoreparam zero", "autoreparam analytic"]
+              "autoreparam zero", "autoreparam analytic", "hybrid"]
 NUTS_METHODS = ["NUTS", "NUTS autoreparam"]
 METHODS = VI_METHODS + NUTS_METHODS
 METHOD_NOTES = {
@@ -78,6 +78,9 @@ METHOD_NOTES = {
     "VIP AutoNormal": "AutoNormal, LocScaleReparam(centered=None) on every latent loc-scale site (VIP)",
     "autoreparam zero": "AutoNormal on autoreparam.reparameterize(model, init='zero') (learned offsets from 0)",
     "autoreparam analytic": "AutoNormal on autoreparam.reparameterize(model) (init='analytic')",
+    "hybrid": "autoreparam.AutoHybrid on the original model: q(theta) mean-field Gaussian, NaturalGradient "
+              "(decaying_step_size(), 4 theta draws per step), the Gaussian block drawn from its conditional "
+              "(float64); HybridELBO",
     "NUTS": "NUTS on the original model",
     "NUTS autoreparam": "NUTS on autoreparam.reparameterize(model) (analytic xi)",
 }
@@ -103,6 +106,17 @@ def machine_info() -> dict:
     info = base_machine_info()
     info.update(jax=jax.__version__, numpyro=numpyro.__version__, numpy=np.__version__, load_at_start=load_avg())
     return info
+
+
+# The hybrid's budget: the issue's targets are to be met within 2,000 steps; its value at each
+# checkpoint is the hybrid ELBO where the conditional is dense (log det H by Cholesky) and otherwise the
+# joint surrogate E[log p(y, z, theta) - log q(theta)], which is no ELBO and is left out of "best ELBO".
+HYBRID_STEPS = {"full": 2000, "quick": 200}
+HYBRID_PARTICLES = 4
+HYBRID_CKPT_DRAWS = {"full": 400, "quick": 50}
+HYBRID_SIR = 4
+TARGETS = {"crossed_logistic": (0.8, 1.2, 0.25)}  # model -> (sd ratio low, high, max mean err in ref sds)
+DEFAULT_TARGET = (0.85, 1.15, 0.15)
 
 
 # -- model variants ---------------------------------------------------------------------------
@@ -210,6 +224,8 @@ def compare(moments: dict, ref: dict) -> dict:
         "mean_err_median": float(np.median([v["mean_err"] for v in sites.values()])),
         "sd_ratio_worst": sites[worst_sd]["sd_ratio"], "sd_ratio_worst_site": worst_sd,
         "sd_ratio_median": float(np.median([v["sd_ratio"] for v in sites.values()])),
+        "sd_ratio_min_site": min(v["sd_ratio"] for v in sites.values()),
+        "sd_ratio_max_site": max(v["sd_ratio"] for v in sites.values()),
         "mean_err_max_element": max(v["mean_err_max"] for v in sites.values()),
         "sd_ratio_min_element": min(v["sd_ratio_min"] for v in sites.values()),
         "sd_ratio_max_element": max(v["sd_ratio_max"] for v in sites.values()),
@@ -323,6 +339,146 @@ def _mean_se(e):
     return float(e.mean()), float(e.std(ddof=1) / np.sqrt(e.size)) if e.size > 1 else float("nan")
 
 
+def _float64(x):
+    if isinstance(x, (np.ndarray, jax.Array)) and jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.asarray(x, dtype=jnp.float64)
+    return x
+
+
+class HybridMethod:
+    """``autoreparam.AutoHybrid`` with ``NaturalGradient`` and ``HybridELBO``, run like ``VIMethod`` (chunked,
+    compiled ahead of time) but in float64 (the conditional's CG needs it; the other methods stay float32),
+    for ``HYBRID_STEPS`` steps, with posterior moments at every checkpoint (``HYBRID_CKPT_DRAWS`` draws) so
+    that the steps to the targets can be read off."""
+
+    name = "hybrid"
+
+    def __init__(self, model, args, kwargs, sites, mode, cfg):
+        self.model, self.sites, self.cfg, self.mode = model, list(sites), cfg, mode
+        n_ck = cfg["checkpoints"]
+        self.chunk = max(1, HYBRID_STEPS[mode] // n_ck)
+        self.steps = self.chunk * n_ck
+        with jax.enable_x64(True):
+            self.args = args = tuple(_float64(a) for a in args)
+            self.kwargs = kwargs = {k: _float64(v) for k, v in kwargs.items()}
+            t0 = time.perf_counter()
+            self.guide = guide = autoreparam.AutoHybrid(model)
+            self.svi = svi = SVI(model, guide, autoreparam.NaturalGradient(guide),
+                                 autoreparam.HybridELBO(HYBRID_PARTICLES))
+            self.state0 = state0 = svi.init(jax.random.PRNGKey(0), *args, **kwargs)
+            self.setup_seconds = time.perf_counter() - t0  # the analysis, the block and its conditional
+            self.exact = guide.exact_marginal
+            chunk, P = self.chunk, cfg["ckpt_particles"]
+            elbo = autoreparam.HybridELBO(1)
+
+            def elbo_particles(params, key):
+                keys = jax.random.split(key, P)
+                return -jax.vmap(lambda k: elbo.loss(k, params, model, guide, *args, **kwargs))(keys)
+
+            def draws(num, resample=0):
+                batch = min(num, 100)
+
+                def fn(params, key):
+                    keys = jax.random.split(key, num // batch)
+                    out = jax.lax.map(lambda k: guide.sample_posterior(k, params, *args, sample_shape=(batch,),
+                                                                       resample_theta=resample, **kwargs), keys)
+                    out = {s: v.reshape((-1,) + v.shape[2:]) for s, v in out.items() if s in self.sites}
+                    return {s: (jnp.mean(v, 0), jnp.std(v, 0)) for s, v in out.items()}
+                return fn
+
+            def run_chunk(state, key):
+                def body(st, _):
+                    return svi.stable_update(st, *args, **kwargs)  # a non-finite step is skipped
+                state, losses = jax.lax.scan(body, state, None, length=chunk)
+                return state, losses, svi.get_params(state)
+
+            t0 = time.perf_counter()
+            key = jax.random.PRNGKey(0)
+            params0 = svi.get_params(state0)
+            self.run_chunk = jax.jit(run_chunk).lower(state0, key).compile()
+            self.elbo_fn = jax.jit(elbo_particles).lower(params0, key).compile()
+            self.ckpt_draws_fn = jax.jit(draws(HYBRID_CKPT_DRAWS[mode])).lower(params0, key).compile()
+            self.draws_fn = jax.jit(draws(cfg["draws"])).lower(params0, key).compile()
+            # theta resampled by p(y, theta) / q(theta) (SIR, 4 proposals per draw): where log p(y, theta) exists
+            self.draws_sir_fn = jax.jit(draws(cfg["draws"], HYBRID_SIR)).lower(params0, key).compile() \
+                if self.exact else None
+            self.compile_seconds = time.perf_counter() - t0
+
+    def run(self, seed):
+        cfg = self.cfg
+        with jax.enable_x64(True):
+            state = self.state0 if seed == 0 else self.svi.init(jax.random.PRNGKey(seed), *self.args, **self.kwargs)
+            key = jax.random.PRNGKey(10_000 + seed)
+            steps, t_run = 0, 0.0
+            ckpts, train, ckpt_moments = [], [], []
+            for _ in range(cfg["checkpoints"]):
+                key, k1, k2 = jax.random.split(key, 3)
+                t0 = time.perf_counter()
+                state, losses, params = self.run_chunk(state, k1)
+                block(params)
+                t_run += time.perf_counter() - t0
+                steps += self.chunk
+                e = np.asarray(self.elbo_fn(params, k2), dtype=np.float64)
+                ckpts.append((steps, t_run, *(_mean_se(e) if self.exact else (None, None))))
+                train.append(-float(np.mean(np.asarray(losses))))
+                key, k = jax.random.split(key)
+                mom = self.ckpt_draws_fn(params, k)
+                ckpt_moments.append({s: (np.asarray(m, np.float64), np.asarray(sd, np.float64))
+                                     for s, (m, sd) in mom.items()})
+            es = []
+            for _ in range(max(1, cfg["final_particles"] // cfg["ckpt_particles"])):
+                key, k = jax.random.split(key)
+                es.append(np.asarray(self.elbo_fn(params, k), dtype=np.float64))
+            e = np.concatenate(es)
+            key, k = jax.random.split(key)
+            mom = self.draws_fn(params, k)
+            moments = {s: (np.asarray(m, np.float64), np.asarray(sd, np.float64)) for s, (m, sd) in mom.items()}
+            sir = None
+            if self.draws_sir_fn is not None:
+                key, k = jax.random.split(key)
+                sir = {s: (np.asarray(m, np.float64), np.asarray(sd, np.float64))
+                       for s, (m, sd) in self.draws_sir_fn(params, k).items()}
+            # CG iterations per draw, at the median of q(theta) (0 on the dense path: a Cholesky, no CG).
+            theta = {n: v for n, v in self.guide.median(params).items() if n in self.guide.theta_names}
+            key, k = jax.random.split(key)
+            _, info = self.guide.conditional.sample(k, theta, 8, return_info=True)
+            cg = np.asarray(info["iterations"], dtype=np.float64)
+        finite = bool(np.all(np.isfinite(e)))
+        mean, se = _mean_se(e)
+        return {"seed": seed, "steps": steps, "svi_seconds": t_run, "seconds_per_1000_steps": 1000 * t_run / steps,
+                "elbo": mean if self.exact else None, "elbo_se": se if self.exact else None,
+                "elbo_kind": "hybrid ELBO (exact log p(y, theta))" if self.exact else
+                             "joint surrogate E[log p(y,z,theta) - log q(theta)] (no ELBO: CG path, no log det H)",
+                "surrogate": None if self.exact else mean,
+                "elbo_finite": finite, "diverged": not finite, "elbo_particles": int(e.size), "checkpoints": ckpts,
+                "train_elbo": train, "load_after": load_avg(), "dense": bool(self.guide.conditional.dense), "laplace": not self.guide.block.exact,
+                "block_size": int(self.guide.conditional.size), "theta": list(self.guide.theta_names),
+                "cg_iterations_per_draw": float(cg.mean()), "cg_iterations_max": float(cg.max()),
+                "mode_cg_iterations": float(np.asarray(info["mode_iterations"])),
+                "_moments": moments, "_sir_moments": sir, "_ckpt_moments": ckpt_moments, "_params": params}
+
+
+def target_reach(name: str, run: dict, ref: dict) -> None:
+    """Steps and seconds from which the worst-site sd ratio and mean error stay within the model's targets."""
+    lo, hi, err = TARGETS.get(name, DEFAULT_TARGET)
+    ok = []
+    for mom in run.pop("_ckpt_moments"):
+        c = compare(mom, ref)["summary"]
+        ok.append(lo <= c["sd_ratio_min_site"] and c["sd_ratio_max_site"] <= hi and c["mean_err_worst"] <= err)
+    run["target"] = {"sd_ratio": [lo, hi], "mean_err": err}
+    run["target_step"] = run["target_seconds"] = None
+    for i, (step, secs, *_rest) in enumerate(run["checkpoints"]):
+        if all(ok[i:]):
+            run["target_step"], run["target_seconds"] = step, secs
+            break
+    sir = run.pop("_sir_moments")
+    if sir is not None:
+        run["compare_sir"] = compare(sir, ref)
+    c = run["compare"]["summary"]
+    run["target_met_at_end"] = bool(lo <= c["sd_ratio_min_site"] and c["sd_ratio_max_site"] <= hi
+                                    and c["mean_err_worst"] <= err)
+
+
 def xi_summary(plan, params) -> list:
     """Learned xi per offset (mean over its elements), next to its initial value."""
     out = []
@@ -338,8 +494,11 @@ def xi_summary(plan, params) -> list:
 
 
 # -- one model --------------------------------------------------------------------------------------
-def run_model(spec: ModelSpec, mode: str) -> dict:
+def run_model(spec: ModelSpec, mode: str, methods: list | None = None, reference: dict | None = None) -> dict:
+    """Every method (or ``methods``) on one model. ``reference``: a results JSON (``--reference-from``)
+    whose reference moments of this model are reused instead of running the NUTS reference again."""
     cfg = CONFIGS[mode]
+    methods = METHODS if methods is None else [m for m in METHODS if m in methods]
     t_model = time.perf_counter()
     model = spec.module.model
     args, kwargs = spec.inputs(mode)
@@ -350,27 +509,34 @@ def run_model(spec: ModelSpec, mode: str) -> dict:
            "latent_sites": {s: list(v) for s, v in sites.items()}, "reference_kind": spec.reference,
            "steps": None, "methods": {}, "errors": {}}
 
-    # The analysis once, then both plans from the same report (what reparameterize(model, init=...) does).
-    t0 = time.perf_counter()
-    report = autoreparam.analyze(model, *args, **kwargs)
-    t_an = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    plan_an = report.make_plan(init="analytic")
-    t_plan_an = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    plan_zero = report.make_plan(init="zero")
-    t_plan_zero = time.perf_counter() - t0
-    out["analysis"] = {"analyze_seconds": t_an, "plan_analytic_seconds": t_plan_an,
-                       "plan_zero_seconds": t_plan_zero, "plan_analytic": str(plan_an),
-                       "plan_zero": str(plan_zero), "pairs": len(report.additive()),
-                       "funnels": [f.site for f in report.funnels]}
-    log(f"{spec.name}: analysis {t_an:.1f} s, analytic plan {t_plan_an:.1f} s\n{plan_an}")
-    variants = {
-        "original": model,
-        "vip": vip(model),
-        "zero": autoreparam.reparameterize(model, plan_zero),
-        "analytic": autoreparam.reparameterize(model, plan_an),
-    }
+    # The analysis once, then both plans from the same report (what reparameterize(model, init=...) does);
+    # skipped when no method of this run needs them (the hybrid runs its own analysis, inside its set-up).
+    needs_plans = any(m in methods for m in ("autoreparam zero", "autoreparam analytic", "NUTS autoreparam")) \
+        or (reference is None and spec.reference == "nuts" and spec.reference_model == "autoreparam")
+    if needs_plans:
+        t0 = time.perf_counter()
+        report = autoreparam.analyze(model, *args, **kwargs)
+        t_an = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plan_an = report.make_plan(init="analytic")
+        t_plan_an = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plan_zero = report.make_plan(init="zero")
+        t_plan_zero = time.perf_counter() - t0
+        out["analysis"] = {"analyze_seconds": t_an, "plan_analytic_seconds": t_plan_an,
+                           "plan_zero_seconds": t_plan_zero, "plan_analytic": str(plan_an),
+                           "plan_zero": str(plan_zero), "pairs": len(report.additive()),
+                           "funnels": [f.site for f in report.funnels]}
+        log(f"{spec.name}: analysis {t_an:.1f} s, analytic plan {t_plan_an:.1f} s\n{plan_an}")
+        variants = {"zero": autoreparam.reparameterize(model, plan_zero),
+                    "analytic": autoreparam.reparameterize(model, plan_an)}
+    else:
+        t_an = t_plan_an = t_plan_zero = 0.0
+        out["analysis"] = {"analyze_seconds": 0.0, "plan_analytic_seconds": 0.0, "plan_zero_seconds": 0.0,
+                           "plan_analytic": "(no plan: no method of this run needs one)", "plan_zero": "",
+                           "pairs": None, "funnels": []}
+        variants = {}
+    variants.update(original=model, vip=vip(model))
     out["vip_sites"] = vip_sites(model, args, kwargs)
     variant_of = {"AutoNormal": "original", "AutoLowRankMVN": "original", "AutoMVN": "original",
                   "VIP AutoNormal": "vip", "autoreparam zero": "zero", "autoreparam analytic": "analytic",
@@ -383,7 +549,14 @@ def run_model(spec: ModelSpec, mode: str) -> dict:
     on_reparam = spec.reference_model == "autoreparam"
     ref_kind = ("NUTS on autoreparam.reparameterize(model) (analytic xi; same posterior)" if on_reparam
                 else "NUTS on the original model")
-    if spec.reference == "nuts" and cfg["ref_from_nuts_method"]:
+    if reference is not None:
+        prev = reference["models"][spec.name]
+        ref = {s: {"mean": np.asarray(v["mean"], np.float64).reshape(sites[s]),
+                   "sd": np.asarray(v["sd"], np.float64).reshape(sites[s]), "mean_se": None}
+               for s, v in prev["reference_moments"].items()}
+        out["reference"] = {**prev["reference"], "kind": prev["reference"]["kind"]
+                            + f" (reused from {reference.get('_path', 'a results file')}, {reference.get('created')})"}
+    elif spec.reference == "nuts" and cfg["ref_from_nuts_method"]:
         meth = "NUTS autoreparam" if on_reparam else "NUTS"
         nuts_runs[meth] = _nuts_method(spec, meth, variants[variant_of[meth]], args, kwargs, cfg, sites, out)
         ref_run = nuts_runs[meth]
@@ -414,10 +587,14 @@ def run_model(spec: ModelSpec, mode: str) -> dict:
     # VI: compile every method, then seeds interleaved across methods.
     steps = spec.steps[mode]
     vi = {}
-    for name in VI_METHODS:
+    for name in (m for m in VI_METHODS if m in methods):
         try:
-            vi[name] = VIMethod(name, variants[variant_of[name]], args, kwargs, sites, steps, cfg)
-            out["steps"] = vi[name].steps
+            if name == "hybrid":
+                vi[name] = HybridMethod(model, args, kwargs, sites, mode, cfg)
+                setup[name] = vi[name].setup_seconds
+            else:
+                vi[name] = VIMethod(name, variants[variant_of[name]], args, kwargs, sites, steps, cfg)
+                out["steps"] = vi[name].steps
             log(f"{spec.name}: {name} compiled in {vi[name].compile_seconds:.1f} s")
         except Exception as exc:  # a method that cannot run is reported, not fatal
             out["errors"][name] = _error(exc)
@@ -428,6 +605,8 @@ def run_model(spec: ModelSpec, mode: str) -> dict:
             try:
                 r = m.run(seed)
                 r["compare"] = compare(r.pop("_moments"), ref)
+                if name == "hybrid":
+                    target_reach(spec.name, r, ref)
                 params = r.pop("_params")
                 if name.startswith("autoreparam"):
                     r["xi"] = xi_summary(plan_an if name.endswith("analytic") else plan_zero, params)
@@ -435,7 +614,7 @@ def run_model(spec: ModelSpec, mode: str) -> dict:
                     r["centered"] = {s: float(np.mean(np.asarray(params[f"{s}_centered"])))
                                      for s in out["vip_sites"] if f"{s}_centered" in params}
                 runs[name].append(r)
-                log(f"{spec.name}: {name} seed {seed}: ELBO {r['elbo']:.2f} +- {r['elbo_se']:.2f}, "
+                log(f"{spec.name}: {name} seed {seed}: ELBO {_f(r['elbo'])} +- {_f(r['elbo_se'])}, "
                     f"{r['svi_seconds']:.1f} s, worst sd ratio {r['compare']['summary']['sd_ratio_worst']:.3f} "
                     f"({r['compare']['summary']['sd_ratio_worst_site']})")
             except Exception as exc:
@@ -447,7 +626,7 @@ def run_model(spec: ModelSpec, mode: str) -> dict:
                                     "compile_seconds": m.compile_seconds, "chunk": m.chunk, "runs": runs[name]}
 
     # NUTS on both parameterizations.
-    for name in NUTS_METHODS:
+    for name in (m for m in NUTS_METHODS if m in methods):
         r = nuts_runs.get(name) or _nuts_method(spec, name, variants[variant_of[name]], args, kwargs, cfg, sites, out)
         if r is None:
             continue
@@ -459,6 +638,10 @@ def run_model(spec: ModelSpec, mode: str) -> dict:
     out["seconds"] = time.perf_counter() - t_model
     log(f"{spec.name}: done in {out['seconds']:.0f} s")
     return out
+
+
+def _f(x):
+    return "-" if x is None else f"{x:.2f}"
 
 
 def _nuts_method(spec, name, model, args, kwargs, cfg, sites, out):
@@ -493,6 +676,12 @@ def _median(xs):
     return float(np.median(xs)) if xs else None
 
 
+def _median_or_none(xs):
+    """Median over seeds with None (never reached) as +infinity; None if that median is infinite."""
+    med = float(np.median([np.inf if x is None else x for x in xs]))
+    return med if np.isfinite(med) else None
+
+
 def summarize(out: dict) -> None:
     """Medians over seeds; the model's best ELBO; steps and seconds to within NAT of it.
 
@@ -500,8 +689,13 @@ def summarize(out: dict) -> None:
     is the median over the runs that did not diverge (None if every run diverged)."""
     vi = {k: v for k, v in out["methods"].items() if v["kind"] == "vi"}
     ok = lambda r: not r.get("diverged") and r["elbo"] is not None and np.isfinite(r["elbo"])  # noqa: E731
+    # A hybrid run on the CG path reports no ELBO (no log det H): it has moments but takes no part in "best".
+    no_elbo = lambda r: not r.get("diverged") and r["elbo"] is None and r.get("surrogate") is not None  # noqa: E731
     finals = {}
     for k, v in vi.items():
+        if all(no_elbo(r) for r in v["runs"]):
+            finals[k] = None
+            continue
         med = float(np.median([r["elbo"] if ok(r) else -np.inf for r in v["runs"]]))
         finals[k] = med if np.isfinite(med) else None
     best = max((e for e in finals.values() if e is not None), default=None)
@@ -521,7 +715,7 @@ def summarize(out: dict) -> None:
                     r["reach_step"], r["reach_seconds"] = step, secs
                     break
         n = len(v["runs"])
-        good = [r for r in v["runs"] if ok(r)]
+        good = [r for r in v["runs"] if ok(r) or no_elbo(r)]
         reached = [r for r in v["runs"] if r["reach_step"] is not None]
         # The median over seeds, with "not reached" as +infinity.
         med_step = np.median([r["reach_step"] if r["reach_step"] is not None else np.inf for r in v["runs"]])
@@ -531,8 +725,25 @@ def summarize(out: dict) -> None:
         v["summary"] = {
             "seeds": n, "diverged": n - len(good), "elbo": finals[name],
             "elbo_se": _median([r["elbo_se"] for r in good]),
-            "elbo_min": min(r["elbo"] for r in good) if good else None,
-            "elbo_max": max(r["elbo"] for r in good) if good else None,
+            **({} if name != "hybrid" else {
+                "target_step": _median_or_none([r["target_step"] for r in v["runs"]]),
+                "target_seconds": _median_or_none([r["target_seconds"] for r in v["runs"]]),
+                "target_met_at_end": sum(r["target_met_at_end"] for r in v["runs"]),
+                "sir_sd_ratio_worst": _median([r["compare_sir"]["summary"]["sd_ratio_worst"]
+                                               for r in good if r.get("compare_sir")]),
+                "sir_sd_ratio_worst_site": next((r["compare_sir"]["summary"]["sd_ratio_worst_site"]
+                                                 for r in good if r.get("compare_sir")), None),
+                "sir_mean_err_worst": _median([r["compare_sir"]["summary"]["mean_err_worst"]
+                                               for r in good if r.get("compare_sir")]),
+                "sir_mean_err_worst_site": next((r["compare_sir"]["summary"]["mean_err_worst_site"]
+                                                 for r in good if r.get("compare_sir")), None),
+                "target": v["runs"][0]["target"],
+                "cg_iterations_per_draw": _median([r["cg_iterations_per_draw"] for r in v["runs"]]),
+                "dense": v["runs"][0]["dense"], "laplace": v["runs"][0].get("laplace"), "block_size": v["runs"][0]["block_size"],
+                "theta": v["runs"][0]["theta"], "elbo_kind": v["runs"][0]["elbo_kind"],
+                "surrogate": _median([r.get("surrogate") for r in v["runs"]])}),
+            "elbo_min": min((r["elbo"] for r in good if r["elbo"] is not None), default=None),
+            "elbo_max": max((r["elbo"] for r in good if r["elbo"] is not None), default=None),
             "gap_to_best": None if best is None or finals[name] is None else best - finals[name],
             "reached": len(reached), "reach_step": None if not np.isfinite(med_step) else float(med_step),
             "reach_seconds": None if not np.isfinite(med_secs) else float(med_secs),
@@ -575,21 +786,22 @@ def summarize(out: dict) -> None:
     out["ratios"] = ratios
 
 
-def run_one(name: str, mode: str) -> dict:
+def run_one(name: str, mode: str, methods: list | None = None, reference: dict | None = None) -> dict:
     """``run_model`` with a failure recorded instead of raised."""
     try:
-        return json_safe(run_model(MODELS[name], mode))
+        return json_safe(run_model(MODELS[name], mode, methods, reference))
     except Exception as exc:
         res = {"name": name, "failed": _error(exc), "traceback": traceback.format_exc()}
         log(f"{name}: FAILED\n{res['traceback']}")
         return res
 
 
-def model_worker(names: list, mode: str, path: str) -> None:
+def model_worker(names: list, mode: str, path: str, methods: list | None = None,
+                 reference: dict | None = None) -> None:
     """Run models one after another and write {name: result} to ``path`` (for --jobs > 1)."""
     out = {}
     for name in names:
-        out[name] = run_one(name, mode)
+        out[name] = run_one(name, mode, methods, reference)
         Path(path).write_text(json.dumps(out))
 
 

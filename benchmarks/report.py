@@ -9,10 +9,10 @@ from .harness import METHODS, NAT, NUTS_METHODS, VI_METHODS
 SHORT = {"AutoNormal": "AutoNormal", "AutoLowRankMVN": "AutoLowRankMVN", "AutoMVN": "AutoMVN",
          "VIP AutoNormal": "VIP + AutoNormal", "autoreparam zero": "autoreparam zero + AutoNormal",
          "autoreparam analytic": "autoreparam analytic + AutoNormal", "NUTS": "NUTS",
-         "NUTS autoreparam": "NUTS on autoreparam"}
+         "NUTS autoreparam": "NUTS on autoreparam", "hybrid": "hybrid (AutoHybrid + natural gradient)"}
 COLORS = {"AutoNormal": "#1f77b4", "AutoLowRankMVN": "#17becf", "AutoMVN": "#9467bd",
           "VIP AutoNormal": "#ff7f0e", "autoreparam zero": "#8c564b", "autoreparam analytic": "#d62728",
-          "NUTS": "#7f7f7f", "NUTS autoreparam": "#2ca02c"}
+          "NUTS": "#7f7f7f", "NUTS autoreparam": "#2ca02c", "hybrid": "#e377c2"}
 
 
 def md_table(head, rows) -> str:
@@ -62,7 +62,9 @@ def model_table(m: dict) -> str:
             reach = (f"{s['reach_step']:,.0f}" if s["reach_step"] is not None else "not reached")
             if s["seeds"] > 1 and s["reach_step"] is not None and s["reached"] < s["seeds"]:
                 reach += f" ({s['reached']}/{s['seeds']} seeds)"
-            if s["elbo"] is None:
+            if s["elbo"] is None and s.get("surrogate") is not None:
+                elbo = "n/a (no log det H)"
+            elif s["elbo"] is None:
                 elbo = f"diverged ({s['diverged']}/{s['seeds']} seeds)"
             else:
                 elbo = f"{s['elbo']:.1f} +- {s['elbo_se']:.1f}"
@@ -85,6 +87,34 @@ def model_table(m: dict) -> str:
                 rate(r.get("min_ess_per_s")) + f" ({r['min_ess_site']})", rate(ess_per_kgrad(r)),
                 r["divergences"], f(r.get("max_rhat"), "{:.3f}")])
     return md_table(head, rows)
+
+
+def hybrid_line(m: dict) -> str:
+    """The hybrid against the issue's targets: steps and seconds to reach them, per-step cost, CG iterations."""
+    r = m["methods"].get("hybrid")
+    if r is None:
+        return ""
+    s = r["summary"]
+    t = s["target"]
+    lo, hi = t["sd_ratio"]
+    plain = m["methods"].get("AutoNormal", {}).get("summary")
+    cost = "" if not plain or not plain.get("seconds_per_1000_steps") else \
+        f" ({s['seconds_per_1000_steps'] / plain['seconds_per_1000_steps']:.1f} x AutoNormal's, float64 against float32)"
+    reached = (f"reached at step {s['target_step']:,.0f} ({fmt_seconds(s['target_seconds'])} s of SVI)"
+               if s["target_step"] is not None else "NOT reached")
+    solver = (("Laplace, " if s.get("laplace") else "") + f"dense Cholesky (block of {s['block_size']:,} values)"
+              if s["dense"] else
+              f"CG, {s['cg_iterations_per_draw']:.0f} iterations per draw (block of {s['block_size']:,} values)")
+    elbo = ("hybrid ELBO with the Laplace log p(y, theta)" if s.get("laplace") else "exact hybrid ELBO") \
+        if s["dense"] else "no ELBO (CG path: the loss is the joint surrogate)"
+    if s.get("sir_sd_ratio_worst") is not None:
+        elbo += (f"; with theta resampled by p(y, theta) / q(theta) (SIR, 4 proposals per draw): worst sd ratio "
+                 f"{worst(s['sir_sd_ratio_worst'], s['sir_sd_ratio_worst_site'])}, worst mean err "
+                 f"{worst(s['sir_mean_err_worst'], s['sir_mean_err_worst_site'])}")
+    return (f"hybrid: target worst-site sd ratio in [{lo}, {hi}] and worst mean err <= {t['mean_err']} ref sds: "
+            f"{reached}, met at the end in {s['target_met_at_end']}/{s['seeds']} seeds; "
+            f"{f(s['seconds_per_1000_steps'])} s / 1k steps{cost}; conditional: {solver}; theta = "
+            f"{', '.join(s['theta'])}; {elbo}.")
 
 
 def reference_line(m: dict) -> str:
@@ -175,6 +205,8 @@ def markdown(results: dict) -> str:
         steps = "no" if m.get("steps") is None else f"{m['steps']:,}"
         say(f"{m['description']}; {reference_line(m)}; {steps} SVI steps per VI method; best median ELBO {best}.\n")
         say(model_table(m) + "\n")
+        if "hybrid" in m["methods"]:
+            say(hybrid_line(m) + "\n")
         an = m["analysis"]
         comp = ", ".join(f"{SHORT[k]} {v['compile_seconds']:.1f}" for k, v in m["methods"].items() if v["kind"] == "vi")
         say(f"autoreparam analysis {an['analyze_seconds']:.1f} s + plan {an['plan_analytic_seconds']:.1f} s "

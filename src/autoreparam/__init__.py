@@ -19,12 +19,17 @@ _EXPORTS = {
     "auto": "api", "reparameterize": "api",
     "Funnel": "report", "Invariance": "report", "Report": "report", "Term": "report",
     "Plate": "trace", "Site": "trace",
+    "AutoHybrid": "hybrid", "HybridELBO": "hybrid", "NaturalGradient": "natural",
+    "decaying_step_size": "natural", "fit_hybrid": "fit", "HybridFit": "fit",
 }
 _SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__))
 
 if TYPE_CHECKING:
     from .api import analyze, auto, reparameterize
     from .emit import EmitResult, emit_config, emit_source
+    from .fit import HybridFit, fit_hybrid
+    from .hybrid import AutoHybrid, HybridELBO
+    from .natural import NaturalGradient, decaying_step_size
     from .errors import AutoreparamError, InputError, ModelError
     from .plan import Offset, Plan, PlanError, SitePlan
     from .reparam import ConditionalOffsetReparam, record_values
@@ -53,6 +58,12 @@ __all__ = [
     "Report",
     "Site",
     "Term",
+    "AutoHybrid",
+    "HybridELBO",
+    "NaturalGradient",
+    "decaying_step_size",
+    "fit_hybrid",
+    "HybridFit",
 ]
 __version__ = "0.1.0"
 

@@ -209,7 +209,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_options(c)
     c.add_argument("--steps", type=int, default=2000, help="SVI steps for each model (default 2000)")
     c.add_argument("--guide", default="AutoNormal", choices=("AutoNormal", "AutoDiagonalNormal",
-                                                             "AutoLowRankMultivariateNormal"))
+                                                             "AutoLowRankMultivariateNormal", "hybrid"),
+                   help="guide family for both models; 'hybrid': AutoNormal on both and autoreparam's hybrid "
+                        "(q(theta) Gaussian, the Gaussian block exact) as a third column")
     c.add_argument("--plot", metavar="OUT.png", help="draw the ELBO curves and posterior sds to a PNG/SVG")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p

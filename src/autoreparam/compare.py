@@ -16,7 +16,8 @@ from .trace import describe_exception
 
 __all__ = ["GUIDES", "compare", "Comparison", "FitSummary"]
 
-GUIDES = ("AutoNormal", "AutoDiagonalNormal", "AutoLowRankMultivariateNormal")
+GUIDES = ("AutoNormal", "AutoDiagonalNormal", "AutoLowRankMultivariateNormal", "hybrid")
+HYBRID_PARTICLES = 4
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Comparison:
     fits: list[FitSummary]
 
     def table(self) -> str:
+        if len(self.fits) == 3:
+            return self._table3()
         orig, rep = self.fits
         w = max([12] + [len(name) + 2 for name in orig.sites])
         lines = [f"SVI with {self.guide}, Adam, {self.steps} steps, same seed for both:", "",
@@ -52,6 +55,25 @@ class Comparison:
             lines.append(f"{name:<{w}}{m0:>12.3f}{m1:>14.3f}{s0:>11.3f}{s1:>12.3f}{ratio:>10.2f}")
         return "\n".join(lines)
 
+    def _table3(self) -> str:
+        """AutoNormal on the original and the reparameterized model, and the hybrid, side by side."""
+        w = max([12] + [len(name) + 2 for name in self.fits[0].sites])
+        lines = [f"SVI, {self.steps} steps, same seed: AutoNormal with Adam on the original and the reparameterized "
+                 f"model; AutoHybrid with natural gradient ({HYBRID_PARTICLES} theta draws per step):", "",
+                 f"{'':<16}{'ELBO':>22}{'time (s)':>11}"]
+        for fit in self.fits:
+            elbo = f"{fit.elbo:>12.2f} +- {fit.elbo_se:<7.2f}" if np.isfinite(fit.elbo) else f"{'n/a':>12}{'':11}"
+            lines.append(f"{fit.label:<16}{elbo}{fit.seconds:>11.1f}")
+        if not np.isfinite(self.fits[2].elbo):
+            lines.append("(hybrid: the block is too large for log det H, so its ELBO is not estimated)")
+        lines += ["", "posterior per site (mean and sd averaged over the site's elements):",
+                  f"{'site':<{w}}{'mean orig':>11}{'mean reparam':>14}{'mean hybrid':>13}"
+                  f"{'sd orig':>10}{'sd reparam':>12}{'sd hybrid':>11}"]
+        for name in self.fits[0].sites:
+            (m0, s0), (m1, s1), (m2, s2) = (fit.sites.get(name, (np.nan, np.nan)) for fit in self.fits)
+            lines.append(f"{name:<{w}}{m0:>11.3f}{m1:>14.3f}{m2:>13.3f}{s0:>10.3f}{s1:>12.3f}{s2:>11.3f}")
+        return "\n".join(lines)
+
     def plot(self, path: str | Path) -> Path:
         import matplotlib
 
@@ -63,25 +85,30 @@ class Comparison:
             raise InputError(f"--plot {path}: expected a file ending in .png or .svg")
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         for fit in self.fits:
+            if fit.label == "hybrid" and not np.isfinite(fit.elbo):
+                continue  # its losses are the joint surrogate, not an ELBO
             elbo = -np.asarray(fit.losses, dtype=float)
             w = max(1, len(elbo) // 50)
             smooth = np.convolve(elbo, np.ones(w) / w, mode="valid")
             ax1.plot(np.arange(len(smooth)) + w, smooth, label=fit.label)
         ax1.set_xlabel("step")
         ax1.set_ylabel("ELBO (moving average)")
-        lo = min(np.percentile(-np.asarray(f.losses), 5) for f in self.fits)
-        hi = max(np.max(-np.asarray(f.losses)) for f in self.fits)
+        shown = [f for f in self.fits if f.label != "hybrid" or np.isfinite(f.elbo)]
+        lo = min(np.percentile(-np.asarray(f.losses), 5) for f in shown)
+        hi = max(np.max(-np.asarray(f.losses)) for f in shown)
         ax1.set_ylim(lo, hi + 0.05 * abs(hi - lo))
         ax1.legend()
         names = list(self.fits[0].sites)
         x = np.arange(len(names))
+        width = 0.8 / len(self.fits)
         for k, fit in enumerate(self.fits):
-            ax2.bar(x + (k - 0.5) * 0.4, [fit.sites[n][1] for n in names], width=0.4, label=fit.label)
+            ax2.bar(x + (k - (len(self.fits) - 1) / 2) * width, [fit.sites[n][1] for n in names], width=width,
+                    label=fit.label)
         ax2.set_xticks(x, names, rotation=45, ha="right")
         ax2.set_yscale("log")
         ax2.set_ylabel("posterior sd (mean over elements)")
         ax2.legend()
-        fig.suptitle(f"{self.guide}, {self.steps} steps")
+        fig.suptitle(f"{'AutoNormal and hybrid' if self.guide == 'hybrid' else self.guide}, {self.steps} steps")
         fig.tight_layout()
         try:
             write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:].lower()))
@@ -112,17 +139,34 @@ def _fit(label, model, guide_name, args, kwargs, steps, lr, seed, progress, site
                       np.asarray(result.losses), summary)
 
 
+def _fit_hybrid(label, model, args, kwargs, steps, seed, progress, sites) -> FitSummary:
+    """``fit_hybrid`` (natural gradient); its ELBO from ``HybridELBO`` where the block's marginal is exact."""
+    from .fit import fit_hybrid
+    from .hybrid import HybridELBO
+
+    fit = fit_hybrid(model, *args, steps=steps, num_particles=HYBRID_PARTICLES, seed=seed, num_samples=1000,
+                     progress_bar=progress, **kwargs)
+    elbo = elbo_se = float("nan")
+    if fit.guide.exact_marginal:
+        with jax.enable_x64(True):
+            estimator = HybridELBO(num_particles=50)
+            loss = jax.jit(lambda k: estimator.loss(k, fit.params, model, fit.guide, *args, **kwargs))
+            batches = 20
+            elbos = np.array([-float(loss(k)) for k in jax.random.split(jax.random.PRNGKey(seed + 1), batches)])
+        elbo, elbo_se = float(elbos.mean()), float(elbos.std(ddof=1) / np.sqrt(batches))
+    summary = {n: (float(np.mean(fit.samples[n])), float(np.mean(np.std(fit.samples[n], axis=0))))
+               for n in sites if n in fit.samples}
+    return FitSummary(label, elbo, elbo_se, fit.seconds, fit.losses, summary)
+
+
 def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "AutoNormal", lr: float = 1e-2,
             seed: int = 0, progress: bool = False) -> Comparison:
     """Fit ``model`` and ``reparameterize(model)`` with the same guide family, optimizer, seed and steps.
 
-    >>> def model(y=None):
-    ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
-    ...     with numpyro.plate("groups", 3):
-    ...         numpyro.sample("y", dist.Normal(mu, 1), obs=y)
-    >>> c = compare(model, (), {"y": jnp.array([0.5, 1.0, -0.3])}, steps=20)  # print(c.table())
-    >>> [fit.label for fit in c.fits], c.steps
-    (['original', 'reparameterized'], 20)
+    ``guide="hybrid"``: AutoNormal on both, and ``fit_hybrid(model)`` as a third column.
+
+    >>> c = compare(model, (county, u), {"y": y}, steps=2000)     # doctest: +SKIP
+    >>> print(c.table())                                           # doctest: +SKIP
     """
     if guide not in GUIDES:
         raise InputError(f"--guide {guide}: expected one of {', '.join(GUIDES)}")
@@ -136,9 +180,16 @@ def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "Aut
                          "continuous latent sites (marginalise it, e.g. with numpyro's enumeration)")
     sites = [n for n, s in report.sites.items() if s.type == "latent"]
     fits = []
-    for label, m in (("original", model), ("reparameterized", reparameterize(model))):
+    runs = [("original", model), ("reparameterized", reparameterize(model))]
+    if guide == "hybrid":
+        runs.append(("hybrid", model))
+    for label, m in runs:
         try:
-            fits.append(_fit(label, m, guide, args, kwargs, steps, lr, seed, progress, sites))
+            if label == "hybrid":
+                fits.append(_fit_hybrid(label, m, args, kwargs, steps, seed, progress, sites))
+            else:
+                fits.append(_fit(label, m, "AutoNormal" if guide == "hybrid" else guide, args, kwargs, steps, lr,
+                                 seed, progress, sites))
         except InputError:
             raise
         except Exception as exc:

@@ -1,0 +1,405 @@
+"""Hybrid variational inference (seed 002): q(theta, z) = q(theta) p(z | theta, y).
+
+theta are the latent sites outside the conditionally Gaussian block (scales, noise, anything
+non-Gaussian); q(theta) is a Gaussian in their unconstrained space. The block z is drawn from its
+exact conditional given theta (``conditional.BlockConditional``), so the guide never fits z.
+
+The guide emits z as ``Delta(stop_gradient(z))``: log q(z) = 0 and no gradient flows through z,
+so the gradient of ``-(log p(y, z, theta) - log q(theta))`` with respect to q's parameters is the
+Fisher-identity gradient of the hybrid ELBO,
+
+    grad_theta log p(y, theta) = E_{z ~ p(z | theta, y)} [grad_theta log p(y, z, theta)],
+
+and no log-determinant is needed. ``HybridELBO`` has that gradient and reports the ELBO itself,
+``E_q[log p(y, theta) - log q(theta)]``, where the conditional can give ``log p(y, theta)``.
+
+Float64: the conditional's solves need it (CG tolerance 1e-8). Run the fit under
+``jax.enable_x64(True)`` (``autoreparam.fit_hybrid`` does, for its own run only); the guide warns
+once when it is traced with float64 disabled.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from jax import lax
+from jax.scipy.special import ndtri
+from numpyro import handlers
+from numpyro.distributions.transforms import biject_to
+from numpyro.distributions.util import sum_rightmost
+from numpyro.infer import Trace_ELBO
+from numpyro.infer.autoguide import AutoGuide
+from numpyro.infer.initialization import init_to_median
+from numpyro.infer.util import log_density
+
+from .block import BlockLikelihood, BlockSite, GaussianBlock, block_for_report  # noqa: F401 (doctest)
+from .conditional import BlockConditional
+from .errors import InputError, ModelError
+from .trace import data_evaluated_eagerly, isolated_from_handlers, trace_model
+
+__all__ = ["AutoHybrid", "HybridELBO", "THETA_GUIDES"]
+
+THETA_GUIDES = ("normal", "lowrank", "full")
+
+
+def _concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+class AutoHybrid(AutoGuide):
+    """Gaussian q(theta) in the unconstrained space; the block z drawn from p(z | theta, y).
+
+    :param model: the NumPyro model.
+    :param block: the ``GaussianBlock`` to integrate; ``None`` takes the one ``analyze`` finds.
+    :param theta_guide: ``"normal"`` (mean-field, the default), ``"lowrank"`` or ``"full"``.
+    :param init_scale: initial sd of q(theta) in the unconstrained space.
+    :param rank: rank of the ``"lowrank"`` covariance factor (default: ``round(sqrt(dim theta))``).
+    :param conditional_options: passed to ``BlockConditional`` (solver options).
+
+    Parameters (``prefix`` defaults to ``"auto"``): ``{prefix}_loc`` and ``{prefix}_log_scale``
+    (the mean and log sd of the unconstrained theta vector), ``{prefix}_scale_tril_offdiag``
+    (``"full"``: the strictly lower part of the Cholesky factor) or ``{prefix}_cov_factor``
+    (``"lowrank"``).
+
+    >>> def model(g, y=None):
+    ...     tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    ...     with numpyro.plate("groups", 3):
+    ...         a = numpyro.sample("a", dist.Normal(0.0, tau))
+    ...     with numpyro.plate("data", len(g)):
+    ...         numpyro.sample("y", dist.Normal(a[g], 0.5), obs=y)
+    >>> block = GaussianBlock((BlockSite("a", (3,), "Normal"),), (BlockLikelihood("y", "Normal", "identity"),),
+    ...                       ("tau",))
+    >>> g, y = np.array([0, 0, 1, 2]), np.array([0.3, 0.1, -0.4, 1.2])
+    >>> with jax.enable_x64(True):
+    ...     guide = AutoHybrid(model, block=block)
+    ...     svi = SVI(model, guide, numpyro.optim.Adam(0.05), HybridELBO())
+    ...     result = svi.run(jax.random.PRNGKey(0), 200, g, y=y, progress_bar=False)
+    ...     draws = guide.sample_posterior(jax.random.PRNGKey(1), result.params, g, y=y, sample_shape=(4,))
+    >>> guide.theta_names, guide.z_names, draws["a"].shape
+    (('tau',), ('a',), (4, 3))
+    """
+
+    def __init__(self, model, *, block: GaussianBlock | None = None, theta_guide: str = "normal",
+                 init_scale: float = 0.1, rank: int | None = None, prefix: str = "auto",
+                 init_loc_fn=init_to_median, **conditional_options):
+        if theta_guide not in THETA_GUIDES:
+            raise InputError(f"AutoHybrid: theta_guide={theta_guide!r}: expected one of {', '.join(THETA_GUIDES)}")
+        if not (isinstance(init_scale, (int, float)) and init_scale > 0):
+            raise InputError(f"AutoHybrid: init_scale must be a positive number, got {init_scale!r}")
+        if block is not None and not isinstance(block, GaussianBlock):
+            raise InputError(f"AutoHybrid: block must be a GaussianBlock or None, got {type(block).__name__}")
+        if rank is not None and (not isinstance(rank, int) or rank < 1):
+            raise InputError(f"AutoHybrid: rank must be a positive integer, got {rank!r}")
+        self.block = block
+        self.theta_guide = theta_guide
+        self.init_scale = float(init_scale)
+        self.rank = rank
+        self.conditional_options = conditional_options
+        self.theta_names: tuple[str, ...] = ()
+        self.z_names: tuple[str, ...] = ()
+        self._warned_float32 = False
+        super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn)
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        tr = self.prototype_trace
+        for name, site in tr.items():
+            if site["type"] == "plate" and site["args"][1] is not None and site["args"][1] != site["args"][0]:
+                raise ModelError(f"AutoHybrid: plate '{name}' is subsampled ({site['args'][1]} of "
+                                 f"{site['args'][0]}); the exact conditional of the block needs every "
+                                 "observation: fit without subsampling")
+        if self.block is None:
+            self.block = _find_block(self.model, args, kwargs)
+        latent = [n for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]]
+        block = self.block
+        for s in block.sites:
+            if s.name not in latent:
+                raise ModelError(f"AutoHybrid: block site '{s.name}' is not a latent sample site of the model")
+            shape = tuple(jnp.shape(tr[s.name]["value"]))
+            if shape != tuple(s.shape):
+                raise ModelError(f"AutoHybrid: block site '{s.name}' has shape {shape} in the model, the block "
+                                 f"says {tuple(s.shape)}")
+        self.z_names = tuple(n for n in latent if n in block.names)
+        self.theta_names = tuple(n for n in latent if n not in block.names)
+        for n in self.theta_names:
+            if tr[n]["fn"].support.is_discrete:
+                raise ModelError(f"AutoHybrid: site '{n}' is a discrete latent site outside the block; "
+                                 "q(theta) needs continuous theta (marginalise it, e.g. by enumeration)")
+        for lik in block.likelihoods:
+            site = tr.get(lik.name)
+            if site is None or site["type"] != "sample":
+                raise ModelError(f"AutoHybrid: block likelihood '{lik.name}' is not a sample site of the model")
+            if not site["is_observed"]:
+                raise ModelError(f"AutoHybrid: likelihood '{lik.name}' of the block is not observed in the inputs "
+                                 "the guide was set up with; pass its data")
+        if not all(_concrete(x) for x in jax.tree.leaves((args, kwargs))):
+            raise InputError("AutoHybrid: the guide must be set up (its first call, e.g. svi.init) on concrete "
+                             "inputs, not inside jit or vmap: the conditional of the block is built on them")
+        self._theta_shapes = {n: tuple(jnp.shape(self._init_locs[n])) for n in self.theta_names}
+        self._theta_sizes = {n: math.prod(s) for n, s in self._theta_shapes.items()}
+        self.theta_dim = sum(self._theta_sizes.values())
+        self._setup_inputs = (args, kwargs)
+        # Built once, on the data of the set-up call: bad input (block too large for the solver,
+        # unsupported link) fails here, and later calls (Predictive with y=None, new covariates)
+        # draw z from the conditional given the data the guide was fitted on.
+        with isolated_from_handlers():
+            self.conditional = BlockConditional(self.model, self.block, args, kwargs, **self.conditional_options)
+
+    @property
+    def param_names(self) -> dict[str, str]:
+        """{role: param name} of q(theta): loc, log_scale and offdiag (full) or cov_factor (lowrank)."""
+        p = self.prefix
+        names = {"loc": f"{p}_loc", "log_scale": f"{p}_log_scale"}
+        if self.theta_guide == "full":
+            names["offdiag"] = f"{p}_scale_tril_offdiag"
+        elif self.theta_guide == "lowrank":
+            names["cov_factor"] = f"{p}_cov_factor"
+        return names
+
+    def _check_float64(self):
+        if jax.config.jax_enable_x64 or self._warned_float32:
+            return
+        self._warned_float32 = True
+        warnings.warn("AutoHybrid: float64 is disabled, so the conditional of the block is solved in float32 "
+                      "and its draws are inexact; run the fit inside `with jax.enable_x64(True):` or use "
+                      "autoreparam.fit_hybrid", UserWarning, stacklevel=3)
+
+    # -- q(theta) ----------------------------------------------------------------------------------
+    def _init_theta_loc(self):
+        if not self.theta_names:
+            return jnp.zeros(0)
+        return jnp.concatenate([jnp.ravel(self._init_locs[n]) for n in self.theta_names])
+
+    def _q_theta(self, params=None):
+        """q(theta) over the flat unconstrained theta vector, from numpyro.param (or ``params``)."""
+        d, names = self.theta_dim, self.param_names
+        get = (lambda role, init: numpyro.param(names[role], init)) if params is None else \
+            (lambda role, init: params[names[role]])
+        loc = get("loc", self._init_theta_loc())
+        log_scale = get("log_scale", jnp.full((d,), math.log(self.init_scale), dtype=jnp.result_type(float)))
+        scale = jnp.exp(log_scale)
+        if self.theta_guide == "normal":
+            return dist.Normal(loc, scale).to_event(1)
+        if self.theta_guide == "full":
+            offdiag = get("offdiag", jnp.zeros((d, d), dtype=jnp.result_type(float)))
+            return dist.MultivariateNormal(loc, scale_tril=scale_tril(offdiag, log_scale))
+        rank = self.rank or max(1, round(math.sqrt(d)))
+        factor = get("cov_factor", jnp.zeros((d, rank), dtype=jnp.result_type(float)))
+        return dist.LowRankMultivariateNormal(loc, factor, scale ** 2)
+
+    def _unpack(self, flat) -> dict:
+        out, i = {}, 0
+        for n in self.theta_names:
+            k = self._theta_sizes[n]
+            out[n] = jnp.reshape(flat[..., i:i + k], jnp.shape(flat)[:-1] + self._theta_shapes[n])
+            i += k
+        return out
+
+    def _constrain(self, unconstrained: dict) -> dict:
+        return {n: biject_to(self.prototype_trace[n]["fn"].support)(u) for n, u in unconstrained.items()}
+
+    # -- the guide ---------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        self._check_float64()
+        theta = {}
+        if self.theta_names:
+            latent = numpyro.sample(f"_{self.prefix}_latent", self._q_theta(), infer={"is_auxiliary": True})
+            for name, u in self._unpack(latent).items():
+                fn = self.prototype_trace[name]["fn"]
+                transform = biject_to(fn.support)
+                value = transform(u)
+                if numpyro.get_mask() is False:
+                    log_density_ = 0.0
+                else:
+                    log_density_ = -transform.log_abs_det_jacobian(u, value)
+                    log_density_ = sum_rightmost(log_density_, jnp.ndim(log_density_) - jnp.ndim(value) + fn.event_dim)
+                theta[name] = numpyro.sample(name, dist.Delta(value, log_density=log_density_, event_dim=fn.event_dim))
+        key = numpyro.prng_key()
+        if key is None:
+            raise InputError("AutoHybrid: the guide needs a random key to draw the block; run it under "
+                             "numpyro.handlers.seed (SVI and Predictive do)")
+        with handlers.block():
+            z = self.conditional.sample(key, jax.lax.stop_gradient(theta))
+        out = dict(theta)
+        for name in self.z_names:
+            value = lax.stop_gradient(z[name])
+            out[name] = numpyro.sample(name, dist.Delta(value, event_dim=jnp.ndim(value)))
+        return out
+
+    @property
+    def exact_marginal(self) -> bool:
+        """True when ``log_marginal`` is available: the conditional factorises H (its dense path)."""
+        self._require_setup("exact_marginal")
+        return self.conditional.dense
+
+    def log_marginal(self, theta: dict):
+        """log p(y, theta) at constrained ``theta`` with the block integrated out (Laplace blocks: the
+        Laplace approximation); only where ``exact_marginal``."""
+        with handlers.block():
+            return self.conditional.log_marginal(theta)
+
+    # -- after the fit -----------------------------------------------------------------------------
+    def _inputs(self, args, kwargs, what: str):
+        if args or kwargs:
+            return args, kwargs
+        if self._setup_inputs is None:
+            raise InputError(f"AutoHybrid.{what}: pass the model's inputs (the guide was set up under a "
+                             "transformation and kept no copy of them)")
+        return self._setup_inputs
+
+    def _require_setup(self, what: str):
+        if self.prototype_trace is None:
+            raise InputError(f"AutoHybrid.{what}: the guide has not been run yet; fit it first (svi.init / svi.run)")
+
+    def sample_posterior(self, rng_key, params, *args, sample_shape=(), resample_theta: int = 0, **kwargs):
+        """Draws of every latent site (theta from q, z from its conditional) and every deterministic site.
+
+        ``resample_theta=k`` (k >= 1; blocks with ``exact_marginal`` only): draw k times as many theta
+        from q, weight each by p(y, theta) / q(theta) and resample (sampling-importance-resampling),
+        then draw z given each resampled theta: a correction for a posterior of theta that is not
+        Gaussian in the unconstrained space (a heavy-tailed scale), at k dense factorisations per draw.
+        With no ``args``/``kwargs`` the inputs the guide was set up with are used.
+        """
+        self._require_setup("sample_posterior")
+        args, kwargs = self._inputs(args, kwargs, "sample_posterior")
+        n = max(int(np.prod(sample_shape)), 1)
+        if resample_theta and not (isinstance(resample_theta, int) and resample_theta >= 1):
+            raise InputError(f"AutoHybrid.sample_posterior: resample_theta must be a positive integer or 0, "
+                             f"got {resample_theta!r}")
+        if resample_theta and not self.exact_marginal:
+            raise InputError("AutoHybrid.sample_posterior: resample_theta needs log p(y, theta), which the block "
+                             f"({self.conditional.size} values, above the dense threshold) does not have")
+
+        def complete(key, theta):
+            k_z, k_model = jax.random.split(key)
+            with handlers.block():
+                z = self.conditional.sample(k_z, theta)
+            values = {**theta, **{name: z[name] for name in self.z_names}}
+            mtr = handlers.trace(handlers.seed(handlers.substitute(self.model, data={**params, **values}), k_model)) \
+                .get_trace(*args, **kwargs)
+            values.update({name: s["value"] for name, s in mtr.items() if s["type"] == "deterministic"})
+            return values
+
+        key_theta, key_pick, key_rest = jax.random.split(rng_key, 3)
+        if self.theta_names:
+            qdist = self._q_theta(params)
+            u = qdist.sample(key_theta, (n * max(resample_theta, 1),))
+            theta = self._constrain(self._unpack(u))
+            if resample_theta:
+                log_q = qdist.log_prob(u)
+                for name, value in theta.items():
+                    fn = self.prototype_trace[name]["fn"]
+                    ladj = biject_to(fn.support).log_abs_det_jacobian(self._unpack(u)[name], value)
+                    log_q = log_q - jnp.reshape(ladj, (u.shape[0], -1)).sum(-1)
+                with handlers.block():
+                    log_p = jax.vmap(self.conditional.log_marginal)(theta)
+                pick = jax.random.categorical(key_pick, log_p - log_q, shape=(n,))
+                theta = {name: v[pick] for name, v in theta.items()}
+        else:
+            theta = {}
+        with handlers.block():
+            draws = jax.vmap(complete)(jax.random.split(key_rest, n), theta)
+        return {k: jnp.reshape(v, tuple(sample_shape) + jnp.shape(v)[1:]) for k, v in draws.items()}
+
+    def median(self, params, *args, **kwargs):
+        """theta: the median of q(theta) (loc, mapped to the constrained space); z: its conditional mean
+        given that theta (a plug-in value, not the median of z's marginal under q)."""
+        self._require_setup("median")
+        args, kwargs = self._inputs(args, kwargs, "median")
+        theta = self._constrain(self._unpack(params[self.param_names["loc"]])) if self.theta_names else {}
+        with handlers.block():
+            z = self.conditional.mean(theta)
+        return {**theta, **{n: z[n] for n in self.z_names}}
+
+    def quantiles(self, params, quantiles, *args, num_samples: int = 1000, rng_key=None, **kwargs):
+        """theta: exact quantiles of q(theta)'s marginals, mapped to the constrained space; z: Monte
+        Carlo quantiles of ``num_samples`` draws of q(theta) p(z | theta, y) (z's marginal under q is a
+        mixture of Gaussians with no closed form)."""
+        self._require_setup("quantiles")
+        args, kwargs = self._inputs(args, kwargs, "quantiles")
+        q = jnp.asarray(quantiles, dtype=jnp.result_type(float))
+        out = {}
+        if self.theta_names:
+            qdist = self._q_theta(params)
+            sd = jnp.sqrt(jnp.diagonal(qdist.covariance_matrix)) if self.theta_guide != "normal" \
+                else qdist.base_dist.scale
+            flat = qdist.mean + sd * ndtri(q)[:, None]
+            out.update(self._constrain(self._unpack(flat)))
+        key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+        draws = self.sample_posterior(key, params, *args, sample_shape=(num_samples,), **kwargs)
+        for n in self.z_names:
+            out[n] = jnp.quantile(draws[n], q, axis=0)
+        return out
+
+
+def scale_tril(offdiag, log_scale):
+    """The Cholesky factor of the ``"full"`` q(theta): strictly lower part of ``offdiag``, exp(log_scale)
+    on the diagonal."""
+    return jnp.tril(offdiag, -1) + jnp.diag(jnp.exp(log_scale))
+
+
+def _find_block(model, args, kwargs) -> GaussianBlock:
+    """The model's Gaussian block (only the trace and the block search, not the whole analysis)."""
+    with isolated_from_handlers(), data_evaluated_eagerly():
+        block, note = block_for_report(trace_model(model, tuple(args), dict(kwargs or {})))
+    if block is None:
+        raise ModelError(f"AutoHybrid: {note}")
+    return block
+
+
+class HybridELBO(Trace_ELBO):
+    """The loss of ``AutoHybrid``: the Fisher-identity gradient of the hybrid ELBO, and its value.
+
+    The gradient is that of ``-(log p(y, z, theta) - log q(theta))`` with z drawn from its
+    conditional and held fixed (what ``Trace_ELBO`` would give with this guide). The reported value
+    is ``-E_q[log p(y, theta) - log q(theta)]`` (the negative ELBO) with ``log p(y, theta)`` from
+    ``guide.log_marginal``: exact (Cholesky) for Normal blocks, the Laplace approximation for
+    Bernoulli/Binomial/Poisson blocks. Where the block is above the conditional's dense threshold
+    (no log-determinant; ``guide.exact_marginal`` is False), or with ``exact_value=False``, the
+    value is ``-E[log p(y, z, theta) - log q(theta)]``, which is *not* an ELBO: it leaves out the
+    entropy of p(z | theta, y) (it is what ``Trace_ELBO`` reports with this guide).
+    """
+
+    def __init__(self, num_particles: int = 1, *, exact_value: bool | None = None, vectorize_particles: bool = True):
+        if not isinstance(num_particles, int) or num_particles < 1:
+            raise InputError(f"HybridELBO: num_particles must be a positive integer, got {num_particles!r}")
+        super().__init__(num_particles=num_particles, vectorize_particles=vectorize_particles)
+        self.exact_value = exact_value
+
+    def reports_elbo(self, guide) -> bool:
+        """Whether the loss value is the (negative) hybrid ELBO for this guide, or the joint surrogate."""
+        if self.exact_value is None:
+            return guide.exact_marginal
+        if self.exact_value and not guide.exact_marginal:
+            raise InputError(f"HybridELBO(exact_value=True): the block ({guide.conditional.size} values) is above the "
+                             "conditional's dense threshold, so log p(y, theta) is not available; use exact_value=None")
+        return self.exact_value
+
+    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        if not isinstance(guide, AutoHybrid):
+            raise InputError(f"HybridELBO: the guide must be an autoreparam.AutoHybrid, got {type(guide).__name__}")
+
+        def particle(key):
+            k_guide, k_model = jax.random.split(key)
+            guide_lp, guide_trace = log_density(handlers.seed(guide, k_guide), args, kwargs, param_map)
+            model_lp, _ = log_density(handlers.replay(handlers.seed(model, k_model), guide_trace), args, kwargs,
+                                      param_map)
+            surrogate = model_lp - guide_lp
+            if not self.reports_elbo(guide):
+                return surrogate
+            theta = {n: lax.stop_gradient(guide_trace[n]["value"]) for n in guide.theta_names}
+            value = guide.log_marginal(theta) - lax.stop_gradient(guide_lp)
+            return surrogate + lax.stop_gradient(value - surrogate)
+
+        keys = jax.random.split(rng_key, self.num_particles)
+        elbos = jax.vmap(particle)(keys) if self.vectorize_particles else lax.map(particle, keys)
+        return {"loss": -jnp.mean(elbos), "mutable_state": None}

@@ -1,0 +1,439 @@
+"""AutoHybrid, HybridELBO, NaturalGradient and fit_hybrid against dense computations written here."""
+
+import doctest
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+import scipy.optimize
+from numpyro import handlers
+from numpyro.infer import SVI, Predictive, Trace_ELBO
+from numpyro.infer.autoguide import AutoNormal
+from numpyro.infer.util import log_density
+
+import autoreparam
+import autoreparam.hybrid as hybrid
+import autoreparam.natural as natural
+from autoreparam.block import BlockLikelihood, BlockSite, GaussianBlock
+from autoreparam.errors import InputError, ModelError
+from autoreparam.hybrid import AutoHybrid, HybridELBO
+from autoreparam.natural import NaturalGradient, decaying_step_size
+
+
+# ----------------------------------------------------------------------------- the dense oracle
+def dense_conditional(model, block_names, theta, args=(), kwargs=None):
+    """(mean, covariance, log p(y, theta)) of a linear-Gaussian block by a dense Hessian."""
+    kwargs = kwargs or {}
+    tr = handlers.trace(handlers.seed(model, 0)).get_trace(*args, **kwargs)
+    shapes = [jnp.shape(tr[n]["value"]) for n in block_names]
+    sizes = [int(np.prod(s)) for s in shapes]
+    zeros = jnp.zeros(sum(sizes))
+
+    def unravel(flat):  # block_names order, row-major
+        parts = jnp.split(flat, np.cumsum(sizes)[:-1])
+        return {n: p.reshape(s) for n, p, s in zip(block_names, parts, shapes)}
+
+    def logp(zflat):
+        return log_density(model, args, kwargs, {**theta, **unravel(zflat)})[0]
+
+    @jax.jit
+    def solve(zeros):
+        b = jax.grad(logp)(zeros)
+        H = -jax.hessian(logp)(zeros)
+        mean = jnp.linalg.solve(H, b)
+        _, logdet = jnp.linalg.slogdet(H)
+        log_marginal = logp(mean) + 0.5 * mean.size * jnp.log(2 * jnp.pi) - 0.5 * logdet
+        return mean, jnp.linalg.inv(H), log_marginal
+
+    return solve(zeros)
+
+
+def flat_draws(draws, names):
+    n = np.shape(draws[names[0]])[0]
+    return np.concatenate([np.asarray(draws[k]).reshape(n, -1) for k in names], axis=1)
+
+
+# ----------------------------------------------------------------------------- models
+G, PER = 10, 6
+RNG = np.random.default_rng(1)
+GROUP = np.repeat(np.arange(G), PER)
+Y = RNG.normal(0.0, 1.0, G)[GROUP] + 0.3 + RNG.normal(0.0, 0.7, G * PER)
+
+
+def random_intercepts(group, y=None):
+    """y ~ N(mu + a[g], sigma), a ~ N(0, tau): theta = (tau, sigma), block = (mu, a)."""
+    tau = numpyro.sample("tau", dist.HalfNormal(2.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(2.0))
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    with numpyro.plate("groups", G):
+        a = numpyro.sample("a", dist.Normal(0.0, tau))
+    numpyro.deterministic("group_mean", mu + a)
+    with numpyro.plate("data", len(group)):
+        numpyro.sample("y", dist.Normal(mu + a[group], sigma), obs=y)
+
+
+RI_BLOCK = GaussianBlock((BlockSite("mu", (), "Normal"), BlockSite("a", (G,), "Normal")),
+                         (BlockLikelihood("y", "Normal", "identity"),), ("tau", "sigma"))
+
+
+def fixed_theta(group, y=None):
+    """The same model with tau and sigma known: every latent site is in the block."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    with numpyro.plate("groups", G):
+        a = numpyro.sample("a", dist.Normal(0.0, 0.8))
+    with numpyro.plate("data", len(group)):
+        numpyro.sample("y", dist.Normal(mu + a[group], 0.7), obs=y)
+
+
+FT_BLOCK = GaussianBlock(RI_BLOCK.sites, RI_BLOCK.likelihoods, ())
+
+
+def log_marginal_unconstrained(u):
+    """log p(y, theta) + log |d theta / d u| at u = (log tau, log sigma), by the dense oracle."""
+    theta = {"tau": jnp.exp(u[0]), "sigma": jnp.exp(u[1])}
+    return dense_conditional(random_intercepts, ("mu", "a"), theta, (GROUP,), {"y": Y})[2] + u[0] + u[1]
+
+
+@pytest.fixture(scope="module")
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture(scope="module")
+def quadrature(x64):
+    """Posterior moments of u = (log tau, log sigma) on a grid, and the best mean-field Gaussian q(u)
+    (the maximiser of the hybrid ELBO, by Gauss-Hermite quadrature)."""
+    f = jax.jit(jax.vmap(log_marginal_unconstrained))
+    t = np.linspace(-3.0, 2.0, 161)
+    s = np.linspace(-1.2, 0.4, 161)
+    U = np.stack(np.meshgrid(t, s, indexing="ij"), -1).reshape(-1, 2)
+    lp = np.asarray(f(jnp.asarray(U)))
+    w = np.exp(lp - lp.max())
+    w /= w.sum()
+    post_mean = w @ U
+    post_sd = np.sqrt(w @ (U - post_mean) ** 2)
+    x, gw = np.polynomial.hermite_e.hermegauss(24)
+    gw = gw / gw.sum()
+    X = np.stack(np.meshgrid(x, x, indexing="ij"), -1).reshape(-1, 2)
+    W = np.outer(gw, gw).ravel()
+
+    def neg_elbo(p):
+        m, log_s = p[:2], p[2:]
+        vals = np.asarray(f(jnp.asarray(m + np.exp(log_s) * X)))
+        return -(W @ vals + log_s.sum())
+
+    start = np.concatenate([post_mean, np.log(post_sd)])
+    opt = scipy.optimize.minimize(neg_elbo, start, method="Nelder-Mead",
+                                  options={"xatol": 1e-6, "fatol": 1e-8, "maxiter": 4000})
+    return {"post_mean": post_mean, "post_sd": post_sd, "q_mean": opt.x[:2], "q_sd": np.exp(opt.x[2:]),
+            "best_elbo": -opt.fun}
+
+
+@pytest.fixture(scope="module")
+def fitted(x64):
+    """One AutoHybrid on random_intercepts, set up once, fitted by natural gradient (3000 steps, 8 draws)."""
+    guide = AutoHybrid(random_intercepts, block=RI_BLOCK)
+    result = run_svi(guide, NaturalGradient(guide), 3000, num_particles=8)
+    return guide, result
+
+
+def run_svi(guide, optim, steps, num_particles=4, seed=0):
+    svi = SVI(random_intercepts, guide, optim, HybridELBO(num_particles))
+    return svi.run(jax.random.PRNGKey(seed), steps, GROUP, y=Y, progress_bar=False)
+
+
+# ----------------------------------------------------------------------------- exactness
+def test_theta_fixed_is_fitted_exactly(x64):
+    guide = AutoHybrid(fixed_theta, block=FT_BLOCK)
+    svi = SVI(fixed_theta, guide, numpyro.optim.Adam(0.01), HybridELBO())
+    state = svi.init(jax.random.PRNGKey(0), GROUP, y=Y)
+    assert svi.get_params(state) == {}  # nothing to fit: q(z) is the exact posterior
+    mean, cov, log_evidence = dense_conditional(fixed_theta, ("mu", "a"), {}, (GROUP,), {"y": Y})
+    loss = jax.jit(lambda st: svi.evaluate(st, GROUP, y=Y))(state)
+    assert abs(float(loss) + float(log_evidence)) < 1e-8  # -ELBO = -log p(y): the bound is tight
+    n = 4000
+    draws = flat_draws(guide.sample_posterior(jax.random.PRNGKey(1), {}, GROUP, y=Y, sample_shape=(n,)),
+                       ["mu", "a"])
+    sd = np.sqrt(np.diag(cov))
+    np.testing.assert_array_less(np.abs(draws.mean(0) - mean), 4.5 * sd / np.sqrt(n))
+    np.testing.assert_allclose(draws.std(0), sd, rtol=4.5 / np.sqrt(2 * n))
+    median = guide.median({})
+    np.testing.assert_allclose(np.concatenate([np.ravel(median["mu"]), median["a"]]), mean, rtol=1e-7, atol=1e-9)
+
+
+def test_loss_value_is_the_exact_hybrid_elbo(fitted):
+    """With one particle, -loss = log p(y, theta) - log q(theta) at the drawn theta, to rounding."""
+    guide, result = fitted
+    params = result.params
+    key = jax.random.PRNGKey(3)
+    loss = jax.jit(lambda p: HybridELBO(1).loss(key, p, random_intercepts, guide, GROUP, y=Y))(params)
+    k_guide, _ = jax.random.split(jax.random.split(key, 1)[0])
+    lq, tr = log_density(handlers.seed(guide, k_guide), (GROUP,), {"y": Y}, params)
+    theta = {"tau": tr["tau"]["value"], "sigma": tr["sigma"]["value"]}
+    exact = dense_conditional(random_intercepts, ("mu", "a"), theta, (GROUP,), {"y": Y})[2] - lq
+    assert abs(float(loss) + float(exact)) < 1e-8
+    # Trace_ELBO with the same guide has the same gradient but reports log p(y, z, theta) - log q(theta)
+    grad_h = jax.jit(jax.grad(lambda p: HybridELBO(1).loss(key, p, random_intercepts, guide, GROUP, y=Y)))(params)
+    grad_t = jax.jit(jax.grad(lambda p: HybridELBO(1, exact_value=False).loss(key, p, random_intercepts, guide,
+                                                                                 GROUP, y=Y)))(params)
+    for k in params:
+        np.testing.assert_allclose(grad_h[k], grad_t[k], rtol=1e-10)
+
+
+def test_fisher_identity_gradient_matches_finite_differences(fitted):
+    """E_z[grad_theta log p(y, z, theta)] (the guide's gradient with q(theta) shrunk to a point) equals
+    the finite-difference gradient of the dense log p(y, theta)."""
+    guide, _ = fitted
+    u = np.array([-0.2, -0.4])
+    params = {"auto_loc": jnp.asarray(u), "auto_log_scale": jnp.full(2, -20.0)}
+
+    def particle_grad(key):  # d loss / d loc for one z draw
+        return jax.grad(lambda p: HybridELBO(1).loss(key, p, random_intercepts, guide, GROUP, y=Y))(params)["auto_loc"]
+
+    grads = np.asarray(jax.jit(jax.vmap(particle_grad))(jax.random.split(jax.random.PRNGKey(5), 2000)))
+    h = 1e-5
+    fd = np.array([(log_marginal_unconstrained(u + h * e) - log_marginal_unconstrained(u - h * e)) / (2 * h)
+                   for e in np.eye(2)])
+    se = grads.std(0) / np.sqrt(len(grads))
+    assert np.all(se > 0)  # the z draws are random: the check below is a statistical one
+    np.testing.assert_array_less(np.abs(-grads.mean(0) - fd), 4 * se + 1e-6)
+
+
+# ----------------------------------------------------------------------------- q(theta) against quadrature
+def test_q_theta_matches_quadrature(fitted, quadrature):
+    guide, result = fitted
+    m = np.asarray(result.params["auto_loc"])
+    s = np.exp(np.asarray(result.params["auto_log_scale"]))
+    q = quadrature
+    # against the best Gaussian q (the optimum of the same objective, computed deterministically)
+    np.testing.assert_array_less(np.abs(m - q["q_mean"]), 0.1 * q["q_sd"])
+    np.testing.assert_allclose(s, q["q_sd"], rtol=0.12)
+    # against the exact posterior of (log tau, log sigma): Gaussian in u up to its skewness here
+    np.testing.assert_array_less(np.abs(m - q["post_mean"]), 0.2 * q["post_sd"])
+    np.testing.assert_allclose(s, q["post_sd"], rtol=0.2)
+
+
+def _steps_to_reach(losses, best, tol):
+    """First step from which the 50-step running mean of -loss stays within tol of best."""
+    elbo = -np.convolve(np.asarray(losses), np.ones(50) / 50, mode="valid")
+    ok = elbo >= best - tol
+    bad = np.nonzero(~ok)[0]
+    return 50 if len(bad) == 0 else (int(bad[-1]) + 51 if bad[-1] + 1 < len(ok) else None)
+
+
+def test_natural_gradient_reaches_the_optimum_in_fewer_steps_than_adam(x64, quadrature):
+    best = quadrature["best_elbo"]
+    steps = {}
+    for name in ("natural", "adam"):
+        guide = AutoHybrid(random_intercepts, block=RI_BLOCK)
+        optim = NaturalGradient(guide) if name == "natural" else numpyro.optim.Adam(0.01)
+        steps[name] = _steps_to_reach(run_svi(guide, optim, 2000).losses, best, 0.3)
+    assert steps["natural"] is not None
+    assert steps["adam"] is None or steps["natural"] < steps["adam"], steps
+
+
+def test_full_rank_natural_gradient(x64, quadrature):
+    guide = AutoHybrid(random_intercepts, block=RI_BLOCK, theta_guide="full")
+    result = run_svi(guide, NaturalGradient(guide), 3000, num_particles=8)
+    L = hybrid.scale_tril(result.params["auto_scale_tril_offdiag"], result.params["auto_log_scale"])
+    cov = np.asarray(L @ L.T)
+    assert np.all(np.isfinite(cov))
+    np.testing.assert_array_less(np.abs(np.asarray(result.params["auto_loc"]) - quadrature["post_mean"]),
+                                 0.2 * quadrature["post_sd"])
+    np.testing.assert_allclose(np.sqrt(np.diag(cov)), quadrature["post_sd"], rtol=0.2)
+
+
+# ----------------------------------------------------------------------------- the NumPyro contract
+def test_sample_posterior_predictive_median_quantiles(fitted):
+    guide, result = fitted
+    params = result.params
+    draws = guide.sample_posterior(jax.random.PRNGKey(0), params, GROUP, y=Y, sample_shape=(7, 2))
+    assert {k: v.shape for k, v in draws.items()} == {
+        "tau": (7, 2), "sigma": (7, 2), "mu": (7, 2), "a": (7, 2, G), "group_mean": (7, 2, G)}
+    np.testing.assert_allclose(draws["group_mean"], draws["mu"][..., None] + draws["a"], rtol=1e-12)
+    sites = ["tau", "sigma", "mu", "a", "group_mean", "y"]
+    pred = Predictive(random_intercepts, guide=guide, params=params, num_samples=5, return_sites=sites)(
+        jax.random.PRNGKey(1), GROUP)  # y=None: the model predicts y, the guide draws z given the fitted data
+    assert {k: v.shape for k, v in pred.items()} == {
+        "tau": (5,), "sigma": (5,), "mu": (5,), "a": (5, G), "group_mean": (5, G), "y": (5, len(GROUP))}
+    default = Predictive(random_intercepts, guide=guide, params=params, num_samples=3)(jax.random.PRNGKey(1), GROUP)
+    assert set(default) == {"group_mean", "y"}
+    median = guide.median(params)
+    theta = {k: median[k] for k in ("tau", "sigma")}
+    mean = dense_conditional(random_intercepts, ("mu", "a"), theta, (GROUP,), {"y": Y})[0]
+    np.testing.assert_allclose(np.concatenate([np.ravel(median["mu"]), median["a"]]), mean, rtol=1e-7)
+    np.testing.assert_allclose(median["tau"], np.exp(params["auto_loc"][0]), rtol=1e-12)
+    quant = guide.quantiles(params, [0.1, 0.5, 0.9], num_samples=400)
+    assert quant["a"].shape == (3, G) and quant["tau"].shape == (3,)
+    np.testing.assert_allclose(quant["tau"][1], median["tau"], rtol=1e-12)
+    assert np.all(np.diff(np.asarray(quant["a"]), axis=0) > 0)
+
+
+def tensor_model(I, J, T, y=None):
+    """A tiny version of examples/tensor_model.py: plates at dims -2 and -1, GaussianRandomWalk
+    rows, .to_event on the likelihood, and an index array."""
+    sigma_a = numpyro.sample("sigma_a", dist.HalfNormal(1.0))
+    step = numpyro.sample("step", dist.HalfNormal(1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    plate_i = numpyro.plate("i", I, dim=-2)
+    plate_j = numpyro.plate("j", J, dim=-1)
+    z = numpyro.sample("z", dist.GaussianRandomWalk(step, num_steps=T))
+    with plate_i:
+        a = numpyro.sample("a", dist.Normal(0.0, sigma_a))  # (I, 1)
+        A = numpyro.sample("A", dist.GaussianRandomWalk(step, num_steps=T))  # (I, 1, T)
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    cov = jnp.arange(J) / J
+    loc = mu + a[..., None] + z + A + (w[jnp.arange(J) % 2] * cov)[:, None]
+    with plate_i, plate_j:
+        numpyro.sample("y", dist.Normal(loc, sigma).to_event(1), obs=y)
+
+
+def test_plates_random_walks_to_event_index_arrays(x64):
+    I, J, T = 3, 2, 4
+    y = np.random.default_rng(2).normal(size=(I, J, T))
+    block = GaussianBlock((BlockSite("mu", (), "Normal"), BlockSite("z", (T,), "GaussianRandomWalk"),
+                           BlockSite("a", (I, 1), "Normal"), BlockSite("A", (I, 1, T), "GaussianRandomWalk"),
+                           BlockSite("w", (2,), "Normal")),
+                          (BlockLikelihood("y", "Normal", "identity"),), ("sigma_a", "step", "sigma"))
+    guide = AutoHybrid(tensor_model, block=block, init_scale=1e-9)
+    svi = SVI(tensor_model, guide, numpyro.optim.Adam(0.01), HybridELBO(2))
+    state = svi.init(jax.random.PRNGKey(0), I, J, T, y=y)
+    state, loss = jax.jit(lambda st: svi.update(st, I, J, T, y=y))(state)
+    assert np.isfinite(float(loss))
+    params = svi.get_params(state)
+    draws = guide.sample_posterior(jax.random.PRNGKey(1), params, I, J, T, y=y, sample_shape=(3000,))
+    assert {k: v.shape[1:] for k, v in draws.items()} == {
+        "sigma_a": (), "step": (), "sigma": (), "mu": (), "z": (T,), "a": (I, 1), "A": (I, 1, T), "w": (2,)}
+    theta = {k: guide.median(params)[k] for k in ("sigma_a", "step", "sigma")}  # q(theta) is a point here
+    names = ["mu", "z", "a", "A", "w"]
+    mean, cov, _ = dense_conditional(tensor_model, names, theta, (I, J, T), {"y": y})
+    flat = flat_draws(draws, names)
+    np.testing.assert_array_less(np.abs(flat.mean(0) - mean), 4.5 * np.sqrt(np.diag(cov) / len(flat)))
+
+
+def subsampled(y=None):
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    with numpyro.plate("groups", 4):
+        a = numpyro.sample("a", dist.Normal(0.0, tau))
+    with numpyro.plate("data", 8, subsample_size=4) as idx:
+        numpyro.sample("y", dist.Normal(a[idx % 4], 1.0), obs=y[idx])
+
+
+def test_bad_input_one_line(x64):
+    with pytest.raises(InputError, match="theta_guide='diag'"):
+        AutoHybrid(random_intercepts, theta_guide="diag")
+    block = GaussianBlock((BlockSite("a", (4,), "Normal"),), (BlockLikelihood("y", "Normal", "identity"),), ("tau",))
+    guide = AutoHybrid(subsampled, block=block)
+    with pytest.raises(ModelError, match="plate 'data' is subsampled"):
+        SVI(subsampled, guide, numpyro.optim.Adam(0.01), HybridELBO()).init(jax.random.PRNGKey(0), y=np.zeros(8))
+    with pytest.raises(InputError, match="theta_guide='lowrank'"):
+        NaturalGradient(AutoHybrid(random_intercepts, theta_guide="lowrank"))
+    with pytest.raises(InputError, match="must be an autoreparam.AutoHybrid"):
+        SVI(random_intercepts, AutoNormal(random_intercepts), numpyro.optim.Adam(0.01), HybridELBO()).init(
+            jax.random.PRNGKey(0), GROUP, y=Y)
+    with pytest.raises(ModelError, match="likelihood 'y' of the block is not observed"):
+        SVI(random_intercepts, AutoHybrid(random_intercepts, block=RI_BLOCK), numpyro.optim.Adam(0.01),
+            HybridELBO()).init(jax.random.PRNGKey(0), GROUP)
+    wrong = GaussianBlock((BlockSite("a", (G + 1,), "Normal"),), RI_BLOCK.likelihoods, ("tau", "sigma", "mu"))
+    with pytest.raises(ModelError, match="block site 'a' has shape"):
+        SVI(random_intercepts, AutoHybrid(random_intercepts, block=wrong), numpyro.optim.Adam(0.01),
+            HybridELBO()).init(jax.random.PRNGKey(0), GROUP, y=Y)
+
+
+def test_warns_once_in_float32():
+    guide = AutoHybrid(fixed_theta, block=FT_BLOCK)
+    svi = SVI(fixed_theta, guide, numpyro.optim.Adam(0.01), HybridELBO())
+    with pytest.warns(UserWarning, match="float64 is disabled"):
+        state = svi.init(jax.random.PRNGKey(0), GROUP, y=Y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.jit(lambda st: svi.update(st, GROUP, y=Y))(state)
+
+
+def test_fit_hybrid_one_line():
+    fit = autoreparam.fit_hybrid(random_intercepts, GROUP, y=Y, block=RI_BLOCK, steps=300, num_samples=200)
+    assert not jax.config.jax_enable_x64  # the fit's float64 was local
+    assert set(fit.samples) == {"tau", "sigma", "mu", "a", "group_mean"}
+    assert fit.samples["a"].shape == (200, G) and fit.samples["a"].dtype == np.float64
+    assert np.isfinite(fit.elbo) and len(fit.losses) == 300
+
+
+def test_docstrings():
+    extra = {"SVI": SVI, "np": np, "jnp": jnp, "jax": jax, "numpyro": numpyro, "dist": dist,
+             "AutoHybrid": AutoHybrid, "HybridELBO": HybridELBO}
+    for module in (hybrid, natural):
+        result = doctest.testmod(module, extraglobs=extra, raise_on_error=False)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+def test_resampled_theta_corrects_a_poor_q(fitted, quadrature):
+    """SIR with p(y, theta) / q(theta) moves the draws of theta from a shifted q to the posterior."""
+    guide, result = fitted
+    q = quadrature
+    shifted = {**result.params, "auto_loc": jnp.asarray(q["post_mean"] + 1.0 * q["post_sd"])}
+    n = 2000
+    plain = guide.sample_posterior(jax.random.PRNGKey(2), shifted, sample_shape=(n,))
+    sir = guide.sample_posterior(jax.random.PRNGKey(2), shifted, sample_shape=(n,), resample_theta=8)
+    for k, name in enumerate(("tau", "sigma")):
+        err_plain = abs(np.log(plain[name]).mean() - q["post_mean"][k]) / q["post_sd"][k]
+        err_sir = abs(np.log(sir[name]).mean() - q["post_mean"][k]) / q["post_sd"][k]
+        assert err_plain > 0.8 and err_sir < 0.3, (name, err_plain, err_sir)
+    assert sir["a"].shape == (n, G) and sir["group_mean"].shape == (n, G)
+
+
+def no_block(y=None):
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    numpyro.sample("y", dist.Normal(0.0, sigma).expand([3]).to_event(1), obs=y)
+
+
+def test_no_gaussian_block_names_the_sites(x64):
+    guide = AutoHybrid(no_block)
+    svi = SVI(no_block, guide, numpyro.optim.Adam(0.01), HybridELBO())
+    with pytest.raises(ModelError, match=r"AutoHybrid: no conditionally Gaussian block: 'sigma' ") as exc:
+        svi.init(jax.random.PRNGKey(0), y=np.zeros(3))
+    assert "\n" not in str(exc.value)
+
+
+def test_block_too_large_for_the_dense_solver(x64, monkeypatch):
+    import autoreparam.conditional as conditional
+
+    monkeypatch.setattr(conditional, "DENSE_LIMIT", 5)
+    guide = AutoHybrid(random_intercepts, block=RI_BLOCK, method="dense")
+    with pytest.raises(InputError, match=r"block \(mu, a\) has size 11, above DENSE_LIMIT=5"):
+        SVI(random_intercepts, guide, numpyro.optim.Adam(0.01), HybridELBO()).init(jax.random.PRNGKey(0), GROUP, y=Y)
+
+
+def test_compare_cli_has_a_hybrid_column(capsys, monkeypatch, examples_dir):
+    import os
+
+    import autoreparam.compare as compare_module
+    from autoreparam.cli import main
+
+    calls = []
+
+    def fit(label, model, guide_name, args, kwargs, steps, lr, seed, progress, sites):
+        calls.append((label, guide_name))
+        return compare_module.FitSummary(label, -35.0, 0.1, 1.0, np.zeros(steps), {n: (1.0, 2.0) for n in sites})
+
+    def fit_hybrid(label, model, args, kwargs, steps, seed, progress, sites):
+        calls.append((label, "hybrid"))
+        return compare_module.FitSummary(label, -31.0, 0.01, 2.0, np.zeros(steps), {n: (3.0, 4.0) for n in sites})
+
+    monkeypatch.setattr(compare_module, "_fit", fit)
+    monkeypatch.setattr(compare_module, "_fit_hybrid", fit_hybrid)
+    code = main(["compare", os.path.join(examples_dir, "eight_schools.py"), "--guide", "hybrid", "--steps", "5",
+                 "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert calls == [("original", "AutoNormal"), ("reparameterized", "AutoNormal"), ("hybrid", "hybrid")]
+    table = out.split("elements):\n", 1)[1].splitlines()
+    assert table[0].split() == ["site", "mean", "orig", "mean", "reparam", "mean", "hybrid", "sd", "orig", "sd",
+                                "reparam", "sd", "hybrid"]
+    assert table[1].split() == ["mu", "1.000", "1.000", "3.000", "2.000", "2.000", "4.000"]
+    assert "hybrid                -31.00 +- 0.01" in out

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 # run would go on to write its output).
 _EXPORTS = {
     "analyze": "analysis",
+    "collapsed_mcmc": "collapsed", "gibbs_mcmc": "collapsed", "CollapsedPosterior": "collapsed",
     "emit_source": "emit", "emit_config": "emit", "EmitResult": "emit",
     "AutoreparamError": "errors", "InputError": "errors", "ModelError": "errors",
     "Offset": "plan", "Plan": "plan", "PlanError": "plan", "SitePlan": "plan",
@@ -24,6 +25,7 @@ _SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__))
 
 if TYPE_CHECKING:
     from .analysis import analyze
+    from .collapsed import CollapsedPosterior, collapsed_mcmc, gibbs_mcmc
     from .emit import EmitResult, emit_config, emit_source
     from .errors import AutoreparamError, InputError, ModelError
     from .plan import Offset, Plan, PlanError, SitePlan
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "analyze",
+    "collapsed_mcmc",
+    "gibbs_mcmc",
+    "CollapsedPosterior",
     "emit_source",
     "emit_config",
     "EmitResult",

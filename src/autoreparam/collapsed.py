@@ -53,6 +53,24 @@ def _key(rng_key):
     return rng_key
 
 
+def _int32_data(tree):
+    """Integer numpy inputs as int32 when x64 is off.
+
+    The conditional traces the model in float64 and the caller's NUTS in float32; JAX caches
+    index arithmetic on an int64 numpy array with the integer width of whichever ran first, and
+    the other then fails (``lax.add`` of int32 and int64). int32 data mean the same in both.
+    """
+    if jax.config.jax_enable_x64:
+        return tree
+
+    def cast(x):
+        if isinstance(x, np.ndarray) and x.dtype.kind in "iu" and x.dtype.itemsize > 4:
+            return x.astype(np.int32)
+        return x
+
+    return jax.tree.map(cast, tree)
+
+
 def _check_block(block, where: str, approximate: bool, limit: int | None):
     if block is None:
         raise InputError(f"{where}: the model has no conditionally Gaussian block (block=None); "
@@ -80,7 +98,7 @@ class CollapsedPosterior:
     float64 and returned in the dtype of its input.
 
     >>> import numpyro, numpyro.distributions as dist
-    >>> from numpyro.infer import MCMC, NUTS
+    >>> from numpyro.infer import NUTS
     >>> from autoreparam.block import BlockSite, BlockLikelihood, GaussianBlock
     >>> def model(y):
     ...     s = numpyro.sample("s", dist.HalfNormal(1.0))
@@ -92,12 +110,11 @@ class CollapsedPosterior:
     >>> # u = log s = 0: -[log N(y; 0, 2 I) + log HalfNormal(1; 1) + log s]
     >>> round(float(post.potential_fn({"s": jnp.array(0.0)})), 4)
     8.2568
-    >>> mcmc = MCMC(NUTS(potential_fn=post.potential_fn), num_warmup=50, num_samples=50,
-    ...             progress_bar=False)
-    >>> mcmc.run(jax.random.PRNGKey(0), init_params=post.init_params(jax.random.PRNGKey(1)))
-    >>> samples = post.complete(jax.random.PRNGKey(2), post.constrain(mcmc.get_samples()))
+    >>> kernel = NUTS(potential_fn=post.potential_fn)   # then MCMC(kernel, ...).run(key, init_params=...)
+    >>> u = {"s": jnp.array([[0.0, 0.5, -0.5]])}            # (chains, draws), unconstrained
+    >>> samples = post.complete(jax.random.PRNGKey(2), post.constrain(u))
     >>> sorted(samples), samples["a"].shape
-    (['a', 's'], (50, 2))
+    (['a', 's'], (1, 3, 2))
     """
 
     def __init__(self, model: Callable, block: GaussianBlock, args: tuple = (), kwargs: dict | None = None,
@@ -105,8 +122,8 @@ class CollapsedPosterior:
         _check_block(block, "collapsed NUTS", approximate, COLLAPSED_LIMIT)
         self.model = model
         self.block = block
-        self.args = tuple(args)
-        self.kwargs = dict(kwargs or {})
+        self.args = _int32_data(tuple(args))
+        self.kwargs = _int32_data(dict(kwargs or {}))
         self.approximate = not block.exact
         self.conditional = BlockConditional(model, block, self.args, self.kwargs, method="dense", seed=seed)
         trace = handlers.trace(handlers.seed(model, seed)).get_trace(*self.args, **self.kwargs)
@@ -156,7 +173,12 @@ class CollapsedPosterior:
         fn = lambda x: self._transformed(x)[0]
         for _ in range(first):
             fn = jax.vmap(fn)
-        return fn(u)
+        dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+        # In float64 like the potential (integer data indices of a vmapped model mix int64 and
+        # int32 in a float32 trace).
+        with jax.enable_x64(True):
+            theta = fn({n: jnp.asarray(v, jnp.float64) for n, v in u.items()})
+            return {n: v.astype(dtype) for n, v in theta.items()}
 
     def unconstrain(self, theta: dict) -> dict:
         """Unconstrained values of a single constrained theta (the inverse of :meth:`constrain`)."""
@@ -249,13 +271,12 @@ class CollapsedPosterior:
 class CollapsedResult:
     """The samples of a collapsed (or Gibbs) MCMC run, by chain, with MCMC-style accessors.
 
-    ``mcmc`` is the underlying ``numpyro.infer.MCMC``; ``num_gradients`` the total number of
-    gradient evaluations (leapfrog steps) over all chains, warm-up included; ``seconds`` the
-    wall time of sampling and completion.
+    ``mcmc`` is the underlying ``numpyro.infer.MCMC``; ``num_gradients`` the gradient evaluations
+    (leapfrog steps, all chains) after warm-up; ``seconds`` the wall time of warm-up, sampling
+    and completion (compilation included).
     """
 
-    def __init__(self, samples: dict, mcmc, method: str, num_gradients: int, seconds: float,
-                 divergences: int):
+    def __init__(self, samples: dict, mcmc, method: str, *, num_gradients: int, seconds: float, divergences: int):
         self._samples = samples  # site -> (chains, draws, ...)
         self.mcmc = mcmc
         self.method = method
@@ -286,18 +307,15 @@ class CollapsedResult:
 
 def _run_mcmc(kernel, num_warmup, num_samples, num_chains, chain_method, progress_bar, rng_key, *model_args,
               prefix="", init_params=None, **model_kwargs):
-    """MCMC with warm-up run separately, so that its gradients are counted too."""
+    """One MCMC run (warm-up and sampling in one compiled loop); sampling gradients and divergences."""
     from numpyro.infer import MCMC
 
     steps, diverging = prefix + "num_steps", prefix + "diverging"
     mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
                 chain_method=chain_method, progress_bar=progress_bar)
-    mcmc.warmup(rng_key, *model_args, collect_warmup=True, extra_fields=(steps,), init_params=init_params,
-                **model_kwargs)
-    warm = mcmc.get_extra_fields()[steps]
-    mcmc.run(mcmc.post_warmup_state.rng_key, *model_args, extra_fields=(steps, diverging), **model_kwargs)
+    mcmc.run(rng_key, *model_args, extra_fields=(steps, diverging), init_params=init_params, **model_kwargs)
     extra = mcmc.get_extra_fields()
-    return mcmc, int(np.sum(warm) + np.sum(extra[steps])), int(np.sum(extra[diverging]))
+    return mcmc, dict(num_gradients=int(np.sum(extra[steps])), divergences=int(np.sum(extra[diverging])))
 
 
 def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_warmup: int = 500,
@@ -321,14 +339,14 @@ def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, n
     key_init, key_mcmc, key_complete = jax.random.split(rng_key, 3)
     start = time.perf_counter()
     init = posterior.init_params(key_init, None if num_chains == 1 else num_chains)
-    mcmc, num_gradients, divergences = _run_mcmc(
+    mcmc, counts = _run_mcmc(
         NUTS(potential_fn=posterior.potential_fn), num_warmup, num_samples, num_chains, chain_method,
         progress_bar, key_mcmc, init_params=init)
     u = mcmc.get_samples(group_by_chain=True)
     samples = posterior.complete(key_complete, posterior.constrain(u))
     jax.block_until_ready(samples)
-    return CollapsedResult(samples, mcmc, "collapsed NUTS" + (" (Laplace, approximate)" if posterior.approximate else ""),
-                           num_gradients, time.perf_counter() - start, divergences)
+    method = "collapsed NUTS" + (" (Laplace, approximate)" if posterior.approximate else "")
+    return CollapsedResult(samples, mcmc, method, seconds=time.perf_counter() - start, **counts)
 
 
 def gibbs_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_warmup: int = 500,
@@ -348,6 +366,7 @@ def gibbs_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_w
     if block is None:
         block = _find_block(model, args, kwargs)
     _check_block(block, "Gibbs MCMC", approximate, None)
+    args, kwargs = _int32_data(args), _int32_data(kwargs)
     conditional = BlockConditional(model, block, args, kwargs)
     block_names = block.names
 
@@ -360,14 +379,14 @@ def gibbs_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_w
     # The whole chain runs in float64: the conditional's draws use float64 random bits, which do
     # not lower inside a float32 jit.
     with jax.enable_x64(True):
-        mcmc, num_gradients, divergences = _run_mcmc(kernel, num_warmup, num_samples, num_chains, chain_method,
+        mcmc, counts = _run_mcmc(kernel, num_warmup, num_samples, num_chains, chain_method,
                                                      progress_bar, _key(rng_key), *args, prefix="hmc_state.",
                                                      **kwargs)
         samples = {k: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
                    for k, v in mcmc.get_samples(group_by_chain=True).items()}
         jax.block_until_ready(samples)
-    return CollapsedResult(samples, mcmc, "Gibbs (NUTS on theta, exact z)", num_gradients,
-                           time.perf_counter() - start, divergences)
+    return CollapsedResult(samples, mcmc, "Gibbs (NUTS on theta, exact z)", seconds=time.perf_counter() - start,
+                           **counts)
 
 
 def _find_block(model, args, kwargs) -> GaussianBlock | None:

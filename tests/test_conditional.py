@@ -9,6 +9,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 import scipy.optimize
+import scipy.special
 import scipy.stats
 from numpyro import handlers
 from numpyro.infer.util import log_density
@@ -107,12 +108,12 @@ def crossed_conds():
 def test_normal_mean_and_covariance_equal_dense_algebra(crossed_conds, method):
     cond = crossed_conds[method]
     with jax.enable_x64(True):
-        mean = jax.jit(cond.mean)
+        mean, covariance = jax.jit(cond.mean), jax.jit(cond.covariance)
         for seed in range(3):
             theta = random_theta(seed)
             H, b, _, _ = crossed_dense(theta)
             np.testing.assert_allclose(flat(cond, mean(theta)), np.linalg.solve(H, b), rtol=1e-7, atol=1e-9)
-            np.testing.assert_allclose(np.asarray(cond.covariance(theta)), np.linalg.inv(H), rtol=1e-7, atol=1e-10)
+            np.testing.assert_allclose(np.asarray(covariance(theta)), np.linalg.inv(H), rtol=1e-7, atol=1e-10)
 
 
 def test_normal_draws_are_exact(crossed_conds):
@@ -170,3 +171,263 @@ def test_scale_and_mask_keep_the_draws_exact():
         np.testing.assert_allclose(flat(cond, jax.jit(cond.mean)(theta)), np.linalg.solve(H, b), rtol=1e-7)
         draws = jax.jit(lambda k: cond.sample(k, theta, NUM_DRAWS))(jax.random.PRNGKey(1))
     assert_moments(flat_draws(cond, draws), np.linalg.solve(H, b), np.linalg.inv(H))
+
+
+# ------------------------------------------------------------------ Laplace: Poisson log rate, Bernoulli logits
+
+Y_COUNT = RNG.poisson(np.exp(0.3 + 0.4 * II - 0.2 * JJ))
+Y_BINARY = (RNG.random(len(II)) < 1 / (1 + np.exp(-(0.8 * II - 1.0)))).astype(float)
+
+
+def glm(ii, jj, y, family):
+    c = numpyro.sample("c", dist.Normal(0.0, 1.0))
+    s_a = numpyro.sample("s_a", dist.HalfNormal(1.0))
+    s_b = numpyro.sample("s_b", dist.HalfNormal(1.0))
+    with numpyro.plate("i", I):
+        a = numpyro.sample("a", dist.Normal(0.0, s_a))
+    with numpyro.plate("j", J):
+        b = numpyro.sample("b", dist.Normal(0.0, s_b))
+    eta = c + a[ii] + b[jj]
+    with numpyro.plate("n", len(y)):
+        if family == "Poisson":
+            numpyro.sample("y", dist.Poisson(jnp.exp(eta)), obs=y)
+        else:
+            numpyro.sample("y", dist.Bernoulli(logits=eta), obs=y)
+
+
+def glm_block(family):
+    link = {"Poisson": "log", "Bernoulli": "logit"}[family]
+    return GaussianBlock((BlockSite("a", (I,), "Normal"), BlockSite("b", (J,), "Normal")),
+                         (BlockLikelihood("y", family, link),), ("c", "s_a", "s_b"))
+
+
+def glm_dense(theta, family, y):
+    """Negative log joint in z = [a, b], its gradient and Hessian, from the GLM algebra."""
+    D = I + J
+    Jmat = np.zeros((len(II), D))
+    Jmat[np.arange(len(II)), II] = 1.0
+    Jmat[np.arange(len(II)), I + JJ] = 1.0
+    P = np.diag(np.r_[np.full(I, 1 / theta["s_a"] ** 2), np.full(J, 1 / theta["s_b"] ** 2)])
+
+    def parts(z):
+        eta = theta["c"] + Jmat @ z
+        if family == "Poisson":
+            mean, w, loglik = np.exp(eta), np.exp(eta), y * eta - np.exp(eta)
+        else:
+            p = 1 / (1 + np.exp(-eta))
+            mean, w, loglik = p, p * (1 - p), y * eta - np.logaddexp(0, eta)
+        value = 0.5 * z @ P @ z - loglik.sum()
+        return value, P @ z - Jmat.T @ (y - mean), P + Jmat.T @ (w[:, None] * Jmat)
+
+    return parts
+
+
+@pytest.fixture(scope="module", params=["Poisson", "Bernoulli"])
+def laplace_case(request):
+    family = request.param
+    y = Y_COUNT if family == "Poisson" else Y_BINARY
+    cond = BlockConditional(glm, glm_block(family), (II, JJ, y, family), method="cg")
+    return family, y, cond
+
+
+def test_laplace_mode_and_covariance_equal_scipy_optimum_and_dense_hessian(laplace_case):
+    family, y, cond = laplace_case
+    with jax.enable_x64(True):
+        mean, covariance = jax.jit(cond.mean), jax.jit(cond.covariance)
+        for seed in range(2):
+            rng = np.random.default_rng(seed)
+            theta = {"c": rng.normal(0, 0.5), "s_a": rng.uniform(0.3, 2.0), "s_b": rng.uniform(0.3, 2.0)}
+            parts = glm_dense(theta, family, y)
+            opt = scipy.optimize.minimize(lambda z: parts(z)[:2], np.zeros(I + J), jac=True, method="BFGS",
+                                          options={"gtol": 1e-11})
+            mode = flat(cond, mean(theta))
+            np.testing.assert_allclose(mode, opt.x, rtol=1e-6, atol=1e-7)
+            assert np.abs(parts(mode)[1]).max() < 1e-9  # the dense gradient vanishes at our mode
+            np.testing.assert_allclose(np.asarray(covariance(theta)), np.linalg.inv(parts(mode)[2]), rtol=1e-7,
+                                       atol=1e-10)
+
+
+def test_laplace_draws_are_exact_draws_of_the_laplace_gaussian(laplace_case):
+    family, y, cond = laplace_case
+    theta = {"c": 0.2, "s_a": 0.8, "s_b": 1.2}
+    parts = glm_dense(theta, family, y)
+    with jax.enable_x64(True):
+        draws, info = jax.jit(lambda k: cond.sample(k, theta, NUM_DRAWS, return_info=True))(jax.random.PRNGKey(2))
+        mode = flat(cond, info["mean"])
+    assert_moments(flat_draws(cond, draws), mode, np.linalg.inv(parts(mode)[2]))
+
+
+def test_importance_weights_correct_the_laplace_mean_towards_quadrature():
+    """One Bernoulli-logit effect, six successes in eight: the posterior mean by quadrature."""
+    y = np.array([1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+
+    def model(y):
+        s = numpyro.sample("s", dist.HalfNormal(1.0))
+        a = numpyro.sample("a", dist.Normal(0.0, s))
+        with numpyro.plate("n", len(y)):
+            numpyro.sample("y", dist.Bernoulli(logits=a), obs=y)
+
+    block = GaussianBlock((BlockSite("a", (), "Normal"),), (BlockLikelihood("y", "Bernoulli", "logit"),), ("s",))
+    cond = BlockConditional(model, block, (y,))
+    theta = {"s": 2.0}
+    grid = np.linspace(-20, 20, 40001)
+    log_post = scipy.stats.norm(0, 2.0).logpdf(grid) + 6 * grid - 8 * np.logaddexp(0, grid)
+    post = np.exp(log_post - log_post.max())
+    exact_mean = np.sum(grid * post) / np.sum(post)
+    with jax.enable_x64(True):
+        draws, log_w = jax.jit(lambda k: cond.sample_weighted(k, theta, 20000))(jax.random.PRNGKey(3))
+        mode = float(jax.jit(cond.mean)(theta)["a"])
+    weighted_mean = float(np.sum(np.exp(log_w) * draws["a"]))
+    assert float(scipy.special.logsumexp(np.asarray(log_w))) == pytest.approx(0.0, abs=1e-9)
+    assert abs(mode - exact_mean) > 0.08  # the Laplace Gaussian is visibly off here...
+    assert weighted_mean == pytest.approx(exact_mean, abs=0.02)  # ...and the weights correct it
+
+
+def test_exact_blocks_get_uniform_importance_weights(crossed_conds):
+    with jax.enable_x64(True):
+        _, log_w = jax.jit(lambda k: crossed_conds["cg"].sample_weighted(k, random_theta(0), 8))(
+            jax.random.PRNGKey(0))
+    np.testing.assert_allclose(log_w, np.full(8, -np.log(8)), atol=1e-6)
+
+
+# ------------------------------------------------------------------ GaussianRandomWalk rows, MVN prior, .to_event, dim -2
+
+R, K, T = 3, 2, 4
+X = RNG.normal(size=(K, 3))
+Y_RW = RNG.normal(size=(R, K, T))
+L_MVN = np.array([[1.0, 0.0, 0.0], [0.5, 1.0, 0.0], [-0.3, 0.2, 0.7]])
+
+
+def structured(y):
+    s = numpyro.sample("s", dist.HalfNormal(1.0))
+    step = numpyro.sample("step", dist.HalfNormal(1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    beta = numpyro.sample("beta", dist.MultivariateNormal(jnp.zeros(3), scale_tril=s * L_MVN))
+    c = numpyro.sample("c", dist.Normal(beta[:2], 1.0).to_event(1))  # (K,), loc affine in beta
+    with numpyro.plate("r", R, dim=-2):
+        w = numpyro.sample("w", dist.GaussianRandomWalk(step, num_steps=T))  # (R, 1, T)
+        with numpyro.plate("k", K, dim=-1):
+            loc = w + (X @ beta + c)[:, None]  # (R, K, T)
+            numpyro.sample("y", dist.Normal(loc, sigma).to_event(1), obs=y)
+
+
+STRUCTURED_BLOCK = GaussianBlock(
+    (BlockSite("beta", (3,), "MultivariateNormal"), BlockSite("c", (K,), "Normal"),
+     BlockSite("w", (R, 1, T), "GaussianRandomWalk")),
+    (BlockLikelihood("y", "Normal", "identity"),),
+    ("s", "step", "sigma"),
+)
+
+
+def dense_by_numpyro_hessian(model, args, block, theta):
+    """H and m from jax.hessian of numpyro's own log_density (independent of the solver)."""
+    shapes = [(s.name, s.shape) for s in block.sites]
+
+    def log_joint(z):
+        values, offset = dict(theta), 0
+        for name, shape in shapes:
+            size = int(np.prod(shape))
+            values[name] = z[offset:offset + size].reshape(shape)
+            offset += size
+        return log_density(model, args, {}, values)[0]
+
+    z0 = jnp.zeros(block.size)
+    H = -np.asarray(jax.jit(jax.hessian(log_joint))(z0))
+    return H, np.linalg.solve(H, np.asarray(jax.jit(jax.grad(log_joint))(z0)))
+
+
+def test_random_walk_rows_mvn_prior_to_event_and_dim_minus_two():
+    theta = {"s": 0.9, "step": 0.4, "sigma": 0.6}
+    conds = {m: BlockConditional(structured, STRUCTURED_BLOCK, (Y_RW,), method=m) for m in ("cg", "dense")}
+    with jax.enable_x64(True):
+        H, m = dense_by_numpyro_hessian(structured, (Y_RW,), STRUCTURED_BLOCK, theta)
+        for cond in conds.values():
+            np.testing.assert_allclose(flat(cond, jax.jit(cond.mean)(theta)), m, rtol=1e-7, atol=1e-9)
+        draws = jax.jit(lambda k: conds["cg"].sample(k, theta, NUM_DRAWS))(jax.random.PRNGKey(4))
+    assert draws["w"].shape == (NUM_DRAWS, R, 1, T)
+    assert_moments(flat_draws(conds["cg"], draws), m, np.linalg.inv(H))
+    # The random walk's tridiagonal prior needs two probe classes; the others one each.
+    assert conds["cg"]._probes.shape[0] == 3 + 1 + 2
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_input_is_one_clear_line():
+    empty = GaussianBlock((BlockSite("a", (0,), "Normal"),), CROSSED_BLOCK.likelihoods, CROSSED_BLOCK.theta)
+    with pytest.raises(InputError, match="block site 'a' has size 0"):
+        BlockConditional(crossed, empty, (II, JJ, Y))
+    student = GaussianBlock(CROSSED_BLOCK.sites, (BlockLikelihood("y", "StudentT", "identity"),), CROSSED_BLOCK.theta)
+    with pytest.raises(ModelError, match="likelihood site 'y' is StudentT; expected one of"):
+        BlockConditional(crossed, student, (II, JJ, Y))
+    huge = GaussianBlock((BlockSite("a", (DENSE_LIMIT + 1,), "Normal"),), (), ())
+    with pytest.raises(InputError, match=r"block \(a\) has size 6001, above DENSE_LIMIT=6000 for method='dense'"):
+        BlockConditional(crossed, huge, (II, JJ, Y), method="dense")
+    with pytest.raises(InputError, match="method must be 'auto', 'cg' or 'dense', got 'lu'"):
+        BlockConditional(crossed, CROSSED_BLOCK, (II, JJ, Y), method="lu")
+
+
+def test_subsampled_plates_are_refused_by_name():
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("n", len(y), subsample_size=3) as idx:
+            numpyro.sample("y", dist.Normal(mu, 1.0), obs=y[idx])
+
+    block = GaussianBlock((BlockSite("mu", (), "Normal"),), (BlockLikelihood("y", "Normal", "identity"),), ())
+    with pytest.raises(ModelError, match=r"site 'y' is in subsampled plate 'n' \(3 of 10\)"):
+        BlockConditional(model, block, (np.arange(10.0),))
+
+
+def test_observed_site_outside_the_likelihoods_that_depends_on_the_block_is_refused():
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        numpyro.sample("y2", dist.Normal(mu, 1.0), obs=y)
+
+    block = GaussianBlock((BlockSite("mu", (), "Normal"),), (BlockLikelihood("y", "Normal", "identity"),), ())
+    with pytest.raises(ModelError, match="observed site 'y2' depends on the block but is not one of its likelihoods"):
+        BlockConditional(model, block, (1.0,))
+
+
+def test_log_marginal_on_the_cg_path_is_a_stated_estimate(crossed_conds):
+    with pytest.raises(InputError, match="log_marginal: block .* has size 8, above dense_below: .* pass key="):
+        crossed_conds["cg"].log_marginal(random_theta(0))
+    theta = random_theta(4)
+    with jax.enable_x64(True):
+        exact = float(jax.jit(crossed_conds["dense"].log_marginal)(theta))
+        keys = jax.random.split(jax.random.PRNGKey(0), 40)
+        estimates = np.asarray(jax.jit(jax.vmap(lambda k: crossed_conds["cg"].log_marginal(theta, k)))(keys))
+    assert estimates.std() > 0  # a real estimate, not the dense value
+    assert abs(estimates.mean() - exact) < 4 * estimates.std() / np.sqrt(len(estimates))
+
+
+def test_docstring_examples_run():
+    assert doctest.testmod(conditional, raise_on_error=False).failed == 0
+
+
+def test_float32_caller_can_draw_inside_its_own_jit(crossed_conds):
+    theta = {n: jnp.float32(v) for n, v in random_theta(5).items()}
+    draws = jax.jit(lambda k: crossed_conds["cg"].sample(k, theta, 3))(jax.random.PRNGKey(0))
+    assert draws["a"].shape == (3, I) and draws["a"].dtype == jnp.float32
+    _, log_w = jax.jit(lambda k: crossed_conds["cg"].sample_weighted(k, theta, 3))(jax.random.PRNGKey(0))
+    assert log_w.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("case", ["normal_cg", "poisson_laplace"])
+def test_mean_is_differentiable_in_theta(crossed_conds, case):
+    """Implicit derivative of the mean/mode (through the final Newton step) against finite differences."""
+    if case == "normal_cg":
+        cond, theta = crossed_conds["cg"], random_theta(6)
+    else:
+        cond = BlockConditional(glm, glm_block("Poisson"), (II, JJ, Y_COUNT, "Poisson"), method="cg")
+        theta = {"c": 0.1, "s_a": 0.9, "s_b": 1.1}
+    weights = np.linspace(-1.0, 1.0, cond.size)
+    with jax.enable_x64(True):
+        objective = jax.jit(lambda th: jnp.vdot(weights, cond.flatten(cond.mean(th))))
+        grad = jax.jit(jax.grad(objective))(theta)
+        for name in theta:
+            up, down = dict(theta), dict(theta)
+            up[name] += 1e-5
+            down[name] -= 1e-5
+            fd = (float(objective(up)) - float(objective(down))) / 2e-5
+            assert float(grad[name]) == pytest.approx(fd, rel=1e-5, abs=1e-6)

@@ -45,9 +45,11 @@ from .trace import trace_model, unwrap_distribution
 
 __all__ = ["BlockConditional", "DENSE_BELOW", "DENSE_LIMIT"]
 
-#: Block size up to which the dense Cholesky path is used by ``method="auto"``: measured on this
-#: 2-core machine by ``benchmarks/bench_conditional.py`` (see benchmarks/README.md).
-DENSE_BELOW = 512
+#: Block size up to which ``method="auto"`` takes the dense Cholesky path. Measured by
+#: ``benchmarks/bench_conditional.py`` (CPU time of a mean plus one draw, OPENBLAS_NUM_THREADS=1):
+#: CG overtakes Cholesky between D = 115 and 179 on the tensor model and between D = 100 and
+#: 196 on a crossed design (benchmarks/README.md); 150 lies in both intervals.
+DENSE_BELOW = 150
 #: Largest block the dense path accepts at all (a D x D float64 matrix of ~290 MB).
 DENSE_LIMIT = 6000
 
@@ -58,6 +60,10 @@ _MAP_BATCH = 64
 def _caller_float():
     """The float dtype results are returned in: the caller's default (float32 when x64 is off)."""
     return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def _copy_numpy(tree):
+    return jax.tree.map(lambda v: np.array(v) if isinstance(v, np.ndarray) else v, tree)
 
 
 def _site_key(key, name):
@@ -109,8 +115,8 @@ class BlockConditional:
     >>> cond = BlockConditional(model, block, (np.array([2.0, -4.0]),))
     >>> np.asarray(cond.mean({"s": 1.0})["a"]).round(6)     # prior precision 1 + data precision 1
     array([ 1., -2.], dtype=float32)
-    >>> round(float(cond.log_marginal({"s": 1.0})), 4)   # y ~ N(0, 2 I)
-    -7.5310
+    >>> round(float(cond.log_marginal({"s": 1.0})), 4)   # log N(y; 0, 2 I) + log HalfNormal(1 | 1)
+    -8.2568
     """
 
     def __init__(self, model: Callable, block: GaussianBlock, args: tuple = (), kwargs: dict | None = None,
@@ -137,6 +143,11 @@ class BlockConditional:
         self.block = block
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
+        # Separate copies of the numpy inputs for the float64 runs and for the runs in the
+        # caller's precision: JAX (0.10) caches a numpy constant's conversion per array object
+        # without its x64 state, so one array seen in both modes breaks (or silently rounds).
+        self._inputs64 = _copy_numpy((self.args, self.kwargs))
+        self._inputs_caller = _copy_numpy((self.args, self.kwargs))
         self.size = block.size
         self.exact = block.exact
         self.dense = method == "dense" or (method == "auto" and self.size <= dense_below)
@@ -152,13 +163,15 @@ class BlockConditional:
 
     # ----------------------------------------------------------------- model evaluation
 
-    def _run(self, values: dict, substitute_fn=None):
+    def _run(self, values: dict, substitute_fn=None, caller: bool = False):
+        """The model's trace at ``values`` (float64 inputs, or the caller's precision)."""
         model = handlers.seed(self.model, 0)  # fixed: any other randomness is the same on every run
         if substitute_fn is None:
             model = handlers.substitute(model, data=values)
         else:
             model = handlers.substitute(model, substitute_fn=substitute_fn)
-        return handlers.trace(model).get_trace(*self.args, **self.kwargs)
+        args, kwargs = self._inputs_caller if caller else self._inputs64
+        return handlers.trace(model).get_trace(*args, **kwargs)
 
     @staticmethod
     def _log_terms(trace, names, power=1.0, values=None):
@@ -209,21 +222,20 @@ class BlockConditional:
     # ----------------------------------------------------------------- construction checks
 
     def _theta_point(self, seed):
-        """The model's sites, and theta drawn from its prior (a generic point for the checks)."""
-        mt = trace_model(self.model, self.args, self.kwargs)
-
+        """theta drawn from its prior: a generic point for the structural checks."""
         def draw():
-            tr = handlers.trace(handlers.seed(self.model, seed)).get_trace(*self.args, **self.kwargs)
+            args, kwargs = self._inputs64
+            tr = handlers.trace(handlers.seed(self.model, seed)).get_trace(*args, **kwargs)
             return {n: tr[n]["value"] for n in self.block.theta if n in tr}
 
         try:
             theta = jax.jit(draw)()
-        except jax.errors.ConcretizationTypeError:
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
             theta = draw()  # the model's Python code needs concrete data values
-        return mt, {n: jnp.asarray(v, jnp.float64) for n, v in theta.items()}
+        return {n: jnp.asarray(v, jnp.float64) for n, v in theta.items()}
 
     def _check_model(self, seed):
-        mt, theta = self._theta_point(seed)
+        mt = trace_model(self.model, *self._inputs64)
         for name in self._block_names + tuple(self.block.theta):
             if name not in mt.sites or mt.sites[name].type != "latent":
                 raise ModelError(f"BlockConditional: site '{name}' of the block is not a latent site of the model")
@@ -236,16 +248,25 @@ class BlockConditional:
                     raise ModelError(
                         f"BlockConditional: site '{name}' is in subsampled plate '{plate.name}' "
                         f"({plate.subsample_size} of {plate.size}); the exact conditional needs the full plate")
+        theta = self._theta_point(seed)
         self._theta0 = theta
         z0 = jax.random.normal(jax.random.PRNGKey(seed + 1), (self.size,), jnp.float64)
-        tr = self._run({**theta, **self._unravel(z0)})
+        families, observed = {}, []
+
+        def record():  # shapes only: the families and observed sites, without running the model eagerly
+            tr = self._run({**theta, **self._unravel(z0)})
+            families.update({n: type(unwrap_distribution(tr[n]["fn"])).__name__ for n in self._lik_names})
+            observed.extend(n for n, s in tr.items() if s["type"] == "sample" and s["is_observed"])
+            return 0
+
+        jax.eval_shape(record)
         for lik in self.block.likelihoods:
-            family = type(unwrap_distribution(tr[lik.name]["fn"])).__name__
+            family = families[lik.name]
             if family not in LIKELIHOOD_LINKS:
                 raise ModelError(
                     f"BlockConditional: likelihood site '{lik.name}' is {family} in the model; expected one of "
                     f"{', '.join(sorted(LIKELIHOOD_LINKS))}")
-        others = [n for n, s in tr.items() if s["type"] == "sample" and s["is_observed"] and n not in self._lik_names]
+        others = [n for n in observed if n not in self._lik_names]
         for name in others:
             g = jax.jit(jax.grad(lambda zz, n=name: self._log_terms(self._run({**theta, **self._unravel(zz)}), [n])))(z0)
             if bool(jnp.any(g != 0)):
@@ -296,11 +317,9 @@ class BlockConditional:
     # ----------------------------------------------------------------- solves
 
     def _as_theta(self, theta: dict) -> dict:
-        missing = [n for n in self.block.theta if n not in theta]
-        if missing:
-            raise InputError(f"BlockConditional: theta is missing site '{missing[0]}' (expected {list(self.block.theta)})")
-        return {n: jnp.asarray(theta[n], jnp.float64) if jnp.issubdtype(jnp.asarray(theta[n]).dtype, jnp.floating)
-                else jnp.asarray(theta[n]) for n in self.block.theta}
+        """theta in float64 (integer-valued sites are kept as they are)."""
+        return {n: v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v
+                for n, v in self._caller_theta(theta).items()}
 
     def _solver(self, matvec):
         """A differentiable linear solve with H (CG or Cholesky), and its iteration count."""
@@ -355,10 +374,14 @@ class BlockConditional:
         z, _, _, cg_its = jax.lax.while_loop(cond, body, state)
         return z, cg_its
 
-    def _noise(self, key, theta, m):
-        """eps ~ N(0, H(m)): prior-gradient noise plus redrawn-likelihood gradient noise."""
+    def _random_values(self, key, theta, m):
+        """An ancestral prior draw of the block, and the likelihoods' observations redrawn at m.
+
+        Runs in the CALLER's precision, outside the float64 context: JAX cannot generate
+        float64 random bits (nor run a model switched back to 32 bits) inside a float32 caller's
+        jit. Only the noise is then rounded to the caller's precision; it is solved in float64.
+        """
         key_prior, key_lik = jax.random.split(key)
-        latent_names = None
 
         def draw_prior(msg):
             if msg["type"] != "sample" or msg["is_observed"]:
@@ -369,8 +392,15 @@ class BlockConditional:
                 return msg["fn"].sample(_site_key(key_prior, msg["name"]))
             return None
 
-        tr = self._run(None, substitute_fn=draw_prior)
-        z_prior = self._ravel({n: tr[n]["value"] for n in self._block_names})
+        prior_trace = self._run(None, substitute_fn=draw_prior, caller=True)
+        at_m = self._run({**theta, **self._unravel(m)}, caller=True)
+        return ({n: prior_trace[n]["value"] for n in self._block_names},
+                {n: at_m[n]["fn"].sample(_site_key(key_lik, n)) for n in self._lik_names})
+
+    def _noise(self, theta, m, z_prior, observations):
+        """eps ~ N(0, H(m)): prior-gradient noise plus redrawn-likelihood gradient noise (float64)."""
+        z_prior, observations = jax.lax.stop_gradient((self._ravel(z_prior), observations))
+        tr = self._run({**theta, **self._unravel(m)})
         latent_names = [n for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]]
 
         def prior_terms(z):
@@ -378,10 +408,28 @@ class BlockConditional:
 
         def lik_terms(z):
             tr = self._run({**theta, **self._unravel(z)})
-            redrawn = {n: jax.lax.stop_gradient(tr[n]["fn"].sample(_site_key(key_lik, n))) for n in self._lik_names}
-            return self._log_terms(tr, self._lik_names, power=0.5, values=redrawn)
+            return self._log_terms(tr, self._lik_names, power=0.5, values=observations)
 
         return jax.grad(prior_terms)(z_prior) + jax.grad(lik_terms)(m)
+
+    def _caller_theta(self, theta):
+        missing = [n for n in self.block.theta if n not in theta]
+        if missing:
+            raise InputError(f"BlockConditional: theta is missing site '{missing[0]}' (expected {list(self.block.theta)})")
+        return {n: jnp.asarray(theta[n]) for n in self.block.theta}
+
+    def _draw_phases(self, key, theta, num_draws, init):
+        """The mean (float64), the random values (caller's precision), the noise and solves (float64)."""
+        dtype = _caller_float()
+        theta_caller = self._caller_theta(theta)
+        with jax.enable_x64(True):
+            theta64 = self._as_theta(theta)
+            m, matvec, solve, _, mode_its = self._mode(theta64, None if init is None else self._ravel(init))
+            m_caller = m.astype(dtype)
+        keys = key if num_draws is None else jax.random.split(key, num_draws)
+        randomness = jax.vmap if num_draws is not None else (lambda f: f)
+        z_prior, observations = randomness(lambda k: self._random_values(k, theta_caller, m_caller))(keys)
+        return dtype, theta64, m, solve, mode_its, z_prior, observations
 
     # ----------------------------------------------------------------- public API
 
@@ -419,31 +467,17 @@ class BlockConditional:
         with ``return_info`` also ``{"mean": ..., "iterations": CG iterations per draw,
         "mode_iterations": CG iterations of the mean/mode solve}``.
         """
-        dtype = _caller_float()
+        dtype, theta, m, solve, mode_its, z_prior, observations = self._draw_phases(key, theta, num_draws, init)
         with jax.enable_x64(True):
-            theta = self._as_theta(theta)
-            init_flat = None if init is None else self._ravel(init)
-            z, draw_its, m, mode_its = self._draws(key, theta, num_draws, init_flat)
-            if num_draws is None:
-                out = self._out(z, dtype)
-            else:
-                out = {n: v.astype(dtype) for n, v in self._unravel(z).items()}
+            def one(zp, obs):
+                step, it = solve(self._noise(theta, m, zp, obs))
+                return m + step, it
+
+            z, its = one(z_prior, observations) if num_draws is None else jax.vmap(one)(z_prior, observations)
+            out = self._out(z, dtype)
             if return_info:
-                return out, {"mean": self._out(m, dtype), "iterations": draw_its, "mode_iterations": mode_its}
+                return out, {"mean": self._out(m, dtype), "iterations": its, "mode_iterations": mode_its}
             return out
-
-    def _draws(self, key, theta, num_draws, init_flat):
-        m, matvec, solve, _, mode_its = self._mode(theta, init_flat)
-
-        def one(k):
-            step, it = solve(self._noise(k, theta, m))
-            return m + step, it
-
-        if num_draws is None:
-            z, its = one(key)
-        else:
-            z, its = jax.vmap(one)(jax.random.split(key, num_draws))
-        return z, its, m, mode_its
 
     def sample_weighted(self, key, theta: dict, num_draws: int, *, init: dict | None = None):
         """``num_draws`` draws and their self-normalised log importance weights.
@@ -451,41 +485,75 @@ class BlockConditional:
         log w_i = log p(y, z_i, theta) - log N(z_i; m, H^-1) + const, normalised so that
         ``logsumexp(log_w) == 0``; uniform (all ``-log num_draws``) up to rounding for exact blocks.
         """
-        dtype = _caller_float()
+        dtype, theta, m, solve, _, z_prior, observations = self._draw_phases(key, theta, num_draws, init)
         with jax.enable_x64(True):
-            theta = self._as_theta(theta)
-            init_flat = None if init is None else self._ravel(init)
-            m, matvec, solve, _, _ = self._mode(theta, init_flat)
-
-            def one(k):
-                eps = self._noise(k, theta, m)
+            def one(zp, obs):
+                eps = self._noise(theta, m, zp, obs)
                 step, _ = solve(eps)
                 z = m + step
                 # (z - m)^T H (z - m) = step . eps, so no further HVP is needed.
                 return z, self._log_joint(theta, z) + 0.5 * jnp.vdot(step, eps)
 
-            z, log_w = jax.vmap(one)(jax.random.split(key, num_draws))
+            z, log_w = jax.vmap(one)(z_prior, observations)
             log_w = log_w - jax.scipy.special.logsumexp(log_w)
-            draws = {n: v.astype(dtype) for n, v in self._unravel(z).items()}
-            return draws, log_w.astype(dtype)
+            return self._out(z, dtype), log_w.astype(dtype)
 
-    def log_marginal(self, theta: dict) -> jax.Array:
-        """log p(y, theta) = log integral of p(y, z, theta) dz (Laplace approximation for Laplace blocks).
+    def log_marginal(self, theta: dict, key=None, *, num_probes: int = 16, lanczos_steps: int = 50):
+        """log p(y, theta) = log of the integral of p(y, z, theta) over z (Laplace blocks: its Laplace approximation).
 
-        Exact (dense Cholesky of H) for Normal blocks on the dense path; differentiable in theta.
-        Above ``dense_below`` (the CG path) it raises: log det H needs a factorisation.
+        log p(y, z=m, theta) + D/2 log(2 pi) - 1/2 log det H. On the dense path log det H comes
+        from the Cholesky factor: exact for Normal blocks, and differentiable in theta. On the
+        CG path it needs ``key`` and is a stochastic Lanczos quadrature ESTIMATE (``num_probes``
+        Rademacher probes, ``lanczos_steps`` steps on the Jacobi-scaled H): unbiased in log det
+        up to the quadrature error; its gradient in theta is not provided (log det is held
+        fixed; for the gradient of log p(y, theta) use Fisher's identity with ``sample``).
         """
-        if not self.dense:
+        if not self.dense and key is None:
             raise InputError(
                 f"BlockConditional.log_marginal: block ({', '.join(self._block_names)}) has size {self.size}, "
-                f"above dense_below; log det H needs method='dense' (size at most {DENSE_LIMIT})")
+                f"above dense_below: exact log det H needs method='dense' (size at most {DENSE_LIMIT}); "
+                "pass key= for a stochastic Lanczos estimate")
         dtype = _caller_float()
+        if not self.dense:
+            probes = jax.random.rademacher(key, (num_probes, self.size), dtype=jnp.int32)
         with jax.enable_x64(True):
             theta = self._as_theta(theta)
-            m, _, _, chol, _ = self._mode(theta, None)
-            log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+            m, matvec, _, chol, _ = self._mode(theta, None)
+            if self.dense:
+                log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+            else:
+                log_det = jax.lax.stop_gradient(self._slq_log_det(matvec, probes.astype(jnp.float64), lanczos_steps))
             value = self._log_joint(theta, m) + 0.5 * self.size * math.log(2 * math.pi) - 0.5 * log_det
             return value.astype(dtype)
+
+    def _slq_log_det(self, matvec, probes, steps):
+        """log det H = sum log diag(H) + log det(S H S), S = diag(H)^-1/2, the latter by SLQ."""
+        diag = self._diag(matvec)
+        scale = 1.0 / jnp.sqrt(diag)
+        scaled = lambda v: scale * matvec(scale * v)
+        steps = min(steps, self.size)
+
+        def quadrature(probe):
+            def step(carry, _):
+                v, v_prev, beta, done = carry
+                w = scaled(v) - beta * v_prev
+                alpha = jnp.vdot(w, v)
+                w = w - alpha * v
+                beta_next = jnp.linalg.norm(w)
+                # After the Krylov space is exhausted, pad with decoupled unit eigenvalues (weight 0).
+                stop = done | (beta_next < 1e-10 * jnp.abs(alpha))
+                v_next = jnp.where(stop, 0.0, w / jnp.where(stop, 1.0, beta_next))
+                return (v_next, v, jnp.where(stop, 0.0, beta_next), stop), \
+                    (jnp.where(done, 1.0, alpha), jnp.where(stop, 0.0, beta_next))
+
+            v0 = probe / jnp.linalg.norm(probe)
+            init = (v0, jnp.zeros_like(v0), jnp.asarray(0.0), jnp.asarray(False))
+            _, (alphas, betas) = jax.lax.scan(step, init, None, length=steps)
+            tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+            eigenvalues, eigenvectors = jnp.linalg.eigh(tridiagonal)
+            return self.size * jnp.sum(eigenvectors[0] ** 2 * jnp.log(eigenvalues))
+
+        return jnp.sum(jnp.log(diag)) + jnp.mean(jax.vmap(quadrature)(probes))
 
     def precision(self, theta: dict, at: dict | None = None) -> jax.Array:
         """Dense H (flat order of ``flatten``) at the mean/mode or at ``at``: small blocks only (tests)."""

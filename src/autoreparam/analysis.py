@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions import biject_to
 
+from .block import no_block_note, search_block
 from .errors import ModelError
 from .graph import build_graph
 from .linear_maps import DenseMap, GatherMap, shared_subspace
@@ -111,8 +112,11 @@ def _analyze(model, args, kwargs) -> Report:
     if parents is None:
         parents = probe.jvp_dependencies()
     graph = build_graph(mt.sites, parents, invariances)
+    block, left_out = search_block(mt)
+    if block is None:
+        notes.append(no_block_note(left_out))
     return Report(_model_name(model), mt.sites, graph, terms, invariances, funnels, notes, mt,
-                  probe.hyperparameters())
+                  probe.hyperparameters(), block)
 
 
 def _model_name(model) -> str:

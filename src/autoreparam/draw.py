@@ -19,13 +19,17 @@ def _label(g: nx.DiGraph, name: str) -> str:
 
 
 def graph_to_dot(report: Report) -> str:
-    """The site graph as Graphviz DOT: dependencies as arrows, invariant pairs as red dashed edges."""
+    """The site graph as Graphviz DOT: dependencies as arrows, invariant pairs as red dashed edges,
+    the sites of the Gaussian block filled blue."""
     g = report.graph
+    block = _block_names(report)
     lines = [f'digraph "{report.model_name}" {{', "  rankdir=TB;", '  node [shape=ellipse, fontname="Helvetica"];']
     for name, data in g.nodes(data=True):
         label = _label(g, name).replace("\n", "\\n")
         style = {"observed": ', style=filled, fillcolor="gray80"', "deterministic": ", shape=box",
                  "param": ", shape=note"}.get(data["type"], "")
+        if name in block:
+            style = f', style=filled, fillcolor="{BLOCK_COLOR}"'
         lines.append(f'  "{name}" [label="{label}"{style}];')
     for a, b, data in g.edges(data=True):
         if data["dependency"]:
@@ -37,6 +41,14 @@ def graph_to_dot(report: Report) -> str:
                          f'label="dim {dims}", constraint=false];')
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+BLOCK_COLOR = "#cfe2ff"  # sites of the conditionally Gaussian block
+
+
+def _block_names(report: Report) -> set[str]:
+    block = getattr(report, "block", None)
+    return set(block.names) if block is not None else set()
 
 
 def _layers(g: nx.DiGraph) -> dict[str, int]:
@@ -78,7 +90,9 @@ def draw_graph(report: Report, path: str | Path) -> Path:
     dep_edges = [(a, b) for a, b, d in g.edges(data=True) if d["dependency"]]
     inv_edges = [(a, b) for a, b, d in g.edges(data=True)
                  if any(i["kind"] == "additive" for i in d["invariances"])]
-    colors = ["#bbbbbb" if g.nodes[n]["type"] == "observed" else "#ffffff" for n in g.nodes]
+    block = _block_names(report)
+    colors = ["#bbbbbb" if g.nodes[n]["type"] == "observed" else BLOCK_COLOR if n in block else "#ffffff"
+              for n in g.nodes]
     nx.draw_networkx_nodes(g, pos, ax=ax, node_color=colors, edgecolors="black", node_size=1800)
     nx.draw_networkx_labels(g, pos, ax=ax, labels={n: _label(g, n) for n in g.nodes}, font_size=8)
     nx.draw_networkx_edges(g, pos, ax=ax, edgelist=dep_edges, arrows=True, node_size=1800,
@@ -89,7 +103,8 @@ def draw_graph(report: Report, path: str | Path) -> Path:
                                         if i["kind"] == "additive") for a, b in inv_edges}
     nx.draw_networkx_edge_labels(g, pos, ax=ax, edge_labels=labels, font_color="red", font_size=7,
                                  connectionstyle="arc3,rad=0.25")
-    ax.set_title(f"{report.model_name}: dependencies (arrows), invariant pairs (red, dashed)", fontsize=10)
+    ax.set_title(f"{report.model_name}: dependencies (arrows), invariant pairs (red, dashed)"
+                 + (", Gaussian block (blue)" if block else ""), fontsize=10)
     ax.axis("off")
     fig.tight_layout()
     try:

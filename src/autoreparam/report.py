@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import numpy as np
 
 from .linear_maps import LinearMap, SharedSubspace
 from .trace import Site
+
+if TYPE_CHECKING:
+    from .block import GaussianBlock
 
 __all__ = ["Term", "Invariance", "Funnel", "Report"]
 
@@ -115,6 +118,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     model_trace: Any = field(default=None, repr=False, compare=False)
     hyperparameters: tuple[str, ...] = ()  # latent sites that scale other latent sites' priors
+    block: GaussianBlock | None = None  # the conditionally Gaussian block (see autoreparam.block)
 
     @property
     def plan(self):
@@ -142,6 +146,7 @@ class Report:
             "invariances": [i.to_json() for i in self.invariances],
             "funnels": [f.to_json() for f in self.funnels],
             "notes": list(self.notes),
+            "block": self.block.to_json() if self.block is not None else None,
         }
 
     def __str__(self) -> str:
@@ -194,6 +199,8 @@ class Report:
                 lines.append(f"  {f.site} ~ {f.distribution}: scale depends on {', '.join(f.scale_parents)}")
         else:
             lines.append("funnels: none")
+        lines.append("")
+        lines.extend(self.block.describe() if self.block is not None else ["Gaussian block: none (see the note)"])
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)

@@ -151,9 +151,8 @@ def test_eight_schools_agrees_with_nuts_and_prints_a_summary(capsys):
     finally:
         sys.path.remove(str(EXAMPLES))
     args, kwargs = eight_schools.model_args()
-    block = GaussianBlock((BlockSite("mu", (), "Normal"), BlockSite("theta", (8,), "Normal")),
-                          (BlockLikelihood("y", "Normal", "identity"),), ("tau",))
-    result = autoreparam.collapsed_mcmc(eight_schools.model, *args, block=block, num_warmup=300,
+    # block=None: the block the analysis finds, (mu, theta) given tau.
+    result = autoreparam.collapsed_mcmc(eight_schools.model, *args, num_warmup=300,
                                         num_samples=1000, num_chains=2, progress_bar=False, **kwargs)
     result.print_summary()
     out = capsys.readouterr().out
@@ -174,6 +173,16 @@ def test_no_block_is_one_clear_line():
     empty = GaussianBlock((), CROSSED_BLOCK.likelihoods, ("s_a",))
     with pytest.raises(InputError, match="no conditionally Gaussian block"):
         collapsed_mcmc(crossed, II, JJ, Y, block=empty)
+
+
+def test_model_without_a_block_is_one_clear_line():
+    def scales_only(y):
+        s = numpyro.sample("s", dist.HalfNormal(1.0))
+        numpyro.sample("y", dist.Normal(0.0, s), obs=y)
+
+    with pytest.raises(InputError, match=r"collapsed NUTS: no conditionally Gaussian block: 's' HalfNormal") as info:
+        collapsed_mcmc(scales_only, np.ones(3, np.float32))
+    assert "\n" not in str(info.value)
 
 
 def test_block_above_the_limit_names_its_size_and_the_limit():

@@ -34,9 +34,10 @@ from numpyro import handlers
 from numpyro.distributions import biject_to
 from numpyro.distributions.util import sum_rightmost
 
-from .block import GaussianBlock
+from .block import GaussianBlock, no_block_note, search_block
 from .conditional import DENSE_LIMIT, BlockConditional
 from .errors import InputError, ModelError
+from .trace import trace_model
 
 __all__ = ["CollapsedPosterior", "CollapsedResult", "collapsed_mcmc", "gibbs_mcmc", "COLLAPSED_LIMIT"]
 
@@ -323,6 +324,7 @@ def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, n
                    rng_key=0, approximate: bool = False, progress_bar: bool = True, **kwargs) -> CollapsedResult:
     """NUTS on theta of ``model(*args, **kwargs)`` with the Gaussian ``block`` integrated out.
 
+    ``block=None`` takes the block the analysis finds (``autoreparam.block.find_block``).
     Returns a :class:`CollapsedResult` whose samples hold every latent and deterministic site
     of ``model``, by chain (``print_summary()`` works on them). ``approximate=True`` allows
     Laplace blocks (non-Normal likelihoods): the posterior is then the Laplace approximation's.
@@ -333,7 +335,7 @@ def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, n
     from numpyro.infer import NUTS
 
     if block is None:
-        block = _find_block(model, args, kwargs)
+        block = _find_block(model, args, kwargs, "collapsed NUTS")
     posterior = CollapsedPosterior(model, block, args, kwargs, approximate=approximate)
     rng_key = _key(rng_key)
     key_init, key_mcmc, key_complete = jax.random.split(rng_key, 3)
@@ -364,7 +366,7 @@ def gibbs_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_w
     from numpyro.infer import NUTS, HMCGibbs
 
     if block is None:
-        block = _find_block(model, args, kwargs)
+        block = _find_block(model, args, kwargs, "Gibbs MCMC")
     _check_block(block, "Gibbs MCMC", approximate, None)
     args, kwargs = _int32_data(args), _int32_data(kwargs)
     conditional = BlockConditional(model, block, args, kwargs)
@@ -389,12 +391,9 @@ def gibbs_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_w
                            **counts)
 
 
-def _find_block(model, args, kwargs) -> GaussianBlock | None:
-    """The block found by the analysis, when the installed analysis finds blocks; else None."""
-    from . import block as block_module
-
-    finder = getattr(block_module, "find_block", None)
-    if finder is None:
-        raise InputError("collapsed MCMC: no block was given and this version cannot detect one; "
-                         "pass block=GaussianBlock(...)")
-    return finder(model, *args, **kwargs)
+def _find_block(model, args, kwargs, where: str) -> GaussianBlock:
+    """The block the analysis finds in ``model(*args, **kwargs)``; one clear line when there is none."""
+    found, left_out = search_block(trace_model(model, args, kwargs))
+    if found is None:
+        raise InputError(f"{where}: {no_block_note(left_out)}")
+    return found

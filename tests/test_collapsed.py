@@ -131,17 +131,29 @@ def nuts_samples(model, args, kwargs, seed, num_samples, target_accept_prob=0.8)
     return mcmc.get_samples(group_by_chain=True)
 
 
-def test_crossed_model_agrees_with_nuts_on_the_original():
+@pytest.fixture(scope="module")
+def crossed_reference():
+    return nuts_samples(crossed, (II, JJ, Y), {}, seed=2, num_samples=2000, target_accept_prob=0.95)
+
+
+def test_crossed_model_agrees_with_nuts_on_the_original(crossed_reference):
     result = collapsed_mcmc(crossed, II, JJ, Y, block=CROSSED_BLOCK, num_warmup=300, num_samples=1000,
                             num_chains=2, progress_bar=False, rng_key=1)
     samples = result.get_samples(group_by_chain=True)
     assert set(samples) == {"s_a", "s_b", "sigma", "mu", "a", "b", "spread"}
     assert samples["a"].shape == (2, 1000, I)
     np.testing.assert_allclose(samples["spread"], samples["a"].max(-1) - samples["a"].min(-1), rtol=1e-6)
-    reference = nuts_samples(crossed, (II, JJ, Y), {}, seed=2, num_samples=2000, target_accept_prob=0.95)
-    assert_agree(samples, reference, ["s_a", "s_b", "sigma", "mu", "a", "b", "spread"])
+    assert_agree(samples, crossed_reference, ["s_a", "s_b", "sigma", "mu", "a", "b", "spread"])
     summary = result.summary()
     assert summary["a"]["r_hat"].shape == (I,) and np.all(summary["s_a"]["n_eff"] > 100)
+
+
+def test_gibbs_with_exact_z_draws_agrees_with_nuts_on_the_original(crossed_reference):
+    result = autoreparam.gibbs_mcmc(crossed, II, JJ, Y, block=CROSSED_BLOCK, num_warmup=300, num_samples=1000,
+                                    num_chains=2, progress_bar=False, rng_key=4)
+    samples = result.get_samples(group_by_chain=True)
+    assert samples["a"].shape == (2, 1000, I) and samples["a"].dtype == jnp.float32
+    assert_agree(samples, crossed_reference, ["s_a", "s_b", "sigma", "mu", "a", "b", "spread"])
 
 
 def test_eight_schools_agrees_with_nuts_and_prints_a_summary(capsys):

@@ -139,6 +139,9 @@ class CollapsedPosterior:
         self._latent_names = tuple(n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"])
         self._deterministic_names = tuple(n for n, s in trace.items() if s["type"] == "deterministic")
         self.potential_fn = self._make_potential()
+        # Draws per compiled chunk of ``complete``: at most ~32 MB of dense precisions at once.
+        self._chunk = max(1, min(_COMPLETE_BATCH, 4_000_000 // (block.size * block.size)))
+        self._complete_chunk = jax.jit(jax.vmap(self._complete_one))
 
     # --------------------------------------------------------------- transforms
 
@@ -236,35 +239,38 @@ class CollapsedPosterior:
 
     # --------------------------------------------------------------- completion
 
+    def _complete_one(self, key, theta):
+        key_z, key_model = jax.random.split(key)
+        z = self.conditional.sample(key_z, theta)
+        tr = handlers.trace(handlers.substitute(handlers.seed(self.model, key_model), data={**theta, **z})).get_trace(
+            *self.args, **self.kwargs)
+        return {name: tr[name]["value"] for name in self._latent_names + self._deterministic_names}
+
     def complete(self, rng_key, theta: dict) -> dict:
         """Every latent and deterministic site of the model for each draw of (constrained) ``theta``.
 
         One exact draw of z from p(z | theta, y) per theta draw (Laplace: from N(mode, H^-1)),
         then the model is run at (theta, z) for its deterministic sites. ``theta`` values carry
-        any leading batch dims (chains, draws), which the result keeps.
+        any leading batch dims (chains, draws), which the result keeps. Draws are made in chunks
+        of a fixed size, so the compiled chunk is reused by every later call.
         """
         rng_key = _key(rng_key)
         name0 = self.theta_names[0]
         batch = jnp.shape(theta[name0])[:jnp.ndim(theta[name0]) - jnp.ndim(self._theta_example[name0])]
         n = int(np.prod(batch))
+        chunk = self._chunk
+        padded = -(-n // chunk) * chunk
         flat = {k: jnp.reshape(jnp.asarray(v), (n,) + jnp.shape(self._theta_example[k])) for k, v in theta.items()
                 if k in self.theta_names}
-
-        def one(args):
-            key, th = args
-            key_z, key_model = jax.random.split(key)
-            z = self.conditional.sample(key_z, th)
-            values = {**th, **z}
-            tr = handlers.trace(handlers.substitute(handlers.seed(self.model, key_model), data=values)).get_trace(
-                *self.args, **self.kwargs)
-            return {name: tr[name]["value"] for name in self._latent_names + self._deterministic_names}
-
+        flat = {k: jnp.concatenate([v, jnp.repeat(v[:1], padded - n, axis=0)]) for k, v in flat.items()}
+        keys = jax.random.split(rng_key, padded)
         dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
-        keys = jax.random.split(rng_key, n)
         # Traced wholly in float64: the conditional's draws use float64 random bits, which do
         # not lower inside a float32 jit.
         with jax.enable_x64(True):
-            out = jax.jit(lambda keys, th: jax.lax.map(one, (keys, th), batch_size=_COMPLETE_BATCH))(keys, flat)
+            parts = [self._complete_chunk(keys[i:i + chunk], {k: v[i:i + chunk] for k, v in flat.items()})
+                     for i in range(0, padded, chunk)]
+            out = {k: jnp.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
             out = {k: jnp.reshape(v, tuple(batch) + jnp.shape(v)[1:]) for k, v in out.items()}
             return {k: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in out.items()}
 

@@ -181,7 +181,8 @@ def main(argv=None):
     for name in a.models:  # written after every model, so an interrupted run keeps what it measured
         results.append(run_model(name, a.chains, a.warmup, a.samples, a.gibbs))
         (RESULTS / "collapsed.json").write_text(
-            json.dumps(json_safe({"command": command, "results": results}), indent=1))
+            json.dumps(json_safe({"command": command, "results": results}), indent=1,
+                       default=lambda o: np.asarray(o).tolist()))  # JAX scalars
         text = markdown(results, command)
         (RESULTS / "collapsed.md").write_text("# Collapsed NUTS\n\n" + text)
     print(text)

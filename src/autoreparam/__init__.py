@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 # run would go on to write its output).
 _EXPORTS = {
     "analyze": "api",
+    "collapsed_mcmc": "collapsed", "gibbs_mcmc": "collapsed", "CollapsedPosterior": "collapsed",
     "emit_source": "emit", "emit_config": "emit", "EmitResult": "emit",
     "AutoreparamError": "errors", "InputError": "errors", "ModelError": "errors",
     "Offset": "plan", "Plan": "plan", "PlanError": "plan", "SitePlan": "plan",
@@ -26,6 +27,7 @@ _SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__))
 
 if TYPE_CHECKING:
     from .api import analyze, auto, reparameterize
+    from .collapsed import CollapsedPosterior, collapsed_mcmc, gibbs_mcmc
     from .emit import EmitResult, emit_config, emit_source
     from .fit import HybridFit, fit_hybrid
     from .hybrid import AutoHybrid, HybridELBO
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "analyze",
+    "collapsed_mcmc",
+    "gibbs_mcmc",
+    "CollapsedPosterior",
     "emit_source",
     "emit_config",
     "EmitResult",

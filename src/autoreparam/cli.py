@@ -214,6 +214,11 @@ def _parser() -> argparse.ArgumentParser:
                         "(q(theta) Gaussian, the Gaussian block exact) as a third column")
     c.add_argument("--plot", metavar="OUT.png", help="draw the ELBO curves and posterior sds to a PNG/SVG")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    c.add_argument("--mcmc", action="store_true",
+                   help="run NUTS instead of SVI: original vs offsets vs the Gaussian block integrated out")
+    c.add_argument("--chains", type=int, default=2, help="with --mcmc: chains, run one after another (default 2)")
+    c.add_argument("--warmup", type=int, default=500, help="with --mcmc: warm-up draws per chain (default 500)")
+    c.add_argument("--samples", type=int, default=500, help="with --mcmc: draws per chain (default 500)")
     return p
 
 
@@ -478,11 +483,19 @@ def _compare(args, run: _Run) -> int:
     _import_analysis(run)
     from .compare import compare
 
+    if args.mcmc and args.plot:
+        raise InputError("--plot: not available with --mcmc (the MCMC comparison is a table)")
     module, model, margs, mkwargs = _load(args, run)
-    run.enter(f"comparing SVI fits of the model in {args.file}")
+    run.enter(f"comparing {'MCMC runs' if args.mcmc else 'SVI fits'} of the model in {args.file}")
     try:
-        result = compare(model, margs, mkwargs, steps=args.steps, guide=args.guide,
-                         progress=not args.no_progress)
+        if args.mcmc:
+            from .compare import compare_mcmc
+
+            result = compare_mcmc(model, margs, mkwargs, warmup=args.warmup, samples=args.samples,
+                                  chains=args.chains, progress=not args.no_progress)
+        else:
+            result = compare(model, margs, mkwargs, steps=args.steps, guide=args.guide,
+                             progress=not args.no_progress)
     except InputError:
         raise
     except AutoreparamError as exc:

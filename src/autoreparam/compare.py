@@ -14,7 +14,7 @@ from .errors import InputError
 from .files import write_atomic
 from .trace import describe_exception
 
-__all__ = ["GUIDES", "compare", "Comparison", "FitSummary"]
+__all__ = ["GUIDES", "compare", "Comparison", "FitSummary", "compare_mcmc", "MCMCComparison", "MCMCSummary"]
 
 GUIDES = ("AutoNormal", "AutoDiagonalNormal", "AutoLowRankMultivariateNormal", "hybrid")
 HYBRID_PARTICLES = 4
@@ -195,3 +195,111 @@ def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "Aut
         except Exception as exc:
             raise InputError(f"compare: SVI on the {label} model failed: {describe_exception(exc)}") from exc
     return Comparison(guide, steps, fits)
+
+
+# -- MCMC: NUTS on the original, on the offsets, and collapsed NUTS (``compare --mcmc``) -----------
+
+
+@dataclass
+class MCMCSummary:
+    """One MCMC run, diagnosed over every element of every latent site of the original model."""
+
+    label: str
+    seconds: float
+    gradients: int
+    divergences: int
+    min_ess: float
+    min_ess_site: str
+    max_rhat: float
+    max_rhat_site: str
+
+
+@dataclass
+class MCMCComparison:
+    chains: int
+    warmup: int
+    samples: int
+    runs: list[MCMCSummary]
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        lines = [f"NUTS, {self.chains} chain(s) x {self.samples} draws after {self.warmup} warm-up, same seed; "
+                 "time is wall time incl. warm-up and compilation; gradients after warm-up:", "",
+                 f"{'':<16}{'min ESS':>9}  {'(site)':<18}{'ESS/s':>9}{'ESS/1k grads':>14}{'divergences':>13}"
+                 f"{'max R-hat':>11}  (site)"]
+        for r in self.runs:
+            per_s = r.min_ess / r.seconds if r.seconds > 0 else float("nan")
+            per_grad = 1000 * r.min_ess / r.gradients if r.gradients else float("nan")
+            lines.append(f"{r.label:<16}{r.min_ess:>9.0f}  {r.min_ess_site:<18}{per_s:>9.2f}{per_grad:>14.2f}"
+                         f"{r.divergences:>13}{r.max_rhat:>11.3f}  {r.max_rhat_site}")
+        return "\n".join(lines + [""] * bool(self.notes) + self.notes)
+
+
+def _diagnose(label, samples_by_chain, sites, seconds, gradients, divergences) -> MCMCSummary:
+    from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+
+    ess, rhat = {}, {}
+    for name in sites:
+        x = np.asarray(samples_by_chain[name], np.float64)
+        ess[name] = float(np.nanmin(effective_sample_size(x))) if x.shape[1] > 3 else float("nan")
+        rhat[name] = float(np.nanmax(split_gelman_rubin(x))) if x.shape[0] > 1 and x.shape[1] > 3 else float("nan")
+    ess_site = min(sites, key=lambda n: ess[n] if np.isfinite(ess[n]) else np.inf)
+    rhat_site = max(sites, key=lambda n: rhat[n] if np.isfinite(rhat[n]) else -np.inf)
+    return MCMCSummary(label, seconds, int(gradients), int(divergences), ess[ess_site], ess_site,
+                       rhat[rhat_site], rhat_site)
+
+
+def _nuts(label, model, args, kwargs, sites, warmup, samples, chains, seed, progress) -> MCMCSummary:
+    from numpyro.infer import MCMC, NUTS
+
+    mcmc = MCMC(NUTS(model), num_warmup=warmup, num_samples=samples, num_chains=chains,
+                chain_method="sequential", progress_bar=progress)
+    start = time.perf_counter()
+    mcmc.run(jax.random.PRNGKey(seed), *args, extra_fields=("num_steps", "diverging"), **kwargs)
+    draws = mcmc.get_samples(group_by_chain=True)
+    jax.block_until_ready(draws)
+    seconds = time.perf_counter() - start
+    extra = mcmc.get_extra_fields()
+    return _diagnose(label, draws, sites, seconds, np.sum(extra["num_steps"]), np.sum(extra["diverging"]))
+
+
+def compare_mcmc(model, args=(), kwargs=None, *, warmup: int = 500, samples: int = 500, chains: int = 2,
+                 seed: int = 0, progress: bool = False) -> MCMCComparison:
+    """NUTS on ``model``, on ``reparameterize(model)`` and with the Gaussian block integrated out.
+
+    >>> print(compare_mcmc(model, (sigma,), {"y": y}).table())     # doctest: +SKIP
+    """
+    from .collapsed import COLLAPSED_LIMIT, collapsed_mcmc
+
+    for name, value in (("--warmup", warmup), ("--samples", samples), ("--chains", chains)):
+        if not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    kwargs = dict(kwargs or {})
+    report = analyze(model, *args, **kwargs)
+    sites = [n for n, s in report.sites.items() if s.type == "latent"]
+    discrete = [n for n in sites if report.sites[n].is_discrete]
+    if discrete:
+        raise InputError(f"compare --mcmc: site '{discrete[0]}' is a discrete latent site; NUTS needs continuous "
+                         "latent sites")
+    runs, notes = [], []
+    for label, m in (("original", model), ("offsets", reparameterize(model))):
+        runs.append(_nuts(label, m, args, kwargs, sites, warmup, samples, chains, seed, progress))
+    block = report.block
+    if block is None:
+        notes.append("collapsed: not run, the model has no conditionally Gaussian block")
+    elif block.size > COLLAPSED_LIMIT:
+        notes.append(f"collapsed: not run, the block has size {block.size}, above the limit {COLLAPSED_LIMIT} "
+                     "for its exact marginal")
+    else:
+        start = time.perf_counter()
+        result = collapsed_mcmc(model, *args, block=block, num_warmup=warmup, num_samples=samples,
+                                num_chains=chains, rng_key=seed, progress_bar=progress,
+                                approximate=not block.exact, **kwargs)
+        label = "collapsed" if block.exact else "collapsed*"
+        runs.append(_diagnose(label, result.get_samples(group_by_chain=True), sites,
+                              time.perf_counter() - start, result.num_gradients, result.divergences))
+        notes.append(f"collapsed: NUTS on {', '.join(block.theta)} with {', '.join(block.names)} "
+                     f"(size {block.size}) integrated out, then drawn exactly")
+        if not block.exact:
+            notes.append("* Laplace marginal (non-Normal likelihood): the collapsed posterior is approximate")
+    return MCMCComparison(chains, warmup, samples, runs, notes)

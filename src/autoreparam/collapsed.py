@@ -1,0 +1,405 @@
+"""MCMC with the conditionally Gaussian block integrated out: NUTS on theta only.
+
+Given the hyperparameters theta, the block z is Gaussian, p(z | theta, y) = N(m, H^-1), so
+
+    log p(y, theta) = log p(y, z, theta) - log N(z; m, H^-1)   at z = m
+                    = log p(y, m, theta) + D/2 log(2 pi) - 1/2 log det H
+
+with log det H exact by a dense Cholesky (``BlockConditional.log_marginal``). NUTS samples the
+unconstrained theta (log-Jacobians of the transforms included) from this marginal; each theta
+draw then gets one exact draw of z from its conditional, and the model is re-run at (theta, z)
+for its deterministic sites, so the samples hold every latent and deterministic site of the
+original model, by chain.
+
+- :class:`CollapsedPosterior`: the potential function (``NUTS(potential_fn=...)``), the
+  transforms, initial values and :meth:`~CollapsedPosterior.complete` (the z draws).
+- :func:`collapsed_mcmc`: the one-line entry point; :func:`gibbs_mcmc`: HMC-within-Gibbs with
+  NUTS on theta given z and z drawn exactly given theta (no log det H, so no size limit
+  beyond the conditional solver's), for blocks too large to factor at every gradient.
+
+Laplace blocks (Bernoulli/Binomial logits, Poisson log rate) have no exact marginal: collapsed
+NUTS then targets the Laplace approximation of p(theta | y) and is only run with
+``approximate=True``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro import handlers
+from numpyro.distributions import biject_to
+from numpyro.distributions.util import sum_rightmost
+
+from .block import GaussianBlock, no_block_note, search_block
+from .conditional import DENSE_LIMIT, BlockConditional
+from .errors import InputError, ModelError
+from .trace import trace_model
+
+__all__ = ["CollapsedPosterior", "CollapsedResult", "collapsed_mcmc", "gibbs_mcmc", "COLLAPSED_LIMIT"]
+
+#: Largest block whose marginal collapsed NUTS computes: every gradient of the potential builds
+#: the dense D x D precision from D Hessian-vector products and factors it.
+COLLAPSED_LIMIT = DENSE_LIMIT
+
+_COMPLETE_BATCH = 64
+
+
+def _key(rng_key):
+    if isinstance(rng_key, (int, np.integer)):
+        return jax.random.PRNGKey(int(rng_key))
+    return rng_key
+
+
+def _int32_data(tree):
+    """Integer numpy inputs as int32 when x64 is off.
+
+    The conditional traces the model in float64 and the caller's NUTS in float32; JAX caches
+    index arithmetic on an int64 numpy array with the integer width of whichever ran first, and
+    the other then fails (``lax.add`` of int32 and int64). int32 data mean the same in both.
+    """
+    if jax.config.jax_enable_x64:
+        return tree
+
+    def cast(x):
+        if isinstance(x, np.ndarray) and x.dtype.kind in "iu" and x.dtype.itemsize > 4:
+            return x.astype(np.int32)
+        return x
+
+    return jax.tree.map(cast, tree)
+
+
+def _check_block(block, where: str, approximate: bool, limit: int | None):
+    if block is None:
+        raise InputError(f"{where}: the model has no conditionally Gaussian block (block=None); "
+                         "expected a GaussianBlock of at least one Gaussian latent site")
+    if not isinstance(block, GaussianBlock):
+        raise InputError(f"{where}: block must be an autoreparam GaussianBlock, got {type(block).__name__}")
+    if not block.sites:
+        raise InputError(f"{where}: the model has no conditionally Gaussian block (no block sites)")
+    if limit is not None and block.size > limit:
+        raise InputError(
+            f"{where}: block ({', '.join(block.names)}) has size {block.size}, above the limit {limit} "
+            "for the exact log det H of the marginal; use gibbs_mcmc")
+    if not block.exact and not approximate:
+        laplace = [f"{lik.name} ({lik.family})" for lik in block.likelihoods if not lik.exact]
+        raise InputError(
+            f"{where}: likelihood {', '.join(laplace)} is not Normal, so the marginal is a Laplace "
+            "approximation; pass approximate=True to sample the approximate posterior")
+
+
+class CollapsedPosterior:
+    """p(theta | y) of ``model(*args, **kwargs)`` with ``block`` integrated out, for NumPyro's NUTS.
+
+    ``potential_fn`` takes a dict of UNCONSTRAINED theta values and returns -log p(y, theta)
+    minus the log-Jacobians of the transforms; it is computed (value and gradient together) in
+    float64 and returned in the dtype of its input.
+
+    >>> import numpyro, numpyro.distributions as dist
+    >>> from numpyro.infer import NUTS
+    >>> from autoreparam.block import BlockSite, BlockLikelihood, GaussianBlock
+    >>> def model(y):
+    ...     s = numpyro.sample("s", dist.HalfNormal(1.0))
+    ...     a = numpyro.sample("a", dist.Normal(0.0, s).expand([2]).to_event(1))
+    ...     numpyro.sample("y", dist.Normal(a, 1.0).to_event(1), obs=y)
+    >>> block = GaussianBlock((BlockSite("a", (2,), "Normal"),),
+    ...                       (BlockLikelihood("y", "Normal", "identity"),), ("s",))
+    >>> post = CollapsedPosterior(model, block, (np.array([2.0, -4.0]),))
+    >>> # u = log s = 0: -[log N(y; 0, 2 I) + log HalfNormal(1; 1) + log s]
+    >>> round(float(post.potential_fn({"s": jnp.array(0.0)})), 4)
+    8.2568
+    >>> kernel = NUTS(potential_fn=post.potential_fn)   # then MCMC(kernel, ...).run(key, init_params=...)
+    >>> u = {"s": jnp.array([[0.0, 0.5, -0.5]])}            # (chains, draws), unconstrained
+    >>> samples = post.complete(jax.random.PRNGKey(2), post.constrain(u))
+    >>> sorted(samples), samples["a"].shape
+    (['a', 's'], (1, 3, 2))
+    """
+
+    def __init__(self, model: Callable, block: GaussianBlock, args: tuple = (), kwargs: dict | None = None,
+                 *, approximate: bool = False, seed: int = 0):
+        _check_block(block, "collapsed NUTS", approximate, COLLAPSED_LIMIT)
+        self.model = model
+        self.block = block
+        self.args = _int32_data(tuple(args))
+        self.kwargs = _int32_data(dict(kwargs or {}))
+        self.approximate = not block.exact
+        self.conditional = BlockConditional(model, block, self.args, self.kwargs, method="dense", seed=seed)
+        trace = handlers.trace(handlers.seed(model, seed)).get_trace(*self.args, **self.kwargs)
+        for name in block.theta:
+            site = trace[name]
+            if site["fn"].is_discrete:
+                raise ModelError(f"collapsed NUTS: theta site '{name}' is discrete "
+                                 f"({type(site['fn']).__name__}); NUTS needs continuous theta")
+        self.theta_names = tuple(block.theta)
+        self._theta_example = {n: jnp.asarray(trace[n]["value"]) for n in self.theta_names}
+        self._block_names = set(block.names)
+        self._latent_names = tuple(n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"])
+        self._deterministic_names = tuple(n for n, s in trace.items() if s["type"] == "deterministic")
+        self.potential_fn = self._make_potential()
+        # Draws per compiled chunk of ``complete``: at most ~32 MB of dense precisions at once.
+        self._chunk = max(1, min(_COMPLETE_BATCH, 4_000_000 // (block.size * block.size)))
+        self._complete_chunk = jax.jit(jax.vmap(self._complete_one))
+
+    # --------------------------------------------------------------- transforms
+
+    def _transformed(self, u: dict) -> tuple[dict, jax.Array]:
+        """Constrained theta and the sum of the log-Jacobians (by the model's own supports)."""
+        theta, log_det = {}, []
+
+        def constrain(msg):
+            name = msg["name"]
+            if msg["type"] != "sample" or name not in u:
+                # The block's values do not matter here; zeros avoid a random draw (float64 random
+                # bits inside a float32 jit do not lower).
+                if name in self._block_names:
+                    return jnp.zeros(msg["fn"].shape(msg["kwargs"].get("sample_shape", ())))
+                return None
+            transform = biject_to(msg["fn"].support)
+            value = transform(u[name])
+            ladj = transform.log_abs_det_jacobian(u[name], value)
+            ladj = sum_rightmost(ladj, jnp.ndim(ladj) - jnp.ndim(value) + len(msg["fn"].event_shape))
+            if msg["scale"] is not None:
+                ladj = msg["scale"] * ladj
+            theta[name] = value
+            log_det.append(jnp.sum(ladj))
+            return value
+
+        model = handlers.substitute(handlers.seed(self.model, 0), substitute_fn=constrain)
+        handlers.trace(model).get_trace(*self.args, **self.kwargs)
+        return theta, sum(log_det, jnp.zeros(()))
+
+    def constrain(self, u: dict) -> dict:
+        """Constrained theta of unconstrained ``u`` (any leading batch dims, e.g. chains and draws)."""
+        first = np.ndim(u[self.theta_names[0]]) - np.ndim(self._theta_example[self.theta_names[0]])
+        fn = lambda x: self._transformed(x)[0]
+        for _ in range(first):
+            fn = jax.vmap(fn)
+        dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+        # In float64 like the potential (integer data indices of a vmapped model mix int64 and
+        # int32 in a float32 trace).
+        with jax.enable_x64(True):
+            theta = fn({n: jnp.asarray(v, jnp.float64) for n, v in u.items()})
+            return {n: v.astype(dtype) for n, v in theta.items()}
+
+    def unconstrain(self, theta: dict) -> dict:
+        """Unconstrained values of a single constrained theta (the inverse of :meth:`constrain`)."""
+        supports = {}
+
+        def record(msg):
+            if msg["type"] == "sample" and msg["name"] in theta:
+                supports[msg["name"]] = msg["fn"].support
+            return None
+
+        handlers.trace(handlers.substitute(handlers.seed(self.model, 0), substitute_fn=record)).get_trace(
+            *self.args, **self.kwargs)
+        return {n: biject_to(supports[n]).inv(jnp.asarray(theta[n])) for n in self.theta_names}
+
+    def init_params(self, rng_key, num_chains: int | None = None) -> dict:
+        """Unconstrained initial values, uniform in (-2, 2) like ``init_to_uniform`` (a leading
+        ``num_chains`` axis when given)."""
+        rng_key = _key(rng_key)
+        example = self.unconstrain(self._theta_example)
+        shape = () if num_chains is None else (num_chains,)
+        keys = jax.random.split(rng_key, len(self.theta_names))
+        return {n: jax.random.uniform(k, shape + jnp.shape(example[n]), minval=-2.0, maxval=2.0)
+                for n, k in zip(self.theta_names, keys)}
+
+    # --------------------------------------------------------------- potential
+
+    def _neg_log_density(self, u: dict) -> jax.Array:
+        theta, log_det = self._transformed(u)
+        return -(self.conditional.log_marginal(theta) + log_det)
+
+    def _make_potential(self):
+        # The conditional computes in float64 inside a local x64 context; a gradient taken from
+        # outside that context (float32 callers) would transpose float64 ops with float32
+        # cotangents, so value and gradient are both taken inside, and handed back by custom_vjp.
+        def value_and_grad(u):
+            dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+            with jax.enable_x64(True):
+                u64 = {n: jnp.asarray(v, jnp.float64) for n, v in u.items()}
+                value, grad = jax.value_and_grad(self._neg_log_density)(u64)
+            return value.astype(dtype), {n: g.astype(jnp.result_type(u[n])) for n, g in grad.items()}
+
+        @jax.custom_vjp
+        def potential(u):
+            return value_and_grad(u)[0]
+
+        def fwd(u):
+            return value_and_grad(u)
+
+        def bwd(grad, cotangent):
+            return ({n: cotangent * g for n, g in grad.items()},)
+
+        potential.defvjp(fwd, bwd)
+        return potential
+
+    # --------------------------------------------------------------- completion
+
+    def _complete_one(self, key, theta):
+        key_z, key_model = jax.random.split(key)
+        z = self.conditional.sample(key_z, theta)
+        tr = handlers.trace(handlers.substitute(handlers.seed(self.model, key_model), data={**theta, **z})).get_trace(
+            *self.args, **self.kwargs)
+        return {name: tr[name]["value"] for name in self._latent_names + self._deterministic_names}
+
+    def complete(self, rng_key, theta: dict) -> dict:
+        """Every latent and deterministic site of the model for each draw of (constrained) ``theta``.
+
+        One exact draw of z from p(z | theta, y) per theta draw (Laplace: from N(mode, H^-1)),
+        then the model is run at (theta, z) for its deterministic sites. ``theta`` values carry
+        any leading batch dims (chains, draws), which the result keeps. Draws are made in chunks
+        of a fixed size, so the compiled chunk is reused by every later call.
+        """
+        rng_key = _key(rng_key)
+        name0 = self.theta_names[0]
+        batch = jnp.shape(theta[name0])[:jnp.ndim(theta[name0]) - jnp.ndim(self._theta_example[name0])]
+        n = int(np.prod(batch))
+        chunk = self._chunk
+        padded = -(-n // chunk) * chunk
+        flat = {k: jnp.reshape(jnp.asarray(v), (n,) + jnp.shape(self._theta_example[k])) for k, v in theta.items()
+                if k in self.theta_names}
+        flat = {k: jnp.concatenate([v, jnp.repeat(v[:1], padded - n, axis=0)]) for k, v in flat.items()}
+        keys = jax.random.split(rng_key, padded)
+        dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+        # Traced wholly in float64: the conditional's draws use float64 random bits, which do
+        # not lower inside a float32 jit.
+        with jax.enable_x64(True):
+            parts = [self._complete_chunk(keys[i:i + chunk], {k: v[i:i + chunk] for k, v in flat.items()})
+                     for i in range(0, padded, chunk)]
+            out = {k: jnp.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+            out = {k: jnp.reshape(v, tuple(batch) + jnp.shape(v)[1:]) for k, v in out.items()}
+            return {k: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in out.items()}
+
+
+class CollapsedResult:
+    """The samples of a collapsed (or Gibbs) MCMC run, by chain, with MCMC-style accessors.
+
+    ``mcmc`` is the underlying ``numpyro.infer.MCMC``; ``num_gradients`` the gradient evaluations
+    (leapfrog steps, all chains) after warm-up; ``seconds`` the wall time of warm-up, sampling
+    and completion (compilation included).
+    """
+
+    def __init__(self, samples: dict, mcmc, method: str, *, num_gradients: int, seconds: float, divergences: int):
+        self._samples = samples  # site -> (chains, draws, ...)
+        self.mcmc = mcmc
+        self.method = method
+        self.num_gradients = int(num_gradients)
+        self.seconds = float(seconds)
+        self.divergences = int(divergences)
+
+    def get_samples(self, group_by_chain: bool = False) -> dict:
+        if group_by_chain:
+            return dict(self._samples)
+        return {k: jnp.reshape(v, (-1,) + jnp.shape(v)[2:]) for k, v in self._samples.items()}
+
+    def get_extra_fields(self, group_by_chain: bool = False) -> dict:
+        return self.mcmc.get_extra_fields(group_by_chain=group_by_chain)
+
+    def summary(self, prob: float = 0.9) -> dict:
+        """``numpyro.diagnostics.summary`` of every site (mean, std, quantiles, n_eff, r_hat)."""
+        from numpyro.diagnostics import summary
+
+        return summary({k: np.asarray(v) for k, v in self._samples.items()}, prob=prob, group_by_chain=True)
+
+    def print_summary(self, prob: float = 0.9) -> None:
+        from numpyro.diagnostics import print_summary
+
+        print_summary({k: np.asarray(v) for k, v in self._samples.items()}, prob=prob, group_by_chain=True)
+        print(f"Number of divergences: {self.divergences}")
+
+
+def _run_mcmc(kernel, num_warmup, num_samples, num_chains, chain_method, progress_bar, rng_key, *model_args,
+              prefix="", init_params=None, **model_kwargs):
+    """One MCMC run (warm-up and sampling in one compiled loop); sampling gradients and divergences."""
+    from numpyro.infer import MCMC
+
+    steps, diverging = prefix + "num_steps", prefix + "diverging"
+    mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
+                chain_method=chain_method, progress_bar=progress_bar)
+    mcmc.run(rng_key, *model_args, extra_fields=(steps, diverging), init_params=init_params, **model_kwargs)
+    extra = mcmc.get_extra_fields()
+    return mcmc, dict(num_gradients=int(np.sum(extra[steps])), divergences=int(np.sum(extra[diverging])))
+
+
+def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_warmup: int = 500,
+                   num_samples: int = 500, num_chains: int = 1, chain_method: str = "sequential",
+                   rng_key=0, approximate: bool = False, progress_bar: bool = True, **kwargs) -> CollapsedResult:
+    """NUTS on theta of ``model(*args, **kwargs)`` with the Gaussian ``block`` integrated out.
+
+    ``block=None`` takes the block the analysis finds (``autoreparam.block.find_block``).
+    Returns a :class:`CollapsedResult` whose samples hold every latent and deterministic site
+    of ``model``, by chain (``print_summary()`` works on them). ``approximate=True`` allows
+    Laplace blocks (non-Normal likelihoods): the posterior is then the Laplace approximation's.
+
+    >>> result = autoreparam.collapsed_mcmc(model, sigma, y=y, block=block)  # doctest: +SKIP
+    >>> result.print_summary()  # doctest: +SKIP
+    """
+    from numpyro.infer import NUTS
+
+    if block is None:
+        block = _find_block(model, args, kwargs, "collapsed NUTS")
+    posterior = CollapsedPosterior(model, block, args, kwargs, approximate=approximate)
+    rng_key = _key(rng_key)
+    key_init, key_mcmc, key_complete = jax.random.split(rng_key, 3)
+    start = time.perf_counter()
+    init = posterior.init_params(key_init, None if num_chains == 1 else num_chains)
+    mcmc, counts = _run_mcmc(
+        NUTS(potential_fn=posterior.potential_fn), num_warmup, num_samples, num_chains, chain_method,
+        progress_bar, key_mcmc, init_params=init)
+    u = mcmc.get_samples(group_by_chain=True)
+    samples = posterior.complete(key_complete, posterior.constrain(u))
+    jax.block_until_ready(samples)
+    method = "collapsed NUTS" + (" (Laplace, approximate)" if posterior.approximate else "")
+    return CollapsedResult(samples, mcmc, method, seconds=time.perf_counter() - start, **counts)
+
+
+def gibbs_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_warmup: int = 500,
+               num_samples: int = 500, num_chains: int = 1, chain_method: str = "sequential", rng_key=0,
+               approximate: bool = False, progress_bar: bool = True, **kwargs) -> CollapsedResult:
+    """HMC-within-Gibbs: NUTS on theta given z, z drawn exactly from p(z | theta, y) given theta.
+
+    No log det H is needed, so it applies to blocks of any size the conditional's CG solver
+    handles; it mixes slowly when the data pin z weakly (theta and z then move together).
+    ``approximate=True`` allows Laplace blocks (z then drawn from the Laplace approximation,
+    so the chain is approximate).
+
+    >>> result = autoreparam.gibbs_mcmc(model, sigma, y=y, block=block)  # doctest: +SKIP
+    """
+    from numpyro.infer import NUTS, HMCGibbs
+
+    if block is None:
+        block = _find_block(model, args, kwargs, "Gibbs MCMC")
+    _check_block(block, "Gibbs MCMC", approximate, None)
+    args, kwargs = _int32_data(args), _int32_data(kwargs)
+    conditional = BlockConditional(model, block, args, kwargs)
+    block_names = block.names
+
+    def gibbs_fn(rng_key, gibbs_sites, hmc_sites):
+        return conditional.sample(rng_key, {n: hmc_sites[n] for n in block.theta}, init=gibbs_sites)
+
+    kernel = HMCGibbs(NUTS(model), gibbs_fn=gibbs_fn, gibbs_sites=list(block_names))
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+    start = time.perf_counter()
+    # The whole chain runs in float64: the conditional's draws use float64 random bits, which do
+    # not lower inside a float32 jit.
+    with jax.enable_x64(True):
+        mcmc, counts = _run_mcmc(kernel, num_warmup, num_samples, num_chains, chain_method,
+                                                     progress_bar, _key(rng_key), *args, prefix="hmc_state.",
+                                                     **kwargs)
+        samples = {k: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
+                   for k, v in mcmc.get_samples(group_by_chain=True).items()}
+        jax.block_until_ready(samples)
+    return CollapsedResult(samples, mcmc, "Gibbs (NUTS on theta, exact z)", seconds=time.perf_counter() - start,
+                           **counts)
+
+
+def _find_block(model, args, kwargs, where: str) -> GaussianBlock:
+    """The block the analysis finds in ``model(*args, **kwargs)``; one clear line when there is none."""
+    found, left_out = search_block(trace_model(model, args, kwargs))
+    if found is None:
+        raise InputError(f"{where}: {no_block_note(left_out)}")
+    return found

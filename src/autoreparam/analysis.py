@@ -86,10 +86,10 @@ def _analyze(model, args, kwargs) -> tuple[Report, ModelTrace]:
                              "dense" if isinstance(lmap, DenseMap) else "unstructured")
                 terms[y].append(Term(y, a, params, structure, lmap))
                 if lmap is None:
-                    notes.append(
+                    notes.append(Note(
                         f"site '{a}' enters '{y}' additively but neither as a gather nor as a small "
-                        f"dense block ({mt.sites[a].size} values); its invariances were not analysed"
-                    )
+                        f"dense block ({mt.sites[a].size} values); its invariances were not analysed",
+                        NoteKind.UNSTRUCTURED_TERM, site=a))
             else:
                 nonadditive[y].append(a)
 

@@ -14,6 +14,14 @@ points with one preconditioner (the centre's): the centre, and the hyperparamete
 e down and up, so that a funnel's changing curvature counts. The centre is the curvature point,
 with a funnel's scale hyperparameter moved to the scale its centredness was estimated for.
 
+Offsets are also judged on their own (``guard_offsets``): an offset is a shear of its child and
+parents given everything else, so the whole log joint's condition number can be set by other
+directions (an LKJ/scale block) that it does not touch. The Hessian restricted to the child and
+its parents is compared with and without the offsets at the curvature point and at an
+empirical-Bayes point for the hyperparameters (``offset_points``): the offsets' ``xi`` are
+fitted at the hyperparameters' prior median, which for a vague scale prior can be far from
+where the data put them.
+
 Why plans lost (issue 10, the tutorial shape): 500 Adam steps of 0.05 left intercepts near 2,700
 at about 3, so the method-of-moments centredness saw no spread and non-centred them fully; and
 the moments were taken from shrunk estimates. Both are fixed (``newton_refine``, de-shrinking in

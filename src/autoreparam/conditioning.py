@@ -571,6 +571,7 @@ def offset_points(geometry: ReparamGeometry, curv, hyperparameters, original_kno
 
 # The empirical-Bayes search: shifts of the hyperparameters' unconstrained values (log scales: a
 # factor e per unit) from the curvature point, and Newton steps for the other sites at each.
+OFFSETS_CHECK = False
 HYPERPARAMETER_GRID = tuple(np.arange(-4.0, 2.01, 0.5))
 NEWTON_STEPS = 4
 
@@ -619,7 +620,9 @@ def check_plan_sites(curv, plan_sites: list, centers: dict, hyperparameters=(), 
     dropped, figures = guard_items(geometry, theta, knobs, items, off_value)
     remaining = [i for i in items if i not in dropped]
     local, points = [], []
-    if any(i.parent is not None for i in remaining):
+    # Off: on the tensor emit case this check drops offsets that the golden files keep, and whether
+    # that drop helps is not yet measured (branch fix-geometry-offsets-check has it switched on).
+    if OFFSETS_CHECK and any(i.parent is not None for i in remaining):
         points = offset_points(geometry, curv, hyperparameters, _with(knobs, items, off_value))
         local, figures["offsets"] = guard_offsets(geometry, points, _with(knobs, dropped, off_value), remaining,
                                                   off_value)

@@ -241,3 +241,59 @@ def test_plan_does_not_non_centre_a_family_it_cannot():
     assert "a" not in report.plan.names
     assert any(note.startswith("site 'a' is AsymmetricLaplace, which autoreparam cannot non-centre")
                for note in report.notes)
+
+
+# -- offsets fitted where the hyperparameters are not ---------------------------------------------
+G_VAGUE, N_VAGUE = 20, 4
+
+
+def _vague_scale_data():
+    """Small group effects (spread 0.15) under a vague HalfNormal(10) scale (prior median 6.7)."""
+    rng = np.random.default_rng(0)
+    g = np.repeat(np.arange(G_VAGUE), N_VAGUE).astype(np.int32)
+    a = rng.normal(0.0, 0.15, G_VAGUE)
+    return g, (1.0 + a[g] + rng.normal(0.0, 1.0, g.size)).astype(np.float32)
+
+
+def _vague_scale_effects(g, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    s = numpyro.sample("s", dist.HalfNormal(10.0))
+    with numpyro.plate("groups", G_VAGUE):  # a block the plan cannot non-centre: offsets only
+        a = numpyro.sample("a", dist.MultivariateNormal(jnp.zeros(1), scale_tril=s * jnp.eye(1)))
+    numpyro.sample("y", dist.Normal(mu + a[g, 0], 1.0), obs=y)
+
+
+@pytest.fixture(scope="module")
+def vague_scale_analysis():
+    g, y = _vague_scale_data()
+    return analyze_model(_vague_scale_effects, (g,), {"y": y})
+
+
+def test_guard_drops_an_offset_fitted_at_a_vague_prior_median(vague_scale_analysis, monkeypatch):
+    """At the prior median of s the data dominate each effect, so the offset a <- mu gets xi -0.99;
+    where the data put s (about 0.2) the prior dominates and that coupling ties every effect to mu.
+    The whole log joint's conditioning at the prior median and a factor e either side does not see
+    it; the conditional geometry of a and mu at the empirical-Bayes s does, and the offset goes."""
+    monkeypatch.setattr(conditioning, "OFFSETS_CHECK", True)  # off by default until the tensor case is settled
+    unguarded = build_plan(*vague_scale_analysis, guard=False)
+    assert min(unguarded["a"].offsets[0].init) < -0.9
+    plan = build_plan(*vague_scale_analysis)
+    assert "a" not in plan.names or not plan["a"].offsets
+    note = next(n for n in plan.notes if "offset a <- mu" in n)
+    assert "not where the data put them (s 0.2" in note
+    assert note in str(plan)
+
+
+def test_empirical_bayes_point_finds_the_scale_the_data_say(vague_scale_analysis):
+    """The second point of the offsets' check: s near the effects' spread, not its prior median."""
+    report, model_trace = vague_scale_analysis
+    curv = Curvature(model_trace, None, report.hyperparameters)
+    plan = build_plan(report, model_trace, guard=False)
+    site = plan["a"]
+    off = site.offsets[0]
+    specs = {"a": (tuple(site.batch_shape), ((off.parent, off.absorb, jnp.asarray(dict(plan.anchors)["mu"])),), False)}
+    geometry = conditioning.ReparamGeometry(model_trace, curv.names, specs, {})
+    knobs = {"xi": {("a", "mu"): jnp.zeros(site.batch_shape)}, "centered": {}}
+    centre, moved = conditioning.offset_points(geometry, curv, report.hyperparameters, knobs)
+    assert float(centre["s"]) > 3.0
+    assert 0.1 < float(moved["s"]) < 0.5

@@ -34,7 +34,7 @@ from numpyro import handlers
 from numpyro.distributions import biject_to
 from numpyro.distributions.util import sum_rightmost
 
-from .block import GaussianBlock, no_block_note, search_block
+from .block import GaussianBlock, block_for_report
 from .conditional import DENSE_LIMIT, BlockConditional
 from .errors import InputError, ModelError
 from .trace import trace_model
@@ -399,7 +399,7 @@ def gibbs_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_w
 
 def _find_block(model, args, kwargs, where: str) -> GaussianBlock:
     """The block the analysis finds in ``model(*args, **kwargs)``; one clear line when there is none."""
-    found, left_out = search_block(trace_model(model, args, kwargs))
+    found, note = block_for_report(trace_model(model, args, kwargs))
     if found is None:
-        raise InputError(f"{where}: {no_block_note(left_out)}")
+        raise InputError(f"{where}: {note}")
     return found

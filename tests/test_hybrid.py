@@ -335,8 +335,7 @@ def test_bad_input_one_line(x64):
     with pytest.raises(InputError, match="theta_guide='lowrank'"):
         NaturalGradient(AutoHybrid(random_intercepts, theta_guide="lowrank"))
     with pytest.raises(InputError, match="must be an autoreparam.AutoHybrid"):
-        SVI(random_intercepts, AutoNormal(random_intercepts), numpyro.optim.Adam(0.01), HybridELBO()).init(
-            jax.random.PRNGKey(0), GROUP, y=Y)
+        HybridELBO().loss(jax.random.PRNGKey(0), {}, random_intercepts, AutoNormal(random_intercepts), GROUP, y=Y)
     with pytest.raises(ModelError, match="likelihood 'y' of the block is not observed"):
         SVI(random_intercepts, AutoHybrid(random_intercepts, block=RI_BLOCK), numpyro.optim.Adam(0.01),
             HybridELBO()).init(jax.random.PRNGKey(0), GROUP)

@@ -35,7 +35,7 @@ def decaying_step_size(initial: float = 0.1, decay_steps: float = 200.0, power: 
 
     >>> rho = decaying_step_size(0.3, 200.0, 0.6)
     >>> [round(float(rho(i)), 4) for i in (0, 200, 2000)]
-    [0.3, 0.198, 0.0712]
+    [0.3, 0.1979, 0.0712]
     """
     if not (initial > 0 and decay_steps > 0 and power > 0 and final >= 0):
         raise InputError(f"decaying_step_size: expected initial > 0, decay_steps > 0, power > 0, final >= 0, got "

@@ -2,6 +2,9 @@
 
 import pytest
 
+# Inputs and golden outputs of the emitter: read as text by the tests, never imported as modules.
+collect_ignore_glob = ["tests/cases/*"]
+
 
 @pytest.fixture(autouse=True)
 def doctest_names(request):

@@ -17,9 +17,15 @@ def doctest_names(request):
     import numpyro.distributions as dist
     from numpyro import handlers
 
+    import jax
+    from numpyro.infer import SVI
+
     import autoreparam
+    from autoreparam.hybrid import AutoHybrid, HybridELBO
     from autoreparam.plan import Offset, Plan, SitePlan, SparseMap
+    from autoreparam.trace import trace_model
 
     request.getfixturevalue("doctest_namespace").update(
         jnp=jnp, np=np, numpyro=numpyro, dist=dist, handlers=handlers, autoreparam=autoreparam,
-        Offset=Offset, Plan=Plan, SitePlan=SitePlan, SparseMap=SparseMap)
+        Offset=Offset, Plan=Plan, SitePlan=SitePlan, SparseMap=SparseMap, jax=jax, SVI=SVI,
+        AutoHybrid=AutoHybrid, HybridELBO=HybridELBO, trace_model=trace_model)

@@ -314,14 +314,10 @@ class VIMethod:
             ckpts.append((steps, t_run, *_mean_se(e)))
             train.append(-float(np.mean(np.asarray(losses))))
         if not self.fused:
-            es = []
-            for _ in range(max(1, cfg["final_particles"] // cfg["ckpt_particles"])):
-                key, k = jax.random.split(key)
-                es.append(np.asarray(self.elbo_fn(params, k), dtype=np.float64))
-            e = np.concatenate(es)
+            e, key = _final_elbo(self.elbo_fn, params, key, cfg)
             key, k = jax.random.split(key)
             mom = self.draws_fn(params, k)
-        moments = {s: (np.asarray(m, np.float64), np.asarray(sd, np.float64)) for s, (m, sd) in mom.items()}
+        moments = _as_moments(mom)
         finite = bool(np.all(np.isfinite(e)))
         mean, se = _mean_se(e)
         diverged = not finite or not (se <= DIVERGED_SE or e.size == 1)
@@ -330,6 +326,20 @@ class VIMethod:
                 "elbo": mean, "elbo_se": se, "elbo_finite": finite, "diverged": diverged,
                 "elbo_particles": int(e.size), "checkpoints": ckpts, "train_elbo": train,
                 "load_after": load_avg(), "_moments": moments, "_params": params}
+
+
+def _final_elbo(elbo_fn, params, key, cfg):
+    """The final ELBO particles (``final_particles`` in batches of ``ckpt_particles``) and the next key."""
+    es = []
+    for _ in range(max(1, cfg["final_particles"] // cfg["ckpt_particles"])):
+        key, k = jax.random.split(key)
+        es.append(np.asarray(elbo_fn(params, k), dtype=np.float64))
+    return np.concatenate(es), key
+
+
+def _as_moments(mom: dict) -> dict:
+    """``{site: (mean, sd)}`` as float64 numpy arrays."""
+    return {s: (np.asarray(m, np.float64), np.asarray(sd, np.float64)) for s, (m, sd) in mom.items()}
 
 
 def _mean_se(e):
@@ -418,26 +428,20 @@ class HybridMethod:
                 block(params)
                 t_run += time.perf_counter() - t0
                 steps += self.chunk
-                e = np.asarray(self.elbo_fn(params, k2), dtype=np.float64)
-                ckpts.append((steps, t_run, *(_mean_se(e) if self.exact else (None, None))))
+                # On the CG path the loss is no ELBO (no log det H): nothing to evaluate at checkpoints.
+                ckpts.append((steps, t_run, *(_mean_se(np.asarray(self.elbo_fn(params, k2), np.float64))
+                                              if self.exact else (None, None))))
                 train.append(-float(np.mean(np.asarray(losses))))
                 key, k = jax.random.split(key)
                 mom = self.ckpt_draws_fn(params, k)
-                ckpt_moments.append({s: (np.asarray(m, np.float64), np.asarray(sd, np.float64))
-                                     for s, (m, sd) in mom.items()})
-            es = []
-            for _ in range(max(1, cfg["final_particles"] // cfg["ckpt_particles"])):
-                key, k = jax.random.split(key)
-                es.append(np.asarray(self.elbo_fn(params, k), dtype=np.float64))
-            e = np.concatenate(es)
+                ckpt_moments.append(_as_moments(mom))
+            e, key = _final_elbo(self.elbo_fn, params, key, cfg)
             key, k = jax.random.split(key)
-            mom = self.draws_fn(params, k)
-            moments = {s: (np.asarray(m, np.float64), np.asarray(sd, np.float64)) for s, (m, sd) in mom.items()}
+            moments = _as_moments(self.draws_fn(params, k))
             sir = None
             if self.draws_sir_fn is not None:
                 key, k = jax.random.split(key)
-                sir = {s: (np.asarray(m, np.float64), np.asarray(sd, np.float64))
-                       for s, (m, sd) in self.draws_sir_fn(params, k).items()}
+                sir = _as_moments(self.draws_sir_fn(params, k))
             # CG iterations per draw, at the median of q(theta) (0 on the dense path: a Cholesky, no CG).
             theta = {n: v for n, v in self.guide.median(params).items() if n in self.guide.theta_names}
             key, k = jax.random.split(key)

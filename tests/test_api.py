@@ -6,6 +6,7 @@ import pathlib
 import warnings
 
 import jax.numpy as jnp
+import numpy as np
 import networkx as nx
 import numpyro
 import numpyro.distributions as dist
@@ -15,7 +16,7 @@ import autoreparam
 from autoreparam.analysis import analyze_model
 from autoreparam.api import ReparameterizedModel
 from autoreparam.notes import Note, NoteKind
-from autoreparam.planning import build_plan
+from autoreparam.planning import plan_with_notes
 from autoreparam.report import Report
 
 SRC = pathlib.Path(autoreparam.__file__).parent
@@ -79,16 +80,30 @@ def test_report_is_plain_data_and_its_plan_is_made_once(report):
     assert "model_trace" not in {f.name for f in dataclasses.fields(Report)}
     plan = report.plan
     assert report.plan is plan and plan.names == ("a",)
-    assert report.make_plan(init="zero") is not plan  # other options: a new plan each call
+    other = report.make_plan(init="zero")  # other options: another plan
+    assert other.init == "zero" and other != plan and report.plan is plan
 
 
 def test_notes_are_typed_and_the_planning_writes_none_into_the_report():
     report, model_trace = analyze_model(model, (GROUP,), {"y": Y})
     assert [(n.kind, n.site) for n in report.notes] == [(NoteKind.DISCRETE_SITE, "k")]
+    assert [type(n) for n in report.to_json()["notes"]] == [str]  # plain text in JSON
+
+
+def _asymmetric_funnel(g, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0, 1.5))
+    s = numpyro.sample("s", dist.Exponential(1))
+    with numpyro.plate("groups", 6):
+        a = numpyro.sample("a", dist.AsymmetricLaplace(mu, s, 1.5))
+    numpyro.sample("y", dist.Normal(a[g], 5.0), obs=y)
+
+
+def test_the_planning_returns_its_notes_and_writes_none_into_the_report():
+    report, model_trace = analyze_model(_asymmetric_funnel, (np.repeat(np.arange(6), 2),), {"y": np.zeros(12)})
     before = list(report.notes)
-    build_plan(report, model_trace)
-    assert report.notes == before
-    assert isinstance(report.notes[0], str) and report.to_json()["notes"] == [str(before[0])]
+    plan, notes = plan_with_notes(report, model_trace)
+    assert [(n.kind, n.site) for n in notes] == [(NoteKind.CANNOT_NONCENTRE, "a")] and "a" not in plan.names
+    assert report.notes == before and not any(n.kind is NoteKind.CANNOT_NONCENTRE for n in report.notes)
 
 
 def test_a_report_without_a_planner_says_how_to_plan_it():

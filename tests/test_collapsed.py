@@ -1,6 +1,5 @@
 """Collapsed NUTS (the Gaussian block integrated out) against dense algebra and NUTS on the model."""
 
-import doctest
 import importlib
 import sys
 from pathlib import Path
@@ -18,7 +17,6 @@ from numpyro.infer import MCMC, NUTS
 from numpyro.infer.reparam import LocScaleReparam
 
 import autoreparam
-import autoreparam.collapsed as collapsed
 from autoreparam.block import BlockLikelihood, BlockSite, GaussianBlock
 from autoreparam.collapsed import COLLAPSED_LIMIT, CollapsedPosterior, collapsed_mcmc
 from autoreparam.errors import InputError
@@ -72,8 +70,6 @@ def crossed_posterior():
     return CollapsedPosterior(crossed, CROSSED_BLOCK, (II, JJ, Y))
 
 
-def test_doctests():
-    assert doctest.testmod(collapsed, raise_on_error=True).attempted > 0
 
 
 def test_potential_is_the_dense_gaussian_integral_and_its_gradient_matches_finite_differences(crossed_posterior):

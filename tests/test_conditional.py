@@ -1,6 +1,5 @@
 """The conditional p(z | theta, y) of a Gaussian block against dense computations written by hand."""
 
-import doctest
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,6 @@ import scipy.stats
 from numpyro import handlers
 from numpyro.infer.util import log_density
 
-import autoreparam.conditional as conditional
 from autoreparam.block import BlockLikelihood, BlockSite, GaussianBlock
 from autoreparam.conditional import DENSE_LIMIT, BlockConditional
 from autoreparam.errors import InputError, ModelError
@@ -399,10 +397,6 @@ def test_log_marginal_on_the_cg_path_is_a_stated_estimate(crossed_conds):
         estimates = np.asarray(jax.jit(jax.vmap(lambda k: crossed_conds["cg"].log_marginal(theta, k)))(keys))
     assert estimates.std() > 0  # a real estimate, not the dense value
     assert abs(estimates.mean() - exact) < 4 * estimates.std() / np.sqrt(len(estimates))
-
-
-def test_docstring_examples_run():
-    assert doctest.testmod(conditional, raise_on_error=False).failed == 0
 
 
 def test_float32_caller_can_draw_inside_its_own_jit(crossed_conds):

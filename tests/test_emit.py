@@ -105,20 +105,35 @@ def test_plan_is_reproducible(name):
 # -- golden files ---------------------------------------------------------------------------------
 
 _NUMBER = re.compile(r"-?\d+\.\d+(?:e[-+]?\d+)?")
+# The emitted plan's own numbers: xi, the anchors (reference points) and the centredness.
+_PLAN_NUMBERS = re.compile(r"^_AUTOREPARAM_(XI|CENTER|CENTERED) = ")
+
+
+def _split_plan_numbers(source: str) -> tuple[str, list[str]]:
+    """``source`` with every number of the plan's data statements masked, and those numbers."""
+    lines, numbers, in_plan = [], [], False
+    for line in source.splitlines(True):
+        if line[:1] not in (" ", "\t", ")", "}", "]", "\n", ""):
+            in_plan = bool(_PLAN_NUMBERS.match(line))
+        if in_plan:
+            numbers += _NUMBER.findall(line)
+            line = _NUMBER.sub("#", line)
+        lines.append(line)
+    return "".join(lines), numbers
 
 
 def _same_up_to_plan_rounding(emitted_source: str, expected: str) -> bool:
-    """Equal text, except that the plan's numbers may differ in their last digits.
+    """Equal text, except that the plan's xi, anchors and centredness may differ in their last digits.
 
-    The analytic xi solves a thin ridge; XLA's code for another CPU (AVX-512 against AVX2) sums
-    in another order and moves xi in the third digit (-0.3845 against -0.3859 on the tensor case).
-    Everything else, names and structure, must be identical.
+    The analytic xi solves a thin ridge; XLA's code for another CPU sums in another order and
+    moves xi by a few parts in a thousand (-0.3845 on an AMD EPYC against -0.3859 stored on the
+    tensor case; the largest change there is 1.4e-3, an anchor near zero). Everything else, the model's own constants and data included, must be identical.
     """
-    if _NUMBER.sub("#", emitted_source) != _NUMBER.sub("#", expected):
+    got_text, got = _split_plan_numbers(emitted_source)
+    want_text, want = _split_plan_numbers(expected)
+    if got_text != want_text:
         return False
-    got = np.array([float(x) for x in _NUMBER.findall(emitted_source)])
-    want = np.array([float(x) for x in _NUMBER.findall(expected)])
-    return bool(np.allclose(got, want, rtol=2e-2, atol=5e-3))
+    return bool(np.allclose(np.array(got, float), np.array(want, float), rtol=5e-3, atol=2e-3))
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -278,11 +278,6 @@ class _Probe:
         start = self._offsets[site]
         return np.asarray(out[start:start + self.layout[site][1]], dtype=np.float64)
 
-    def jvp(self, updates, which: int = 1):
-        """The flat outputs' JVP along ``updates`` ({site: values}) at point 1 or 2."""
-        out1, out2 = self._push([updates])
-        return (out1 if which == 1 else out2)[0]
-
     # -- terms ------------------------------------------------------------------------------
     def _site_probes(self, a: str) -> dict:
         if not self._probes:

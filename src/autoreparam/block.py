@@ -38,12 +38,13 @@ from .trace import (
     data_evaluated_eagerly,
     describe_exception,
     isolated_from_handlers,
+    trace_model,
     untraceable_error,
     unwrap_distribution,
 )
 
 __all__ = ["LIKELIHOOD_LINKS", "BlockSite", "BlockLikelihood", "GaussianBlock", "find_block", "search_block",
-           "block_for_report", "natural_parameter"]
+           "block_for_report", "block_of_model", "natural_parameter"]
 
 #: How each supported likelihood family enters: the natural parameter that must be affine in z.
 LIKELIHOOD_LINKS = {
@@ -515,7 +516,11 @@ def search_block(model_trace: ModelTrace) -> tuple[GaussianBlock | None, dict[st
         if not block:
             return None, {n: left_out[n] for n in mt.sites if n in left_out}
         likelihoods = _likelihoods(mt, structure, flows, block)
-        failed, residual = _check(mt, structure, block, likelihoods, flows, points)
+        try:
+            failed, residual = _check(mt, structure, block, likelihoods, flows, points)
+        except Exception as exc:
+            raise ModelError(f"the numerical check of the Gaussian block failed: {describe_exception(exc)}") \
+                from exc
         if not failed:
             break
         left_out.update({n: why for n, why in failed.items() if n not in left_out})
@@ -738,3 +743,10 @@ def block_for_report(model_trace: ModelTrace) -> tuple[GaussianBlock | None, str
         return None, "no conditionally Gaussian block: the model has no continuous latent site"
     reasons = "; ".join(f"'{n}' ({why})" for n, why in left_out.items())
     return None, f"no conditionally Gaussian block: {reasons}"
+
+
+def block_of_model(model, args: tuple = (), kwargs: dict | None = None) -> tuple[GaussianBlock | None, str | None]:
+    """``block_for_report`` of ``model(*args, **kwargs)``, traced on its own (isolated from the
+    caller's handlers, as ``analyze`` traces it), for the entry points that need only the block."""
+    with isolated_from_handlers(), data_evaluated_eagerly():
+        return block_for_report(trace_model(model, tuple(args), dict(kwargs or {})))

@@ -34,10 +34,9 @@ from numpyro import handlers
 from numpyro.distributions import biject_to
 from numpyro.distributions.util import sum_rightmost
 
-from .block import GaussianBlock, block_for_report
-from .conditional import DENSE_LIMIT, BlockConditional
+from .block import GaussianBlock, block_of_model
+from .conditional import DENSE_LIMIT, BlockConditional, float64_with_gradient
 from .errors import InputError, ModelError
-from .trace import trace_model
 
 __all__ = ["CollapsedPosterior", "CollapsedResult", "collapsed_mcmc", "gibbs_mcmc", "COLLAPSED_LIMIT"]
 
@@ -214,28 +213,9 @@ class CollapsedPosterior:
         return -(self.conditional.log_marginal(theta) + log_det)
 
     def _make_potential(self):
-        # The conditional computes in float64 inside a local x64 context; a gradient taken from
-        # outside that context (float32 callers) would transpose float64 ops with float32
-        # cotangents, so value and gradient are both taken inside, and handed back by custom_vjp.
-        def value_and_grad(u):
-            dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
-            with jax.enable_x64(True):
-                u64 = {n: jnp.asarray(v, jnp.float64) for n, v in u.items()}
-                value, grad = jax.value_and_grad(self._neg_log_density)(u64)
-            return value.astype(dtype), {n: g.astype(jnp.result_type(u[n])) for n, g in grad.items()}
-
-        @jax.custom_vjp
-        def potential(u):
-            return value_and_grad(u)[0]
-
-        def fwd(u):
-            return value_and_grad(u)
-
-        def bwd(grad, cotangent):
-            return ({n: cotangent * g for n, g in grad.items()},)
-
-        potential.defvjp(fwd, bwd)
-        return potential
+        # float64 inside, value and gradient alike, for callers in either precision.
+        return float64_with_gradient(
+            lambda u: self._neg_log_density({n: jnp.asarray(v, jnp.float64) for n, v in u.items()}))
 
     # --------------------------------------------------------------- completion
 
@@ -399,7 +379,7 @@ def gibbs_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_w
 
 def _find_block(model, args, kwargs, where: str) -> GaussianBlock:
     """The block the analysis finds in ``model(*args, **kwargs)``; one clear line when there is none."""
-    found, note = block_for_report(trace_model(model, args, kwargs))
+    found, note = block_of_model(model, args, kwargs)
     if found is None:
         raise InputError(f"{where}: {note}")
     return found

@@ -62,7 +62,7 @@ def _caller_float():
     return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
-def _float64_with_gradient(fun):
+def float64_with_gradient(fun):
     """``fun(*arrays)`` computed in float64, its backward pass too, for a caller in either precision.
 
     Outputs are returned in the caller's float dtype. Without this, a float32 caller's
@@ -473,11 +473,6 @@ class BlockConditional:
         with jax.enable_x64(True):
             return self._ravel(z)
 
-    def unflatten(self, flat) -> dict:
-        """The dict of block values of a flat vector (inverse of ``flatten``)."""
-        with jax.enable_x64(True):
-            return self._unravel(jnp.asarray(flat, jnp.float64))
-
     def _ravel_caller(self, z: dict):
         return jnp.concatenate([jnp.ravel(jnp.asarray(z[s.name], _caller_float())) for s in self.block.sites])
 
@@ -497,7 +492,7 @@ class BlockConditional:
             theta = self._as_theta(theta)
             return self._unravel(self._mode(theta, None if init is None else init_flat.astype(jnp.float64))[0])
 
-        return _float64_with_gradient(mean64)(theta, init_flat)
+        return float64_with_gradient(mean64)(theta, init_flat)
 
     def sample(self, key, theta: dict, num_draws: int | None = None, *, init: dict | None = None,
                return_info: bool = False):
@@ -571,7 +566,7 @@ class BlockConditional:
                     self._slq_log_det(matvec, probes.astype(jnp.float64), lanczos_steps))
             return self._log_joint(theta, m) + 0.5 * self.size * math.log(2 * math.pi) - 0.5 * log_det
 
-        return _float64_with_gradient(log_marginal64)(self._caller_theta(theta), jax.lax.stop_gradient(probes))
+        return float64_with_gradient(log_marginal64)(self._caller_theta(theta), jax.lax.stop_gradient(probes))
 
     def _slq_log_det(self, matvec, probes, steps):
         """log det H = sum log diag(H) + log det(S H S), S = diag(H)^-1/2, the latter by SLQ."""
@@ -601,15 +596,6 @@ class BlockConditional:
             return self.size * jnp.sum(eigenvectors[0] ** 2 * jnp.log(eigenvalues))
 
         return jnp.sum(jnp.log(diag)) + jnp.mean(jax.vmap(quadrature)(probes))
-
-    def precision(self, theta: dict, at: dict | None = None) -> jax.Array:
-        """Dense H (flat order of ``flatten``) at the mean/mode or at ``at``: small blocks only (tests)."""
-        self._check_dense_size("precision")
-        dtype = _caller_float()
-        with jax.enable_x64(True):
-            theta = self._as_theta(theta)
-            z = self._mode(theta, None)[0] if at is None else self._ravel(at)
-            return self._dense_H(self._hvp_at(theta, z)[1]).astype(dtype)
 
     def covariance(self, theta: dict) -> jax.Array:
         """Dense H^-1 at the mean/mode (flat order of ``flatten``): small blocks only (tests)."""

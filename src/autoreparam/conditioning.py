@@ -14,7 +14,8 @@ points with one preconditioner (the centre's): the centre, and the hyperparamete
 e down and up, so that a funnel's changing curvature counts. The centre is the curvature point,
 with a funnel's scale hyperparameter moved to the scale its centredness was estimated for.
 
-Offsets are also judged on their own (``guard_offsets``): an offset is a shear of its child and
+With ``OFFSETS_CHECK`` (off by default: it changes the tensor example's plan, unmeasured), offsets
+are also judged on their own (``guard_offsets``): an offset is a shear of its child and
 parents given everything else, so the whole log joint's condition number can be set by other
 directions (an LKJ/scale block) that it does not touch. The Hessian restricted to the child and
 its parents is compared with and without the offsets at the curvature point and at an
@@ -395,7 +396,7 @@ def funnel_points(curv, hyperparameters, funnels=()) -> list[dict]:
     centre = dict(theta)
     factors: dict[str, list[float]] = {}
     for f in funnels:
-        if f.site not in getattr(curv, "rescaled", {}) or len(f.scale_parents) != 1 or f.scale_parents[0] not in hyper:
+        if f.site not in curv.rescaled or len(f.scale_parents) != 1 or f.scale_parents[0] not in hyper:
             continue
         h = f.scale_parents[0]
         doubled = curv.mt.run({**curv.values, h: 2.0 * jnp.asarray(curv.values[h])})
@@ -450,7 +451,8 @@ def offset_points(geometry: ReparamGeometry, curv, hyperparameters, original_kno
         x = np.asarray(start, np.float64)
         for _ in range(NEWTON_STEPS):
             u = {**uh, **unravel_rest(jnp.asarray(x, dtype))}
-            g = np.asarray(ravel_pytree({n: geometry._grad(u, original_knobs)[n] for n in rest})[0], np.float64)
+            grad = geometry._grad(u, original_knobs)
+            g = np.asarray(ravel_pytree({n: grad[n] for n in rest})[0], np.float64)
             h = geometry.operator(to_theta(u), original_knobs, rest)[1]
             try:
                 step = np.linalg.solve(h, g)

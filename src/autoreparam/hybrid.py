@@ -38,10 +38,10 @@ from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.initialization import init_to_median
 from numpyro.infer.util import log_density
 
-from .block import BlockLikelihood, BlockSite, GaussianBlock, block_for_report  # noqa: F401 (doctest)
+from .block import BlockLikelihood, BlockSite, GaussianBlock, block_of_model  # noqa: F401 (doctest)
 from .conditional import BlockConditional
 from .errors import InputError, ModelError
-from .trace import data_evaluated_eagerly, isolated_from_handlers, trace_model
+from .trace import isolated_from_handlers
 
 __all__ = ["AutoHybrid", "HybridELBO", "THETA_GUIDES"]
 
@@ -348,9 +348,7 @@ def scale_tril(offdiag, log_scale):
 
 
 def _find_block(model, args, kwargs) -> GaussianBlock:
-    """The model's Gaussian block (only the trace and the block search, not the whole analysis)."""
-    with isolated_from_handlers(), data_evaluated_eagerly():
-        block, note = block_for_report(trace_model(model, tuple(args), dict(kwargs or {})))
+    block, note = block_of_model(model, args, kwargs)
     if block is None:
         raise ModelError(f"AutoHybrid: {note}")
     return block

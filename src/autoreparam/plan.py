@@ -438,7 +438,7 @@ class Plan:
         return {"format": PLAN_FORMAT, "model": self.model, "init": self.init,
                 "anchors": {n: list(v) for n, v in self.anchors}, "xi_step": self.xi_step,
                 "latent": [{"name": n, "shape": list(s), "batch_shape": list(b)} for n, s, b in self.latent],
-                "sites": [s.to_json() for s in self.sites], "notes": list(self.notes),
+                "sites": [s.to_json() for s in self.sites], "notes": [str(note) for note in self.notes],
                 "candidates": [{"site": c, **o.to_json()} for c, o in self.candidates]}
 
     @classmethod

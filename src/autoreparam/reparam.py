@@ -96,7 +96,29 @@ class SiteValues(dict):
         self[msg["name"]] = msg["value"]
 
 
-class apply_config(handlers.reparam):
+class _RecordsValues:
+    """Opens its ``SiteValues`` for each model run; shows it every site before (``see``) and after
+    (``record``) the messengers below it."""
+
+    store: SiteValues
+
+    def __enter__(self):
+        self.store.open()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.store.close()
+        return super().__exit__(*exc)
+
+    def process_message(self, msg):
+        self.store.see(msg)
+        super().process_message(msg)
+
+    def postprocess_message(self, msg):
+        self.store.record(msg)
+
+
+class apply_config(_RecordsValues, handlers.reparam):
     """NumPyro's ``reparam`` handler for a ``ReparamConfig``, also recording the site values its
     offsets need.
 
@@ -120,23 +142,8 @@ class apply_config(handlers.reparam):
         super().__init__(fn, config=config)
         self.store = config.store
 
-    def __enter__(self):
-        self.store.open()
-        return super().__enter__()
 
-    def __exit__(self, *exc):
-        self.store.close()
-        return super().__exit__(*exc)
-
-    def process_message(self, msg):
-        self.store.see(msg)
-        super().process_message(msg)
-
-    def postprocess_message(self, msg):
-        self.store.record(msg)
-
-
-class record_values(Messenger):
+class record_values(_RecordsValues, Messenger):
     """Record the values of the sites, for a ``ReparamConfig`` applied by NumPyro's own ``reparam``.
 
     The older spelling of ``apply_config(model, config)``:
@@ -146,20 +153,6 @@ class record_values(Messenger):
     def __init__(self, fn=None, store: SiteValues | None = None):
         super().__init__(fn)
         self.store = SiteValues() if store is None else store
-
-    def __enter__(self):
-        self.store.open()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        self.store.close()
-        return super().__exit__(*exc)
-
-    def process_message(self, msg):
-        self.store.see(msg)
-
-    def postprocess_message(self, msg):
-        self.store.record(msg)
 
 
 def _subsample_weight(frames) -> float:

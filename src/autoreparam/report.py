@@ -175,7 +175,7 @@ class Report:
             "terms": {obs: [t.to_json() for t in terms] for obs, terms in self.terms.items()},
             "invariances": [i.to_json() for i in self.invariances],
             "funnels": [f.to_json() for f in self.funnels],
-            "notes": list(self.notes),
+            "notes": [str(note) for note in self.notes],
             "block": self.block.to_json() if self.block is not None else None,
         }
 

@@ -41,6 +41,7 @@ from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivari
 from numpyro.infer.reparam import LocScaleReparam
 
 import autoreparam
+from autoreparam.fit import inputs_for_float64
 
 from .machine import json_safe, machine_info as base_machine_info
 from .models import MODELS, ModelSpec, load_reference

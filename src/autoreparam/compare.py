@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from .api import analyze, reparameterize
+from .api import analyze, reparameterize, unwrap_model
 from .errors import InputError
 from .files import write_atomic
 from .trace import describe_exception
@@ -314,10 +314,12 @@ def _fit_hybrid(label, model, args, kwargs, steps, seed, progress, sites) -> Fit
 
 
 def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "AutoNormal", lr: float = 1e-2,
-            seed: int = 0, progress: bool = False) -> Comparison:
+            seed: int = 0, progress: bool = False, unwrap: bool = False) -> Comparison:
     """Fit ``model`` and ``reparameterize(model)`` with the same guide family, optimizer, seed and steps.
 
     ``guide="hybrid"``: AutoNormal on both, and ``fit_hybrid(model)`` as a third column.
+    ``unwrap=True``: the model as written (with its ``handlers.reparam`` wrapper) against the plan
+    for the model underneath. The table's checks and verdict are in the module docstring.
 
     >>> c = compare(model, (county, u), {"y": y}, steps=2000)     # doctest: +SKIP
     >>> print(c.table())                                           # doctest: +SKIP
@@ -327,17 +329,18 @@ def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "Aut
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"--steps must be a positive integer, got {steps!r}")
     kwargs = dict(kwargs or {})
-    report = analyze(model, *args, **kwargs)
+    report = analyze(model, *args, unwrap=unwrap, **kwargs)
     discrete = [n for n, s in report.sites.items() if s.type == "latent" and s.is_discrete]
     if discrete:
         raise InputError(f"compare: site '{discrete[0]}' is a discrete latent site; SVI with {guide} needs "
                          "continuous latent sites (marginalise it, e.g. with numpyro's enumeration)")
     sites = [n for n, s in report.sites.items() if s.type == "latent"]
     plan = report.plan
+    same = plan.is_empty() and not unwrap  # with unwrap, even an empty plan drops the wrapper
     fits = []
     runs = [("original", model)]
-    if not plan.is_empty():
-        runs.append(("reparameterized", reparameterize(model, plan)))
+    if not same:
+        runs.append(("reparameterized", reparameterize(model, plan, unwrap=unwrap)))
     if guide == "hybrid":
         runs.append(("hybrid", model))
     for label, m in runs:
@@ -351,7 +354,7 @@ def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "Aut
             raise
         except Exception as exc:
             raise InputError(f"compare: SVI on the {label} model failed: {describe_exception(exc)}") from exc
-    return Comparison(guide, steps, fits, _prior_sd(model, args, kwargs, sites, seed), plan.is_empty())
+    return Comparison(guide, steps, fits, _prior_sd(model, args, kwargs, sites, seed), same)
 
 
 def _prior_sd(model, args, kwargs, sites, seed) -> dict[str, float]:
@@ -453,7 +456,7 @@ def _nuts(label, model, args, kwargs, sites, warmup, samples, chains, seed, prog
 
 
 def compare_mcmc(model, args=(), kwargs=None, *, warmup: int = 500, samples: int = 500, chains: int = 2,
-                 seed: int = 0, progress: bool = False) -> MCMCComparison:
+                 seed: int = 0, progress: bool = False, unwrap: bool = False) -> MCMCComparison:
     """NUTS on ``model``, on ``reparameterize(model)`` and with the Gaussian block integrated out.
 
     >>> print(compare_mcmc(model, (sigma,), {"y": y}).table())     # doctest: +SKIP
@@ -464,7 +467,7 @@ def compare_mcmc(model, args=(), kwargs=None, *, warmup: int = 500, samples: int
         if not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
     kwargs = dict(kwargs or {})
-    report = analyze(model, *args, **kwargs)
+    report = analyze(model, *args, unwrap=unwrap, **kwargs)
     sites = [n for n, s in report.sites.items() if s.type == "latent"]
     discrete = [n for n in sites if report.sites[n].is_discrete]
     if discrete:
@@ -473,10 +476,10 @@ def compare_mcmc(model, args=(), kwargs=None, *, warmup: int = 500, samples: int
     runs, notes = [], []
     plan = report.plan
     runs.append(_nuts("original", model, args, kwargs, sites, warmup, samples, chains, seed, progress))
-    if plan.is_empty():
+    if plan.is_empty() and not unwrap:
         notes.append("offsets: not run, the plan is empty (the reparameterized model is the original model)")
     else:
-        runs.append(_nuts("offsets", reparameterize(model, plan), args, kwargs, sites, warmup, samples, chains,
+        runs.append(_nuts("offsets", reparameterize(model, plan, unwrap=unwrap), args, kwargs, sites, warmup, samples, chains,
                           seed, progress))
     block = report.block
     if block is None:
@@ -486,7 +489,8 @@ def compare_mcmc(model, args=(), kwargs=None, *, warmup: int = 500, samples: int
                      "for its exact marginal")
     else:
         start = time.perf_counter()
-        result = collapsed_mcmc(model, *args, block=block, num_warmup=warmup, num_samples=samples,
+        underneath = unwrap_model(model)[0] if unwrap else model  # the block is the unwrapped model's
+        result = collapsed_mcmc(underneath, *args, block=block, num_warmup=warmup, num_samples=samples,
                                 num_chains=chains, rng_key=seed, progress_bar=progress,
                                 approximate=not block.exact, **kwargs)
         label = "collapsed" if block.exact else "collapsed*"

@@ -16,7 +16,7 @@ from .trace import Site
 if TYPE_CHECKING:
     from .block import GaussianBlock
 
-__all__ = ["Term", "Invariance", "Funnel", "Report"]
+__all__ = ["Term", "Invariance", "Funnel", "Existing", "Report"]
 
 # (init, noncentre, at, guard) -> (the plan, notes for the report); see ``Report.attach_planner``.
 Planner = Callable[..., tuple[Any, list[Note]]]
@@ -110,6 +110,29 @@ class Funnel:
         }
 
 
+@dataclass(frozen=True)
+class Existing:
+    """A reparameterization the model already has.
+
+    ``how`` is ``"wrapper"`` (a ``handlers.reparam`` or ``@autoreparam.auto`` wrapper around the
+    model; ``unwrapped`` when ``analyze(..., unwrap=True)`` stripped it), ``"decentered"`` (a latent
+    ``{site}_decentered`` with a deterministic ``site``, as ``LocScaleReparam`` and emitted code write
+    it) or ``"by hand"`` (a latent with fixed Normal parameters that enters a likelihood multiplied by
+    a positive latent: ``a = mu + tau * a_raw``). ``reparam`` names the NumPyro reparameterizer of a
+    wrapper's config entry (``LocScaleReparam(centered=0)``), else "".
+    """
+
+    site: str
+    how: str
+    detail: str
+    reparam: str = ""
+    unwrapped: bool = False
+
+    def to_json(self) -> dict:
+        return {"site": self.site, "how": self.how, "detail": self.detail, "reparam": self.reparam,
+                "unwrapped": self.unwrapped}
+
+
 @dataclass
 class Report:
     """What ``analyze`` found, as plain data. See ``autoreparam.analyze`` for an example.
@@ -129,6 +152,7 @@ class Report:
     notes: list[Note] = field(default_factory=list)  # str with a kind and a site (see notes.Note)
     hyperparameters: tuple[str, ...] = ()  # latent sites that scale other latent sites' priors
     block: GaussianBlock | None = None  # the conditionally Gaussian block (see autoreparam.block)
+    existing: list[Existing] = field(default_factory=list)  # what the model already reparameterizes
 
     def __post_init__(self):
         self.notes = [note if isinstance(note, Note) else Note(note) for note in self.notes]
@@ -161,6 +185,10 @@ class Report:
         self.notes.extend(note for note in notes if note not in self.notes)
         return plan
 
+    def describe_existing(self) -> list[str]:
+        """Lines saying what the model already reparameterizes (and what ``unwrap`` stripped)."""
+        return _describe_existing(self.existing)
+
     def additive(self) -> list[Invariance]:
         return [inv for inv in self.invariances if inv.kind == "additive"]
 
@@ -177,6 +205,7 @@ class Report:
             "funnels": [f.to_json() for f in self.funnels],
             "notes": [str(note) for note in self.notes],
             "block": self.block.to_json() if self.block is not None else None,
+            "existing": [e.to_json() for e in self.existing],
         }
 
     def __str__(self) -> str:
@@ -229,11 +258,28 @@ class Report:
                 lines.append(f"  {f.site} ~ {f.distribution}: scale depends on {', '.join(f.scale_parents)}")
         else:
             lines.append("funnels: none")
+        if self.existing:
+            lines += [""] + self.describe_existing()
         lines.append("")
         lines.extend(self.block.describe() if self.block is not None else ["Gaussian block: none (see the note)"])
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
+
+
+def _describe_existing(existing: list[Existing]) -> list[str]:
+    unwrapped = [e for e in existing if e.unwrapped]
+    kept = [e for e in existing if not e.unwrapped]
+    lines = []
+    if unwrapped:
+        lines.append("unwrapped (analysed without it, as asked):")
+        lines += [f"  {e.detail}" for e in unwrapped]
+    if kept:
+        lines.append("already reparameterized in the model:")
+        lines += [f"  {e.detail}" for e in kept]
+        if any(e.how == "wrapper" for e in kept):
+            lines.append("  (analyse the model underneath with analyze(..., unwrap=True) or --unwrap)")
+    return lines
 
 
 def _count(sites) -> int:

@@ -81,7 +81,7 @@ def existing_conflicts(plan: Plan, existing) -> list[Note]:
             what = "non-centres" if plan[latent].noncentred else "gives offsets to"
             advice = ("write the model centred" if e.how == "by hand" else
                       "analyse the model underneath (unwrap=True, --unwrap)" if e.how == "wrapper" else
-                      "write the model centred (or unwrap its handlers.reparam)")
+                      "write the model centred (or unwrap its reparam handler)")
             notes.append(Note(f"the plan {what} '{latent}', which the model already non-centres ({e.how}): the two "
                               f"stack; {advice}, or drop it (plan.without_site('{latent}'))",
                               NoteKind.FIGHTS_EXISTING, site=latent))

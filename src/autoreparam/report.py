@@ -89,7 +89,39 @@ class Invariance:
             "covariate": f"{b} absorbs {a} times a covariate constant within levels of {b}",
             "linear": f"{b} absorbs a linear function of {a}",
         }[self.structure]
+        if self.structure == "covariate":
+            factor = self._constant_factor()
+            if factor is not None:  # a fixed coefficient (``2 * a[g]``), not a covariate
+                scaled = f"{factor:.4g} x {a}"
+                n_a = self.absorption.U.shape[0]
+                per_column = np.diff(self.absorption.U.tocsc().indptr)
+                how = (f"{b} absorbs {scaled} (broadcast)" if n_a == 1 else
+                       f"{b} absorbs {scaled} (each level of {b} sits in one level of {a})" if np.all(per_column == 1)
+                       else f"{b} absorbs {factor:.4g} x the mean of {a}")
         return how
+
+    def _constant_factor(self) -> float | None:
+        """The one ratio between B's and A's moves along the shared directions, if there is one.
+
+        Every shared direction moves A's levels by one value u and B's by one value e, with the same
+        e / u for all directions: then the pair differs from a plain broadcast or gather by a fixed
+        coefficient, and no covariate is involved.
+        """
+        sub = self.absorption
+        if sub is None or sub.dim == 0:
+            return None
+        ratios = []
+        for k in range(sub.dim):
+            u = sub.U[:, k].toarray().ravel()
+            e = sub.E[:, k].toarray().ravel()
+            u, e = u[u != 0], e[e != 0]
+            if not (u.size and e.size) or np.ptp(u) > 1e-6 * np.abs(u).max() or np.ptp(e) > 1e-6 * np.abs(e).max():
+                return None
+            ratios.append(e[0] / u[0])
+        ratios = np.asarray(ratios)
+        if np.ptp(ratios) > 1e-6 * np.abs(ratios).max():
+            return None
+        return float(ratios[0])
 
 
 @dataclass(frozen=True)
@@ -192,6 +224,22 @@ class Report:
     def additive(self) -> list[Invariance]:
         return [inv for inv in self.invariances if inv.kind == "additive"]
 
+    def grouped_pairs(self) -> list[list[Invariance]]:
+        """The additive pairs, those that are one direction in several observed sites together.
+
+        Two invariances are grouped when they pair the same sites with the same dim, structure and
+        absorption map: the same direction, shared by two likelihoods.
+        """
+        groups: list[list[Invariance]] = []
+        for inv in self.additive():
+            for group in groups:
+                if _same_direction(group[0], inv):
+                    group.append(inv)
+                    break
+            else:
+                groups.append([inv])
+        return groups
+
     def pairs(self, kind: str = "additive") -> dict[tuple[str, str, str], int]:
         """``{(observed, A, B): dim}`` for the invariances of one kind, handy in tests."""
         return {(i.observed, *i.sites): i.dim for i in self.invariances if i.kind == kind}
@@ -237,12 +285,16 @@ class Report:
         additive = self.additive()
         lines.append("")
         if additive:
-            lines.append(f"likelihood-invariant pairs ({len(additive)}):")
+            groups = self.grouped_pairs()
+            lines.append(f"likelihood-invariant pairs ({len(groups)}):")
             pw = max(len(f"{a}, {b}") for a, b in (i.sites for i in additive))
-            for inv in additive:
+            for group in groups:
+                inv = group[0]
                 pair = f"{inv.sites[0]}, {inv.sites[1]}"
-                lines.append(f"  {{{pair}}}{'':<{pw - len(pair)}}  dim {inv.dim:<4} in {inv.observed}: "
-                             f"{inv.describe()}   residual {inv.residual:.0e}")
+                observed = ", ".join(i.observed for i in group)
+                residual = max(i.residual for i in group)
+                lines.append(f"  {{{pair}}}{'':<{pw - len(pair)}}  dim {inv.dim:<4} in {observed}: "
+                             f"{inv.describe()}   residual {residual:.0e}")
         else:
             lines.append("likelihood-invariant pairs: none")
         local = [i for i in self.invariances if i.kind != "additive"]
@@ -265,6 +317,19 @@ class Report:
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
+
+
+def _same_direction(a: Invariance, b: Invariance) -> bool:
+    if (a.sites, a.dim, a.structure, a.kind) != (b.sites, b.dim, b.structure, b.kind):
+        return False
+    if a.absorption is None or b.absorption is None:
+        return False
+    ga = a.absorption.E @ a.absorption.M
+    gb = b.absorption.E @ b.absorption.M
+    if ga.shape != gb.shape:
+        return False
+    scale = max(abs(ga).max(), abs(gb).max(), 1e-30)
+    return abs(ga - gb).max() <= 1e-6 * scale
 
 
 def _describe_existing(existing: list[Existing]) -> list[str]:

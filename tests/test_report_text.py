@@ -35,3 +35,6 @@ def test_a_shared_pair_is_listed_once_and_no_covariate_is_invented():
                in line for line in lines), lines
     assert sum("covariate" in line for line in lines) == 1
     assert f"likelihood-invariant pairs ({len(lines)}):" in str(report)
+    plan_text = str(report.plan)
+    assert "a <- mu (scaled 0.5, xi" in plan_text and "w (covariate, xi" in plan_text
+    assert report.plan["a"].offsets[0].structure == "covariate"  # the plan's data are unchanged

@@ -148,3 +148,15 @@ def test_mcmc_with_an_empty_plan_runs_nuts_once(monkeypatch):
     result = compare_module.compare_mcmc(scale_only, (), {"y": np.ones(4, np.float32)}, warmup=10, samples=10)
     assert labels == ["original"]
     assert "offsets: not run, the plan is empty (the reparameterized model is the original model)" in result.table()
+
+
+def test_means_are_compared_element_by_element():
+    """Opposite errors in two elements average out in the site's mean; the elements do not hide them."""
+    sites = {"a": (0.0, 0.1)}
+    orig = fit("original", -50.0, 0.1, sites)
+    rep = fit("reparameterized", -50.0, 0.1, sites)
+    orig.elements = {"a": (np.array([1.0, -1.0, 0.0]), np.full(3, 0.1))}
+    rep.elements = {"a": (np.array([-1.0, 1.0, 0.02]), np.full(3, 0.1))}
+    table = Comparison("AutoNormal", 1000, [orig, rep]).table()
+    assert ("a: the means disagree at 2 of its 3 elements (worst: element 0, 1 against -1, 20 posterior sds apart)"
+            in table), table

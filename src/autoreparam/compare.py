@@ -61,6 +61,7 @@ class FitSummary:
     seconds: float
     losses: np.ndarray = field(repr=False)
     sites: dict[str, tuple[float, float]] = field(default_factory=dict)  # site -> (mean, sd), averaged
+    elements: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)  # per element
 
 
 @dataclass(frozen=True)
@@ -117,18 +118,38 @@ def fit_checks(fits: list[FitSummary], prior_sd: dict[str, float]) -> list[str]:
     paired = [f for f in fits if f.label in ("original", "reparameterized")]
     if len(paired) == 2:
         a, b = paired
-        for name, (m0, s0) in a.sites.items():
-            if name not in b.sites:
-                continue
-            m1, s1 = b.sites[name]
-            spread = max(s0, s1)
-            if np.isfinite(m0) and np.isfinite(m1) and abs(m0 - m1) > MEAN_SDS * spread + 1e-9 * max(abs(m0), 1):
-                out.append(f"{name}: the means disagree ({m0:.4g} against {m1:.4g}, {abs(m0 - m1) / max(spread, 1e-300):.3g} "
-                           f"posterior sds apart) though both models have the same posterior: at least one fit "
-                           "has not converged")
-            elif not (np.isfinite(m0) and np.isfinite(m1)):
-                out.append(f"{name}: a mean is not finite ({m0:.4g} against {m1:.4g})")
+        for name in a.sites:
+            if name in b.sites:
+                line = _means_disagree(name, a, b)
+                if line:
+                    out.append(line)
     return out
+
+
+def _means_disagree(name: str, a: FitSummary, b: FitSummary) -> str | None:
+    """A line if the two fits' means of ``name`` are more than 3 posterior sds apart.
+
+    Element by element when both fits have their per-element moments (an average over the
+    site's elements can hide opposite errors), else on the site's averaged mean and sd.
+    """
+    if name in a.elements and name in b.elements and a.elements[name][0].shape == b.elements[name][0].shape:
+        (m0, s0), (m1, s1) = a.elements[name], b.elements[name]
+    else:
+        (m0, s0), (m1, s1) = a.sites[name], b.sites[name]
+        m0, s0, m1, s1 = (np.array([x], np.float64) for x in (m0, s0, m1, s1))
+    if not (np.all(np.isfinite(m0)) and np.all(np.isfinite(m1))):
+        return f"{name}: a mean is not finite in the {'original' if not np.all(np.isfinite(m0)) else 'other'} fit"
+    spread = np.maximum(s0, s1)
+    gap = np.abs(m0 - m1)
+    off = gap > MEAN_SDS * spread + 1e-9 * np.maximum(np.abs(m0), 1.0)
+    if not off.any():
+        return None
+    worst = int(np.argmax(gap / np.maximum(spread, 1e-300)))
+    where = "" if m0.size == 1 else f" at {int(off.sum())} of its {m0.size} elements (worst: element {worst}"
+    sds = gap[worst] / max(spread[worst], 1e-300)
+    return (f"{name}: the means disagree{where}{', ' if where else ' ('}{m0[worst]:.4g} against {m1[worst]:.4g}, "
+            f"{sds:.3g} posterior sds apart) though both models have the same posterior: at least one fit has "
+            "not converged")
 
 
 def verdict(fits: list[FitSummary], unconverged: set[str]) -> str | None:
@@ -290,7 +311,16 @@ def _fit(label, model, guide_name, args, kwargs, steps, lr, seed, progress, site
         jax.random.PRNGKey(seed + 2), *args, **kwargs)
     summary = {n: (float(np.mean(draws[n])), float(np.mean(np.std(draws[n], axis=0)))) for n in sites if n in draws}
     return FitSummary(label, float(elbos.mean()), float(elbos.std(ddof=1) / np.sqrt(batches)), seconds,
-                      np.asarray(result.losses), summary)
+                      np.asarray(result.losses), summary, _element_moments(draws, sites))
+
+
+def _element_moments(draws, sites) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for n in sites:
+        if n in draws:
+            x = np.asarray(draws[n], np.float64)
+            out[n] = (np.ravel(np.mean(x, axis=0)), np.ravel(np.std(x, axis=0)))
+    return out
 
 
 def _fit_hybrid(label, model, args, kwargs, steps, seed, progress, sites) -> FitSummary:
@@ -310,7 +340,7 @@ def _fit_hybrid(label, model, args, kwargs, steps, seed, progress, sites) -> Fit
         elbo, elbo_se = float(elbos.mean()), float(elbos.std(ddof=1) / np.sqrt(batches))
     summary = {n: (float(np.mean(fit.samples[n])), float(np.mean(np.std(fit.samples[n], axis=0))))
                for n in sites if n in fit.samples}
-    return FitSummary(label, elbo, elbo_se, fit.seconds, fit.losses, summary)
+    return FitSummary(label, elbo, elbo_se, fit.seconds, fit.losses, summary, _element_moments(fit.samples, sites))
 
 
 def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "AutoNormal", lr: float = 1e-2,

@@ -14,8 +14,9 @@ The table never presents a failed fit as a result. Each fit is checked (``fit_ch
 
 The ELBOs are compared as ``d = ELBO(reparameterized) - ELBO(original)`` with standard error
 ``se = hypot(se_orig, se_reparam)``: ``d < -2 se`` says the reparameterized fit is worse and
-recommends the original model; ``d > 2 se`` recommends the reparameterized one; anything in
-between is no clear difference (keep the original, the simpler model). An empty plan means the two
+recommends the original model; ``d > 2 se`` recommends the reparameterized one, unless a fit
+has not converged (then there is no recommendation yet); anything in between is no clear
+difference (keep the original, the simpler model). An empty plan means the two
 models are the same, so the model is fitted once and the table says so.
 """
 
@@ -162,13 +163,18 @@ def verdict(fits: list[FitSummary], unconverged: set[str]) -> str | None:
         return "recommendation: none: an ELBO is not finite"
     d, se = rep.elbo - orig.elbo, math.hypot(orig.elbo_se, rep.elbo_se)
     caveat = ""
+    labels = sorted(unconverged)
+    which = f"the {' and '.join(labels)} fit{'s have' if len(labels) > 1 else ' has'} not converged"
     if unconverged:
-        caveat = f" ({' and '.join(sorted(unconverged))} not converged: more --steps may change this)"
+        caveat = f" ({which}: more --steps may change this)"
     if d < -ELBO_SES * se:
         return (f"the reparameterized fit is worse (ELBO {rep.elbo:.2f} against {orig.elbo:.2f}, lower by "
                 f"{-d:.3g} +- {se:.2g}): keep the original model{caveat}")
+    if d > ELBO_SES * se and unconverged:  # a fit still climbing: the safe choice stays the model as written
+        return (f"no recommendation yet: the reparameterized fit is ahead (ELBO higher by {d:.3g} +- {se:.2g}), "
+                f"but {which}; run more --steps")
     if d > ELBO_SES * se:
-        return f"recommendation: the reparameterized model (ELBO higher by {d:.3g} +- {se:.2g}){caveat}"
+        return f"recommendation: the reparameterized model (ELBO higher by {d:.3g} +- {se:.2g})"
     return (f"no clear difference (ELBO difference {d:.3g} +- {se:.2g}): keep the original model, the "
             f"simpler one{caveat}")
 

@@ -153,3 +153,23 @@ def test_cli_unwrap(capsys, tmp_path):
     out, err = capsys.readouterr()
     assert err.splitlines() == [f"autoreparam: warning: {path}: --unwrap: the model has no handlers.reparam "
                                 "wrapper; analysed as it is"]
+
+
+def test_compare_with_unwrap_fits_the_wrapper_against_the_plan(monkeypatch):
+    import autoreparam.compare as compare_module
+
+    calls = []
+
+    def fake_fit(label, model, guide_name, args, kwargs, steps, lr, seed, progress, sites):
+        calls.append((label, model, list(sites)))
+        return compare_module.FitSummary(label, -31.0, 0.05, 0.1, np.zeros(steps), {n: (0.0, 1.0) for n in sites})
+
+    monkeypatch.setattr(compare_module, "_fit", fake_fit)
+    result = compare_module.compare(WRAPPED, (SIGMA,), {"y": Y}, steps=5, unwrap=True)
+    assert [c[0] for c in calls] == ["original", "reparameterized"] and not result.plan_empty
+    assert calls[0][1] is WRAPPED  # the model as written, wrapper and all
+    assert calls[1][1].model is schools  # the plan on the model underneath, without the wrapper
+    assert calls[0][2] == ["mu", "tau", "theta"]
+    calls.clear()
+    result = compare_module.compare(WRAPPED, (SIGMA,), {"y": Y}, steps=5)
+    assert [c[0] for c in calls] == ["original"] and result.plan_empty

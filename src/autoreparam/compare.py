@@ -372,6 +372,7 @@ def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "Aut
                          "continuous latent sites (marginalise it, e.g. with numpyro's enumeration)")
     sites = [n for n, s in report.sites.items() if s.type == "latent"]
     plan = report.plan
+    unwrap = unwrap and bool(unwrap_model(model)[1])  # nothing to strip: the model as it is
     same = plan.is_empty() and not unwrap  # with unwrap, even an empty plan drops the wrapper
     fits = []
     runs = [("original", model)]
@@ -511,6 +512,7 @@ def compare_mcmc(model, args=(), kwargs=None, *, warmup: int = 500, samples: int
                          "latent sites")
     runs, notes = [], []
     plan = report.plan
+    unwrap = unwrap and bool(unwrap_model(model)[1])
     runs.append(_nuts("original", model, args, kwargs, sites, warmup, samples, chains, seed, progress))
     if plan.is_empty() and not unwrap:
         notes.append("offsets: not run, the plan is empty (the reparameterized model is the original model)")

@@ -42,6 +42,7 @@ def test_means_far_apart_and_sd_wider_than_prior_are_warned():
     assert "b: the means disagree (1.1 against 705" in table
     assert "reparameterized: not converged: the sd of b (95.5) is 9.55 times its prior sd (10)" in table
     assert "original: not converged" not in table
+    assert "(the reparameterized fit has not converged: more --steps may change this)" in table.splitlines()[-1]
 
 
 def test_a_worse_reparameterized_fit_is_said_in_one_line_and_the_original_kept():
@@ -161,3 +162,4 @@ def test_means_are_compared_element_by_element():
     table = Comparison("AutoNormal", 1000, [orig, rep]).table()
     assert ("a: the means disagree at 2 of its 3 elements (worst: element 0, 1 against -1, 20 posterior sds apart)"
             in table), table
+    assert table.splitlines()[-1].endswith("the simpler one (but the fits' means disagree: see the warnings)")

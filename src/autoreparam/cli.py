@@ -449,7 +449,7 @@ def _analyze(args, run: _Run) -> int:
         except BrokenPipeError:  # e.g. piped into head
             sys.stdout = None
     if args.fail_on_invariance and report.additive():
-        print(f"autoreparam: {args.file}: {len(report.additive())} likelihood-invariant pair(s) "
+        print(f"autoreparam: {args.file}: {len(report.grouped_pairs())} likelihood-invariant pair(s) "
               "(--fail-on-invariance)", file=sys.stderr)
         return 1
     return 0

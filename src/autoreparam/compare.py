@@ -72,7 +72,6 @@ class Trend:
     gain: float  # mean ELBO of the last window minus that of the window before it
     se: float
     window: int
-    nonfinite: int  # steps whose loss was NaN or infinite
 
     @property
     def rising(self) -> bool:
@@ -88,16 +87,15 @@ def elbo_trend(losses) -> Trend | None:
     False
     """
     losses = np.asarray(losses, dtype=np.float64)
-    nonfinite = int(np.sum(~np.isfinite(losses)))
     if losses.size < TREND_MIN_STEPS:
         return None
     window = max(1, int(losses.size * TREND_WINDOW))
     last, before = -losses[-window:], -losses[-2 * window:-window]
     last, before = last[np.isfinite(last)], before[np.isfinite(before)]
     if last.size < 2 or before.size < 2:
-        return Trend(float("nan"), float("nan"), window, nonfinite)
+        return Trend(float("nan"), float("nan"), window)
     se = math.sqrt(last.var(ddof=1) / last.size + before.var(ddof=1) / before.size)
-    return Trend(float(last.mean() - before.mean()), se, window, nonfinite)
+    return Trend(float(last.mean() - before.mean()), se, window)
 
 
 def fit_checks(fits: list[FitSummary], prior_sd: dict[str, float]) -> list[str]:
@@ -139,7 +137,7 @@ def _means_disagree(name: str, a: FitSummary, b: FitSummary) -> str | None:
         (m0, s0), (m1, s1) = a.sites[name], b.sites[name]
         m0, s0, m1, s1 = (np.array([x], np.float64) for x in (m0, s0, m1, s1))
     if not (np.all(np.isfinite(m0)) and np.all(np.isfinite(m1))):
-        return f"{name}: a mean is not finite in the {'original' if not np.all(np.isfinite(m0)) else 'other'} fit"
+        return f"{name}: a mean is not finite in the {a.label if not np.all(np.isfinite(m0)) else b.label} fit"
     spread = np.maximum(s0, s1)
     gap = np.abs(m0 - m1)
     off = gap > MEAN_SDS * spread + 1e-9 * np.maximum(np.abs(m0), 1.0)
@@ -153,8 +151,11 @@ def _means_disagree(name: str, a: FitSummary, b: FitSummary) -> str | None:
             "not converged")
 
 
-def verdict(fits: list[FitSummary], unconverged: set[str]) -> str | None:
-    """The one-line recommendation from the ELBOs of the original and the reparameterized fit."""
+def verdict(fits: list[FitSummary], unconverged: set[str], disagree: bool = False) -> str | None:
+    """The one-line recommendation from the ELBOs of the original and the reparameterized fit.
+
+    ``unconverged``: the labels of the fits found not converged; ``disagree``: their means disagree.
+    """
     by_label = {f.label: f for f in fits}
     if "original" not in by_label or "reparameterized" not in by_label:
         return None
@@ -167,6 +168,8 @@ def verdict(fits: list[FitSummary], unconverged: set[str]) -> str | None:
     which = f"the {' and '.join(labels)} fit{'s have' if len(labels) > 1 else ' has'} not converged"
     if unconverged:
         caveat = f" ({which}: more --steps may change this)"
+    elif disagree:
+        caveat = " (but the fits' means disagree: see the warnings)"
     if d < -ELBO_SES * se:
         return (f"the reparameterized fit is worse (ELBO {rep.elbo:.2f} against {orig.elbo:.2f}, lower by "
                 f"{-d:.3g} +- {se:.2g}): keep the original model{caveat}")
@@ -174,7 +177,7 @@ def verdict(fits: list[FitSummary], unconverged: set[str]) -> str | None:
         return (f"no recommendation yet: the reparameterized fit is ahead (ELBO higher by {d:.3g} +- {se:.2g}), "
                 f"but {which}; run more --steps")
     if d > ELBO_SES * se:
-        return f"recommendation: the reparameterized model (ELBO higher by {d:.3g} +- {se:.2g})"
+        return f"recommendation: the reparameterized model (ELBO higher by {d:.3g} +- {se:.2g}){caveat}"
     return (f"no clear difference (ELBO difference {d:.3g} +- {se:.2g}): keep the original model, the "
             f"simpler one{caveat}")
 
@@ -193,11 +196,15 @@ class Comparison:
         return fit_checks(self.fits, self.prior_sd)
 
     def unconverged(self) -> set[str]:
-        """Labels of the fits whose ELBO was still rising or whose loss was not finite."""
+        """Labels of the fits whose ELBO was still rising, whose loss was not finite or whose sd of
+        some site is wider than 3 prior sds."""
         out = set()
         for fit in self.fits:
             trend = elbo_trend(fit.losses)
             if (trend is not None and trend.rising) or not np.all(np.isfinite(np.asarray(fit.losses, float))):
+                out.add(fit.label)
+            if any(sd > PRIOR_SD_FACTOR * self.prior_sd[n] for n, (_, sd) in fit.sites.items()
+                   if np.isfinite(self.prior_sd.get(n, np.nan)) and self.prior_sd[n] > 0):
                 out.add(fit.label)
         return out
 
@@ -230,7 +237,7 @@ class Comparison:
         checks = self.checks()
         if checks:
             lines += ["", "warnings:"] + [f"  {c}" for c in checks]
-        line = verdict(self.fits, unconverged)
+        line = verdict(self.fits, unconverged, any("the means disagree" in c for c in checks))
         if line:
             lines += ["", line]
         return "\n".join(lines)

@@ -24,7 +24,7 @@ from .errors import ModelError
 from .graph import build_graph
 from .linear_maps import DenseMap, GatherMap, shared_subspace
 from .notes import Note, NoteKind
-from .report import Funnel, Invariance, Report, Term
+from .report import Existing, Funnel, Invariance, Report, Term
 from .trace import (
     _TRACER_ERRORS,
     ModelTrace,
@@ -116,7 +116,52 @@ def _analyze(model, args, kwargs) -> tuple[Report, ModelTrace]:
     if block_note:
         notes.append(Note(block_note, NoteKind.NO_GAUSSIAN_BLOCK))
     return Report(_model_name(model), mt.sites, graph, terms, invariances, funnels, notes,
-                  hyperparameters=probe.hyperparameters(), block=block), mt
+                  hyperparameters=probe.hyperparameters(), block=block,
+                  existing=_existing_in_trace(mt, probe, invariances, terms)), mt
+
+
+def _existing_in_trace(mt: ModelTrace, probe: "_Probe", invariances: list[Invariance],
+                       terms: dict[str, list[Term]]) -> list[Existing]:
+    """Sites the model already non-centres: ``x_decentered`` latents, and ``a_raw`` in ``mu + tau * a_raw``.
+
+    By hand: a latent Normal with no latent parent that has a local (multiplicative) trade-off in a
+    likelihood with a latent of positive support (its scale); its loc partners are the additive
+    terms it also trades off against there.
+    """
+    sites = mt.sites
+    out = []
+    decentered = set()
+    for name, site in sites.items():
+        base = name[:-len("_decentered")] if name.endswith("_decentered") else None
+        if site.type != "latent" or not base or sites.get(base) is None or sites[base].type != "deterministic":
+            continue
+        decentered.add(name)
+        learned = f"{base}_centered" in sites and sites[f"{base}_centered"].type == "param"
+        out.append(Existing(base, "decentered",
+                            f"{base} = loc + scale * {name}: non-centred already"
+                            + (f" (centredness learned in param '{base}_centered')" if learned else
+                               " (LocScaleReparam or code emitted by autoreparam)")))
+    local = [i for i in invariances if i.kind != "additive"]
+    for name in probe.names:
+        site = sites[name]
+        if name in decentered or site.distribution != "Normal" or site.is_discrete:
+            continue
+        if any(a != name and probe.depends(a, name) for a in probe.names):
+            continue  # its prior reads another latent: not a fixed standard variable
+        for y in mt.observed_names:
+            partners = [i.sites[0] if i.sites[1] == name else i.sites[1]
+                        for i in local if i.observed == y and name in i.sites]
+            scales = [p for p in partners if sites[p].support == "positive"]
+            if not scales:
+                continue
+            additive = {t.site for t in terms[y]}
+            locs = [p for p in partners if p in additive]
+            loc = " + ".join(locs) + " + " if locs else ""
+            out.append(Existing(name, "by hand",
+                                f"{name} enters {y} as {loc}{' * '.join(scales)} * {name}, with a fixed Normal prior: "
+                                "non-centred by hand"))
+            break
+    return out
 
 
 def _model_name(model) -> str:

@@ -371,6 +371,9 @@ def test_fit_hybrid_one_line():
     assert set(fit.samples) == {"tau", "sigma", "mu", "a", "group_mean"}
     assert fit.samples["a"].shape == (200, G) and fit.samples["a"].dtype == np.float64
     assert np.isfinite(fit.elbo) and len(fit.losses) == 300
+    assert fit.resample_theta == 4  # a dense block: the draws of theta are importance-resampled by default
+    with pytest.raises(InputError, match="resample_theta must be 'auto' or an integer >= 0, got -1"):
+        autoreparam.fit_hybrid(random_intercepts, GROUP, y=Y, block=RI_BLOCK, resample_theta=-1)
 
 
 def test_resampled_theta_corrects_a_poor_q(fitted, quadrature):

@@ -495,11 +495,54 @@ def _eight_schools_noncentered():
                     local={("obs", "mu", "theta_tilde"), ("obs", "tau", "theta_tilde")})
 
 
+# --------------------------------------------------------------------------------------------
+# constrained supports: directions are taken in the unconstrained space of each site
+# --------------------------------------------------------------------------------------------
+def lkj_model(g, x, n_group, y=None):
+    """Correlated varying intercepts and slopes: (diag(sigma) @ L_Rho @ z)[:, g] (Rethinking's m14.1)."""
+    L_Rho = numpyro.sample("L_Rho", dist.LKJCholesky(2, 2.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0).expand([2]).to_event(1))
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2, n_group]).to_event(2))
+    ab = jnp.diag(sigma) @ L_Rho @ z
+    a_bar = numpyro.sample("a_bar", dist.Normal(0.0, 1.0))
+    s = numpyro.sample("s", dist.HalfNormal(1.0))
+    with numpyro.plate("data", g.shape[0]):
+        numpyro.sample("y", dist.Normal(a_bar + ab[0, g] + ab[1, g] * x, s), obs=y)
+
+
+def _lkj():
+    g = np.tile(np.arange(4), 3)
+    x = np.linspace(-1.0, 1.0, g.size).astype(np.float32)
+    y = _rng(15).normal(size=g.size).astype(np.float32)
+    # L_Rho has one degree of freedom (its correlation), sigma two, z eight. Every group's pair of
+    # effects is an invertible map of z[:, g], so z can undo any move of L_Rho (dim 1), of sigma
+    # (dim 2) or of a_bar (dim 1), at a point only. L_Rho and sigma cannot undo each other: L_Rho's
+    # one direction moves only the slopes, and not proportionally to them (no {L_Rho, sigma}).
+    return ZooModel("lkj", lkj_model, (g, x, 4), {"y": y}, {}, {"y": ["a_bar"]}, control=True,
+                    local={("y", "L_Rho", "z"), ("y", "sigma", "z"), ("y", "z", "a_bar")})
+
+
+def simplex_model(g, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    w = numpyro.sample("w", dist.Dirichlet(jnp.ones(3)))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("data", g.shape[0]):
+        numpyro.sample("y", dist.Normal(mu + 2.0 * w[g], sigma), obs=y)
+
+
+def _simplex():
+    # w cannot move all its levels together (they sum to one): mu + c, w - c/2 leaves the simplex,
+    # so {mu, w} is no direction at all, additive or local
+    g = np.array([0, 1, 2, 0, 1, 2, 2])
+    return ZooModel("simplex", simplex_model, (g,), {"y": _rng(16).normal(size=7).astype(np.float32)},
+                    {}, {"y": ["mu"]}, control=True)
+
+
 BUILDERS = [
     _tensor, _county, _crossed, _crossed_disconnected, _signed, _nested, _nested_sparse,
     _interaction, _bernoulli, _poisson, _deterministic, _vector, _design, _design_unscaled,
     _hetero, _two_obs, _multi_membership, _regression, _factor, _eight_schools,
-    _eight_schools_noncentered,
+    _eight_schools_noncentered, _lkj, _simplex,
 ]
 
 

@@ -209,6 +209,9 @@ class _Probe:
         self.fixed = {n: v for n, v in p1.items() if n not in self.names}
         self.theta1 = {n: jnp.asarray(p1[n]) for n in self.names}
         self.theta2 = {n: jnp.asarray(p2[n]) for n in self.names}
+        self.transforms = self._support_transforms()
+        self.u1 = self._unconstrained(self.theta1, 0)
+        self.u2 = self._unconstrained(self.theta2, 1)
         self.rng = np.random.default_rng(0)
         self._check_traceable()
         self.layout = self._layout()
@@ -222,6 +225,29 @@ class _Probe:
         self._pushforward = self._compile_pushforward()
         self._dense_cache: dict[str, dict[str, np.ndarray]] = {}
         self._probes: dict[str, dict] = {}
+
+    # -- unconstrained coordinates ---------------------------------------------------------
+    def _support_transforms(self) -> dict[str, tuple[Any, Any]]:
+        """``biject_to(support)`` at both points for every latent site whose support is not real.
+
+        Tangents are taken in the unconstrained space: a direction that a constrained site cannot
+        move along (off the simplex, off the unit-diagonal Cholesky factors of LKJ) is no direction.
+        """
+        constrained = [n for n in self.names if self.mt.sites[n].support not in LOC_SCALE_SUPPORTS]
+        if not constrained:
+            return {}
+        traces = [self.mt.run({**theta, **self.fixed}) for theta in (self.theta1, self.theta2)]
+        return {n: tuple(biject_to(tr[n]["fn"].support) for tr in traces) for n in constrained}
+
+    def _unconstrained(self, theta: dict, which: int) -> dict:
+        return {n: (self.transforms[n][which].inv(v) if n in self.transforms else v) for n, v in theta.items()}
+
+    def size_of(self, name: str) -> int:
+        """Degrees of freedom of a latent site: the size of its unconstrained value."""
+        return int(np.size(self.u1[name]))
+
+    def is_constrained(self, name: str) -> bool:
+        return name in self.transforms
 
     # -- the linearised model -------------------------------------------------------------
     def _outputs(self, values):
@@ -260,12 +286,18 @@ class _Probe:
         start = 0
         for n in self.names:
             self._starts[n] = start
-            start += int(np.size(self.theta1[n]))
+            start += int(np.size(self.u1[n]))
         self._size = start
+        transforms = self.transforms
 
         def unravel(t):
             return {n: jnp.reshape(t[self._starts[n]:self._starts[n] + int(np.size(v))], jnp.shape(v)).astype(v.dtype)
-                    for n, v in self.theta1.items()}
+                    for n, v in self.u1.items()}
+
+        def constrained_tangent(u, tangent, which):
+            # d theta = (d biject_to(support) / du) du: a tangent of the site's support
+            return {n: (jax.jvp(transforms[n][which], (u[n],), (t,))[1] if n in transforms else t)
+                    for n, t in tangent.items()}
         order = [(s, p) for s, (slices, _) in self.layout.items() for p in slices]
 
         @staged_if_possible
@@ -276,8 +308,11 @@ class _Probe:
 
         def both(theta1, theta2, t):
             tangent = unravel(t)
-            return (jax.jvp(flat_outputs, (theta1,), (tangent,))[1],
-                    jax.jvp(flat_outputs, (theta2,), (tangent,))[1])
+            if not transforms:
+                return (jax.jvp(flat_outputs, (theta1,), (tangent,))[1],
+                        jax.jvp(flat_outputs, (theta2,), (tangent,))[1])
+            return (jax.jvp(flat_outputs, (theta1,), (constrained_tangent(self.u1, tangent, 0),))[1],
+                    jax.jvp(flat_outputs, (theta2,), (constrained_tangent(self.u2, tangent, 1),))[1])
 
         return jit_quick(jax.vmap(both, in_axes=(None, None, 0)), self.batch * (self._n_out + self._size))
 
@@ -286,7 +321,7 @@ class _Probe:
         rows = np.zeros((len(tangents), self._size), dtype=self._dtype)
         for i, updates in enumerate(tangents):
             for n, v in updates.items():
-                values = np.asarray(v).astype(self.theta1[n].dtype)
+                values = np.asarray(v).astype(self.u1[n].dtype)
                 rows[i, self._starts[n]:self._starts[n] + values.size] = values.ravel()
         out1, out2 = [], []
         for s in range(0, len(tangents), self.batch):
@@ -329,7 +364,7 @@ class _Probe:
             # Every site's probes at once (drawn in program order, as one site at a time would).
             draws = {}
             for n in self.names:
-                size = self.mt.sites[n].size
+                size = self.size_of(n)
                 draws[n] = (self.rng.standard_normal(size), self.rng.standard_normal(size))
             at1, at2 = self._push([{n: draws[n][0]} for n in self.names])
             for i, n in enumerate(self.names):
@@ -348,7 +383,7 @@ class _Probe:
     def classify(self, a: str) -> dict[str, tuple[str, Any, tuple[str, ...]]]:
         """For each observed site that reads ``a``: additive or not, its linear map, the params."""
         pr = self._site_probes(a)
-        size = self.mt.sites[a].size
+        size = self.size_of(a)
         found = {}
         gather_probe = None
         for y in self.mt.observed_names:
@@ -358,7 +393,9 @@ class _Probe:
             slices, _ = self.layout[y]
             params = tuple(p for p, sl in slices.items() if v1[sl].any() or v2[sl].any())
             tol = ADDITIVE_RTOL * (np.abs(v1) + np.abs(v2)) + 1e-6 * max(np.abs(v1).max(), 1e-30)
-            if not np.all(np.abs(v1 - v2) <= tol):
+            # A site of constrained support is never an additive term: the plan offsets values, and
+            # a straight line in its values leaves the support (or is curved in unconstrained space).
+            if self.is_constrained(a) or not np.all(np.abs(v1 - v2) <= tol):
                 found[y] = ("local", None, params)
                 continue
             if gather_probe is None:
@@ -387,7 +424,7 @@ class _Probe:
         """d y's parameters / d a as an N_y x size matrix (only for small sites)."""
         key = (a, y)
         if key not in self._dense_cache:
-            size = self.mt.sites[a].size
+            size = self.size_of(a)
             eye = np.eye(size, dtype=np.float32)
             columns, _ = self._push([{a: eye[i]} for i in range(size)])
             start = self._offsets[y]
@@ -417,7 +454,7 @@ class _Probe:
         order = self.mt.sites
         slices, n_rows = self.layout[y]
         candidates = sorted(set(additive) | set(nonadditive), key=lambda n: order[n].order)
-        small = [n for n in candidates if order[n].size <= LOCAL_MAX_SIZE]
+        small = [n for n in candidates if self.size_of(n) <= LOCAL_MAX_SIZE]
         for i, a in enumerate(small):
             for b in small[i + 1:]:
                 if a not in nonadditive and b not in nonadditive:
@@ -426,7 +463,7 @@ class _Probe:
                 if not common:
                     continue
                 rows = np.concatenate([np.arange(n_rows)[slices[p]] for p in slices if p in common])
-                if rows.size * (order[a].size + order[b].size) > DENSE_MAX_ENTRIES:
+                if rows.size * (self.size_of(a) + self.size_of(b)) > DENSE_MAX_ENTRIES:
                     continue
                 ja = DenseMap(self.dense_jacobian(a, y)[rows])
                 jb = DenseMap(self.dense_jacobian(b, y)[rows])

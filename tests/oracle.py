@@ -19,7 +19,8 @@ For an observed site and a pair {A, B} that it depends on:
                - nullity([J_A1; J_A2]) - nullity([J_B1; J_B2])       minus the trivial ones
 
 A pair is "additive" when its global dim is positive and "local" (only at a point) when the
-global dim is 0 but the local dim is positive. One direction of every additive pair is
+global dim is 0 but the local dim is positive. Inside one site A, the directions that the observed
+site sees at neither point number nullity([J_A1; J_A2]), counted on the values of A it reads. One direction of every additive pair is
 verified by a finite step: the observed site's ``log_prob`` at the data does not change.
 """
 
@@ -114,6 +115,8 @@ class OracleResult:
     additive: dict[tuple[str, str, str], int] = field(default_factory=dict)
     local_only: set[tuple[str, str, str]] = field(default_factory=set)
     local_dims: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    # directions inside one site: {(observed, site): nullity of [J_1; J_2] on the values it reads}
+    within: dict[tuple[str, str], int] = field(default_factory=dict)
     depends: dict[str, list[str]] = field(default_factory=dict)
     # one verified invariant direction per additive pair: (da, db) flat
     directions: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
@@ -196,6 +199,11 @@ def oracle(model, *args, check_steps: bool = True, **kwargs) -> OracleResult:
     for o in observed:
         deps = [n for n in latent if np.any(jacs[0][o][n] != 0) or np.any(jacs[1][o][n] != 0)]
         res.depends[o] = deps
+        for n in deps:
+            stacked = np.vstack([jacs[0][o][n], jacs[1][o][n]])
+            read = stacked[:, np.linalg.norm(stacked, axis=0) > 0]
+            if read.shape[1] - rank(read) > 0:
+                res.within[(o, n)] = read.shape[1] - rank(read)
         for i, a in enumerate(deps):
             for b in deps[i + 1:]:
                 ja1, jb1 = jacs[0][o][a], jacs[0][o][b]

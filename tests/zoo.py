@@ -38,6 +38,7 @@ class ZooModel:
     funnels: dict = field(default_factory=dict)  # {site: scale_parents}
     control: bool = False
     local: set = field(default_factory=set)  # pairs with only a local (multiplicative) direction
+    within: dict = field(default_factory=dict)  # {(observed, site): dim} of directions inside one site
 
 
 def _rng(seed):
@@ -538,11 +539,62 @@ def _simplex():
                     {}, {"y": ["mu"]}, control=True)
 
 
+# --------------------------------------------------------------------------------------------
+# directions inside one site
+# --------------------------------------------------------------------------------------------
+def collinear_design_model(X, y=None):
+    beta = numpyro.sample("beta", dist.Normal(0.0, 1.0).expand([X.shape[1]]).to_event(1))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Normal(X @ beta, sigma), obs=y)
+
+
+def _collinear_design():
+    # an intercept column and one-hot columns for all three groups: the intercept equals their sum,
+    # so beta[0] - beta[1] - beta[2] - beta[3] is invisible to y (rank 4 of 5)
+    g = np.array([0, 1, 2, 0, 1, 2, 1, 0])
+    X = np.column_stack([np.ones(8), np.eye(3)[g], np.linspace(-1.0, 1.0, 8)]).astype(np.float32)
+    return ZooModel("collinear_design", collinear_design_model, (X,), {"y": _rng(17).normal(size=8).astype(np.float32)},
+                    {}, {"y": ["beta"]}, control=True, within={("y", "beta"): 1})
+
+
+def giver_receiver_model(g, n, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    gr = numpyro.sample("gr", dist.MultivariateNormal(jnp.zeros(2), jnp.array([[1.0, 0.5], [0.5, 1.0]]))
+                        .expand([n]).to_event(1))
+    with numpyro.plate("data", g.shape[0]):
+        numpyro.sample("y", dist.Poisson(jnp.exp(mu + gr[g, 0] + gr[g, 1])), obs=y)
+
+
+def _giver_receiver():
+    # each household's giving gr[h, 0] and receiving gr[h, 1] enter one predictor as a sum: one
+    # direction per household (gr[h, 0] - gr[h, 1]); gr also absorbs mu (dim 1)
+    g = np.array([0, 1, 2, 0, 1, 2, 2])
+    return ZooModel("giver_receiver", giver_receiver_model, (g, 3), {"y": _rng(18).poisson(2.0, 7).astype(np.float32)},
+                    {("y", "mu", "gr"): 1}, {"y": ["mu", "gr"]}, within={("y", "gr"): 3})
+
+
+def scaled_giver_receiver_model(g, n, y=None):
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    gr = numpyro.sample("gr", dist.Normal(0.0, 1.0).expand([n, 2]).to_event(2))
+    with numpyro.plate("data", g.shape[0]):
+        numpyro.sample("y", dist.Normal(tau * (gr[g, 0] + gr[g, 1]), 1.0), obs=y)
+
+
+def _scaled_giver_receiver():
+    # gr is not additive (tau scales it) but gr[h, 0] - gr[h, 1] is invisible at every point; tau
+    # against gr is a scale trade-off at a point only
+    g = np.array([0, 1, 2, 0, 1, 2, 2])
+    return ZooModel("scaled_giver_receiver", scaled_giver_receiver_model, (g, 3),
+                    {"y": _rng(19).normal(size=7).astype(np.float32)}, {}, {"y": []}, control=True,
+                    local={("y", "tau", "gr")}, within={("y", "gr"): 3})
+
+
 BUILDERS = [
     _tensor, _county, _crossed, _crossed_disconnected, _signed, _nested, _nested_sparse,
     _interaction, _bernoulli, _poisson, _deterministic, _vector, _design, _design_unscaled,
     _hetero, _two_obs, _multi_membership, _regression, _factor, _eight_schools,
-    _eight_schools_noncentered, _lkj, _simplex,
+    _eight_schools_noncentered, _lkj, _simplex, _collinear_design, _giver_receiver, _scaled_giver_receiver,
 ]
 
 

@@ -22,9 +22,9 @@ from numpyro.distributions import biject_to
 from .block import block_for_report
 from .errors import ModelError
 from .graph import build_graph
-from .linear_maps import DenseMap, GatherMap, shared_subspace
+from .linear_maps import DenseMap, GatherMap, shared_subspace, within_site_directions
 from .notes import Note, NoteKind
-from .report import Existing, Funnel, Invariance, Report, Term
+from .report import Existing, Funnel, Invariance, Report, Term, WithinSite
 from .trace import (
     _TRACER_ERRORS,
     ModelTrace,
@@ -104,6 +104,7 @@ def _analyze(model, args, kwargs) -> tuple[Report, ModelTrace]:
                     invariances.append(Invariance(y, (ta.site, tb.site), "additive", sub.dim,
                                                   residual, sub.structure, sub))
         invariances += probe.local_tradeoffs(y, [t.site for t in terms[y]], nonadditive[y], params_of)
+    within = [w for y in mt.observed_names for w in probe.within(y, terms[y], nonadditive[y])]
     invariances.sort(key=lambda inv: (mt.sites[inv.observed].order, mt.sites[inv.sites[0]].order,
                                       mt.sites[inv.sites[1]].order))
 
@@ -117,7 +118,8 @@ def _analyze(model, args, kwargs) -> tuple[Report, ModelTrace]:
         notes.append(Note(block_note, NoteKind.NO_GAUSSIAN_BLOCK))
     return Report(_model_name(model), mt.sites, graph, terms, invariances, funnels, notes,
                   hyperparameters=probe.hyperparameters(), block=block,
-                  existing=_existing_in_trace(mt, probe, invariances, terms)), mt
+                  existing=_existing_in_trace(mt, probe, invariances, terms), within=within), mt
+
 
 
 def _existing_in_trace(mt: ModelTrace, probe: "_Probe", invariances: list[Invariance],
@@ -421,16 +423,42 @@ class _Probe:
         return GatherMap(index, np.where(on, c, 0.0), size)
 
     def dense_jacobian(self, a: str, y: str) -> np.ndarray:
-        """d y's parameters / d a as an N_y x size matrix (only for small sites)."""
+        """d y's parameters / d a as an N_y x size matrix at point 1 (only for small sites)."""
+        return self.dense_jacobians(a, y)[0]
+
+    def dense_jacobians(self, a: str, y: str) -> tuple[np.ndarray, np.ndarray]:
+        """d y's parameters / d a at points 1 and 2 (only for small sites)."""
         key = (a, y)
         if key not in self._dense_cache:
             size = self.size_of(a)
             eye = np.eye(size, dtype=np.float32)
-            columns, _ = self._push([{a: eye[i]} for i in range(size)])
             start = self._offsets[y]
-            block = columns[:, start:start + self.layout[y][1]] if size else np.zeros((0, self.layout[y][1]))
-            self._dense_cache[key] = block.T.astype(np.float64)
+            blocks = []
+            for columns in self._push([{a: eye[i]} for i in range(size)]):
+                block = columns[:, start:start + self.layout[y][1]] if size else np.zeros((0, self.layout[y][1]))
+                blocks.append(block.T.astype(np.float64))
+            self._dense_cache[key] = tuple(blocks)
         return self._dense_cache[key]
+
+    def within(self, y: str, terms: list[Term], nonadditive: list[str]) -> list[WithinSite]:
+        """Directions inside one site that y sees at neither point: ``null([J_1; J_2])`` on the values read.
+
+        A gather term has none (one value per row); a small dense term or a small non-additive site is
+        checked with its dense Jacobians. Coordinates are the site's unconstrained values.
+        """
+        maps = {t.site: t.linear_map for t in terms if isinstance(t.linear_map, DenseMap)}
+        rows = self.layout[y][1]
+        for a in nonadditive:
+            if self.size_of(a) <= LOCAL_MAX_SIZE and rows * self.size_of(a) <= DENSE_MAX_ENTRIES:
+                maps[a] = DenseMap(np.vstack(self.dense_jacobians(a, y)))
+        out = []
+        for a in sorted(maps, key=lambda n: self.mt.sites[n].order):
+            basis = within_site_directions(maps[a])
+            if basis.shape[1]:
+                n_read = int(np.count_nonzero(np.linalg.norm(maps[a].matrix, axis=0) > 0))
+                out.append(WithinSite(y, a, tuple(np.shape(self.u1[a])), basis.shape[1], n_read,
+                                      self.within_residual(y, a, basis), basis, self.is_constrained(a)))
+        return out
 
     # -- pairs ------------------------------------------------------------------------------
     def residual(self, y: str, a: str, b: str, sub, rows=None) -> float:
@@ -441,6 +469,14 @@ class _Probe:
         moved, alone = self._flat(both[0], y), self._flat(both[1], y)
         if rows is not None:
             moved, alone = moved[rows], alone[rows]
+        return float(np.linalg.norm(moved) / max(np.linalg.norm(alone), 1e-30))
+
+    def within_residual(self, y: str, a: str, basis: np.ndarray) -> float:
+        """Relative change of y's parameters along a random direction of ``basis`` (against a random move)."""
+        along = basis @ self.rng.standard_normal(basis.shape[1])
+        anywhere = self.rng.standard_normal(basis.shape[0]) * np.linalg.norm(along) / np.sqrt(basis.shape[0])
+        out, _ = self._push([{a: along}, {a: anywhere}])
+        moved, alone = self._flat(out[0], y), self._flat(out[1], y)
         return float(np.linalg.norm(moved) / max(np.linalg.norm(alone), 1e-30))
 
     def local_tradeoffs(self, y: str, additive: list[str], nonadditive: list[str],

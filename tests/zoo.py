@@ -539,6 +539,21 @@ def _simplex():
                     {}, {"y": ["mu"]}, control=True)
 
 
+def positive_effects_model(g, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    b = numpyro.sample("b", dist.HalfNormal(1.0).expand([3]).to_event(1))
+    with numpyro.plate("data", g.shape[0]):
+        numpyro.sample("y", dist.Normal(mu + b[g], 1.0), obs=y)
+
+
+def _positive_effects():
+    # in b's unconstrained values (log b) the trade-off mu + c, b - c is a curve, not a line: it is
+    # a direction at a point (dim 1), not an additive pair, and b is no additive term
+    g = np.array([0, 1, 2, 0, 1, 2, 2])
+    return ZooModel("positive_effects", positive_effects_model, (g,), {"y": _rng(20).normal(size=7).astype(np.float32)},
+                    {}, {"y": ["mu"]}, control=True, local={("y", "mu", "b")})
+
+
 # --------------------------------------------------------------------------------------------
 # directions inside one site
 # --------------------------------------------------------------------------------------------
@@ -594,7 +609,7 @@ BUILDERS = [
     _tensor, _county, _crossed, _crossed_disconnected, _signed, _nested, _nested_sparse,
     _interaction, _bernoulli, _poisson, _deterministic, _vector, _design, _design_unscaled,
     _hetero, _two_obs, _multi_membership, _regression, _factor, _eight_schools,
-    _eight_schools_noncentered, _lkj, _simplex, _collinear_design, _giver_receiver, _scaled_giver_receiver,
+    _eight_schools_noncentered, _lkj, _simplex, _positive_effects, _collinear_design, _giver_receiver, _scaled_giver_receiver,
 ]
 
 

@@ -196,6 +196,14 @@ def _linked(value, constraint):
         return value
 
 
+def _has_array_bounds(constraint) -> bool:
+    base = getattr(constraint, "base_constraint", None)
+    if base is not None:
+        return _has_array_bounds(base)
+    return any(np.ndim(v) > 0 or isinstance(v, jax.Array) for v in vars(constraint).values()
+               if isinstance(v, (np.ndarray, jax.Array, float, int)))
+
+
 class _Probe:
     """The model linearised at two random points, with JVP probes per latent site.
 
@@ -238,8 +246,11 @@ class _Probe:
         constrained = [n for n in self.names if self.mt.sites[n].support not in LOC_SCALE_SUPPORTS]
         if not constrained:
             return {}
-        traces = [self.mt.run({**theta, **self.fixed}) for theta in (self.theta1, self.theta2)]
-        return {n: tuple(biject_to(tr[n]["fn"].support) for tr in traces) for n in constrained}
+        first = self.mt.run({**self.theta1, **self.fixed})
+        # A support with array bounds may move with the point (Uniform(0, upper) with a latent upper).
+        moves = any(_has_array_bounds(first[n]["fn"].support) for n in constrained)
+        second = self.mt.run({**self.theta2, **self.fixed}) if moves else first
+        return {n: (biject_to(first[n]["fn"].support), biject_to(second[n]["fn"].support)) for n in constrained}
 
     def _unconstrained(self, theta: dict, which: int) -> dict:
         return {n: (self.transforms[n][which].inv(v) if n in self.transforms else v) for n, v in theta.items()}

@@ -291,7 +291,8 @@ def within_site_directions(j: LinearMap) -> np.ndarray:
         return np.zeros((j.n_in, 0))
     sub = DenseMap(j.matrix[:, read])
     d = sub._column_scale()
-    _, s, vt = np.linalg.svd(sub.matrix * d, full_matrices=True)
+    # full V only when there are fewer rows than values (a full U of a tall map would be N x N)
+    _, s, vt = np.linalg.svd(sub.matrix * d, full_matrices=sub.n_out < sub.n_in)
     rank = int(np.count_nonzero(s > s[0] * RANK_RTOL))
     null = d[:, None] * vt[rank:].T  # J (d * x) = 0 for x in null(J * d)
     if null.shape[1] == 0:

@@ -27,6 +27,7 @@ class NoteKind(enum.Enum):
     GUARD_FAILED = "conditioning guard failed"  # the plan is unchecked
     NO_GAUSSIAN_BLOCK = "no Gaussian block"  # hybrid VI and collapsed MCMC do not apply
     FIGHTS_EXISTING = "fights an existing reparameterization"  # the model's own and the plan's disagree
+    WITHIN_SITE = "direction inside one site"  # reported, not planned: offsets move one site along another
     OTHER = "other"
 
     @property

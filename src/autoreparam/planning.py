@@ -104,6 +104,13 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
             report_notes.append(Note(f"site '{name}' has support {sites[name].support}; it gets no offsets",
                                      NoteKind.NO_REAL_SUPPORT, name))
 
+    for w in report.within:
+        report_notes.append(Note(
+            f"site '{w.site}' has {w.dim} direction{'s' if w.dim > 1 else ''} inside it that '{w.observed}' does not "
+            f"see; the plan leaves {'them' if w.dim > 1 else 'it'} to the prior: an offset moves one site along an "
+            f"earlier one, and a direction inside '{w.site}' would need a rotation of its own coordinates",
+            NoteKind.WITHIN_SITE, w.site))
+
     xi: dict[tuple[str, str], np.ndarray] = {}
     centredness: dict[str, np.ndarray] = {}
     anchors: dict[str, tuple[float, ...]] = {}

@@ -16,7 +16,7 @@ from .trace import Site
 if TYPE_CHECKING:
     from .block import GaussianBlock
 
-__all__ = ["Term", "Invariance", "Funnel", "Existing", "Report"]
+__all__ = ["Term", "Invariance", "WithinSite", "Funnel", "Existing", "Report"]
 
 # (init, noncentre, at, guard) -> (the plan, notes for the report); see ``Report.attach_planner``.
 Planner = Callable[..., tuple[Any, list[Note]]]
@@ -125,6 +125,56 @@ class Invariance:
 
 
 @dataclass(frozen=True)
+class WithinSite:
+    """Directions inside one latent ``site`` that ``observed`` does not see (``null(J)`` of its term).
+
+    Collinear columns of a design (``X @ beta`` with one-hot groups and an intercept), or a giver and a
+    receiver read as a sum (``gr[:, 0] + gr[:, 1]``). ``basis`` (values x ``dim``, in reduced row echelon
+    form) spans them; ``n_read`` values of the site are read through a map of rank ``n_read - dim``.
+    ``residual`` is the relative change of the observed site's parameters along a random one of them.
+    """
+
+    observed: str
+    site: str
+    shape: tuple[int, ...]
+    dim: int
+    n_read: int
+    residual: float
+    basis: np.ndarray = field(repr=False, compare=False)
+    unconstrained: bool = False  # a site of constrained support: the basis is in its unconstrained values
+
+    def to_json(self) -> dict:
+        return {"observed": self.observed, "site": self.site, "dim": self.dim, "values_read": self.n_read,
+                "rank": self.n_read - self.dim, "residual": float(self.residual),
+                "directions": [self.direction(k) for k in range(min(self.dim, MAX_DIRECTIONS_SHOWN))]}
+
+    def direction(self, k: int) -> str:
+        """Direction ``k`` written out: ``gr[0, 0] - gr[0, 1]`` (unit pivot, coefficients to 3 digits)."""
+        v = self.basis[:, k]
+        parts = []
+        for i in np.flatnonzero(v):
+            index = np.unravel_index(i, self.shape) if self.shape else ()
+            site = f"unconstrained({self.site})" if self.unconstrained else self.site
+            name = f"{site}[{', '.join(str(int(j)) for j in index)}]" if index else site
+            c = float(v[i])
+            mag = "" if abs(abs(c) - 1) < 1e-6 else f"{abs(c):.3g} "
+            parts.append(("- " if c < 0 else "+ ") + mag + name)
+        text = " ".join(parts)
+        return text[2:] if text.startswith("+ ") else "-" + text[1:]
+
+    def describe(self) -> str:
+        shown = [self.direction(k) for k in range(min(self.dim, MAX_DIRECTIONS_SHOWN))]
+        shown = [d for d in shown if d.count(" ") <= 2 * MAX_TERMS_SHOWN]
+        more = "" if len(shown) == self.dim else ", ..."
+        example = f"; {', '.join(shown)}{more}" if shown else ""
+        return f"reads {self.n_read} values of {self.site} through a rank-{self.n_read - self.dim} map{example}"
+
+
+MAX_DIRECTIONS_SHOWN = 3
+MAX_TERMS_SHOWN = 6
+
+
+@dataclass(frozen=True)
 class Funnel:
     """A latent loc-scale site with real support whose scale depends on other latent sites."""
 
@@ -185,6 +235,7 @@ class Report:
     hyperparameters: tuple[str, ...] = ()  # latent sites that scale other latent sites' priors
     block: GaussianBlock | None = None  # the conditionally Gaussian block (see autoreparam.block)
     existing: list[Existing] = field(default_factory=list)  # what the model already reparameterizes
+    within: list[WithinSite] = field(default_factory=list)  # directions inside one site
 
     def __post_init__(self):
         self.notes = [note if isinstance(note, Note) else Note(note) for note in self.notes]
@@ -254,6 +305,7 @@ class Report:
             "notes": [str(note) for note in self.notes],
             "block": self.block.to_json() if self.block is not None else None,
             "existing": [e.to_json() for e in self.existing],
+            "within": [w.to_json() for w in self.within],
         }
 
     def __str__(self) -> str:
@@ -297,6 +349,12 @@ class Report:
                              f"{inv.describe()}   residual {residual:.0e}")
         else:
             lines.append("likelihood-invariant pairs: none")
+        if self.within:
+            lines.append(f"directions inside one site ({len(self.within)}):")
+            sw = max(len(w.site) for w in self.within)
+            for w in self.within:
+                lines.append(f"  {{{w.site}}}{'':<{sw - len(w.site)}}  dim {w.dim:<4} in {w.observed}: "
+                             f"{w.describe()}   residual {w.residual:.0e}")
         local = [i for i in self.invariances if i.kind != "additive"]
         if local:
             lines.append("local (non-additive) trade-offs, not planned:")

@@ -147,7 +147,8 @@ class CollapsedPosterior:
         self.potential_fn = self._make_potential()
         # Draws per compiled chunk of ``complete``: at most ~32 MB of dense precisions at once.
         self._chunk = max(1, min(_COMPLETE_BATCH, 4_000_000 // (block.size * block.size)))
-        self._complete_chunk = jax.jit(jax.vmap(self._complete_one))
+        self._complete_chunk = jax.jit(
+            lambda key, theta: jax.vmap(self._complete_one)(jax.random.split(key, self._chunk), theta))
 
     # --------------------------------------------------------------- transforms
 
@@ -228,7 +229,12 @@ class CollapsedPosterior:
 
     def _complete_one(self, key, theta):
         key_z, key_model = jax.random.split(key)
-        z = self.conditional.sample(key_z, theta)
+        # z = m + L^-T eps with H = L L^T and eps ~ N(0, I): the factor the marginal uses, no
+        # perturbation-optimisation noise (two more runs of the model and their gradients).
+        cond = self.conditional
+        m, _, _, chol, _ = cond._mode(cond._as_theta(theta), None)
+        eps = jax.random.normal(key_z, (self.block.size,), jnp.float64)
+        z = cond._unravel(m + jax.scipy.linalg.solve_triangular(chol.T, eps, lower=False))
         tr = handlers.trace(handlers.substitute(handlers.seed(self.model, key_model), data={**theta, **z})).get_trace(
             *self.args, **self.kwargs)
         return {name: tr[name]["value"] for name in self._latent_names + self._deterministic_names}
@@ -243,23 +249,25 @@ class CollapsedPosterior:
         """
         rng_key = _key(rng_key)
         name0 = self.theta_names[0]
-        batch = jnp.shape(theta[name0])[:jnp.ndim(theta[name0]) - jnp.ndim(self._theta_example[name0])]
+        batch = np.shape(theta[name0])[:np.ndim(theta[name0]) - np.ndim(self._theta_example[name0])]
         n = int(np.prod(batch))
         chunk = self._chunk
         padded = -(-n // chunk) * chunk
-        flat = {k: jnp.reshape(jnp.asarray(v), (n,) + jnp.shape(self._theta_example[k])) for k, v in theta.items()
+        # Padding, chunking and gathering in numpy: eager JAX ops would compile anew for every new
+        # number of draws (seconds, against milliseconds of drawing for a small block).
+        flat = {k: np.reshape(np.asarray(v), (n,) + np.shape(self._theta_example[k])) for k, v in theta.items()
                 if k in self.theta_names}
-        flat = {k: jnp.concatenate([v, jnp.repeat(v[:1], padded - n, axis=0)]) for k, v in flat.items()}
-        keys = jax.random.split(rng_key, padded)
+        flat = {k: np.concatenate([v, np.repeat(v[:1], padded - n, axis=0)]) for k, v in flat.items()}
         dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
-        # Traced wholly in float64: the conditional's draws use float64 random bits, which do
-        # not lower inside a float32 jit.
+        # Traced wholly in float64: the draws use float64 random bits, which do not lower inside a
+        # float32 jit.
         with jax.enable_x64(True):
-            parts = [self._complete_chunk(keys[i:i + chunk], {k: v[i:i + chunk] for k, v in flat.items()})
+            parts = [self._complete_chunk(jax.random.fold_in(rng_key, i),
+                                          {k: v[i:i + chunk] for k, v in flat.items()})
                      for i in range(0, padded, chunk)]
-            out = {k: jnp.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
-            out = {k: jnp.reshape(v, tuple(batch) + jnp.shape(v)[1:]) for k, v in out.items()}
-            return {k: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in out.items()}
+            out = {k: np.concatenate([np.asarray(p[k]) for p in parts])[:n] for k in parts[0]}
+        out = {k: np.reshape(v, tuple(batch) + np.shape(v)[1:]) for k, v in out.items()}
+        return {k: jnp.asarray(v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v) for k, v in out.items()}
 
 
 class CollapsedResult:

@@ -4,13 +4,14 @@
         --chains 2 --warmup 300 --samples 300 [--gibbs]
 
 Per model: NUTS on the original model and on ``autoreparam.reparameterize(model)`` (the
-harness's ``run_nuts``: warm-up timed apart, the compile of the sampling loop measured by a
-2-draw run and subtracted), collapsed NUTS (``CollapsedPosterior`` with the block the analysis
-finds, timed the same way; the z draws and deterministic sites are added to its sampling time,
-their compile measured apart on one draw) and, with ``--gibbs``, HMC-within-Gibbs (``gibbs_kernel``: NUTS on
-theta, exact z draws; timed the same way). The same functions run these methods in ``python -m benchmarks``. min-ESS is over every
-element of every latent site of the original model; gradients are the leapfrog steps of the
-sampling phase (one collapsed gradient costs D Hessian-vector products and a D x D Cholesky).
+harness's ``run_nuts``: warm-up timed apart, sampling time from second runs of the sampling loop
+loaded from the compilation cache, t(N draws) - t(2 draws)), collapsed NUTS (the harness's
+``run_collapsed``: ``CollapsedPosterior`` on the block the analysis finds, timed the same way,
+plus its z draws and deterministic sites, whose compile is measured apart on one draw) and, with
+``--gibbs``, HMC-within-Gibbs (``run_gibbs``: NUTS on theta, exact z draws; timed the same way).
+min-ESS is over every element of every latent site of the original model; gradients are the
+leapfrog steps of the sampling phase (one collapsed gradient costs D Hessian-vector products and
+a D x D Cholesky, and their backward pass).
 Writes ``benchmarks/results/collapsed.md`` and ``collapsed.json``.
 """
 

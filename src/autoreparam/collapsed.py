@@ -39,8 +39,8 @@ from .block import GaussianBlock, block_of_model
 from .conditional import DENSE_LIMIT, BlockConditional, float64_with_gradient
 from .errors import InputError, ModelError
 
-__all__ = ["CollapsedPosterior", "CollapsedResult", "collapsed_mcmc", "gibbs_mcmc", "gibbs_kernel", "choose_mcmc", "MCMCChoice",
-           "COLLAPSED_LIMIT", "AUTO_COLLAPSED_LIMIT"]
+__all__ = ["CollapsedPosterior", "CollapsedResult", "collapsed_mcmc", "gibbs_mcmc", "gibbs_kernel", "choose_mcmc",
+           "MCMCChoice", "COLLAPSED_LIMIT", "AUTO_COLLAPSED_LIMIT"]
 
 #: Largest block whose marginal collapsed NUTS computes: every gradient of the potential builds
 #: the dense D x D precision from D Hessian-vector products and factors it.

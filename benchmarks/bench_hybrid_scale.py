@@ -1,6 +1,10 @@
 """The hybrid on the tensor model at scale: seconds per step and peak memory against the data size.
 
     python -m benchmarks.bench_hybrid_scale --sizes 32,32,10 1000,100,10 --steps 5
+    python -m benchmarks.bench_hybrid_scale --sizes 8,6,10 14,14,10 32,32,10 --method dense --out dense.json
+
+``--method`` is the conditional's solver (``auto``: the guide's default, ``HYBRID_DENSE_BELOW``); the
+second line is how the dense/CG threshold of ``AutoHybrid`` was measured.
 
 Per size (I, J, T): the analysis (finds the block), the guide's set-up (builds the conditional),
 the compile of one jitted SVI step (NaturalGradient, HybridELBO with 4 theta draws: 5 CG solves
@@ -36,14 +40,14 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(I, J, T, steps):
+def run(I, J, T, steps, method="auto"):
     m = example("tensor_model")
     args, kwargs = m.model_args(I, J, T)
     out = {"size": [I, J, T], "observations": I * J * T}
     with jax.enable_x64(True):
         kwargs = {k: jnp.asarray(v, jnp.float64) for k, v in kwargs.items()}
         t0, c0 = time.perf_counter(), cpu()
-        guide = autoreparam.AutoHybrid(m.model)
+        guide = autoreparam.AutoHybrid(m.model, **({} if method == "auto" else {"method": method}))
         svi = SVI(m.model, guide, autoreparam.NaturalGradient(guide), autoreparam.HybridELBO(4))
         state = svi.init(jax.random.PRNGKey(0), *args, **kwargs)
         out.update(setup_seconds=time.perf_counter() - t0, setup_cpu=cpu() - c0, block_size=guide.conditional.size,
@@ -74,9 +78,10 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["32,32,10", "1000,100,10"], help="I,J,T per run, small first")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--method", choices=["auto", "dense", "cg"], default="auto", help="the conditional's solver")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "hybrid_scale.json")
     ns = p.parse_args(argv)
-    results = [run(*(int(x) for x in s.split(",")), ns.steps) for s in ns.sizes]
+    results = [run(*(int(x) for x in s.split(",")), ns.steps, ns.method) for s in ns.sizes]
     ns.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 

@@ -436,12 +436,6 @@ def _mean_se(e):
     return float(e.mean()), float(e.std(ddof=1) / np.sqrt(e.size)) if e.size > 1 else float("nan")
 
 
-def _float64(x):
-    if isinstance(x, (np.ndarray, jax.Array)) and jnp.issubdtype(x.dtype, jnp.floating):
-        return jnp.asarray(x, dtype=jnp.float64)
-    return x
-
-
 class HybridMethod:
     """``autoreparam.AutoHybrid`` with ``NaturalGradient`` and ``HybridELBO``, run like ``VIMethod`` (chunked,
     compiled ahead of time) but in float64 (the conditional's CG needs it; the other methods stay float32),
@@ -456,8 +450,7 @@ class HybridMethod:
         self.chunk = max(1, HYBRID_STEPS[mode] // n_ck)
         self.steps = self.chunk * n_ck
         with jax.enable_x64(True):
-            self.args = args = tuple(_float64(a) for a in args)
-            self.kwargs = kwargs = {k: _float64(v) for k, v in kwargs.items()}
+            self.args, self.kwargs = args, kwargs = inputs_for_float64((tuple(args), dict(kwargs)))
             t0 = time.perf_counter()
             self.guide = guide = autoreparam.AutoHybrid(model)
             self.svi = svi = SVI(model, guide, autoreparam.NaturalGradient(guide),

@@ -43,10 +43,20 @@ class HybridFit:
         return {n: (float(np.mean(v)), float(np.mean(np.std(v, axis=0)))) for n, v in self.samples.items()}
 
 
-def _float64(x):
-    if isinstance(x, (np.ndarray, jax.Array)) and jnp.issubdtype(x.dtype, jnp.floating):
-        return jnp.asarray(x, dtype=jnp.float64)
-    return x
+def inputs_for_float64(tree):
+    """The model inputs to use inside ``jax.enable_x64(True)``: float arrays as float64 JAX arrays, other
+    numpy arrays as fresh copies.
+
+    The copies keep the caller's own arrays usable afterwards with float64 off: JAX 0.10 caches the
+    conversion of a numpy array by the array's identity, not by precision, so an int64 index array
+    once converted under float64 stays int64 and later breaks ``x[index]`` in float32 code
+    ("lax.add requires arguments to have the same dtypes, got int64, int32").
+    """
+    def convert(x):
+        if isinstance(x, (np.ndarray, jax.Array)) and jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.asarray(x, dtype=jnp.float64)
+        return np.array(x) if isinstance(x, np.ndarray) else x
+    return jax.tree.map(convert, tree)
 
 
 def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", optimizer="natural",
@@ -68,8 +78,7 @@ def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", opt
     if not isinstance(num_samples, int) or num_samples < 1:
         raise InputError(f"fit_hybrid: num_samples must be a positive integer, got {num_samples!r}")
     with jax.enable_x64(True):
-        args = tuple(_float64(a) for a in args)
-        kwargs = {k: _float64(v) for k, v in kwargs.items()}
+        args, kwargs = inputs_for_float64((tuple(args), dict(kwargs)))
         guide = AutoHybrid(model, block=block, theta_guide=theta_guide, init_scale=init_scale)
         if optimizer == "natural":
             optim = NaturalGradient(guide, step_size if step_size is not None else decaying_step_size())

@@ -20,6 +20,7 @@ once when it is traced with float64 disabled.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -46,6 +47,11 @@ from .trace import isolated_from_handlers
 __all__ = ["AutoHybrid", "HybridELBO", "THETA_GUIDES"]
 
 THETA_GUIDES = ("normal", "lowrank", "full")
+#: Block size up to which the guide factorises H (Cholesky) instead of solving by CG: the dense path
+#: also gives the exact ELBO and ``resample_theta``. CPU time per SVI step with 4 theta draws on the
+#: tensor model (``benchmarks/bench_hybrid_scale.py --method dense|cg``, benchmarks/README.md):
+#: D = 213: 8 ms either way; D = 515: 48 ms dense, 12 ms CG; D = 1739: 860 ms dense, 51 ms CG.
+HYBRID_DENSE_BELOW = 250
 
 
 def _concrete(x) -> bool:
@@ -60,7 +66,9 @@ class AutoHybrid(AutoGuide):
     :param theta_guide: ``"normal"`` (mean-field, the default), ``"lowrank"`` or ``"full"``.
     :param init_scale: initial sd of q(theta) in the unconstrained space.
     :param rank: rank of the ``"lowrank"`` covariance factor (default: ``round(sqrt(dim theta))``).
-    :param conditional_options: passed to ``BlockConditional`` (solver options).
+    :param conditional_options: passed to ``BlockConditional`` (solver options; ``dense_below``
+        defaults to ``HYBRID_DENSE_BELOW``, not the conditional's own ``DENSE_BELOW``: with several
+        theta draws per step the factorisation pays for itself on larger blocks).
 
     Parameters (``prefix`` defaults to ``"auto"``): ``{prefix}_loc`` and ``{prefix}_log_scale``
     (the mean and log sd of the unconstrained theta vector), ``{prefix}_scale_tril_offdiag``
@@ -100,10 +108,11 @@ class AutoHybrid(AutoGuide):
         self.theta_guide = theta_guide
         self.init_scale = float(init_scale)
         self.rank = rank
-        self.conditional_options = conditional_options
+        self.conditional_options = {"dense_below": HYBRID_DENSE_BELOW, **conditional_options}
         self.theta_names: tuple[str, ...] = ()
         self.z_names: tuple[str, ...] = ()
         self._warned_float32 = False
+        self._compiled_draws = {}
         super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn)
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -279,6 +288,26 @@ class AutoHybrid(AutoGuide):
             raise InputError("AutoHybrid.sample_posterior: resample_theta needs log p(y, theta), which the block "
                              f"({self.conditional.size} values, above the dense threshold) does not have")
 
+        draw = functools.partial(self._draw_posterior, args=args, kwargs=kwargs, n=n,
+                                 resample_theta=resample_theta)
+        # One compile per set of inputs (keyed by their identities; the entry keeps them alive) and
+        # draw count: sample_posterior is called at every checkpoint of a fit.
+        cache_key = (tuple(id(x) for x in jax.tree.leaves((args, kwargs))), n, resample_theta)
+        compiled, _ = self._compiled_draws.get(cache_key) or (jax.jit(draw), (args, kwargs))
+        if not all(_concrete(x) for x in jax.tree.leaves((args, kwargs, rng_key, params))):
+            compiled = draw  # already inside a jit: compiled with the caller's function
+        try:
+            draws = compiled(rng_key, params)
+            self._compiled_draws.pop(cache_key, None)
+            self._compiled_draws = {**dict(list(self._compiled_draws.items())[-3:]),
+                                    cache_key: (compiled, (args, kwargs))}
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                jax.errors.TracerIntegerConversionError, jax.errors.TracerBoolConversionError):
+            draws = draw(rng_key, params)  # the model's Python code needs concrete values: run it eagerly
+        return {k: jnp.reshape(v, tuple(sample_shape) + jnp.shape(v)[1:]) for k, v in draws.items()}
+
+    def _draw_posterior(self, rng_key, params, *, args, kwargs, n, resample_theta):
+        """``sample_posterior``'s draws, flat (``n`` of them): a pure function of the key and the params."""
         def complete(key, theta):
             k_z, k_model = jax.random.split(key)
             with handlers.block():
@@ -308,7 +337,7 @@ class AutoHybrid(AutoGuide):
             theta = {}
         with handlers.block():
             draws = jax.vmap(complete)(jax.random.split(key_rest, n), theta)
-        return {k: jnp.reshape(v, tuple(sample_shape) + jnp.shape(v)[1:]) for k, v in draws.items()}
+        return draws
 
     def median(self, params, *args, **kwargs):
         """theta: the median of q(theta) (loc, mapped to the constrained space); z: its conditional mean

@@ -1,6 +1,12 @@
 """The names the docstring examples in src/autoreparam use (pytest collects them as doctests)."""
 
+import os
+
 import pytest
+
+# Small dense linear algebra is far slower with BLAS threads competing for 2 cores (two test
+# processes already share them); set before numpy is imported by the tests.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # Inputs and golden outputs of the emitter: read as text by the tests, never imported as modules.
 collect_ignore_glob = ["tests/cases/*"]

@@ -112,10 +112,13 @@ def hybrid_line(m: dict) -> str:
               f"CG, {s['cg_iterations_per_draw']:.0f} iterations per draw (block of {s['block_size']:,} values)")
     elbo = ("hybrid ELBO with the Laplace log p(y, theta)" if s.get("laplace") else "exact hybrid ELBO") \
         if s["dense"] else "no ELBO (CG path: the loss is the joint surrogate)"
-    if s.get("sir_sd_ratio_worst") is not None:
-        elbo += (f"; with theta resampled by p(y, theta) / q(theta) (SIR, 4 proposals per draw): worst sd ratio "
-                 f"{worst(s['sir_sd_ratio_worst'], s['sir_sd_ratio_worst_site'])}, worst mean err "
-                 f"{worst(s['sir_mean_err_worst'], s['sir_mean_err_worst_site'])}")
+    draws = (f"the draws are fit_hybrid's: theta resampled by p(y, theta) / q(theta) (SIR, {s['resample_theta']} "
+             "proposals per draw)" if s.get("resample_theta") else "the draws are plain draws of q(theta) p(z | theta, y)")
+    if s.get("plain_sd_ratio_worst") is not None:
+        draws += (f"; plain draws of q (no resampling): worst sd ratio "
+                  f"{worst(s['plain_sd_ratio_worst'], s['plain_sd_ratio_worst_site'])}, worst mean err "
+                  f"{worst(s['plain_mean_err_worst'], s['plain_mean_err_worst_site'])}")
+    elbo += "; " + draws
     return (f"hybrid: target worst-site sd ratio in [{lo}, {hi}] and worst mean err <= {t['mean_err']} ref sds: "
             f"{reached}, met at the end in {s['target_met_at_end']}/{s['seeds']} seeds; "
             f"{f(s['seconds_per_1000_steps'])} s / 1k steps{cost}; conditional: {solver}; theta = "

@@ -8,7 +8,9 @@ It shares nothing with ``autoreparam`` but the definitions:
   ``arg_constraints``), each taken through ``biject_to(constraint).inv`` (the link: ``log`` for
   a positive rate, ``logit`` for probabilities), flattened and concatenated;
 * ``J_A`` is the dense Jacobian (``jax.jacfwd``) of those parameters with respect to the
-  flattened site ``A``, taken at both points, and all linear algebra is float64 numpy SVDs.
+  flattened UNCONSTRAINED value of site ``A`` (``biject_to(support).inv``; the identity for real
+  sites), taken at both points, and all linear algebra is float64 numpy SVDs. Directions and dims
+  are thus those of the sites' degrees of freedom (one for a 2 x 2 ``LKJCholesky``).
 
 For an observed site and a pair {A, B} that it depends on:
 
@@ -17,7 +19,8 @@ For an observed site and a pair {A, B} that it depends on:
                - nullity([J_A1; J_A2]) - nullity([J_B1; J_B2])       minus the trivial ones
 
 A pair is "additive" when its global dim is positive and "local" (only at a point) when the
-global dim is 0 but the local dim is positive. One direction of every additive pair is
+global dim is 0 but the local dim is positive. Inside one site A, the directions that the observed
+site sees at neither point number nullity([J_A1; J_A2]), counted on the values of A it reads. One direction of every additive pair is
 verified by a finite step: the observed site's ``log_prob`` at the data does not change.
 """
 
@@ -112,6 +115,8 @@ class OracleResult:
     additive: dict[tuple[str, str, str], int] = field(default_factory=dict)
     local_only: set[tuple[str, str, str]] = field(default_factory=set)
     local_dims: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    # directions inside one site: {(observed, site): nullity of [J_1; J_2] on the values it reads}
+    within: dict[tuple[str, str], int] = field(default_factory=dict)
     depends: dict[str, list[str]] = field(default_factory=dict)
     # one verified invariant direction per additive pair: (da, db) flat
     directions: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
@@ -169,8 +174,9 @@ def oracle(model, *args, check_steps: bool = True, **kwargs) -> OracleResult:
     observed = [n for n, s in tr0.items() if s["type"] == "sample" and s["is_observed"]]
     fixed = {n: s["value"] for n, s in tr0.items()
              if s["type"] == "sample" and not s["is_observed"] and n not in latent}
-    shapes = {n: jnp.shape(tr0[n]["value"]) for n in latent}
-    sizes = {n: int(np.prod(shapes[n], dtype=np.int64)) for n in latent}
+    transforms = [{n: biject_to(p[n]["fn"].support) for n in latent} for p in points]
+    unconstrained = [{n: t[n].inv(jnp.asarray(p[n]["value"])) for n in latent} for t, p in zip(transforms, points)]
+    sizes = {n: int(np.size(unconstrained[0][n])) for n in latent}
 
     def params(values):
         tr = m.trace({**values, **fixed})
@@ -178,10 +184,13 @@ def oracle(model, *args, check_steps: bool = True, **kwargs) -> OracleResult:
 
     jac_fn = jax.jit(jax.jacfwd(params))
     jacs = []
-    for p in points:
+    for which, p in enumerate(points):
         theta = {n: jnp.asarray(p[n]["value"]) for n in latent}
         raw = jac_fn(theta)
-        jacs.append({o: {n: np.asarray(raw[o][n], dtype=np.float64).reshape(-1, sizes[n])
+        # chain rule: d params / d u = d params / d theta @ d theta / d u (the support's bijection)
+        dtheta_du = {n: np.asarray(jax.jacfwd(transforms[which][n])(unconstrained[which][n]),
+                                   dtype=np.float64).reshape(np.size(theta[n]), sizes[n]) for n in latent}
+        jacs.append({o: {n: np.asarray(raw[o][n], dtype=np.float64).reshape(-1, np.size(theta[n])) @ dtheta_du[n]
                          for n in latent} for o in observed})
     res = OracleResult(latent, observed, sizes, (jacs[0], jacs[1]))
     res.points = tuple({n: jnp.asarray(p[n]["value"]) for n in latent} for p in points)
@@ -190,6 +199,11 @@ def oracle(model, *args, check_steps: bool = True, **kwargs) -> OracleResult:
     for o in observed:
         deps = [n for n in latent if np.any(jacs[0][o][n] != 0) or np.any(jacs[1][o][n] != 0)]
         res.depends[o] = deps
+        for n in deps:
+            stacked = np.vstack([jacs[0][o][n], jacs[1][o][n]])
+            read = stacked[:, np.linalg.norm(stacked, axis=0) > 0]
+            if read.shape[1] - rank(read) > 0:
+                res.within[(o, n)] = read.shape[1] - rank(read)
         for i, a in enumerate(deps):
             for b in deps[i + 1:]:
                 ja1, jb1 = jacs[0][o][a], jacs[0][o][b]
@@ -211,7 +225,7 @@ def oracle(model, *args, check_steps: bool = True, **kwargs) -> OracleResult:
                     res.local_only.add(key)
     if check_steps:
         for key, (da, db) in res.directions.items():
-            res.step_checks[key] = _step_check(m, points, latent, fixed, shapes, key, da, db)
+            res.step_checks[key] = _step_check(m, points, latent, fixed, transforms, key, da, db)
     return res
 
 
@@ -229,7 +243,7 @@ def _nontrivial_direction(both, n_a, ja_stack, jb_stack):
     return v[:n_a], v[n_a:]
 
 
-def _step_check(m, points, latent, fixed, shapes, key, da, db) -> tuple[float, float]:
+def _step_check(m, points, latent, fixed, transforms, key, da, db) -> tuple[float, float]:
     """Step along (da, db) at both points; the observed site's log_prob must not change.
 
     Returns (worst relative change along the invariant direction, smallest relative change
@@ -239,8 +253,9 @@ def _step_check(m, points, latent, fixed, shapes, key, da, db) -> tuple[float, f
     rng = np.random.default_rng(0)
     worst_inv, least_rnd = 0.0, np.inf
     size = 0.5 / max(np.abs(da).max(initial=0), np.abs(db).max(initial=0))
-    for p in points:
+    for p, transform in zip(points, transforms):
         base = {n: jnp.asarray(p[n]["value"]) for n in latent}
+        u = {n: transform[n].inv(base[n]) for n in latent}
 
         def lp(values):
             s = m.trace({**values, **fixed})[o]
@@ -248,8 +263,8 @@ def _step_check(m, points, latent, fixed, shapes, key, da, db) -> tuple[float, f
 
         def moved(ua, ub):
             v = dict(base)
-            v[a] = base[a] + jnp.asarray(ua, dtype=base[a].dtype).reshape(shapes[a])
-            v[b] = base[b] + jnp.asarray(ub, dtype=base[b].dtype).reshape(shapes[b])
+            v[a] = transform[a](u[a] + jnp.asarray(ua, dtype=u[a].dtype).reshape(jnp.shape(u[a])))
+            v[b] = transform[b](u[b] + jnp.asarray(ub, dtype=u[b].dtype).reshape(jnp.shape(u[b])))
             return v
 
         lp0 = lp(base)

@@ -264,3 +264,26 @@ def test_oracle_shared_part_helpers_are_consistent():
     q = orth(jd)
     np.testing.assert_allclose(q @ (q.T @ (ja @ v)), ja @ v, atol=1e-6)
     assert null_space(ja).shape[1] == 0
+
+
+# -- directions inside one site ------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_within_site_directions_match_hand_derived_and_oracle(name):
+    zm, report = analysed(name)
+    found = {(w.observed, w.site): w.dim for w in report.within}
+    assert oracled(name).within == zm.within
+    assert found == zm.within
+
+
+@pytest.mark.parametrize("name", [b().name for b in zoo.BUILDERS if b().within])
+def test_within_site_directions_leave_the_likelihood_unchanged(name):
+    """Every reported basis vector is null for the oracle's Jacobians at both points; the residual is tiny."""
+    _, report = analysed(name)
+    orc = oracled(name)
+    for w in report.within:
+        assert w.residual < 1e-4, (w.site, w.residual)
+        assert w.basis.shape == (orc.sizes[w.site], w.dim)
+        for which in (0, 1):
+            j = orc.J(w.observed, w.site, which)
+            assert np.abs(j @ w.basis).max() <= 1e-4 * np.abs(j).max(), (w.site, which)
+        assert np.linalg.matrix_rank(w.basis) == w.dim

@@ -335,3 +335,20 @@ def test_discrete_site_is_a_note(tmp_path, capsys):
     assert "note: site 'k' is discrete" in out and "[discrete: left out]" in out
     code, out, err = run(capsys, path, "--json")
     assert any("'k'" in n for n in json.loads(out)["notes"])
+
+
+def test_analyze_reports_directions_inside_one_site_in_text_and_json(capsys):
+    """docs/examples/inside_one_site.py: collinear design columns and a giver/receiver sum (README output)."""
+    path = os.path.join(ROOT, "docs", "examples", "inside_one_site.py")
+    code, out, err = run(capsys, path)
+    assert code == 0, err
+    assert "directions inside one site (2):" in out
+    assert "{beta}  dim 1    in y: reads 5 values of beta through a rank-4 map; beta[0] - beta[1] - beta[2] - beta[3]" in out
+    assert "gr[0, 0] - gr[0, 1], gr[1, 0] - gr[1, 1], gr[2, 0] - gr[2, 1], ..." in out
+    assert "note: site 'gr' has 4 directions inside it that 'y' does not see; the plan leaves them to the prior" in out
+    code, out, err = run(capsys, path, "--json")
+    assert code == 0, err
+    within = json.loads(out)["within"]
+    assert [(w["site"], w["dim"], w["rank"]) for w in within] == [("beta", 1, 4), ("gr", 4, 4)]
+    assert within[1]["directions"] == ["gr[0, 0] - gr[0, 1]", "gr[1, 0] - gr[1, 1]", "gr[2, 0] - gr[2, 1]"]
+    assert max(w["residual"] for w in within) < 1e-4

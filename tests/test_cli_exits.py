@@ -73,6 +73,22 @@ def one_line(err, start, *fragments):
     return lines[0]
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_as_in_a_shell():
+    """Ctrl-C tests need SIGINT as an interactive shell gives it: a run started in the background
+    (``pytest &``) inherits SIGINT ignored, and then Python never raises KeyboardInterrupt."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        yield
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        yield
+
+
+def sigint_default_in_child():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # the child's Python then installs its own handler
+
+
 @pytest.fixture
 def workdir(tmp_path):
     """A folder with an output folder in it; analyze runs ask for a graph and an emitted config."""
@@ -219,7 +235,8 @@ def test_ctrl_c_while_jax_is_imported_stops_the_command(workdir):
     target = workdir / "out" / "cfg.py"
     proc = subprocess.run([sys.executable, "-c", PRESS_CTRL_C_DURING_JAX_IMPORT, "analyze", str(path),
                            "--emit", "config", "-o", str(target)], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+                          timeout=600, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+                          preexec_fn=sigint_default_in_child)
     assert proc.returncode == 130, proc.stderr
     assert proc.stdout == ""
     one_line(proc.stderr, "autoreparam: interrupted (Ctrl-C) while loading JAX", "nothing written")

@@ -357,20 +357,20 @@ def test_warns_once_in_float32():
             jax.jit(lambda st: svi.update(st, group, y=y))(state)
 
 
-def test_fit_hybrid_leaves_the_callers_index_arrays_usable_in_float32():
-    group = GROUP.copy()
-    with jax.enable_x64(False):
-        autoreparam.fit_hybrid(random_intercepts, group, y=Y.copy(), block=RI_BLOCK, steps=5, num_samples=2)
-        assert jnp.zeros(G)[group].dtype == jnp.float32  # raised "int64, int32" when fit_hybrid used group itself
-
-
 def test_fit_hybrid_one_line():
+    group = GROUP.copy()  # never used under float64 by this module's other tests
     with jax.enable_x64(False):  # the module's x64 fixture may be active
-        fit = autoreparam.fit_hybrid(random_intercepts, GROUP, y=Y, block=RI_BLOCK, steps=300, num_samples=200)
+        fit = autoreparam.fit_hybrid(random_intercepts, group, y=Y, block=RI_BLOCK, steps=300, num_samples=200)
         assert not jax.config.jax_enable_x64  # the fit's float64 was local
+        # The caller's index array still works in float32: it raised "int64, int32" when fit_hybrid
+        # ran the model on the array itself (JAX caches its conversion by identity, not precision).
+        assert jnp.zeros(G)[group].dtype == jnp.float32
     assert set(fit.samples) == {"tau", "sigma", "mu", "a", "group_mean"}
     assert fit.samples["a"].shape == (200, G) and fit.samples["a"].dtype == np.float64
     assert np.isfinite(fit.elbo) and len(fit.losses) == 300
+    assert fit.resample_theta == 4  # a dense block: the draws of theta are importance-resampled by default
+    with pytest.raises(InputError, match="resample_theta must be 'auto' or an integer >= 0, got -1"):
+        autoreparam.fit_hybrid(random_intercepts, GROUP, y=Y, block=RI_BLOCK, resample_theta=-1)
 
 
 def test_resampled_theta_corrects_a_poor_q(fitted, quadrature):

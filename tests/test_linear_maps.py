@@ -322,3 +322,16 @@ def test_random_mixed_against_dense(seed):
         pytest.skip("numerically ambiguous example")
     check_against_dense(DenseMap(X), gb)
     check_against_dense(gb, DenseMap(X))
+
+
+def test_within_site_directions_sparse_null_space_of_read_values():
+    from autoreparam.linear_maps import within_site_directions
+    g = np.array([0, 1, 2, 0, 1, 2, 1])
+    X = np.column_stack([np.ones(7), np.eye(3)[g], np.zeros(7), np.linspace(-1, 1, 7)])
+    basis = within_site_directions(DenseMap(X))  # the zero column (never read) is no direction
+    np.testing.assert_allclose(basis.T, [[1.0, -1.0, -1.0, -1.0, 0.0, 0.0]], atol=1e-9)
+    wide = np.zeros((2, 4))
+    wide[0, :2] = wide[1, 2:] = 1.0  # fewer rows than values: one direction per row
+    np.testing.assert_allclose(within_site_directions(DenseMap(wide)).T, [[1, -1, 0, 0], [0, 0, 1, -1]], atol=1e-9)
+    assert within_site_directions(DenseMap(np.random.default_rng(0).normal(size=(6, 3)))).shape == (3, 0)
+    assert within_site_directions(GatherMap(np.array([0, 1, 1]), np.ones(3), 3)).shape == (3, 0)

@@ -38,6 +38,7 @@ class ZooModel:
     funnels: dict = field(default_factory=dict)  # {site: scale_parents}
     control: bool = False
     local: set = field(default_factory=set)  # pairs with only a local (multiplicative) direction
+    within: dict = field(default_factory=dict)  # {(observed, site): dim} of directions inside one site
 
 
 def _rng(seed):
@@ -495,11 +496,120 @@ def _eight_schools_noncentered():
                     local={("obs", "mu", "theta_tilde"), ("obs", "tau", "theta_tilde")})
 
 
+# --------------------------------------------------------------------------------------------
+# constrained supports: directions are taken in the unconstrained space of each site
+# --------------------------------------------------------------------------------------------
+def lkj_model(g, x, n_group, y=None):
+    """Correlated varying intercepts and slopes: (diag(sigma) @ L_Rho @ z)[:, g] (Rethinking's m14.1)."""
+    L_Rho = numpyro.sample("L_Rho", dist.LKJCholesky(2, 2.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0).expand([2]).to_event(1))
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2, n_group]).to_event(2))
+    ab = jnp.diag(sigma) @ L_Rho @ z
+    a_bar = numpyro.sample("a_bar", dist.Normal(0.0, 1.0))
+    s = numpyro.sample("s", dist.HalfNormal(1.0))
+    with numpyro.plate("data", g.shape[0]):
+        numpyro.sample("y", dist.Normal(a_bar + ab[0, g] + ab[1, g] * x, s), obs=y)
+
+
+def _lkj():
+    g = np.tile(np.arange(4), 3)
+    x = np.linspace(-1.0, 1.0, g.size).astype(np.float32)
+    y = _rng(15).normal(size=g.size).astype(np.float32)
+    # L_Rho has one degree of freedom (its correlation), sigma two, z eight. Every group's pair of
+    # effects is an invertible map of z[:, g], so z can undo any move of L_Rho (dim 1), of sigma
+    # (dim 2) or of a_bar (dim 1), at a point only. L_Rho and sigma cannot undo each other: L_Rho's
+    # one direction moves only the slopes, and not proportionally to them (no {L_Rho, sigma}).
+    return ZooModel("lkj", lkj_model, (g, x, 4), {"y": y}, {}, {"y": ["a_bar"]}, control=True,
+                    local={("y", "L_Rho", "z"), ("y", "sigma", "z"), ("y", "z", "a_bar")})
+
+
+def simplex_model(g, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    w = numpyro.sample("w", dist.Dirichlet(jnp.ones(3)))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("data", g.shape[0]):
+        numpyro.sample("y", dist.Normal(mu + 2.0 * w[g], sigma), obs=y)
+
+
+def _simplex():
+    # w cannot move all its levels together (they sum to one): mu + c, w - c/2 leaves the simplex,
+    # so {mu, w} is no direction at all, additive or local
+    g = np.array([0, 1, 2, 0, 1, 2, 2])
+    return ZooModel("simplex", simplex_model, (g,), {"y": _rng(16).normal(size=7).astype(np.float32)},
+                    {}, {"y": ["mu"]}, control=True)
+
+
+def positive_effects_model(g, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    b = numpyro.sample("b", dist.HalfNormal(1.0).expand([3]).to_event(1))
+    with numpyro.plate("data", g.shape[0]):
+        numpyro.sample("y", dist.Normal(mu + b[g], 1.0), obs=y)
+
+
+def _positive_effects():
+    # in b's unconstrained values (log b) the trade-off mu + c, b - c is a curve, not a line: it is
+    # a direction at a point (dim 1), not an additive pair, and b is no additive term
+    g = np.array([0, 1, 2, 0, 1, 2, 2])
+    return ZooModel("positive_effects", positive_effects_model, (g,), {"y": _rng(20).normal(size=7).astype(np.float32)},
+                    {}, {"y": ["mu"]}, control=True, local={("y", "mu", "b")})
+
+
+# --------------------------------------------------------------------------------------------
+# directions inside one site
+# --------------------------------------------------------------------------------------------
+def collinear_design_model(X, y=None):
+    beta = numpyro.sample("beta", dist.Normal(0.0, 1.0).expand([X.shape[1]]).to_event(1))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("data", X.shape[0]):
+        numpyro.sample("y", dist.Normal(X @ beta, sigma), obs=y)
+
+
+def _collinear_design():
+    # an intercept column and one-hot columns for all three groups: the intercept equals their sum,
+    # so beta[0] - beta[1] - beta[2] - beta[3] is invisible to y (rank 4 of 5)
+    g = np.array([0, 1, 2, 0, 1, 2, 1, 0])
+    X = np.column_stack([np.ones(8), np.eye(3)[g], np.linspace(-1.0, 1.0, 8)]).astype(np.float32)
+    return ZooModel("collinear_design", collinear_design_model, (X,), {"y": _rng(17).normal(size=8).astype(np.float32)},
+                    {}, {"y": ["beta"]}, control=True, within={("y", "beta"): 1})
+
+
+def giver_receiver_model(g, n, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    gr = numpyro.sample("gr", dist.MultivariateNormal(jnp.zeros(2), jnp.array([[1.0, 0.5], [0.5, 1.0]]))
+                        .expand([n]).to_event(1))
+    with numpyro.plate("data", g.shape[0]):
+        numpyro.sample("y", dist.Poisson(jnp.exp(mu + gr[g, 0] + gr[g, 1])), obs=y)
+
+
+def _giver_receiver():
+    # each household's giving gr[h, 0] and receiving gr[h, 1] enter one predictor as a sum: one
+    # direction per household (gr[h, 0] - gr[h, 1]); gr also absorbs mu (dim 1)
+    g = np.array([0, 1, 2, 0, 1, 2, 2])
+    return ZooModel("giver_receiver", giver_receiver_model, (g, 3), {"y": _rng(18).poisson(2.0, 7).astype(np.float32)},
+                    {("y", "mu", "gr"): 1}, {"y": ["mu", "gr"]}, within={("y", "gr"): 3})
+
+
+def scaled_giver_receiver_model(g, n, y=None):
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    gr = numpyro.sample("gr", dist.Normal(0.0, 1.0).expand([n, 2]).to_event(2))
+    with numpyro.plate("data", g.shape[0]):
+        numpyro.sample("y", dist.Normal(tau * (gr[g, 0] + gr[g, 1]), 1.0), obs=y)
+
+
+def _scaled_giver_receiver():
+    # gr is not additive (tau scales it) but gr[h, 0] - gr[h, 1] is invisible at every point; tau
+    # against gr is a scale trade-off at a point only
+    g = np.array([0, 1, 2, 0, 1, 2, 2])
+    return ZooModel("scaled_giver_receiver", scaled_giver_receiver_model, (g, 3),
+                    {"y": _rng(19).normal(size=7).astype(np.float32)}, {}, {"y": []}, control=True,
+                    local={("y", "tau", "gr")}, within={("y", "gr"): 3})
+
+
 BUILDERS = [
     _tensor, _county, _crossed, _crossed_disconnected, _signed, _nested, _nested_sparse,
     _interaction, _bernoulli, _poisson, _deterministic, _vector, _design, _design_unscaled,
     _hetero, _two_obs, _multi_membership, _regression, _factor, _eight_schools,
-    _eight_schools_noncentered,
+    _eight_schools_noncentered, _lkj, _simplex, _positive_effects, _collinear_design, _giver_receiver, _scaled_giver_receiver,
 ]
 
 

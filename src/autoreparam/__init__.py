@@ -17,8 +17,8 @@ _EXPORTS = {
     "AutoreparamError": "errors", "InputError": "errors", "ModelError": "errors",
     "Offset": "plan", "Plan": "plan", "PlanError": "plan", "SitePlan": "plan",
     "ConditionalOffsetReparam": "reparam", "record_values": "reparam",
-    "auto": "api", "reparameterize": "api", "auto_mcmc": "api", "choose_mcmc": "collapsed",
-    "Funnel": "report", "Invariance": "report", "Report": "report", "Term": "report",
+    "auto": "api", "reparameterize": "api", "unwrap": "api", "auto_mcmc": "api", "choose_mcmc": "collapsed",
+    "Existing": "report", "Funnel": "report", "Invariance": "report", "Report": "report", "Term": "report",
     "Plate": "trace", "Site": "trace",
     "AutoHybrid": "hybrid", "HybridELBO": "hybrid", "NaturalGradient": "natural",
     "decaying_step_size": "natural", "fit_hybrid": "fit", "HybridFit": "fit",
@@ -26,7 +26,7 @@ _EXPORTS = {
 _SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__))
 
 if TYPE_CHECKING:
-    from .api import analyze, auto, auto_mcmc, reparameterize
+    from .api import analyze, auto, auto_mcmc, reparameterize, unwrap
     from .collapsed import CollapsedPosterior, choose_mcmc, collapsed_mcmc, gibbs_mcmc
     from .emit import EmitResult, emit_config, emit_source
     from .fit import HybridFit, fit_hybrid
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .errors import AutoreparamError, InputError, ModelError
     from .plan import Offset, Plan, PlanError, SitePlan
     from .reparam import ConditionalOffsetReparam, record_values
-    from .report import Funnel, Invariance, Report, Term
+    from .report import Existing, Funnel, Invariance, Report, Term
     from .trace import Plate, Site
 
 __all__ = [
@@ -50,6 +50,8 @@ __all__ = [
     "reparameterize",
     "auto_mcmc",
     "choose_mcmc",
+    "unwrap",
+    "Existing",
     "record_values",
     "ConditionalOffsetReparam",
     "Offset",

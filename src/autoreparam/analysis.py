@@ -22,9 +22,9 @@ from numpyro.distributions import biject_to
 from .block import block_for_report
 from .errors import ModelError
 from .graph import build_graph
-from .linear_maps import DenseMap, GatherMap, shared_subspace
+from .linear_maps import DenseMap, GatherMap, shared_subspace, within_site_directions
 from .notes import Note, NoteKind
-from .report import Funnel, Invariance, Report, Term
+from .report import Existing, Funnel, Invariance, Report, Term, WithinSite
 from .trace import (
     _TRACER_ERRORS,
     ModelTrace,
@@ -104,6 +104,7 @@ def _analyze(model, args, kwargs) -> tuple[Report, ModelTrace]:
                     invariances.append(Invariance(y, (ta.site, tb.site), "additive", sub.dim,
                                                   residual, sub.structure, sub))
         invariances += probe.local_tradeoffs(y, [t.site for t in terms[y]], nonadditive[y], params_of)
+    within = [w for y in mt.observed_names for w in probe.within(y, terms[y], nonadditive[y])]
     invariances.sort(key=lambda inv: (mt.sites[inv.observed].order, mt.sites[inv.sites[0]].order,
                                       mt.sites[inv.sites[1]].order))
 
@@ -116,7 +117,53 @@ def _analyze(model, args, kwargs) -> tuple[Report, ModelTrace]:
     if block_note:
         notes.append(Note(block_note, NoteKind.NO_GAUSSIAN_BLOCK))
     return Report(_model_name(model), mt.sites, graph, terms, invariances, funnels, notes,
-                  hyperparameters=probe.hyperparameters(), block=block), mt
+                  hyperparameters=probe.hyperparameters(), block=block,
+                  existing=_existing_in_trace(mt, probe, invariances, terms), within=within), mt
+
+
+
+def _existing_in_trace(mt: ModelTrace, probe: "_Probe", invariances: list[Invariance],
+                       terms: dict[str, list[Term]]) -> list[Existing]:
+    """Sites the model already non-centres: ``x_decentered`` latents, and ``a_raw`` in ``mu + tau * a_raw``.
+
+    By hand: a latent Normal with no latent parent that has a local (multiplicative) trade-off in a
+    likelihood with a latent of positive support (its scale); its loc partners are the additive
+    terms it also trades off against there.
+    """
+    sites = mt.sites
+    out = []
+    decentered = set()
+    for name, site in sites.items():
+        base = name[:-len("_decentered")] if name.endswith("_decentered") else None
+        if site.type != "latent" or not base or sites.get(base) is None or sites[base].type != "deterministic":
+            continue
+        decentered.add(name)
+        learned = f"{base}_centered" in sites and sites[f"{base}_centered"].type == "param"
+        out.append(Existing(base, "decentered",
+                            f"{base} = loc + scale * {name}: non-centred already"
+                            + (f" (centredness learned in param '{base}_centered')" if learned else
+                               " (LocScaleReparam or code emitted by autoreparam)")))
+    local = [i for i in invariances if i.kind != "additive"]
+    for name in probe.names:
+        site = sites[name]
+        if name in decentered or site.distribution != "Normal" or site.is_discrete:
+            continue
+        if any(a != name and probe.depends(a, name) for a in probe.names):
+            continue  # its prior reads another latent: not a fixed standard variable
+        for y in mt.observed_names:
+            partners = [i.sites[0] if i.sites[1] == name else i.sites[1]
+                        for i in local if i.observed == y and name in i.sites]
+            scales = [p for p in partners if sites[p].support == "positive"]
+            if not scales:
+                continue
+            additive = {t.site for t in terms[y]}
+            locs = [p for p in partners if p in additive]
+            loc = " + ".join(locs) + " + " if locs else ""
+            out.append(Existing(name, "by hand",
+                                f"{name} enters {y} as {loc}{' * '.join(scales)} * {name}, with a fixed Normal prior: "
+                                "non-centred by hand"))
+            break
+    return out
 
 
 def _model_name(model) -> str:
@@ -149,6 +196,14 @@ def _linked(value, constraint):
         return value
 
 
+def _has_array_bounds(constraint) -> bool:
+    base = getattr(constraint, "base_constraint", None)
+    if base is not None:
+        return _has_array_bounds(base)
+    return any(np.ndim(v) > 0 or isinstance(v, jax.Array) for v in vars(constraint).values()
+               if isinstance(v, (np.ndarray, jax.Array, float, int)))
+
+
 class _Probe:
     """The model linearised at two random points, with JVP probes per latent site.
 
@@ -164,6 +219,9 @@ class _Probe:
         self.fixed = {n: v for n, v in p1.items() if n not in self.names}
         self.theta1 = {n: jnp.asarray(p1[n]) for n in self.names}
         self.theta2 = {n: jnp.asarray(p2[n]) for n in self.names}
+        self.transforms = self._support_transforms()
+        self.u1 = self._unconstrained(self.theta1, 0)
+        self.u2 = self._unconstrained(self.theta2, 1)
         self.rng = np.random.default_rng(0)
         self._check_traceable()
         self.layout = self._layout()
@@ -177,6 +235,32 @@ class _Probe:
         self._pushforward = self._compile_pushforward()
         self._dense_cache: dict[str, dict[str, np.ndarray]] = {}
         self._probes: dict[str, dict] = {}
+
+    # -- unconstrained coordinates ---------------------------------------------------------
+    def _support_transforms(self) -> dict[str, tuple[Any, Any]]:
+        """``biject_to(support)`` at both points for every latent site whose support is not real.
+
+        Tangents are taken in the unconstrained space: a direction that a constrained site cannot
+        move along (off the simplex, off the unit-diagonal Cholesky factors of LKJ) is no direction.
+        """
+        constrained = [n for n in self.names if self.mt.sites[n].support not in LOC_SCALE_SUPPORTS]
+        if not constrained:
+            return {}
+        first = self.mt.run({**self.theta1, **self.fixed})
+        # A support with array bounds may move with the point (Uniform(0, upper) with a latent upper).
+        moves = any(_has_array_bounds(first[n]["fn"].support) for n in constrained)
+        second = self.mt.run({**self.theta2, **self.fixed}) if moves else first
+        return {n: (biject_to(first[n]["fn"].support), biject_to(second[n]["fn"].support)) for n in constrained}
+
+    def _unconstrained(self, theta: dict, which: int) -> dict:
+        return {n: (self.transforms[n][which].inv(v) if n in self.transforms else v) for n, v in theta.items()}
+
+    def size_of(self, name: str) -> int:
+        """Degrees of freedom of a latent site: the size of its unconstrained value."""
+        return int(np.size(self.u1[name]))
+
+    def is_constrained(self, name: str) -> bool:
+        return name in self.transforms
 
     # -- the linearised model -------------------------------------------------------------
     def _outputs(self, values):
@@ -215,12 +299,18 @@ class _Probe:
         start = 0
         for n in self.names:
             self._starts[n] = start
-            start += int(np.size(self.theta1[n]))
+            start += int(np.size(self.u1[n]))
         self._size = start
+        transforms = self.transforms
 
         def unravel(t):
             return {n: jnp.reshape(t[self._starts[n]:self._starts[n] + int(np.size(v))], jnp.shape(v)).astype(v.dtype)
-                    for n, v in self.theta1.items()}
+                    for n, v in self.u1.items()}
+
+        def constrained_tangent(u, tangent, which):
+            # d theta = (d biject_to(support) / du) du: a tangent of the site's support
+            return {n: (jax.jvp(transforms[n][which], (u[n],), (t,))[1] if n in transforms else t)
+                    for n, t in tangent.items()}
         order = [(s, p) for s, (slices, _) in self.layout.items() for p in slices]
 
         @staged_if_possible
@@ -231,8 +321,11 @@ class _Probe:
 
         def both(theta1, theta2, t):
             tangent = unravel(t)
-            return (jax.jvp(flat_outputs, (theta1,), (tangent,))[1],
-                    jax.jvp(flat_outputs, (theta2,), (tangent,))[1])
+            if not transforms:
+                return (jax.jvp(flat_outputs, (theta1,), (tangent,))[1],
+                        jax.jvp(flat_outputs, (theta2,), (tangent,))[1])
+            return (jax.jvp(flat_outputs, (theta1,), (constrained_tangent(self.u1, tangent, 0),))[1],
+                    jax.jvp(flat_outputs, (theta2,), (constrained_tangent(self.u2, tangent, 1),))[1])
 
         return jit_quick(jax.vmap(both, in_axes=(None, None, 0)), self.batch * (self._n_out + self._size))
 
@@ -241,7 +334,7 @@ class _Probe:
         rows = np.zeros((len(tangents), self._size), dtype=self._dtype)
         for i, updates in enumerate(tangents):
             for n, v in updates.items():
-                values = np.asarray(v).astype(self.theta1[n].dtype)
+                values = np.asarray(v).astype(self.u1[n].dtype)
                 rows[i, self._starts[n]:self._starts[n] + values.size] = values.ravel()
         out1, out2 = [], []
         for s in range(0, len(tangents), self.batch):
@@ -284,7 +377,7 @@ class _Probe:
             # Every site's probes at once (drawn in program order, as one site at a time would).
             draws = {}
             for n in self.names:
-                size = self.mt.sites[n].size
+                size = self.size_of(n)
                 draws[n] = (self.rng.standard_normal(size), self.rng.standard_normal(size))
             at1, at2 = self._push([{n: draws[n][0]} for n in self.names])
             for i, n in enumerate(self.names):
@@ -303,7 +396,7 @@ class _Probe:
     def classify(self, a: str) -> dict[str, tuple[str, Any, tuple[str, ...]]]:
         """For each observed site that reads ``a``: additive or not, its linear map, the params."""
         pr = self._site_probes(a)
-        size = self.mt.sites[a].size
+        size = self.size_of(a)
         found = {}
         gather_probe = None
         for y in self.mt.observed_names:
@@ -313,7 +406,9 @@ class _Probe:
             slices, _ = self.layout[y]
             params = tuple(p for p, sl in slices.items() if v1[sl].any() or v2[sl].any())
             tol = ADDITIVE_RTOL * (np.abs(v1) + np.abs(v2)) + 1e-6 * max(np.abs(v1).max(), 1e-30)
-            if not np.all(np.abs(v1 - v2) <= tol):
+            # A site of constrained support is never an additive term: the plan offsets values, and
+            # a straight line in its values leaves the support (or is curved in unconstrained space).
+            if self.is_constrained(a) or not np.all(np.abs(v1 - v2) <= tol):
                 found[y] = ("local", None, params)
                 continue
             if gather_probe is None:
@@ -339,16 +434,42 @@ class _Probe:
         return GatherMap(index, np.where(on, c, 0.0), size)
 
     def dense_jacobian(self, a: str, y: str) -> np.ndarray:
-        """d y's parameters / d a as an N_y x size matrix (only for small sites)."""
+        """d y's parameters / d a as an N_y x size matrix at point 1 (only for small sites)."""
+        return self.dense_jacobians(a, y)[0]
+
+    def dense_jacobians(self, a: str, y: str) -> tuple[np.ndarray, np.ndarray]:
+        """d y's parameters / d a at points 1 and 2 (only for small sites)."""
         key = (a, y)
         if key not in self._dense_cache:
-            size = self.mt.sites[a].size
+            size = self.size_of(a)
             eye = np.eye(size, dtype=np.float32)
-            columns, _ = self._push([{a: eye[i]} for i in range(size)])
             start = self._offsets[y]
-            block = columns[:, start:start + self.layout[y][1]] if size else np.zeros((0, self.layout[y][1]))
-            self._dense_cache[key] = block.T.astype(np.float64)
+            blocks = []
+            for columns in self._push([{a: eye[i]} for i in range(size)]):
+                block = columns[:, start:start + self.layout[y][1]] if size else np.zeros((0, self.layout[y][1]))
+                blocks.append(block.T.astype(np.float64))
+            self._dense_cache[key] = tuple(blocks)
         return self._dense_cache[key]
+
+    def within(self, y: str, terms: list[Term], nonadditive: list[str]) -> list[WithinSite]:
+        """Directions inside one site that y sees at neither point: ``null([J_1; J_2])`` on the values read.
+
+        A gather term has none (one value per row); a small dense term or a small non-additive site is
+        checked with its dense Jacobians. Coordinates are the site's unconstrained values.
+        """
+        maps = {t.site: t.linear_map for t in terms if isinstance(t.linear_map, DenseMap)}
+        rows = self.layout[y][1]
+        for a in nonadditive:
+            if self.size_of(a) <= LOCAL_MAX_SIZE and rows * self.size_of(a) <= DENSE_MAX_ENTRIES:
+                maps[a] = DenseMap(np.vstack(self.dense_jacobians(a, y)))
+        out = []
+        for a in sorted(maps, key=lambda n: self.mt.sites[n].order):
+            basis = within_site_directions(maps[a])
+            if basis.shape[1]:
+                n_read = int(np.count_nonzero(np.linalg.norm(maps[a].matrix, axis=0) > 0))
+                out.append(WithinSite(y, a, tuple(np.shape(self.u1[a])), basis.shape[1], n_read,
+                                      self.within_residual(y, a, basis), basis, self.is_constrained(a)))
+        return out
 
     # -- pairs ------------------------------------------------------------------------------
     def residual(self, y: str, a: str, b: str, sub, rows=None) -> float:
@@ -359,6 +480,14 @@ class _Probe:
         moved, alone = self._flat(both[0], y), self._flat(both[1], y)
         if rows is not None:
             moved, alone = moved[rows], alone[rows]
+        return float(np.linalg.norm(moved) / max(np.linalg.norm(alone), 1e-30))
+
+    def within_residual(self, y: str, a: str, basis: np.ndarray) -> float:
+        """Relative change of y's parameters along a random direction of ``basis`` (against a random move)."""
+        along = basis @ self.rng.standard_normal(basis.shape[1])
+        anywhere = self.rng.standard_normal(basis.shape[0]) * np.linalg.norm(along) / np.sqrt(basis.shape[0])
+        out, _ = self._push([{a: along}, {a: anywhere}])
+        moved, alone = self._flat(out[0], y), self._flat(out[1], y)
         return float(np.linalg.norm(moved) / max(np.linalg.norm(alone), 1e-30))
 
     def local_tradeoffs(self, y: str, additive: list[str], nonadditive: list[str],
@@ -372,7 +501,7 @@ class _Probe:
         order = self.mt.sites
         slices, n_rows = self.layout[y]
         candidates = sorted(set(additive) | set(nonadditive), key=lambda n: order[n].order)
-        small = [n for n in candidates if order[n].size <= LOCAL_MAX_SIZE]
+        small = [n for n in candidates if self.size_of(n) <= LOCAL_MAX_SIZE]
         for i, a in enumerate(small):
             for b in small[i + 1:]:
                 if a not in nonadditive and b not in nonadditive:
@@ -381,7 +510,7 @@ class _Probe:
                 if not common:
                     continue
                 rows = np.concatenate([np.arange(n_rows)[slices[p]] for p in slices if p in common])
-                if rows.size * (order[a].size + order[b].size) > DENSE_MAX_ENTRIES:
+                if rows.size * (self.size_of(a) + self.size_of(b)) > DENSE_MAX_ENTRIES:
                     continue
                 ja = DenseMap(self.dense_jacobian(a, y)[rows])
                 jb = DenseMap(self.dense_jacobian(b, y)[rows])

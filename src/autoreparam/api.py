@@ -6,9 +6,10 @@ inputs: trace -> analysis -> Report -> plan -> reparam config, cached per input 
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import jax
@@ -19,14 +20,19 @@ from .errors import InputError
 from .plan import Plan, validate_plan
 from .planning import plan_with_notes
 from .reparam import ReparamConfig, apply_config, build_config
-from .report import Report
+from .report import Existing, Report
 from .trace import TracedSite, isolated_from_handlers, trace_sites
 
-__all__ = ["analyze", "reparameterize", "auto", "auto_mcmc", "ReparameterizedModel"]
+__all__ = ["analyze", "reparameterize", "auto", "auto_mcmc", "unwrap", "ReparameterizedModel"]
 
 
-def analyze(model: Callable, *args, **kwargs) -> Report:
+def analyze(model: Callable, *args, unwrap: bool = False, **kwargs) -> Report:
     """Trace ``model(*args, **kwargs)`` and find its likelihood-invariant directions.
+
+    What the model already reparameterizes is in ``report.existing``: a ``handlers.reparam`` or
+    ``@autoreparam.auto`` wrapper, ``x_decentered`` sites, ``a = mu + tau * a_raw`` by hand.
+    ``unwrap=True`` analyses the model under such wrappers instead (a model keyword argument
+    named ``unwrap`` cannot be passed through ``analyze``).
 
     >>> def model(group, y=None):
     ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
@@ -44,8 +50,88 @@ def analyze(model: Callable, *args, **kwargs) -> Report:
     >>> report.plan is report.plan  # made on first access, then kept
     True
     """
+    wrappers = []
+    if unwrap:
+        model, wrappers = unwrap_model(model)
+        if not wrappers:
+            warnings.warn(f"autoreparam: unwrap=True, but {_name(model)} has no handlers.reparam or "
+                          "@autoreparam.auto wrapper; analysed as it is", stacklevel=2)
+    else:
+        _, wrappers = unwrap_model(model)
     report, model_trace = analyze_model(model, args, kwargs)
+    covered = {e.site for e in wrappers if e.site}
+    report.existing[:] = [replace(e, unwrapped=unwrap) for e in wrappers] + \
+        [e for e in report.existing if not (e.how == "decentered" and e.site in covered)]
     return report.attach_planner(functools.partial(plan_with_notes, report, model_trace))
+
+
+def _name(model) -> str:
+    return getattr(model, "__name__", None) or type(model).__name__
+
+
+def _describe_reparam(r) -> str:
+    name = type(r).__name__
+    if hasattr(r, "centered"):
+        meaning = {0: "non-centred", 0.0: "non-centred", 1: "centred: no change", None: "centredness learned"}
+        c = r.centered
+        try:
+            what = meaning.get(c, f"partly centred ({float(c):g})")
+        except TypeError:  # an array of centredness values
+            what = "partly centred (per element)"
+            c = "array"
+        return f"{name}(centered={c}): {what}"
+    return name
+
+
+def unwrap_model(model: Callable) -> tuple[Callable, list[Existing]]:
+    """The model under its ``handlers.reparam`` and ``@autoreparam.auto`` wrappers, and what they did.
+
+    Other NumPyro handlers around them (``condition``, ``scale``...) are kept, each copied with the
+    stripped model inside. ``unwrap`` is the public form.
+    """
+    from numpyro.handlers import reparam
+    from numpyro.primitives import Messenger
+
+    found: list[Existing] = []
+
+    def strip(m):
+        if isinstance(m, ReparameterizedModel):
+            found.append(Existing("", "wrapper", f"an autoreparam wrapper (@autoreparam.auto or reparameterize) "
+                                                 f"around {_name(m.model)}"))
+            return strip(m.model)
+        if isinstance(m, reparam):
+            if isinstance(m.config, dict):
+                for site, r in m.config.items():
+                    described = _describe_reparam(r)
+                    found.append(Existing(site, "wrapper", f"{site}: {described} (handlers.reparam wrapper)",
+                                          reparam=described))
+            else:
+                found.append(Existing("", "wrapper", f"a handlers.reparam wrapper with a config function "
+                                                     f"({_name(m.config)}): its sites show only when it runs"))
+            return strip(m.fn)
+        if isinstance(m, Messenger) and callable(getattr(m, "fn", None)):
+            inner = strip(m.fn)
+            if inner is m.fn:
+                return m
+            outer = copy.copy(m)
+            outer.fn = inner
+            return outer
+        return m
+
+    return strip(model), found
+
+
+def unwrap(model: Callable) -> Callable:
+    """``model`` without its ``handlers.reparam`` and ``@autoreparam.auto`` wrappers.
+
+    >>> from numpyro.infer.reparam import LocScaleReparam
+    >>> def base(y=None):
+    ...     numpyro.sample("theta", dist.Normal(0, 1))
+    >>> wrapped = handlers.reparam(base, config={"theta": LocScaleReparam(0)})
+    >>> unwrap(wrapped) is base
+    True
+    """
+    return unwrap_model(model)[0]
 
 
 def check_at(at, sites: dict[str, TracedSite]) -> None:
@@ -83,7 +169,7 @@ def _signature(args, kwargs):
 
 
 def reparameterize(model: Callable, plan: Plan | None = None, *, init: str = "analytic", learn: bool = True,
-                   noncentre: Any = "auto", at: dict | None = None) -> ReparameterizedModel:
+                   noncentre: Any = "auto", at: dict | None = None, unwrap: bool = False) -> ReparameterizedModel:
     """A model with the same signature whose latent sites carry conditional offsets.
 
     With ``plan=None`` the model is analysed on its first call (with concrete inputs) and the
@@ -92,6 +178,8 @@ def reparameterize(model: Callable, plan: Plan | None = None, *, init: str = "an
     ``learn=False`` keeps xi (and centredness) fixed at their initial values instead of
     making them ``numpyro.param`` sites; ``noncentre`` is ``"auto"`` (non-centre funnels)
     or False; ``at`` optionally fixes latent values at which the curvature is measured.
+    ``unwrap=True`` drops the model's ``handlers.reparam`` / ``@autoreparam.auto`` wrappers first,
+    so the plan replaces them instead of stacking on them.
 
     >>> def model(group, y=None):
     ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
@@ -120,6 +208,8 @@ def reparameterize(model: Callable, plan: Plan | None = None, *, init: str = "an
     if not (at is None or isinstance(at, dict) or (isinstance(at, str) and at in ("map", "median"))):
         raise InputError(f"reparameterize: at must be None, 'map', 'median' or a dict of latent values "
                          f"(site name -> array), got {type(at).__name__}")
+    if unwrap:
+        model = unwrap_model(model)[0]
     return ReparameterizedModel(model, plan, init=init, learn=learn, noncentre=noncentre, at=at)
 
 

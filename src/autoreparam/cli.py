@@ -152,6 +152,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--args", dest="args_expr", metavar="EXPR",
                    help="Python expression, evaluated in the file's namespace, giving a tuple of "
                         "positional arguments or a pair (args, kwargs) (default: model_args() if defined)")
+    p.add_argument("--unwrap", action="store_true",
+                   help="analyse the model under its handlers.reparam wrapper (the plan then replaces the wrapper)")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
@@ -414,7 +416,7 @@ def _analyze(args, run: _Run) -> int:
     module, model, margs, mkwargs = _load(args, run)
     run.enter(f"analysing the model in {args.file}")
     try:
-        report = analyze(model, *margs, **mkwargs)
+        report = analyze(model, *margs, unwrap=_unwrap(args, model), **mkwargs)
         plan = report.plan
     except AutoreparamError as exc:
         raise InputError(f"{args.file}: {exc} [called with {_inputs_source(module, args.file, args.args_expr)}]") \
@@ -447,10 +449,23 @@ def _analyze(args, run: _Run) -> int:
         except BrokenPipeError:  # e.g. piped into head
             sys.stdout = None
     if args.fail_on_invariance and report.additive():
-        print(f"autoreparam: {args.file}: {len(report.additive())} likelihood-invariant pair(s) "
+        print(f"autoreparam: {args.file}: {len(report.grouped_pairs())} likelihood-invariant pair(s) "
               "(--fail-on-invariance)", file=sys.stderr)
         return 1
     return 0
+
+
+def _unwrap(args, model) -> bool:
+    """--unwrap, with a warning on stderr when the model has no wrapper to strip."""
+    if not args.unwrap:
+        return False
+    from .api import unwrap_model
+
+    if not unwrap_model(model)[1]:
+        print(f"autoreparam: warning: {args.file}: --unwrap: the model has no handlers.reparam wrapper; "
+              "analysed as it is", file=sys.stderr)
+        return False
+    return True
 
 
 def _check_analyze_options(args) -> None:
@@ -492,10 +507,10 @@ def _compare(args, run: _Run) -> int:
             from .compare import compare_mcmc
 
             result = compare_mcmc(model, margs, mkwargs, warmup=args.warmup, samples=args.samples,
-                                  chains=args.chains, progress=not args.no_progress)
+                                  chains=args.chains, progress=not args.no_progress, unwrap=_unwrap(args, model))
         else:
             result = compare(model, margs, mkwargs, steps=args.steps, guide=args.guide,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, unwrap=_unwrap(args, model))
     except InputError:
         raise
     except AutoreparamError as exc:

@@ -1,7 +1,28 @@
-"""SVI on the original and the reparameterized model, side by side (``autoreparam compare``)."""
+"""SVI on the original and the reparameterized model, side by side (``autoreparam compare``).
+
+The table never presents a failed fit as a result. Each fit is checked (``fit_checks``):
+
+- ELBO still rising: the mean ELBO over the last 10% of the steps exceeds that over the 10% before
+  it by more than 3 standard errors (each window's spread over the root of its length) and by more
+  than 0.5 nat. Runs shorter than 100 steps are too short to tell. A loss that was not finite at
+  some step is reported too.
+- A posterior sd larger than 3 times the prior sd (both averaged over the site's elements): a
+  converged fit is rarely wider than its prior, so the guide has wandered off.
+- Means that disagree between the two fits by more than 3 times the larger posterior sd: both
+  models have the same posterior (the reparameterization is an exact change of variables), so at
+  least one fit has not converged.
+
+The ELBOs are compared as ``d = ELBO(reparameterized) - ELBO(original)`` with standard error
+``se = hypot(se_orig, se_reparam)``: ``d < -2 se`` says the reparameterized fit is worse and
+recommends the original model; ``d > 2 se`` recommends the reparameterized one, unless a fit
+has not converged (then there is no recommendation yet); anything in between is no clear
+difference (keep the original, the simpler model). An empty plan means the two
+models are the same, so the model is fitted once and the table says so.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,15 +30,26 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from .api import analyze, reparameterize
+from .api import analyze, reparameterize, unwrap_model
 from .errors import InputError
 from .files import write_atomic
 from .trace import describe_exception
 
-__all__ = ["GUIDES", "compare", "Comparison", "FitSummary", "compare_mcmc", "MCMCComparison", "MCMCSummary"]
+__all__ = ["GUIDES", "compare", "Comparison", "FitSummary", "compare_mcmc", "MCMCComparison", "MCMCSummary",
+           "elbo_trend", "fit_checks"]
 
 GUIDES = ("AutoNormal", "AutoDiagonalNormal", "AutoLowRankMultivariateNormal", "hybrid")
 HYBRID_PARTICLES = 4
+
+TREND_WINDOW = 0.1  # the last 10% of the steps against the 10% before them
+TREND_MIN_STEPS = 100  # shorter runs: windows of fewer than 10 steps say nothing
+TREND_SES = 3.0
+TREND_MIN_NATS = 0.5
+PRIOR_SD_FACTOR = 3.0
+MEAN_SDS = 3.0
+ELBO_SES = 2.0
+RHAT_LIMIT = 1.01  # Vehtari et al. (2021), "Rank-normalization, folding, and localization"
+SHORT = {"original": "orig", "reparameterized": "reparam", "hybrid": "hybrid"}
 
 
 @dataclass
@@ -30,49 +62,205 @@ class FitSummary:
     seconds: float
     losses: np.ndarray = field(repr=False)
     sites: dict[str, tuple[float, float]] = field(default_factory=dict)  # site -> (mean, sd), averaged
+    elements: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)  # per element
+
+
+@dataclass(frozen=True)
+class Trend:
+    """The ELBO over the last window of a run against the window before it (``elbo_trend``)."""
+
+    gain: float  # mean ELBO of the last window minus that of the window before it
+    se: float
+    window: int
+
+    @property
+    def rising(self) -> bool:
+        return self.gain > TREND_SES * self.se and self.gain > TREND_MIN_NATS
+
+
+def elbo_trend(losses) -> Trend | None:
+    """The ELBO's change between the last two windows of 10% of the steps; None below 100 steps.
+
+    >>> elbo_trend(np.linspace(100.0, 10.0, 200)).rising   # the loss still falls: ELBO rising
+    True
+    >>> elbo_trend(np.r_[np.linspace(100.0, 10.0, 100), np.full(100, 10.0)]).rising
+    False
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.size < TREND_MIN_STEPS:
+        return None
+    window = max(1, int(losses.size * TREND_WINDOW))
+    last, before = -losses[-window:], -losses[-2 * window:-window]
+    last, before = last[np.isfinite(last)], before[np.isfinite(before)]
+    if last.size < 2 or before.size < 2:
+        return Trend(float("nan"), float("nan"), window)
+    se = math.sqrt(last.var(ddof=1) / last.size + before.var(ddof=1) / before.size)
+    return Trend(float(last.mean() - before.mean()), se, window)
+
+
+def fit_checks(fits: list[FitSummary], prior_sd: dict[str, float]) -> list[str]:
+    """One line for every sign that a fit has not converged (see the module docstring)."""
+    out = []
+    for fit in fits:
+        trend = elbo_trend(fit.losses)
+        nonfinite = int(np.sum(~np.isfinite(np.asarray(fit.losses, dtype=np.float64))))
+        if nonfinite:
+            out.append(f"{fit.label}: the loss was not finite at {nonfinite} of {len(fit.losses)} steps")
+        if trend is not None and trend.rising:
+            out.append(f"{fit.label}: not converged: the ELBO rose by {trend.gain:.3g} +- {trend.se:.2g} between "
+                       f"the last two windows of {trend.window} steps; run more --steps")
+        for name, (mean, sd) in fit.sites.items():
+            limit = prior_sd.get(name, float("nan"))
+            if np.isfinite(limit) and limit > 0 and sd > PRIOR_SD_FACTOR * limit:
+                out.append(f"{fit.label}: not converged: the sd of {name} ({sd:.3g}) is {sd / limit:.3g} times "
+                           f"its prior sd ({limit:.3g})")
+    paired = [f for f in fits if f.label in ("original", "reparameterized")]
+    if len(paired) == 2:
+        a, b = paired
+        for name in a.sites:
+            if name in b.sites:
+                line = _means_disagree(name, a, b)
+                if line:
+                    out.append(line)
+    return out
+
+
+def _means_disagree(name: str, a: FitSummary, b: FitSummary) -> str | None:
+    """A line if the two fits' means of ``name`` are more than 3 posterior sds apart.
+
+    Element by element when both fits have their per-element moments (an average over the
+    site's elements can hide opposite errors), else on the site's averaged mean and sd.
+    """
+    if name in a.elements and name in b.elements and a.elements[name][0].shape == b.elements[name][0].shape:
+        (m0, s0), (m1, s1) = a.elements[name], b.elements[name]
+    else:
+        (m0, s0), (m1, s1) = a.sites[name], b.sites[name]
+        m0, s0, m1, s1 = (np.array([x], np.float64) for x in (m0, s0, m1, s1))
+    if not (np.all(np.isfinite(m0)) and np.all(np.isfinite(m1))):
+        return f"{name}: a mean is not finite in the {a.label if not np.all(np.isfinite(m0)) else b.label} fit"
+    spread = np.maximum(s0, s1)
+    gap = np.abs(m0 - m1)
+    off = gap > MEAN_SDS * spread + 1e-9 * np.maximum(np.abs(m0), 1.0)
+    if not off.any():
+        return None
+    worst = int(np.argmax(gap / np.maximum(spread, 1e-300)))
+    where = "" if m0.size == 1 else f" at {int(off.sum())} of its {m0.size} elements (worst: element {worst}"
+    sds = gap[worst] / max(spread[worst], 1e-300)
+    return (f"{name}: the means disagree{where}{', ' if where else ' ('}{m0[worst]:.4g} against {m1[worst]:.4g}, "
+            f"{sds:.3g} posterior sds apart) though both models have the same posterior: at least one fit has "
+            "not converged")
+
+
+def verdict(fits: list[FitSummary], unconverged: set[str], disagree: bool = False) -> str | None:
+    """The one-line recommendation from the ELBOs of the original and the reparameterized fit.
+
+    ``unconverged``: the labels of the fits found not converged; ``disagree``: their means disagree.
+    """
+    by_label = {f.label: f for f in fits}
+    if "original" not in by_label or "reparameterized" not in by_label:
+        return None
+    orig, rep = by_label["original"], by_label["reparameterized"]
+    if not (np.isfinite(orig.elbo) and np.isfinite(rep.elbo)):
+        return "recommendation: none: an ELBO is not finite"
+    d, se = rep.elbo - orig.elbo, math.hypot(orig.elbo_se, rep.elbo_se)
+    caveat = ""
+    labels = sorted(unconverged)
+    which = f"the {' and '.join(labels)} fit{'s have' if len(labels) > 1 else ' has'} not converged"
+    if unconverged:
+        caveat = f" ({which}: more --steps may change this)"
+    elif disagree:
+        caveat = " (but the fits' means disagree: see the warnings)"
+    if d < -ELBO_SES * se:
+        return (f"the reparameterized fit is worse (ELBO {rep.elbo:.2f} against {orig.elbo:.2f}, lower by "
+                f"{-d:.3g} +- {se:.2g}): keep the original model{caveat}")
+    if d > ELBO_SES * se and unconverged:  # a fit still climbing: the safe choice stays the model as written
+        return (f"no recommendation yet: the reparameterized fit is ahead (ELBO higher by {d:.3g} +- {se:.2g}), "
+                f"but {which}; run more --steps")
+    if d > ELBO_SES * se:
+        return f"recommendation: the reparameterized model (ELBO higher by {d:.3g} +- {se:.2g}){caveat}"
+    return (f"no clear difference (ELBO difference {d:.3g} +- {se:.2g}): keep the original model, the "
+            f"simpler one{caveat}")
 
 
 @dataclass
 class Comparison:
+    """The fits side by side. ``plan_empty``: the plan changes nothing, so the model was fitted once."""
+
     guide: str
     steps: int
     fits: list[FitSummary]
+    prior_sd: dict[str, float] = field(default_factory=dict)
+    plan_empty: bool = False
+
+    def checks(self) -> list[str]:
+        return fit_checks(self.fits, self.prior_sd)
+
+    def unconverged(self) -> set[str]:
+        """Labels of the fits whose ELBO was still rising, whose loss was not finite or whose sd of
+        some site is wider than 3 prior sds."""
+        out = set()
+        for fit in self.fits:
+            trend = elbo_trend(fit.losses)
+            if (trend is not None and trend.rising) or not np.all(np.isfinite(np.asarray(fit.losses, float))):
+                out.add(fit.label)
+            if any(sd > PRIOR_SD_FACTOR * self.prior_sd[n] for n, (_, sd) in fit.sites.items()
+                   if np.isfinite(self.prior_sd.get(n, np.nan)) and self.prior_sd[n] > 0):
+                out.add(fit.label)
+        return out
 
     def table(self) -> str:
-        if len(self.fits) == 3:
-            return self._table3()
-        orig, rep = self.fits
-        w = max([12] + [len(name) + 2 for name in orig.sites])
-        lines = [f"SVI with {self.guide}, Adam, {self.steps} steps, same seed for both:", "",
-                 f"{'':<16}{'ELBO':>22}{'time (s)':>11}",
-                 f"{orig.label:<16}{orig.elbo:>12.2f} +- {orig.elbo_se:<7.2f}{orig.seconds:>11.1f}",
-                 f"{rep.label:<16}{rep.elbo:>12.2f} +- {rep.elbo_se:<7.2f}{rep.seconds:>11.1f}", "",
-                 "posterior per site (mean and sd averaged over the site's elements):",
-                 f"{'site':<{w}}{'mean orig':>12}{'mean reparam':>14}{'sd orig':>11}{'sd reparam':>12}{'sd ratio':>10}"]
-        for name, (m0, s0) in orig.sites.items():
-            m1, s1 = rep.sites[name]
-            ratio = s1 / s0 if s0 > 0 else float("nan")
-            lines.append(f"{name:<{w}}{m0:>12.3f}{m1:>14.3f}{s0:>11.3f}{s1:>12.3f}{ratio:>10.2f}")
-        return "\n".join(lines)
-
-    def _table3(self) -> str:
-        """AutoNormal on the original and the reparameterized model, and the hybrid, side by side."""
-        w = max([12] + [len(name) + 2 for name in self.fits[0].sites])
-        lines = [f"SVI, {self.steps} steps, same seed: AutoNormal with Adam on the original and the reparameterized "
-                 f"model; AutoHybrid with natural gradient ({HYBRID_PARTICLES} theta draws per step):", "",
-                 f"{'':<16}{'ELBO':>22}{'time (s)':>11}"]
+        if self.guide == "hybrid":
+            lines = [f"SVI, {self.steps} steps, same seed: AutoNormal with Adam on the original and the "
+                     f"reparameterized model; AutoHybrid with natural gradient ({HYBRID_PARTICLES} theta draws "
+                     "per step):", ""]
+        elif self.plan_empty:
+            lines = [f"SVI with {self.guide}, Adam, {self.steps} steps:", ""]
+        else:
+            lines = [f"SVI with {self.guide}, Adam, {self.steps} steps, same seed for both:", ""]
+        if self.plan_empty:
+            lines[-1:] = ["the plan is empty: the reparameterized model is the original model, so it was "
+                          "fitted once", ""]
+        unconverged = self.unconverged()
+        lines.append(f"{'':<16}{'ELBO':>22}{'time (s)':>11}  ELBO trend")
         for fit in self.fits:
             elbo = f"{fit.elbo:>12.2f} +- {fit.elbo_se:<7.2f}" if np.isfinite(fit.elbo) else f"{'n/a':>12}{'':11}"
-            lines.append(f"{fit.label:<16}{elbo}{fit.seconds:>11.1f}")
-        if not np.isfinite(self.fits[2].elbo):
+            trend = elbo_trend(fit.losses)
+            state = "too short" if trend is None else "RISING" if fit.label in unconverged else "flat"
+            if fit.label == "hybrid" and not np.isfinite(fit.elbo):
+                state = "-"  # its losses are the joint surrogate, not an ELBO
+            lines.append(f"{fit.label:<16}{elbo}{fit.seconds:>11.1f}  {state}")
+        hybrid = [f for f in self.fits if f.label == "hybrid"]
+        if hybrid and not np.isfinite(hybrid[0].elbo):
             lines.append("(hybrid: the block is too large for log det H, so its ELBO is not estimated)")
-        lines += ["", "posterior per site (mean and sd averaged over the site's elements):",
-                  f"{'site':<{w}}{'mean orig':>11}{'mean reparam':>14}{'mean hybrid':>13}"
-                  f"{'sd orig':>10}{'sd reparam':>12}{'sd hybrid':>11}"]
-        for name in self.fits[0].sites:
-            (m0, s0), (m1, s1), (m2, s2) = (fit.sites.get(name, (np.nan, np.nan)) for fit in self.fits)
-            lines.append(f"{name:<{w}}{m0:>11.3f}{m1:>14.3f}{m2:>13.3f}{s0:>10.3f}{s1:>12.3f}{s2:>11.3f}")
+        lines += ["", "posterior per site (mean and sd averaged over the site's elements):"]
+        lines += self._site_rows()
+        checks = self.checks()
+        if checks:
+            lines += ["", "warnings:"] + [f"  {c}" for c in checks]
+        line = verdict(self.fits, unconverged, any("the means disagree" in c for c in checks))
+        if line:
+            lines += ["", line]
         return "\n".join(lines)
+
+    def _site_rows(self) -> list[str]:
+        names = list(self.fits[0].sites)
+        w = max([12] + [len(name) + 2 for name in names])
+        columns = [f"mean {SHORT.get(f.label, f.label)}" for f in self.fits] + \
+                  [f"sd {SHORT.get(f.label, f.label)}" for f in self.fits]
+        ratio = [f.label for f in self.fits][:2] == ["original", "reparameterized"] and len(self.fits) == 2
+        if ratio:
+            columns.append("sd ratio")
+        widths = [max(len(c) + 2, 10) for c in columns]
+        rows = [f"{'site':<{w}}" + "".join(f"{c:>{cw}}" for c, cw in zip(columns, widths))]
+        for name in names:
+            values = [fit.sites.get(name, (np.nan, np.nan)) for fit in self.fits]
+            numbers = [m for m, _ in values] + [s for _, s in values]
+            if ratio:
+                s0, s1 = values[0][1], values[1][1]
+                numbers.append(s1 / s0 if s0 > 0 else float("nan"))
+            fmt = [".3f"] * (len(numbers) - ratio) + [".2f"] * ratio
+            rows.append(f"{name:<{w}}" + "".join(f"{x:>{cw}{f}}" for x, cw, f in zip(numbers, widths, fmt)))
+        return rows
 
     def plot(self, path: str | Path) -> Path:
         import matplotlib
@@ -136,7 +324,16 @@ def _fit(label, model, guide_name, args, kwargs, steps, lr, seed, progress, site
         jax.random.PRNGKey(seed + 2), *args, **kwargs)
     summary = {n: (float(np.mean(draws[n])), float(np.mean(np.std(draws[n], axis=0)))) for n in sites if n in draws}
     return FitSummary(label, float(elbos.mean()), float(elbos.std(ddof=1) / np.sqrt(batches)), seconds,
-                      np.asarray(result.losses), summary)
+                      np.asarray(result.losses), summary, _element_moments(draws, sites))
+
+
+def _element_moments(draws, sites) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for n in sites:
+        if n in draws:
+            x = np.asarray(draws[n], np.float64)
+            out[n] = (np.ravel(np.mean(x, axis=0)), np.ravel(np.std(x, axis=0)))
+    return out
 
 
 def _fit_hybrid(label, model, args, kwargs, steps, seed, progress, sites) -> FitSummary:
@@ -156,14 +353,16 @@ def _fit_hybrid(label, model, args, kwargs, steps, seed, progress, sites) -> Fit
         elbo, elbo_se = float(elbos.mean()), float(elbos.std(ddof=1) / np.sqrt(batches))
     summary = {n: (float(np.mean(fit.samples[n])), float(np.mean(np.std(fit.samples[n], axis=0))))
                for n in sites if n in fit.samples}
-    return FitSummary(label, elbo, elbo_se, fit.seconds, fit.losses, summary)
+    return FitSummary(label, elbo, elbo_se, fit.seconds, fit.losses, summary, _element_moments(fit.samples, sites))
 
 
 def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "AutoNormal", lr: float = 1e-2,
-            seed: int = 0, progress: bool = False) -> Comparison:
+            seed: int = 0, progress: bool = False, unwrap: bool = False) -> Comparison:
     """Fit ``model`` and ``reparameterize(model)`` with the same guide family, optimizer, seed and steps.
 
     ``guide="hybrid"``: AutoNormal on both, and ``fit_hybrid(model)`` as a third column.
+    ``unwrap=True``: the model as written (with its ``handlers.reparam`` wrapper) against the plan
+    for the model underneath. The table's checks and verdict are in the module docstring.
 
     >>> c = compare(model, (county, u), {"y": y}, steps=2000)     # doctest: +SKIP
     >>> print(c.table())                                           # doctest: +SKIP
@@ -173,14 +372,19 @@ def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "Aut
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"--steps must be a positive integer, got {steps!r}")
     kwargs = dict(kwargs or {})
-    report = analyze(model, *args, **kwargs)
+    report = analyze(model, *args, unwrap=unwrap, **kwargs)
     discrete = [n for n, s in report.sites.items() if s.type == "latent" and s.is_discrete]
     if discrete:
         raise InputError(f"compare: site '{discrete[0]}' is a discrete latent site; SVI with {guide} needs "
                          "continuous latent sites (marginalise it, e.g. with numpyro's enumeration)")
     sites = [n for n, s in report.sites.items() if s.type == "latent"]
+    plan = report.plan
+    unwrap = unwrap and bool(unwrap_model(model)[1])  # nothing to strip: the model as it is
+    same = plan.is_empty() and not unwrap  # with unwrap, even an empty plan drops the wrapper
     fits = []
-    runs = [("original", model), ("reparameterized", reparameterize(model))]
+    runs = [("original", model)]
+    if not same:
+        runs.append(("reparameterized", reparameterize(model, plan, unwrap=unwrap)))
     if guide == "hybrid":
         runs.append(("hybrid", model))
     for label, m in runs:
@@ -194,7 +398,19 @@ def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "Aut
             raise
         except Exception as exc:
             raise InputError(f"compare: SVI on the {label} model failed: {describe_exception(exc)}") from exc
-    return Comparison(guide, steps, fits)
+    return Comparison(guide, steps, fits, _prior_sd(model, args, kwargs, sites, seed), same)
+
+
+def _prior_sd(model, args, kwargs, sites, seed) -> dict[str, float]:
+    """Each latent site's prior sd (averaged over its elements); {} if the prior cannot be sampled."""
+    from numpyro.infer import Predictive
+
+    try:
+        draws = Predictive(model, num_samples=1000, return_sites=sites)(jax.random.PRNGKey(seed + 3), *args,
+                                                                          **kwargs)
+        return {n: float(np.mean(np.std(np.asarray(draws[n], np.float64), axis=0))) for n in sites if n in draws}
+    except Exception:  # noqa: BLE001 - e.g. an improper prior: the check is skipped, nothing else depends on it
+        return {}
 
 
 # -- MCMC: NUTS on the original, on the offsets, and collapsed NUTS (``compare --mcmc``) -----------
@@ -213,6 +429,17 @@ class MCMCSummary:
     max_rhat: float
     max_rhat_site: str
 
+    def problems(self) -> list[str]:
+        """Why the run's figures cannot be trusted: divergences, a split R-hat above 1.01 or not known."""
+        out = []
+        if self.divergences:
+            out.append(f"{self.divergences} divergent transition{'s' if self.divergences != 1 else ''} after warm-up")
+        if not np.isfinite(self.max_rhat):
+            out.append("R-hat unknown (too few draws)")
+        elif self.max_rhat > RHAT_LIMIT:
+            out.append(f"R-hat {self.max_rhat:.3f} on {self.max_rhat_site}")
+        return out
+
 
 @dataclass
 class MCMCComparison:
@@ -226,12 +453,20 @@ class MCMCComparison:
         lines = [f"NUTS, {self.chains} chain(s) x {self.samples} draws after {self.warmup} warm-up, same seed; "
                  "time is wall time incl. warm-up and compilation; gradients after warm-up:", "",
                  f"{'':<16}{'min ESS':>9}  {'(site)':<18}{'ESS/s':>9}{'ESS/1k grads':>14}{'divergences':>13}"
-                 f"{'max R-hat':>11}  (site)"]
+                 f"{'max R-hat':>11}  {'(site)':<18}reliable"]
+        warnings = []
         for r in self.runs:
             per_s = r.min_ess / r.seconds if r.seconds > 0 else float("nan")
             per_grad = 1000 * r.min_ess / r.gradients if r.gradients else float("nan")
+            problems = r.problems()
             lines.append(f"{r.label:<16}{r.min_ess:>9.0f}  {r.min_ess_site:<18}{per_s:>9.2f}{per_grad:>14.2f}"
-                         f"{r.divergences:>13}{r.max_rhat:>11.3f}  {r.max_rhat_site}")
+                         f"{r.divergences:>13}{r.max_rhat:>11.3f}  {r.max_rhat_site:<18}"
+                         f"{'no' if problems else 'yes'}")
+            if problems:
+                warnings.append(f"  {r.label}: {' and '.join(problems)}: its ESS figures are not to be trusted")
+        if warnings:
+            lines += ["", f"warnings (reliable: no divergence after warm-up and every split R-hat below "
+                          f"{RHAT_LIMIT}):"] + warnings
         return "\n".join(lines + [""] * bool(self.notes) + self.notes)
 
 
@@ -242,7 +477,8 @@ def _diagnose(label, samples_by_chain, sites, seconds, gradients, divergences) -
     for name in sites:
         x = np.asarray(samples_by_chain[name], np.float64)
         ess[name] = float(np.nanmin(effective_sample_size(x))) if x.shape[1] > 3 else float("nan")
-        rhat[name] = float(np.nanmax(split_gelman_rubin(x))) if x.shape[0] > 1 and x.shape[1] > 3 else float("nan")
+        # Split R-hat: each chain's halves compared, so it also applies to a single chain.
+        rhat[name] = float(np.nanmax(split_gelman_rubin(x))) if x.shape[1] > 3 else float("nan")
     ess_site = min(sites, key=lambda n: ess[n] if np.isfinite(ess[n]) else np.inf)
     rhat_site = max(sites, key=lambda n: rhat[n] if np.isfinite(rhat[n]) else -np.inf)
     return MCMCSummary(label, seconds, int(gradients), int(divergences), ess[ess_site], ess_site,
@@ -264,7 +500,7 @@ def _nuts(label, model, args, kwargs, sites, warmup, samples, chains, seed, prog
 
 
 def compare_mcmc(model, args=(), kwargs=None, *, warmup: int = 500, samples: int = 500, chains: int = 2,
-                 seed: int = 0, progress: bool = False) -> MCMCComparison:
+                 seed: int = 0, progress: bool = False, unwrap: bool = False) -> MCMCComparison:
     """NUTS on ``model``, on ``reparameterize(model)`` and with the Gaussian block integrated out.
 
     >>> print(compare_mcmc(model, (sigma,), {"y": y}).table())     # doctest: +SKIP
@@ -275,15 +511,21 @@ def compare_mcmc(model, args=(), kwargs=None, *, warmup: int = 500, samples: int
         if not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
     kwargs = dict(kwargs or {})
-    report = analyze(model, *args, **kwargs)
+    report = analyze(model, *args, unwrap=unwrap, **kwargs)
     sites = [n for n, s in report.sites.items() if s.type == "latent"]
     discrete = [n for n in sites if report.sites[n].is_discrete]
     if discrete:
         raise InputError(f"compare --mcmc: site '{discrete[0]}' is a discrete latent site; NUTS needs continuous "
                          "latent sites")
     runs, notes = [], []
-    for label, m in (("original", model), ("offsets", reparameterize(model))):
-        runs.append(_nuts(label, m, args, kwargs, sites, warmup, samples, chains, seed, progress))
+    plan = report.plan
+    unwrap = unwrap and bool(unwrap_model(model)[1])
+    runs.append(_nuts("original", model, args, kwargs, sites, warmup, samples, chains, seed, progress))
+    if plan.is_empty() and not unwrap:
+        notes.append("offsets: not run, the plan is empty (the reparameterized model is the original model)")
+    else:
+        runs.append(_nuts("offsets", reparameterize(model, plan, unwrap=unwrap), args, kwargs, sites, warmup, samples, chains,
+                          seed, progress))
     block = report.block
     choice = choose_mcmc(model, *args, block=block, **kwargs) if block is not None else None
     if block is None:
@@ -293,7 +535,8 @@ def compare_mcmc(model, args=(), kwargs=None, *, warmup: int = 500, samples: int
                      "H at every gradient")
     else:
         start = time.perf_counter()
-        result = collapsed_mcmc(model, *args, block=block, num_warmup=warmup, num_samples=samples,
+        underneath = unwrap_model(model)[0] if unwrap else model  # the block is the unwrapped model's
+        result = collapsed_mcmc(underneath, *args, block=block, num_warmup=warmup, num_samples=samples,
                                 num_chains=chains, rng_key=seed, progress_bar=progress,
                                 approximate=not block.exact, **kwargs)
         label = "collapsed" if block.exact else "collapsed*"

@@ -50,7 +50,7 @@ THETA_GUIDES = ("normal", "lowrank", "full")
 #: Block size up to which the guide factorises H (Cholesky) instead of solving by CG: the dense path
 #: also gives the exact ELBO and ``resample_theta``. CPU time per SVI step with 4 theta draws on the
 #: tensor model (``benchmarks/bench_hybrid_scale.py --method dense|cg``, benchmarks/README.md):
-#: D = 213: 8 ms either way; D = 515: 48 ms dense, 12 ms CG; D = 1739: 860 ms dense, 51 ms CG.
+#: D = 213: 7.9 ms dense, 6.2 ms CG; D = 515: 41 ms, 9.9 ms; D = 1739: 908 ms, 45 ms (CPU, under load).
 HYBRID_DENSE_BELOW = 250
 
 

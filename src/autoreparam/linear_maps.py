@@ -274,3 +274,51 @@ def _shared_dense(ja: LinearMap, jb: LinearMap) -> SharedSubspace:
     M = ja.rmatvec(qs).T
     clean = lambda x: sp.csr_matrix(np.where(np.abs(x) > 1e-12 * np.abs(x).max(), x, 0.0))  # noqa: E731
     return SharedSubspace(dim, clean(U), clean(E), clean(M), "covariate" if isinstance(jb, GatherMap) else "linear")
+
+
+def within_site_directions(j: LinearMap) -> np.ndarray:
+    """Directions inside one site that its map does not see: ``null(J)`` on the values ``J`` reads.
+
+    Values the map never reads (an unobserved level, a zero column) are left out: the prior alone
+    sees them, which is no trade-off. The basis (n_in x dim) is in reduced row echelon form, so each
+    direction is as sparse as the structure allows (``gr[0, 0] - gr[0, 1]``, not a mix of all groups).
+    A gather reads one value per row, so its null space is only unread values: empty.
+    """
+    if not isinstance(j, DenseMap):
+        return np.zeros((j.n_in, 0))
+    read = np.flatnonzero(np.linalg.norm(j.matrix, axis=0) > 0)
+    if read.size < 2:
+        return np.zeros((j.n_in, 0))
+    sub = DenseMap(j.matrix[:, read])
+    d = sub._column_scale()
+    # full V only when there are fewer rows than values (a full U of a tall map would be N x N)
+    _, s, vt = np.linalg.svd(sub.matrix * d, full_matrices=sub.n_out < sub.n_in)
+    rank = int(np.count_nonzero(s > s[0] * RANK_RTOL))
+    null = d[:, None] * vt[rank:].T  # J (d * x) = 0 for x in null(J * d)
+    if null.shape[1] == 0:
+        return np.zeros((j.n_in, 0))
+    out = np.zeros((j.n_in, null.shape[1]))
+    out[read] = _echelon(null.T).T
+    return out
+
+
+def _echelon(rows: np.ndarray) -> np.ndarray:
+    """Reduced row echelon form of a full-row-rank matrix (pivots scaled to 1, tiny entries zeroed)."""
+    r = np.array(rows, dtype=np.float64)
+    n_rows, n_cols = r.shape
+    col = 0
+    for i in range(n_rows):
+        while col < n_cols:
+            pivot = i + int(np.argmax(np.abs(r[i:, col])))
+            if abs(r[pivot, col]) > NULL_TOL * np.abs(r).max():
+                break
+            col += 1
+        if col == n_cols:
+            break
+        r[[i, pivot]] = r[[pivot, i]]
+        r[i] /= r[i, col]
+        others = np.arange(n_rows) != i
+        r[others] -= np.outer(r[others, col], r[i])
+        col += 1
+    r[np.abs(r) < 1e-9 * max(np.abs(r).max(), 1e-30)] = 0.0
+    return r

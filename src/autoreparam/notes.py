@@ -26,11 +26,14 @@ class NoteKind(enum.Enum):
     GUARD_DROPPED = "dropped by the conditioning guard"
     GUARD_FAILED = "conditioning guard failed"  # the plan is unchecked
     NO_GAUSSIAN_BLOCK = "no Gaussian block"  # hybrid VI and collapsed MCMC do not apply
+    FIGHTS_EXISTING = "fights an existing reparameterization"  # the model's own and the plan's disagree
+    WITHIN_SITE = "direction inside one site"  # reported, not planned: offsets move one site along another
     OTHER = "other"
 
     @property
     def warns(self) -> bool:
-        return self in (NoteKind.DISCRETE_SITE, NoteKind.NO_REAL_SUPPORT, NoteKind.CANNOT_NONCENTRE)
+        return self in (NoteKind.DISCRETE_SITE, NoteKind.NO_REAL_SUPPORT, NoteKind.CANNOT_NONCENTRE,
+                        NoteKind.FIGHTS_EXISTING)
 
 
 class Note(str):

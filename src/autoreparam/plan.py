@@ -211,6 +211,17 @@ class Offset:
             return "dense", g.toarray()
         return "factored", None
 
+    def described_structure(self) -> str:
+        """``structure`` for people: a "covariate" map whose entries are one fixed coefficient c
+        (``mu + 2 * a[g]``) is ``scaled c``, since the model has no covariate there."""
+        if self.structure != "covariate" or not self.E.vals:
+            return self.structure
+        values = (self.E.to_scipy() @ self.M.to_scipy()).tocsr().data
+        values = values[values != 0]
+        if values.size and np.ptp(values) <= 1e-6 * np.abs(values).max():
+            return f"scaled {values[0]:.4g}"
+        return self.structure
+
     def to_json(self) -> dict:
         return {"parent": self.parent, "structure": self.structure, "init": list(self.init),
                 "E": self.E.to_json(), "M": self.M.to_json()}
@@ -554,7 +565,7 @@ class Plan:
             lines.append("  (empty: the model is left as it is)")
         width = max((len(s.name) for s in self.sites), default=0)
         for s in self.sites:
-            parts = [f"{o.parent} ({o.structure}, xi {_summary(o.init)})" for o in s.offsets]
+            parts = [f"{o.parent} ({o.described_structure()}, xi {_summary(o.init)})" for o in s.offsets]
             line = f"  {s.name:<{width}}"
             if parts:
                 line += " <- " + ", ".join(parts)

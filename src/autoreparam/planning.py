@@ -20,7 +20,7 @@ from .plan import Offset, Plan, SitePlan, SparseMap
 from .report import Report
 from .trace import LOC_SCALE_FAMILIES, ModelTrace, data_evaluated_eagerly, isolated_from_handlers
 
-__all__ = ["build_plan", "plan_with_notes", "ANALYTIC_XI_STEP", "CENTRED_ENOUGH"]
+__all__ = ["build_plan", "plan_with_notes", "existing_conflicts", "ANALYTIC_XI_STEP", "CENTRED_ENOUGH"]
 
 
 # Measured on the tensor model (benchmarks/): learning xi at Adam's full rate from the analytic
@@ -53,7 +53,39 @@ def plan_with_notes(report: Report, model_trace: ModelTrace, init: str = "analyt
     if noncentre not in ("auto", True, False, None):
         raise InputError(f"noncentre must be 'auto', True or False, got {noncentre!r}")
     with isolated_from_handlers(), data_evaluated_eagerly():
-        return _build_plan(report, model_trace, init, noncentre, at, guard)
+        plan, notes = _build_plan(report, model_trace, init, noncentre, at, guard)
+    return plan, notes + existing_conflicts(plan, report.existing)
+
+
+def existing_conflicts(plan: Plan, existing) -> list[Note]:
+    """Warnings where the model's own reparameterization (``Report.existing``) and the plan disagree.
+
+    A site the model already non-centres (``x_decentered``, or ``a_raw`` by hand) that the plan
+    reparameterizes again: the two stack. A site that a stripped wrapper (``unwrap=True``)
+    non-centred and the plan keeps centred or gives offsets: putting the wrapper back would undo the plan.
+    """
+    notes = []
+    for e in existing:
+        if e.unwrapped:
+            if not e.site or e.site not in plan.names and not e.reparam.endswith(": non-centred"):
+                continue
+            planned = plan[e.site] if e.site in plan.names else None
+            if e.reparam.endswith(": non-centred") and (planned is None or not planned.noncentred):
+                why = "gives it offsets and keeps it centred" if planned is not None else "keeps it centred"
+                notes.append(Note(f"the stripped wrapper non-centred '{e.site}' ({e.reparam}), but the plan {why}: "
+                                  "use reparameterize(model, unwrap=True) (the wrapper dropped), not the plan on top "
+                                  "of the wrapper", NoteKind.FIGHTS_EXISTING, site=e.site))
+            continue
+        latent = f"{e.site}_decentered" if e.how in ("decentered", "wrapper") else e.site
+        if latent in plan.names:
+            what = "non-centres" if plan[latent].noncentred else "gives offsets to"
+            advice = ("write the model centred" if e.how == "by hand" else
+                      "analyse the model underneath (unwrap=True, --unwrap)" if e.how == "wrapper" else
+                      "write the model centred (or unwrap its reparam handler)")
+            notes.append(Note(f"the plan {what} '{latent}', which the model already non-centres ({e.how}): the two "
+                              f"stack; {advice}, or drop it (plan.without_site('{latent}'))",
+                              NoteKind.FIGHTS_EXISTING, site=latent))
+    return notes
 
 
 def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list[Note]]:
@@ -71,6 +103,13 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
         if name not in eligible and any(b == name for b, _ in pairs):
             report_notes.append(Note(f"site '{name}' has support {sites[name].support}; it gets no offsets",
                                      NoteKind.NO_REAL_SUPPORT, name))
+
+    for w in report.within:
+        report_notes.append(Note(
+            f"site '{w.site}' has {w.dim} direction{'s' if w.dim > 1 else ''} inside it that '{w.observed}' does not "
+            f"see; the plan leaves {'them' if w.dim > 1 else 'it'} to the prior: an offset moves one site along an "
+            f"earlier one, and a direction inside '{w.site}' would need a rotation of its own coordinates",
+            NoteKind.WITHIN_SITE, w.site))
 
     xi: dict[tuple[str, str], np.ndarray] = {}
     centredness: dict[str, np.ndarray] = {}

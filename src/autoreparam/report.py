@@ -16,7 +16,7 @@ from .trace import Site
 if TYPE_CHECKING:
     from .block import GaussianBlock
 
-__all__ = ["Term", "Invariance", "Funnel", "Report"]
+__all__ = ["Term", "Invariance", "WithinSite", "Funnel", "Existing", "Report"]
 
 # (init, noncentre, at, guard) -> (the plan, notes for the report); see ``Report.attach_planner``.
 Planner = Callable[..., tuple[Any, list[Note]]]
@@ -89,7 +89,89 @@ class Invariance:
             "covariate": f"{b} absorbs {a} times a covariate constant within levels of {b}",
             "linear": f"{b} absorbs a linear function of {a}",
         }[self.structure]
+        if self.structure == "covariate":
+            factor = self._constant_factor()
+            if factor is not None:  # a fixed coefficient (``2 * a[g]``), not a covariate
+                scaled = f"{factor:.4g} x {a}"
+                n_a = self.absorption.U.shape[0]
+                per_column = np.diff(self.absorption.U.tocsc().indptr)
+                how = (f"{b} absorbs {scaled} (broadcast)" if n_a == 1 else
+                       f"{b} absorbs {scaled} (each level of {b} sits in one level of {a})" if np.all(per_column == 1)
+                       else f"{b} absorbs {factor:.4g} x the mean of {a}")
         return how
+
+    def _constant_factor(self) -> float | None:
+        """The one ratio between B's and A's moves along the shared directions, if there is one.
+
+        Every shared direction moves A's levels by one value u and B's by one value e, with the same
+        e / u for all directions: then the pair differs from a plain broadcast or gather by a fixed
+        coefficient, and no covariate is involved.
+        """
+        sub = self.absorption
+        if sub is None or sub.dim == 0:
+            return None
+        ratios = []
+        for k in range(sub.dim):
+            u = sub.U[:, k].toarray().ravel()
+            e = sub.E[:, k].toarray().ravel()
+            u, e = u[u != 0], e[e != 0]
+            if not (u.size and e.size) or np.ptp(u) > 1e-6 * np.abs(u).max() or np.ptp(e) > 1e-6 * np.abs(e).max():
+                return None
+            ratios.append(e[0] / u[0])
+        ratios = np.asarray(ratios)
+        if np.ptp(ratios) > 1e-6 * np.abs(ratios).max():
+            return None
+        return float(ratios[0])
+
+
+@dataclass(frozen=True)
+class WithinSite:
+    """Directions inside one latent ``site`` that ``observed`` does not see (``null(J)`` of its term).
+
+    Collinear columns of a design (``X @ beta`` with one-hot groups and an intercept), or a giver and a
+    receiver read as a sum (``gr[:, 0] + gr[:, 1]``). ``basis`` (values x ``dim``, in reduced row echelon
+    form) spans them; ``n_read`` values of the site are read through a map of rank ``n_read - dim``.
+    ``residual`` is the relative change of the observed site's parameters along a random one of them.
+    """
+
+    observed: str
+    site: str
+    shape: tuple[int, ...]
+    dim: int
+    n_read: int
+    residual: float
+    basis: np.ndarray = field(repr=False, compare=False)
+    unconstrained: bool = False  # a site of constrained support: the basis is in its unconstrained values
+
+    def to_json(self) -> dict:
+        return {"observed": self.observed, "site": self.site, "dim": self.dim, "values_read": self.n_read,
+                "rank": self.n_read - self.dim, "residual": float(self.residual),
+                "directions": [self.direction(k) for k in range(min(self.dim, MAX_DIRECTIONS_SHOWN))]}
+
+    def direction(self, k: int) -> str:
+        """Direction ``k`` written out: ``gr[0, 0] - gr[0, 1]`` (unit pivot, coefficients to 3 digits)."""
+        v = self.basis[:, k]
+        parts = []
+        for i in np.flatnonzero(v):
+            index = np.unravel_index(i, self.shape) if self.shape else ()
+            site = f"unconstrained({self.site})" if self.unconstrained else self.site
+            name = f"{site}[{', '.join(str(int(j)) for j in index)}]" if index else site
+            c = float(v[i])
+            mag = "" if abs(abs(c) - 1) < 1e-6 else f"{abs(c):.3g} "
+            parts.append(("- " if c < 0 else "+ ") + mag + name)
+        text = " ".join(parts)
+        return text[2:] if text.startswith("+ ") else "-" + text[1:]
+
+    def describe(self) -> str:
+        shown = [self.direction(k) for k in range(min(self.dim, MAX_DIRECTIONS_SHOWN))]
+        shown = [d for d in shown if d.count(" ") <= 2 * MAX_TERMS_SHOWN]
+        more = "" if len(shown) == self.dim else ", ..."
+        example = f"; {', '.join(shown)}{more}" if shown else ""
+        return f"reads {self.n_read} values of {self.site} through a rank-{self.n_read - self.dim} map{example}"
+
+
+MAX_DIRECTIONS_SHOWN = 3
+MAX_TERMS_SHOWN = 6
 
 
 @dataclass(frozen=True)
@@ -108,6 +190,29 @@ class Funnel:
             "scale_parents": list(self.scale_parents),
             "loc_parents": list(self.loc_parents),
         }
+
+
+@dataclass(frozen=True)
+class Existing:
+    """A reparameterization the model already has.
+
+    ``how`` is ``"wrapper"`` (a ``handlers.reparam`` or ``@autoreparam.auto`` wrapper around the
+    model; ``unwrapped`` when ``analyze(..., unwrap=True)`` stripped it), ``"decentered"`` (a latent
+    ``{site}_decentered`` with a deterministic ``site``, as ``LocScaleReparam`` and emitted code write
+    it) or ``"by hand"`` (a latent with fixed Normal parameters that enters a likelihood multiplied by
+    a positive latent: ``a = mu + tau * a_raw``). ``reparam`` names the NumPyro reparameterizer of a
+    wrapper's config entry (``LocScaleReparam(centered=0)``), else "".
+    """
+
+    site: str
+    how: str
+    detail: str
+    reparam: str = ""
+    unwrapped: bool = False
+
+    def to_json(self) -> dict:
+        return {"site": self.site, "how": self.how, "detail": self.detail, "reparam": self.reparam,
+                "unwrapped": self.unwrapped}
 
 
 @dataclass
@@ -129,6 +234,8 @@ class Report:
     notes: list[Note] = field(default_factory=list)  # str with a kind and a site (see notes.Note)
     hyperparameters: tuple[str, ...] = ()  # latent sites that scale other latent sites' priors
     block: GaussianBlock | None = None  # the conditionally Gaussian block (see autoreparam.block)
+    existing: list[Existing] = field(default_factory=list)  # what the model already reparameterizes
+    within: list[WithinSite] = field(default_factory=list)  # directions inside one site
 
     def __post_init__(self):
         self.notes = [note if isinstance(note, Note) else Note(note) for note in self.notes]
@@ -161,8 +268,28 @@ class Report:
         self.notes.extend(note for note in notes if note not in self.notes)
         return plan
 
+    def describe_existing(self) -> list[str]:
+        """Lines saying what the model already reparameterizes (and what ``unwrap`` stripped)."""
+        return _describe_existing(self.existing)
+
     def additive(self) -> list[Invariance]:
         return [inv for inv in self.invariances if inv.kind == "additive"]
+
+    def grouped_pairs(self) -> list[list[Invariance]]:
+        """The additive pairs, those that are one direction in several observed sites together.
+
+        Two invariances are grouped when they pair the same sites with the same dim, structure and
+        absorption map: the same direction, shared by two likelihoods.
+        """
+        groups: list[list[Invariance]] = []
+        for inv in self.additive():
+            for group in groups:
+                if _same_direction(group[0], inv):
+                    group.append(inv)
+                    break
+            else:
+                groups.append([inv])
+        return groups
 
     def pairs(self, kind: str = "additive") -> dict[tuple[str, str, str], int]:
         """``{(observed, A, B): dim}`` for the invariances of one kind, handy in tests."""
@@ -177,6 +304,8 @@ class Report:
             "funnels": [f.to_json() for f in self.funnels],
             "notes": [str(note) for note in self.notes],
             "block": self.block.to_json() if self.block is not None else None,
+            "existing": [e.to_json() for e in self.existing],
+            "within": [w.to_json() for w in self.within],
         }
 
     def __str__(self) -> str:
@@ -208,14 +337,24 @@ class Report:
         additive = self.additive()
         lines.append("")
         if additive:
-            lines.append(f"likelihood-invariant pairs ({len(additive)}):")
+            groups = self.grouped_pairs()
+            lines.append(f"likelihood-invariant pairs ({len(groups)}):")
             pw = max(len(f"{a}, {b}") for a, b in (i.sites for i in additive))
-            for inv in additive:
+            for group in groups:
+                inv = group[0]
                 pair = f"{inv.sites[0]}, {inv.sites[1]}"
-                lines.append(f"  {{{pair}}}{'':<{pw - len(pair)}}  dim {inv.dim:<4} in {inv.observed}: "
-                             f"{inv.describe()}   residual {inv.residual:.0e}")
+                observed = ", ".join(i.observed for i in group)
+                residual = max(i.residual for i in group)
+                lines.append(f"  {{{pair}}}{'':<{pw - len(pair)}}  dim {inv.dim:<4} in {observed}: "
+                             f"{inv.describe()}   residual {residual:.0e}")
         else:
             lines.append("likelihood-invariant pairs: none")
+        if self.within:
+            lines.append(f"directions inside one site ({len(self.within)}):")
+            sw = max(len(w.site) for w in self.within)
+            for w in self.within:
+                lines.append(f"  {{{w.site}}}{'':<{sw - len(w.site)}}  dim {w.dim:<4} in {w.observed}: "
+                             f"{w.describe()}   residual {w.residual:.0e}")
         local = [i for i in self.invariances if i.kind != "additive"]
         if local:
             lines.append("local (non-additive) trade-offs, not planned:")
@@ -229,11 +368,41 @@ class Report:
                 lines.append(f"  {f.site} ~ {f.distribution}: scale depends on {', '.join(f.scale_parents)}")
         else:
             lines.append("funnels: none")
+        if self.existing:
+            lines += [""] + self.describe_existing()
         lines.append("")
         lines.extend(self.block.describe() if self.block is not None else ["Gaussian block: none (see the note)"])
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
+
+
+def _same_direction(a: Invariance, b: Invariance) -> bool:
+    if (a.sites, a.dim, a.structure, a.kind) != (b.sites, b.dim, b.structure, b.kind):
+        return False
+    if a.absorption is None or b.absorption is None:
+        return False
+    ga = a.absorption.E @ a.absorption.M
+    gb = b.absorption.E @ b.absorption.M
+    if ga.shape != gb.shape:
+        return False
+    scale = max(abs(ga).max(), abs(gb).max(), 1e-30)
+    return abs(ga - gb).max() <= 1e-6 * scale
+
+
+def _describe_existing(existing: list[Existing]) -> list[str]:
+    unwrapped = [e for e in existing if e.unwrapped]
+    kept = [e for e in existing if not e.unwrapped]
+    lines = []
+    if unwrapped:
+        lines.append("unwrapped (analysed without it, as asked):")
+        lines += [f"  {e.detail}" for e in unwrapped]
+    if kept:
+        lines.append("already reparameterized in the model:")
+        lines += [f"  {e.detail}" for e in kept]
+        if any(e.how == "wrapper" for e in kept):
+            lines.append("  (analyse the model underneath with analyze(..., unwrap=True) or --unwrap)")
+    return lines
 
 
 def _count(sites) -> int:

@@ -56,7 +56,7 @@ CONFIGS = {
     "full": dict(seeds=3, checkpoints=40, ckpt_particles=256, final_particles=4096, draws=4000,
                  nuts_chains=4, nuts_warmup=500, nuts_samples=500,
                  ref_chains=4, ref_warmup=1000, ref_samples=2000,
-                 jit_eval=True, nuts_split=True, ref_from_nuts_method=False),
+                 jit_eval=True, nuts_split=True, ref_from_nuts_method=False, block_models=None),
     # Quick mode exercises every code path at a size where compilation dominates, so it compiles
     # less: the ELBO and the posterior draws run eagerly (after the first model they are cheap),
     # NUTS warmup and sampling run in one call (one compile; ESS/s then includes the warmup), and
@@ -65,12 +65,15 @@ CONFIGS = {
     "quick": dict(seeds=1, checkpoints=4, ckpt_particles=16, final_particles=64, draws=200,
                   nuts_chains=2, nuts_warmup=30, nuts_samples=30,
                   ref_chains=2, ref_warmup=30, ref_samples=30,
-                  jit_eval=False, nuts_split=False, ref_from_nuts_method=True),
+                  jit_eval=False, nuts_split=False, ref_from_nuts_method=True,
+                  # Collapsed NUTS and Gibbs compile for 5-25 s CPU per model: one model exercises them.
+                  block_models=("eight_schools",)),
 }
 
 VI_METHODS = ["AutoNormal", "AutoLowRankMVN", "AutoMVN", "VIP AutoNormal",
               "autoreparam zero", "autoreparam analytic", "hybrid"]
-NUTS_METHODS = ["NUTS", "NUTS autoreparam"]
+NUTS_METHODS = ["NUTS", "NUTS autoreparam", "NUTS collapsed", "Gibbs"]
+BLOCK_METHODS = ("NUTS collapsed", "Gibbs")  # need the model's Gaussian block
 METHODS = VI_METHODS + NUTS_METHODS
 METHOD_NOTES = {
     "AutoNormal": "AutoNormal on the original model",
@@ -84,6 +87,11 @@ METHOD_NOTES = {
               "(float64); HybridELBO",
     "NUTS": "NUTS on the original model",
     "NUTS autoreparam": "NUTS on autoreparam.reparameterize(model) (analytic xi)",
+    "NUTS collapsed": "NUTS on theta with the Gaussian block integrated out (autoreparam.CollapsedPosterior, exact "
+                      "blocks that autoreparam.choose_mcmc collapses), then one exact z draw per draw; the draws' "
+                      "time is part of the sampling time",
+    "Gibbs": "HMC-within-Gibbs (autoreparam.collapsed.gibbs_kernel): NUTS on theta given z, z drawn exactly given "
+             "theta (exact blocks; float64)",
 }
 LOC_SCALE = (dist.Normal, dist.Cauchy, dist.Laplace, dist.Logistic, dist.StudentT, dist.Gumbel, dist.SoftLaplace)
 
@@ -153,46 +161,89 @@ def run_nuts(model, args, kwargs, chains, warmup, samples, seed, sites, split=Tr
 
     With ``split=False`` one call does both (one compile instead of two): the sampling time then
     includes warmup and compilation, and the warmup time is reported as 0."""
-    mcmc = MCMC(NUTS(model), num_warmup=warmup, num_samples=samples, num_chains=chains,
+    mcmc, timing = _timed_mcmc(NUTS(model), args, kwargs, chains, warmup, samples, seed, split)
+    extra = mcmc.get_extra_fields(group_by_chain=True)
+    return mcmc_summary(mcmc.get_samples(group_by_chain=True), extra["num_steps"], extra["diverging"], sites,
+                        timing, chains=chains, warmup=warmup, samples=samples, seed=seed, split=split)
+
+
+# Sampling shorter than this (after tracing and loading are subtracted) is timed on a longer run.
+MIN_TIMED_SECONDS = 1.0
+
+
+def use_compilation_cache() -> None:
+    """JAX's persistent compilation cache in a fresh directory, for every compile however short (``_timed_mcmc``
+    relies on it). Call it before the first compile of the process: JAX decides once whether the cache is on."""
+    import tempfile
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="autoreparam_bench_jax_cache_"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _timed_mcmc(kernel, args, kwargs, chains, warmup, samples, seed, split, init_params=None, prefix=""):
+    """An MCMC run of ``kernel``, chains one after another, and its timings (see ``run_nuts``)."""
+    fields = (prefix + "diverging", prefix + "num_steps")
+    mcmc = MCMC(kernel, num_warmup=warmup, num_samples=samples, num_chains=chains,
                 chain_method="sequential", progress_bar=False)
     k_w, k_s = jax.random.split(jax.random.PRNGKey(seed))
-    t_warm = 0.0
-    if split:
+
+    def timed_run(num_samples, init=None):
+        mcmc.num_samples = num_samples
         t0 = time.perf_counter()
-        mcmc.warmup(k_w, *args, **kwargs, collect_warmup=False)
-        block(mcmc.post_warmup_state)
-        t_warm = time.perf_counter() - t0
-    t_overhead = 0.0
-    if split:
-        # NumPyro compiles the sampling loop inside every `run` (about 1 s even for eight schools,
-        # where 4 x 500 draws take 0.2 s): a 2-draw run from the same state measures that cost.
-        mcmc.num_samples = 2
-        t0 = time.perf_counter()
-        mcmc.run(k_s, *args, **kwargs, extra_fields=("diverging", "num_steps"))
+        mcmc.run(k_s, *args, **kwargs, extra_fields=fields, init_params=init)
         block(mcmc.get_samples())
-        t_overhead = time.perf_counter() - t0
-        mcmc.num_samples = samples
+        return time.perf_counter() - t0
+
+    if not split:
+        t_gross = timed_run(samples, init_params)
+        return mcmc, {"warmup_seconds": 0.0, "sampling_seconds": t_gross, "sampling_seconds_gross": t_gross,
+                      "sampling_overhead_seconds": 0.0}
     t0 = time.perf_counter()
-    mcmc.run(k_s, *args, **kwargs, extra_fields=("diverging", "num_steps"))
-    block(mcmc.get_samples())
-    t_gross = time.perf_counter() - t0
-    # Floor: never credit more than 95% of the run to compilation.
-    t_samp = max(t_gross - t_overhead, 0.05 * t_gross)
-    raw = mcmc.get_samples(group_by_chain=True)
-    draws = {s: np.asarray(raw[s], dtype=np.float64) for s in sites}
-    extra = mcmc.get_extra_fields(group_by_chain=True)
+    mcmc.warmup(k_w, *args, **kwargs, collect_warmup=False, init_params=init_params)
+    block(mcmc.post_warmup_state)
+    t_warm = time.perf_counter() - t0
+    # NumPyro traces and compiles its sampling loop inside every `run` (a new closure each time: about
+    # 1 s for eight schools, 10 s for collapsed NUTS, against 0.3 s of sampling). With the persistent
+    # compilation cache (``use_compilation_cache``) a second run of the same length loads the compiled
+    # loop, so each length runs twice and the sampling time is t(N draws) - t(2 draws), both second runs
+    # from the same warmed-up state: tracing and loading cancel out, sampling is left.
+    timed_run(2)
+    t_overhead = timed_run(2)
+    timed_run(samples)
+    t_gross = timed_run(samples)
+    timing = {"warmup_seconds": t_warm, "sampling_seconds_gross": t_gross, "sampling_overhead_seconds": t_overhead}
+    if t_gross - t_overhead < MIN_TIMED_SECONDS:
+        # Below the noise of tracing and loading (eight schools: 0.03 s of sampling against 0.6 s):
+        # time a longer run from the same state and scale it to ``samples`` draws. The draws and
+        # their diagnostics stay those of the ``samples``-draw run, which is run again last.
+        longer = samples * int(np.ceil(MIN_TIMED_SECONDS / max(t_gross - t_overhead, 0.01 * MIN_TIMED_SECONDS)))
+        timed_run(longer)
+        t_longer = timed_run(longer)
+        timing["sampling_seconds_timed_on"] = longer
+        t_samp = max(t_longer - t_overhead, 0.05 * t_longer) * samples / longer
+        timed_run(samples)
+    else:
+        t_samp = t_gross - t_overhead
+    return mcmc, {**timing, "sampling_seconds": t_samp}
+
+
+def mcmc_summary(draws_by_chain, num_steps, diverging, sites, timing, **config) -> dict:
+    """min-ESS (over every element of every site in ``sites``), R-hat, divergences and timings of one MCMC run."""
+    draws = {s: np.asarray(draws_by_chain[s], dtype=np.float64) for s in sites}
     ess = {s: np.asarray(effective_sample_size(draws[s])).reshape(-1) for s in sites}
     rhat = {s: np.asarray(split_gelman_rubin(draws[s])).reshape(-1) for s in sites}
     ess_site = min(sites, key=lambda s: np.nanmin(ess[s]))
     rhat_site = max(sites, key=lambda s: np.nanmax(rhat[s]))
     min_ess = float(np.nanmin(ess[ess_site]))
-    steps = np.asarray(extra["num_steps"])
+    steps = np.asarray(num_steps)
     pooled = {s: v.reshape((-1,) + v.shape[2:]) for s, v in draws.items()}
+    t_samp, t_gross, t_warm = timing["sampling_seconds"], timing["sampling_seconds_gross"], timing["warmup_seconds"]
     return {
-        "chains": chains, "warmup": warmup, "samples": samples, "seed": seed, "split_warmup": split,
-        "warmup_seconds": t_warm, "sampling_seconds": t_samp, "sampling_seconds_gross": t_gross,
-        "sampling_overhead_seconds": t_overhead,
-        "divergences": int(np.asarray(extra["diverging"]).sum()),
+        **{k: config[k] for k in ("chains", "warmup", "samples", "seed")}, "split_warmup": config["split"],
+        **timing,
+        "divergences": int(np.asarray(diverging).sum()),
         "mean_tree_size": float(steps.mean()), "max_tree_size": int(steps.max()),
         "min_ess": min_ess, "min_ess_site": ess_site,
         "min_ess_by_site": {s: float(np.nanmin(ess[s])) for s in sites},
@@ -203,6 +254,56 @@ def run_nuts(model, args, kwargs, chains, warmup, samples, seed, sites, split=Tr
         "load_after": load_avg(),
         "_moments": {s: (pooled[s].mean(0), pooled[s].std(0, ddof=1)) for s in sites},
     }
+
+
+def run_collapsed(model, args, kwargs, block_, chains, warmup, samples, seed, sites, split=True):
+    """Collapsed NUTS (``CollapsedPosterior``: NUTS on theta, the block integrated out), timed like ``run_nuts``,
+    plus the exact z draws and deterministic sites (``complete``), whose time is added to the sampling time
+    (with ``split``, their compile is measured apart on one draw and left out)."""
+    from autoreparam.collapsed import CollapsedPosterior
+
+    t0 = time.perf_counter()
+    post = CollapsedPosterior(model, block_, args, kwargs)
+    t_setup = time.perf_counter() - t0
+    k_init, k_z = jax.random.split(jax.random.PRNGKey(10_000 + seed))
+    init = post.init_params(k_init, chains if chains > 1 else None)
+    mcmc, timing = _timed_mcmc(NUTS(potential_fn=post.potential_fn), (), {}, chains, warmup, samples, seed, split,
+                               init_params=init)
+    theta = post.constrain(mcmc.get_samples(group_by_chain=True))
+    t_compile = 0.0
+    if split:
+        t0 = time.perf_counter()
+        block(post.complete(k_z, {k: v[:1, :1] for k, v in theta.items()}))
+        t_compile = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    draws = block(post.complete(k_z, theta))
+    t_complete = time.perf_counter() - t0
+    timing = {**timing, "sampling_seconds": timing["sampling_seconds"] + t_complete,
+              "sampling_seconds_gross": timing["sampling_seconds_gross"] + t_complete}
+    extra = mcmc.get_extra_fields(group_by_chain=True)
+    r = mcmc_summary(draws, extra["num_steps"], extra["diverging"], sites, timing, chains=chains, warmup=warmup,
+                     samples=samples, seed=seed, split=split)
+    r.update(setup_seconds=t_setup, complete_seconds=t_complete, complete_compile_seconds=t_compile,
+             block_size=block_.size, theta=list(block_.theta))
+    return r
+
+
+def run_gibbs(model, args, kwargs, block_, chains, warmup, samples, seed, sites, split=True):
+    """HMC-within-Gibbs (``autoreparam.collapsed.gibbs_kernel``: NUTS on theta given z, z drawn exactly given
+    theta), timed like ``run_nuts``, in float64 throughout (the exact draws need float64 random bits)."""
+    from autoreparam.collapsed import gibbs_kernel
+
+    with jax.enable_x64(True):
+        t0 = time.perf_counter()
+        kernel, args, kwargs = gibbs_kernel(model, block_, args, kwargs)
+        t_setup = time.perf_counter() - t0
+        mcmc, timing = _timed_mcmc(kernel, args, kwargs, chains, warmup, samples, seed, split, prefix="hmc_state.")
+        extra = mcmc.get_extra_fields(group_by_chain=True)
+        r = mcmc_summary(mcmc.get_samples(group_by_chain=True), extra["hmc_state.num_steps"],
+                         extra["hmc_state.diverging"], sites, timing, chains=chains, warmup=warmup, samples=samples,
+                         seed=seed, split=split)
+    r.update(setup_seconds=t_setup, block_size=block_.size, theta=list(block_.theta))
+    return r
 
 
 # -- comparison against the reference -----------------------------------------------------------
@@ -507,7 +608,7 @@ def run_model(spec: ModelSpec, mode: str, methods: list | None = None, reference
     log(f"{spec.name}: {spec.size(mode)}, {len(sites)} latent sites ({sum(int(np.prod(s)) for s in sites.values())} values)")
     out = {"name": spec.name, "description": spec.description, "size": spec.size(mode), "n_obs": n_obs,
            "latent_sites": {s: list(v) for s, v in sites.items()}, "reference_kind": spec.reference,
-           "steps": None, "methods": {}, "errors": {}}
+           "steps": None, "methods": {}, "errors": {}, "skipped": {}}
 
     # The analysis once, then both plans from the same report (what reparameterize(model, init=...) does);
     # skipped when no method of this run needs them (the hybrid runs its own analysis, inside its set-up).
@@ -625,9 +726,17 @@ def run_model(spec: ModelSpec, mode: str, methods: list | None = None, reference
             out["methods"][name] = {"kind": "vi", "setup_seconds": setup.get(name, 0.0),
                                     "compile_seconds": m.compile_seconds, "chunk": m.chunk, "runs": runs[name]}
 
-    # NUTS on both parameterizations.
+    # NUTS on both parameterizations, collapsed NUTS and Gibbs.
+    choice = None
     for name in (m for m in NUTS_METHODS if m in methods):
-        r = nuts_runs.get(name) or _nuts_method(spec, name, variants[variant_of[name]], args, kwargs, cfg, sites, out)
+        if name in BLOCK_METHODS:
+            if choice is None:
+                choice = autoreparam.choose_mcmc(model, *args, **kwargs)
+                out["mcmc_choice"] = {"method": choice.method, "reason": choice.reason}
+            r = _block_method(spec, name, choice, model, args, kwargs, cfg, sites, out)
+        else:
+            r = nuts_runs.get(name) or _nuts_method(spec, name, variants[variant_of[name]], args, kwargs, cfg, sites,
+                                                    out)
         if r is None:
             continue
         r = dict(r)
@@ -650,6 +759,33 @@ def _nuts_method(spec, name, model, args, kwargs, cfg, sites, out):
         log(f"{spec.name}: {name} ({cfg['nuts_chains']} x {cfg['nuts_samples']} after {cfg['nuts_warmup']})")
         r = run_nuts(model, args, kwargs, cfg["nuts_chains"], cfg["nuts_warmup"], cfg["nuts_samples"],
                      seed=NUTS_METHODS.index(name), sites=list(sites), split=cfg["nuts_split"])
+        log(f"{spec.name}: {name}: min ESS {r['min_ess']:.0f} ({r['min_ess_site']}), "
+            f"{r['min_ess_per_s']:.1f}/s, {r['divergences']} div, R-hat {r['max_rhat']:.3f}")
+        return r
+    except Exception as exc:
+        out["errors"][name] = _error(exc)
+        log(f"{spec.name}: {name} FAILED: {exc}")
+        return None
+
+
+def _block_method(spec, name, choice, model, args, kwargs, cfg, sites, out):
+    """Collapsed NUTS or Gibbs where the model's block allows it (else a reason in ``out["skipped"]``)."""
+    block_ = choice.block
+    if name == "NUTS collapsed" and choice.method != "collapsed":
+        out["skipped"][name] = f"choose_mcmc picks NUTS on the offsets: {choice.reason}"
+        return None
+    if name == "Gibbs" and (block_ is None or not block_.exact):
+        out["skipped"][name] = "needs an exact Gaussian block: " + choice.reason
+        return None
+    if cfg["block_models"] is not None and spec.name not in cfg["block_models"]:
+        out["skipped"][name] = f"quick mode runs it on {', '.join(cfg['block_models'])} only"
+        return None
+    run = run_collapsed if name == "NUTS collapsed" else run_gibbs
+    try:
+        log(f"{spec.name}: {name} ({cfg['nuts_chains']} x {cfg['nuts_samples']} after {cfg['nuts_warmup']}; "
+            f"block of {block_.size})")
+        r = run(model, args, kwargs, block_, cfg["nuts_chains"], cfg["nuts_warmup"], cfg["nuts_samples"],
+                seed=NUTS_METHODS.index(name), sites=list(sites), split=cfg["nuts_split"])
         log(f"{spec.name}: {name}: min ESS {r['min_ess']:.0f} ({r['min_ess_site']}), "
             f"{r['min_ess_per_s']:.1f}/s, {r['divergences']} div, R-hat {r['max_rhat']:.3f}")
         return r
@@ -777,6 +913,9 @@ def summarize(out: dict) -> None:
         ratios["step_time_AutoMVN_over_analytic"] = quot(vi["AutoMVN"]["summary"]["seconds_per_1000_steps"],
                                                          an["seconds_per_1000_steps"])
     nu, nr = out["methods"].get("NUTS"), out["methods"].get("NUTS autoreparam")
+    nc = out["methods"].get("NUTS collapsed")
+    if nu and nc:
+        ratios["nuts_min_ess_per_s_collapsed_over_original"] = quot(nc["min_ess_per_s"], nu["min_ess_per_s"])
     if nu and nr:
         ratios["nuts_min_ess_per_s_reparam_over_original"] = quot(nr["min_ess_per_s"], nu["min_ess_per_s"])
         ratios["nuts_min_ess_per_s_incl_warmup_reparam_over_original"] = quot(

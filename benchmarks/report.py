@@ -9,10 +9,12 @@ from .harness import METHODS, NAT, NUTS_METHODS, VI_METHODS
 SHORT = {"AutoNormal": "AutoNormal", "AutoLowRankMVN": "AutoLowRankMVN", "AutoMVN": "AutoMVN",
          "VIP AutoNormal": "VIP + AutoNormal", "autoreparam zero": "autoreparam zero + AutoNormal",
          "autoreparam analytic": "autoreparam analytic + AutoNormal", "NUTS": "NUTS",
-         "NUTS autoreparam": "NUTS on autoreparam", "hybrid": "hybrid (AutoHybrid + natural gradient)"}
+         "NUTS autoreparam": "NUTS on autoreparam", "hybrid": "hybrid (AutoHybrid + natural gradient)",
+         "NUTS collapsed": "collapsed NUTS (block integrated out)", "Gibbs": "Gibbs (NUTS on theta, exact z)"}
 COLORS = {"AutoNormal": "#1f77b4", "AutoLowRankMVN": "#17becf", "AutoMVN": "#9467bd",
           "VIP AutoNormal": "#ff7f0e", "autoreparam zero": "#8c564b", "autoreparam analytic": "#d62728",
-          "NUTS": "#7f7f7f", "NUTS autoreparam": "#2ca02c", "hybrid": "#e377c2"}
+          "NUTS": "#7f7f7f", "NUTS autoreparam": "#2ca02c", "hybrid": "#e377c2", "NUTS collapsed": "#bcbd22",
+          "Gibbs": "#000000"}
 
 
 def md_table(head, rows) -> str:
@@ -52,6 +54,9 @@ def model_table(m: dict) -> str:
     rows = []
     for name in METHODS:
         r = m["methods"].get(name)
+        if r is None and name in m.get("skipped", {}):
+            rows.append([SHORT[name], f"not run: {m['skipped'][name]}"] + ["-"] * (len(head) - 2))
+            continue
         if r is None:
             err = next((v["error"] for k, v in m.get("errors", {}).items() if k.startswith(name)), None)
             if err is not None:
@@ -159,6 +164,7 @@ def headline_rows(results: dict) -> list:
                                         + ("" if ess_ratio is None else f" (x{ess_ratio:.3g})") + mixed,
             "-" if g0 is None or g1 is None else f"{rate(g0)} -> {rate(g1)}" + (f" (x{g1 / g0:.3g})" if g0 else ""),
             "-" if not (nu and nr) else f"{nu['divergences']} -> {nr['divergences']}",
+            collapsed_cell(nu, meth.get("NUTS collapsed"), m.get("skipped", {}).get("NUTS collapsed")),
         ])
     return rows
 
@@ -166,7 +172,17 @@ def headline_rows(results: dict) -> list:
 HEADLINE_HEAD = ["model", "best VI (median ELBO)", "ELBO: analytic - AutoNormal",
                  "ELBO: analytic - best non-autoreparam VI", "worst-site sd ratio: AutoNormal -> analytic",
                  "analytic: worst-site mean err", "NUTS min-ESS/s: original -> autoreparam",
-                 "NUTS min-ESS / 1k gradients", "NUTS divergences"]
+                 "NUTS min-ESS / 1k gradients", "NUTS divergences",
+                 "collapsed NUTS: min-ESS/s (x original), / 1k grads, div., max R-hat"]
+
+
+def collapsed_cell(original: dict | None, collapsed: dict | None, skipped: str | None) -> str:
+    if collapsed is None:
+        return "not run" + (" (offsets chosen)" if skipped else "")
+    ratio = "" if not original or not original.get("min_ess_per_s") else \
+        f" (x{collapsed['min_ess_per_s'] / original['min_ess_per_s']:.3g})"
+    return (f"{rate(collapsed['min_ess_per_s'])}{ratio}, {rate(ess_per_kgrad(collapsed))}, "
+            f"{collapsed['divergences']}, {f(collapsed.get('max_rhat'), '{:.3f}')}")
 
 
 def markdown(results: dict) -> str:
@@ -210,6 +226,8 @@ def markdown(results: dict) -> str:
         say(model_table(m) + "\n")
         if "hybrid" in m["methods"]:
             say(hybrid_line(m) + "\n")
+        if m.get("mcmc_choice"):
+            say(f"autoreparam.choose_mcmc: {m['mcmc_choice']['method']} ({m['mcmc_choice']['reason']}).\n")
         an = m["analysis"]
         comp = ", ".join(f"{SHORT[k]} {v['compile_seconds']:.1f}" for k, v in m["methods"].items() if v["kind"] == "vi")
         say(f"autoreparam analysis {an['analyze_seconds']:.1f} s + plan {an['plan_analytic_seconds']:.1f} s "

@@ -41,7 +41,8 @@ def test_quick_run_has_every_model_and_method(quick_run):
     for name, m in results["models"].items():
         assert "failed" not in m, (name, m.get("failed"))
         assert m["errors"] == {}, (name, m["errors"])
-        assert set(m["methods"]) == set(harness.METHODS), name
+        assert set(m["methods"]) | set(m["skipped"]) == set(harness.METHODS), name
+        assert not set(m["methods"]) & set(m["skipped"]), name
         for meth, r in m["methods"].items():
             if r["kind"] == "vi":
                 s = r["summary"]
@@ -55,6 +56,14 @@ def test_quick_run_has_every_model_and_method(quick_run):
                 assert np.isfinite(r["min_ess"]) and r["divergences"] >= 0 and r["max_rhat"] is not None
         assert m["best_elbo"] == max(r["summary"]["elbo"] for r in m["methods"].values()
                                      if r["kind"] == "vi" and r["summary"]["elbo"] is not None)
+    # Collapsed NUTS and Gibbs run on eight schools (quick mode); the Laplace block of the logistic model
+    # is left to NUTS on the offsets, with the reason.
+    eight = results["models"]["eight_schools"]
+    assert {"NUTS collapsed", "Gibbs"} <= set(eight["methods"]) and eight["mcmc_choice"]["method"] == "collapsed"
+    assert eight["methods"]["NUTS collapsed"]["block_size"] == 9
+    logistic = results["models"]["crossed_logistic"]
+    assert logistic["mcmc_choice"]["method"] == "offsets" and "Bernoulli" in logistic["mcmc_choice"]["reason"]
+    assert "NUTS collapsed" in logistic["skipped"] and "Gibbs" in logistic["skipped"]
     assert results["models"]["eight_schools"]["reference"]["kind"].startswith("posteriordb")
 
 

@@ -18,7 +18,7 @@ from numpyro.infer.reparam import LocScaleReparam
 
 import autoreparam
 from autoreparam.block import BlockLikelihood, BlockSite, GaussianBlock
-from autoreparam.collapsed import COLLAPSED_LIMIT, CollapsedPosterior, collapsed_mcmc
+from autoreparam.collapsed import AUTO_COLLAPSED_LIMIT, COLLAPSED_LIMIT, CollapsedPosterior, collapsed_mcmc
 from autoreparam.errors import InputError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -207,3 +207,58 @@ def test_laplace_block_needs_approximate_true():
                              CROSSED_BLOCK.theta)
     with pytest.raises(InputError, match=r"y \(Bernoulli\) is not Normal.*Laplace approximation.*approximate=True"):
         CollapsedPosterior(crossed, logistic, (II, JJ, Y))
+
+
+# ------------------------------------------------------------------ the automatic choice
+
+
+def _logistic(ii, y):
+    s = numpyro.sample("s", dist.HalfNormal(1.0))
+    with numpyro.plate("i", I):
+        a = numpyro.sample("a", dist.Normal(0.0, s))
+    with numpyro.plate("n", len(ii)):
+        numpyro.sample("y", dist.Bernoulli(logits=a[ii]), obs=y)
+
+
+def _scales_only(y):
+    s = numpyro.sample("s", dist.HalfNormal(1.0))
+    numpyro.sample("y", dist.Normal(0.0, s), obs=y)
+
+
+def test_choose_mcmc_collapses_a_small_exact_block_and_says_why():
+    choice = autoreparam.choose_mcmc(crossed, II, JJ, Y)
+    assert choice.method == "collapsed"
+    assert set(choice.block.names) == {"mu", "a", "b"} and choice.block.size == 1 + I + J
+    assert str(choice) == "collapsed: exact Gaussian block mu, a, b (8 values) integrated out; NUTS on s_a, s_b, sigma"
+
+
+def test_choose_mcmc_takes_the_offsets_without_an_exact_small_block():
+    no_block = autoreparam.choose_mcmc(_scales_only, np.ones(3, np.float32))
+    assert no_block.method == "offsets" and no_block.block is None
+    assert no_block.reason.startswith("no conditionally Gaussian block") and "\n" not in no_block.reason
+    laplace = autoreparam.choose_mcmc(_logistic, II, (Y > 1).astype(np.float32))
+    assert laplace.method == "offsets" and laplace.block is not None
+    assert "non-Normal likelihood y (Bernoulli" in laplace.reason and "Laplace" in laplace.reason
+    size = AUTO_COLLAPSED_LIMIT + 1
+    big = GaussianBlock((BlockSite("a", (size,), "Normal"),), CROSSED_BLOCK.likelihoods, ("s_a",))
+    too_large = autoreparam.choose_mcmc(crossed, II, JJ, Y, block=big)
+    assert too_large.method == "offsets" and f"{size} values, above {AUTO_COLLAPSED_LIMIT}" in too_large.reason
+
+
+def test_auto_mcmc_runs_the_chosen_method_and_keeps_every_site(monkeypatch):
+    # The collapsed branch hands the chosen block to collapsed_mcmc (run for real above) and adds the reason.
+    seen = {}
+
+    def fake_collapsed_mcmc(model, *args, block, **kwargs):
+        seen["block"] = block
+        return autoreparam.collapsed.CollapsedResult({}, None, "collapsed NUTS", num_gradients=0, seconds=0.0,
+                                                     divergences=0)
+
+    monkeypatch.setattr(autoreparam.collapsed, "collapsed_mcmc", fake_collapsed_mcmc)
+    collapsed = autoreparam.auto_mcmc(crossed, II, JJ, Y)
+    assert collapsed.method == "collapsed NUTS" and collapsed.reason.startswith("exact Gaussian block")
+    assert seen["block"].names == ("mu", "a", "b")
+    offsets = autoreparam.auto_mcmc(_scales_only, np.ones(3, np.float32), num_warmup=20, num_samples=10,
+                                    progress_bar=False)
+    assert offsets.method == "NUTS on the offsets" and offsets.reason.startswith("no conditionally Gaussian block")
+    assert offsets.get_samples(group_by_chain=True)["s"].shape == (1, 10) and offsets.num_gradients > 0

@@ -17,7 +17,7 @@ _EXPORTS = {
     "AutoreparamError": "errors", "InputError": "errors", "ModelError": "errors",
     "Offset": "plan", "Plan": "plan", "PlanError": "plan", "SitePlan": "plan",
     "ConditionalOffsetReparam": "reparam", "record_values": "reparam",
-    "auto": "api", "reparameterize": "api", "unwrap": "api",
+    "auto": "api", "reparameterize": "api", "unwrap": "api", "auto_mcmc": "api", "choose_mcmc": "collapsed",
     "Existing": "report", "Funnel": "report", "Invariance": "report", "Report": "report", "Term": "report",
     "Plate": "trace", "Site": "trace",
     "AutoHybrid": "hybrid", "HybridELBO": "hybrid", "NaturalGradient": "natural",
@@ -26,8 +26,8 @@ _EXPORTS = {
 _SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__))
 
 if TYPE_CHECKING:
-    from .api import analyze, auto, reparameterize, unwrap
-    from .collapsed import CollapsedPosterior, collapsed_mcmc, gibbs_mcmc
+    from .api import analyze, auto, auto_mcmc, reparameterize, unwrap
+    from .collapsed import CollapsedPosterior, choose_mcmc, collapsed_mcmc, gibbs_mcmc
     from .emit import EmitResult, emit_config, emit_source
     from .fit import HybridFit, fit_hybrid
     from .hybrid import AutoHybrid, HybridELBO
@@ -48,6 +48,8 @@ __all__ = [
     "EmitResult",
     "auto",
     "reparameterize",
+    "auto_mcmc",
+    "choose_mcmc",
     "unwrap",
     "Existing",
     "record_values",

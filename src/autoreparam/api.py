@@ -23,7 +23,7 @@ from .reparam import ReparamConfig, apply_config, build_config
 from .report import Existing, Report
 from .trace import TracedSite, isolated_from_handlers, trace_sites
 
-__all__ = ["analyze", "reparameterize", "auto", "unwrap", "ReparameterizedModel"]
+__all__ = ["analyze", "reparameterize", "auto", "auto_mcmc", "unwrap", "ReparameterizedModel"]
 
 
 def analyze(model: Callable, *args, unwrap: bool = False, **kwargs) -> Report:
@@ -276,6 +276,39 @@ def _prepare(model, plan, args, kwargs, init, noncentre, at, learn, last_plan=No
                 warnings.warn(f"autoreparam: {note}", stacklevel=4)
     validate_plan(plan, sites)
     return _Prepared(build_config(plan, learn=learn, taken=sites), observed)
+
+
+def auto_mcmc(model: Callable, *args, num_warmup: int = 500, num_samples: int = 500, num_chains: int = 1,
+              chain_method: str = "sequential", rng_key=0, progress_bar: bool = True, **kwargs):
+    """NUTS by the method ``autoreparam.collapsed.choose_mcmc`` picks for ``model(*args, **kwargs)``.
+
+    Collapsed NUTS (``collapsed_mcmc``) where the Gaussian block is exact and small enough for a
+    dense marginal, else NUTS on ``reparameterize(model)``. Returns a ``CollapsedResult``: every
+    site of the model by chain, ``result.method`` and the one-line ``result.reason``.
+
+    >>> result = autoreparam.auto_mcmc(model, sigma, y=y)  # doctest: +SKIP
+    >>> print(result.method, "-", result.reason)  # doctest: +SKIP
+    """
+    import time
+
+    from numpyro.infer import NUTS
+
+    from .collapsed import CollapsedResult, _key, _run_mcmc, choose_mcmc, collapsed_mcmc
+
+    choice = choose_mcmc(model, *args, **kwargs)
+    if choice.method == "collapsed":
+        result = collapsed_mcmc(model, *args, block=choice.block, num_warmup=num_warmup, num_samples=num_samples,
+                                num_chains=num_chains, chain_method=chain_method, rng_key=rng_key,
+                                progress_bar=progress_bar, **kwargs)
+        result.reason = choice.reason
+        return result
+    start = time.perf_counter()
+    mcmc, counts = _run_mcmc(NUTS(reparameterize(model)), num_warmup, num_samples, num_chains, chain_method,
+                             progress_bar, _key(rng_key), *args, **kwargs)
+    samples = mcmc.get_samples(group_by_chain=True)
+    jax.block_until_ready(samples)
+    return CollapsedResult(samples, mcmc, "NUTS on the offsets", seconds=time.perf_counter() - start,
+                           reason=choice.reason, **counts)
 
 
 def auto(model: Callable | None = None, *, plan: Plan | None = None, init: str = "analytic", learn: bool = True,

@@ -25,6 +25,7 @@ NUTS then targets the Laplace approximation of p(theta | y) and is only run with
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import jax
@@ -38,11 +39,17 @@ from .block import GaussianBlock, block_of_model
 from .conditional import DENSE_LIMIT, BlockConditional, float64_with_gradient
 from .errors import InputError, ModelError
 
-__all__ = ["CollapsedPosterior", "CollapsedResult", "collapsed_mcmc", "gibbs_mcmc", "COLLAPSED_LIMIT"]
+__all__ = ["CollapsedPosterior", "CollapsedResult", "collapsed_mcmc", "gibbs_mcmc", "gibbs_kernel", "choose_mcmc",
+           "MCMCChoice", "COLLAPSED_LIMIT", "AUTO_COLLAPSED_LIMIT"]
 
 #: Largest block whose marginal collapsed NUTS computes: every gradient of the potential builds
 #: the dense D x D precision from D Hessian-vector products and factors it.
 COLLAPSED_LIMIT = DENSE_LIMIT
+
+#: Largest block :func:`choose_mcmc` integrates out. Each collapsed gradient builds the dense D x D
+#: precision from D Hessian-vector products, factors it, and differentiates both: its cost grows
+#: like D^2 times the data (measured in benchmarks/README.md, "Collapsed NUTS").
+AUTO_COLLAPSED_LIMIT = 500
 
 _COMPLETE_BATCH = 64
 
@@ -140,7 +147,8 @@ class CollapsedPosterior:
         self.potential_fn = self._make_potential()
         # Draws per compiled chunk of ``complete``: at most ~32 MB of dense precisions at once.
         self._chunk = max(1, min(_COMPLETE_BATCH, 4_000_000 // (block.size * block.size)))
-        self._complete_chunk = jax.jit(jax.vmap(self._complete_one))
+        self._complete_chunk = jax.jit(
+            lambda key, theta: jax.vmap(self._complete_one)(jax.random.split(key, self._chunk), theta))
 
     # --------------------------------------------------------------- transforms
 
@@ -221,7 +229,12 @@ class CollapsedPosterior:
 
     def _complete_one(self, key, theta):
         key_z, key_model = jax.random.split(key)
-        z = self.conditional.sample(key_z, theta)
+        # z = m + L^-T eps with H = L L^T and eps ~ N(0, I): the factor the marginal uses, no
+        # perturbation-optimisation noise (two more runs of the model and their gradients).
+        cond = self.conditional
+        m, _, _, chol, _ = cond._mode(cond._as_theta(theta), None)
+        eps = jax.random.normal(key_z, (self.block.size,), jnp.float64)
+        z = cond._unravel(m + jax.scipy.linalg.solve_triangular(chol.T, eps, lower=False))
         tr = handlers.trace(handlers.substitute(handlers.seed(self.model, key_model), data={**theta, **z})).get_trace(
             *self.args, **self.kwargs)
         return {name: tr[name]["value"] for name in self._latent_names + self._deterministic_names}
@@ -236,37 +249,42 @@ class CollapsedPosterior:
         """
         rng_key = _key(rng_key)
         name0 = self.theta_names[0]
-        batch = jnp.shape(theta[name0])[:jnp.ndim(theta[name0]) - jnp.ndim(self._theta_example[name0])]
+        batch = np.shape(theta[name0])[:np.ndim(theta[name0]) - np.ndim(self._theta_example[name0])]
         n = int(np.prod(batch))
         chunk = self._chunk
         padded = -(-n // chunk) * chunk
-        flat = {k: jnp.reshape(jnp.asarray(v), (n,) + jnp.shape(self._theta_example[k])) for k, v in theta.items()
+        # Padding, chunking and gathering in numpy: eager JAX ops would compile anew for every new
+        # number of draws (seconds, against milliseconds of drawing for a small block).
+        flat = {k: np.reshape(np.asarray(v), (n,) + np.shape(self._theta_example[k])) for k, v in theta.items()
                 if k in self.theta_names}
-        flat = {k: jnp.concatenate([v, jnp.repeat(v[:1], padded - n, axis=0)]) for k, v in flat.items()}
-        keys = jax.random.split(rng_key, padded)
+        flat = {k: np.concatenate([v, np.repeat(v[:1], padded - n, axis=0)]) for k, v in flat.items()}
         dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
-        # Traced wholly in float64: the conditional's draws use float64 random bits, which do
-        # not lower inside a float32 jit.
+        # Traced wholly in float64: the draws use float64 random bits, which do not lower inside a
+        # float32 jit.
         with jax.enable_x64(True):
-            parts = [self._complete_chunk(keys[i:i + chunk], {k: v[i:i + chunk] for k, v in flat.items()})
+            parts = [self._complete_chunk(jax.random.fold_in(rng_key, i),
+                                          {k: v[i:i + chunk] for k, v in flat.items()})
                      for i in range(0, padded, chunk)]
-            out = {k: jnp.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
-            out = {k: jnp.reshape(v, tuple(batch) + jnp.shape(v)[1:]) for k, v in out.items()}
-            return {k: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in out.items()}
+            out = {k: np.concatenate([np.asarray(p[k]) for p in parts])[:n] for k in parts[0]}
+        out = {k: np.reshape(v, tuple(batch) + np.shape(v)[1:]) for k, v in out.items()}
+        return {k: jnp.asarray(v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v) for k, v in out.items()}
 
 
 class CollapsedResult:
     """The samples of a collapsed (or Gibbs) MCMC run, by chain, with MCMC-style accessors.
 
-    ``mcmc`` is the underlying ``numpyro.infer.MCMC``; ``num_gradients`` the gradient evaluations
+    ``mcmc`` is the underlying ``numpyro.infer.MCMC``; ``method`` names the method, ``reason`` says why
+    :func:`autoreparam.auto_mcmc` chose it; ``num_gradients`` the gradient evaluations
     (leapfrog steps, all chains) after warm-up; ``seconds`` the wall time of warm-up, sampling
     and completion (compilation included).
     """
 
-    def __init__(self, samples: dict, mcmc, method: str, *, num_gradients: int, seconds: float, divergences: int):
+    def __init__(self, samples: dict, mcmc, method: str, *, num_gradients: int, seconds: float, divergences: int,
+                 reason: str = ""):
         self._samples = samples  # site -> (chains, draws, ...)
         self.mcmc = mcmc
         self.method = method
+        self.reason = reason  # why this method (``auto_mcmc``)
         self.num_gradients = int(num_gradients)
         self.seconds = float(seconds)
         self.divergences = int(divergences)
@@ -349,19 +367,9 @@ def gibbs_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_w
 
     >>> result = autoreparam.gibbs_mcmc(model, sigma, y=y, block=block)  # doctest: +SKIP
     """
-    from numpyro.infer import NUTS, HMCGibbs
-
     if block is None:
         block = _find_block(model, args, kwargs, "Gibbs MCMC")
-    _check_block(block, "Gibbs MCMC", approximate, None)
-    args, kwargs = _int32_data(args), _int32_data(kwargs)
-    conditional = BlockConditional(model, block, args, kwargs)
-    block_names = block.names
-
-    def gibbs_fn(rng_key, gibbs_sites, hmc_sites):
-        return conditional.sample(rng_key, {n: hmc_sites[n] for n in block.theta}, init=gibbs_sites)
-
-    kernel = HMCGibbs(NUTS(model), gibbs_fn=gibbs_fn, gibbs_sites=list(block_names))
+    kernel, args, kwargs = gibbs_kernel(model, block, args, kwargs, approximate=approximate)
     dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     start = time.perf_counter()
     # The whole chain runs in float64: the conditional's draws use float64 random bits, which do
@@ -375,6 +383,65 @@ def gibbs_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_w
         jax.block_until_ready(samples)
     return CollapsedResult(samples, mcmc, "Gibbs (NUTS on theta, exact z)", seconds=time.perf_counter() - start,
                            **counts)
+
+
+def gibbs_kernel(model: Callable, block: GaussianBlock, args: tuple = (), kwargs: dict | None = None, *,
+                 approximate: bool = False):
+    """NumPyro's ``HMCGibbs``: NUTS on theta given z, z drawn exactly given theta; with the (int32) inputs
+    to run it on, as ``(kernel, args, kwargs)``. Run it inside ``jax.enable_x64(True)``: the exact
+    draws use float64 random bits."""
+    from numpyro.infer import NUTS, HMCGibbs
+
+    _check_block(block, "Gibbs MCMC", approximate, None)
+    args, kwargs = _int32_data(tuple(args)), _int32_data(dict(kwargs or {}))
+    conditional = BlockConditional(model, block, args, kwargs)
+
+    def gibbs_fn(rng_key, gibbs_sites, hmc_sites):
+        return conditional.sample(rng_key, {n: hmc_sites[n] for n in block.theta}, init=gibbs_sites)
+
+    return HMCGibbs(NUTS(model), gibbs_fn=gibbs_fn, gibbs_sites=list(block.names)), args, kwargs
+
+
+@dataclass(frozen=True)
+class MCMCChoice:
+    """The MCMC method :func:`choose_mcmc` picks: ``"collapsed"`` (NUTS on theta, the block integrated out) or
+    ``"offsets"`` (NUTS on ``autoreparam.reparameterize(model)``), the block it saw and a one-line reason."""
+
+    method: str
+    reason: str
+    block: GaussianBlock | None = None
+
+    def __str__(self) -> str:
+        return f"{self.method}: {self.reason}"
+
+
+def choose_mcmc(model: Callable, *args, block: GaussianBlock | None = None, **kwargs) -> MCMCChoice:
+    """Collapsed NUTS where the block is exactly Gaussian and at most ``AUTO_COLLAPSED_LIMIT`` values,
+    NUTS on the offsets otherwise (no block, a Laplace block, or a block too large for a dense H at
+    every gradient). ``block=None`` runs the block search on ``model(*args, **kwargs)``.
+
+    >>> import numpyro, numpyro.distributions as dist
+    >>> def model(y):
+    ...     s = numpyro.sample("s", dist.HalfNormal(1.0))
+    ...     a = numpyro.sample("a", dist.Normal(0.0, s).expand([2]).to_event(1))
+    ...     numpyro.sample("y", dist.Normal(a, 1.0).to_event(1), obs=y)
+    >>> print(choose_mcmc(model, np.array([2.0, -4.0])))
+    collapsed: exact Gaussian block a (2 values) integrated out; NUTS on s
+    """
+    if block is None:
+        block, note = block_of_model(model, args, kwargs)
+        if block is None:
+            return MCMCChoice("offsets", f"no conditionally Gaussian block ({note})")
+    names = ", ".join(block.names)
+    if not block.exact:
+        laplace = ", ".join(f"{lik.name} ({lik.family})" for lik in block.likelihoods if not lik.exact)
+        return MCMCChoice("offsets", f"block {names} has a non-Normal likelihood {laplace}: its marginal would "
+                                     "only be a Laplace approximation", block)
+    if block.size > AUTO_COLLAPSED_LIMIT:
+        return MCMCChoice("offsets", f"block {names} has {block.size} values, above {AUTO_COLLAPSED_LIMIT} for a "
+                                     "dense H at every gradient", block)
+    return MCMCChoice("collapsed", f"exact Gaussian block {names} ({block.size} values) integrated out; NUTS on "
+                                   f"{', '.join(block.theta)}", block)
 
 
 def _find_block(model, args, kwargs, where: str) -> GaussianBlock:

@@ -505,7 +505,7 @@ def compare_mcmc(model, args=(), kwargs=None, *, warmup: int = 500, samples: int
 
     >>> print(compare_mcmc(model, (sigma,), {"y": y}).table())     # doctest: +SKIP
     """
-    from .collapsed import COLLAPSED_LIMIT, collapsed_mcmc
+    from .collapsed import AUTO_COLLAPSED_LIMIT, choose_mcmc, collapsed_mcmc
 
     for name, value in (("--warmup", warmup), ("--samples", samples), ("--chains", chains)):
         if not isinstance(value, int) or value < 1:
@@ -527,11 +527,12 @@ def compare_mcmc(model, args=(), kwargs=None, *, warmup: int = 500, samples: int
         runs.append(_nuts("offsets", reparameterize(model, plan, unwrap=unwrap), args, kwargs, sites, warmup, samples, chains,
                           seed, progress))
     block = report.block
+    choice = choose_mcmc(model, *args, block=block, **kwargs) if block is not None else None
     if block is None:
         notes.append("collapsed: not run, the model has no conditionally Gaussian block")
-    elif block.size > COLLAPSED_LIMIT:
-        notes.append(f"collapsed: not run, the block has size {block.size}, above the limit {COLLAPSED_LIMIT} "
-                     "for its exact marginal")
+    elif block.size > AUTO_COLLAPSED_LIMIT:
+        notes.append(f"collapsed: not run, the block has size {block.size}, above {AUTO_COLLAPSED_LIMIT} for a dense "
+                     "H at every gradient")
     else:
         start = time.perf_counter()
         underneath = unwrap_model(model)[0] if unwrap else model  # the block is the unwrapped model's
@@ -545,4 +546,7 @@ def compare_mcmc(model, args=(), kwargs=None, *, warmup: int = 500, samples: int
                      f"(size {block.size}) integrated out, then drawn exactly")
         if not block.exact:
             notes.append("* Laplace marginal (non-Normal likelihood): the collapsed posterior is approximate")
+    default = ("offsets: the model has no conditionally Gaussian block" if choice is None else
+               f"{'collapsed' if choice.method == 'collapsed' else 'offsets'}: {choice.reason}")
+    notes.append(f"default (autoreparam.auto_mcmc): {default}")
     return MCMCComparison(chains, warmup, samples, runs, notes)

@@ -37,7 +37,10 @@ from .trace import LOC_SCALE_FAMILIES
 if TYPE_CHECKING:
     from .trace import TracedSite
 
-__all__ = ["Plan", "SitePlan", "Offset", "SparseMap", "PlanError"]
+__all__ = ["Plan", "SitePlan", "Offset", "SparseMap", "PlanError", "MVN_FAMILY"]
+
+# A MultivariateNormal site is non-centred by its Cholesky factor (fully: centredness 0).
+MVN_FAMILY = "MultivariateNormal"
 
 PLAN_FORMAT = 1
 
@@ -602,7 +605,11 @@ def validate_plan(plan: Plan, sites: dict[str, TracedSite]) -> None:
         if not site.real or site.discrete:
             raise PlanError(f"plan site '{s.name}' has no real support ({site.family}); offsets and "
                             "non-centring need real support")
-        if s.noncentred and site.family not in {f.__name__ for f in LOC_SCALE_FAMILIES}:
+        if s.noncentred and site.family == MVN_FAMILY:
+            if any(c != 0.0 for c in s.centredness) or s.learn_centredness:
+                raise PlanError(f"plan site '{s.name}' is a MultivariateNormal: it can only be non-centred fully "
+                                "(centredness 0, not learned)")
+        elif s.noncentred and site.family not in {f.__name__ for f in LOC_SCALE_FAMILIES}:
             raise PlanError(f"plan site '{s.name}' is {site.family}, not one of the loc-scale families "
                             f"({', '.join(f.__name__ for f in LOC_SCALE_FAMILIES)}); it cannot be non-centred")
         for off in s.offsets:

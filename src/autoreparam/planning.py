@@ -159,7 +159,7 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
         if name in mvn_funnels:
             # value = loc + scale_tril @ z: the offsets cancel, so none are planned.
             mvn_sites.append(SitePlan(name, tuple(site.shape), tuple(site.batch_shape), (), (0.0,) * n_batch,
-                                      learn_centredness=False))
+                                      learn_centredness=False, cholesky=True))
         elif offs or cen is not None:
             plan_sites.append(SitePlan(name, tuple(site.shape), tuple(site.batch_shape), offs, cen))
     notes: list[Note] = []

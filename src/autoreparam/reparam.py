@@ -293,7 +293,11 @@ class ConditionalOffsetReparam(Reparam):
 
         # Non-centre the shifted law: z ~ F(c loc, scale^c), a = loc + scale^(1-c) (z - c loc) + offset.
         core = unwrap_distribution(fn)
-        if isinstance(core, dist.MultivariateNormal):
+        if isinstance(core, dist.MultivariateNormal) != site.cholesky:
+            raise PlanError(f"site '{name}' is {type(core).__name__}: " + (
+                "a MultivariateNormal is non-centred only by its Cholesky factor (SitePlan cholesky=True)"
+                if not site.cholesky else "cholesky non-centring is for MultivariateNormal sites only"))
+        if site.cholesky:
             return self._noncentre_mvn(name, fn, core, shape)
         if not isinstance(core, LOC_SCALE_FAMILIES):
             raise PlanError(f"site '{name}' is {type(core).__name__}, not one of the loc-scale families "
@@ -322,10 +326,7 @@ class ConditionalOffsetReparam(Reparam):
         return factor * z + intercept
 
     def _noncentre_mvn(self, name, fn, core, shape):
-        """``z ~ Normal(0, 1)`` per coordinate, ``a = loc + scale_tril @ z`` (offsets cancel: not applied)."""
-        if any(c != 0.0 for c in self.site.centredness) or self.site.learn_centredness:
-            raise PlanError(f"site '{name}' is a MultivariateNormal: it can only be non-centred fully "
-                            "(centredness 0, not learned)")
+        """``z ~ Normal(0, 1)`` per coordinate, ``a = loc + scale_tril @ z`` (``SitePlan.check``: no offsets)."""
         loc = jnp.broadcast_to(core.loc, shape)
         scale_tril = jnp.broadcast_to(core.scale_tril, shape + shape[-1:])
         standard = dist.Normal(jnp.zeros(shape, loc.dtype), 1.0).to_event(1)

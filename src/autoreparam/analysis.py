@@ -47,6 +47,8 @@ DENSE_MAX_ENTRIES = 20_000_000  # or when N * size stays under this many entries
 LOCAL_MAX_SIZE = 256  # pairs checked for local (multiplicative) trade-offs: both sites this small
 ADDITIVE_RTOL = 1e-4
 LOC_SCALE_SUPPORTS = ("real", "real_vector")
+# The parameters of a MultivariateNormal that carry its Cholesky factor.
+MVN_FACTOR_PARAMS = ("scale_tril", "covariance_matrix", "precision_matrix")
 
 
 def analyze_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -> tuple[Report, ModelTrace]:
@@ -525,9 +527,17 @@ class _Probe:
         out = []
         for theta in self.names:
             site = self.mt.sites[theta]
-            if site.support not in LOC_SCALE_SUPPORTS or not {"loc", "scale"} <= set(site.params):
+            if site.support not in LOC_SCALE_SUPPORTS:
                 continue
-            scale_parents = tuple(a for a in self.names if a != theta and self.depends(a, theta, "scale"))
+            if site.distribution == "MultivariateNormal":
+                # Its Cholesky factor (however given: scale_tril, covariance or precision) is its scale.
+                scale_params = MVN_FACTOR_PARAMS
+            elif {"loc", "scale"} <= set(site.params):
+                scale_params = ("scale",)
+            else:
+                continue
+            scale_parents = tuple(a for a in self.names if a != theta
+                                  and any(self.depends(a, theta, p) for p in scale_params))
             if scale_parents:
                 loc_parents = tuple(a for a in self.names if a != theta and self.depends(a, theta, "loc"))
                 out.append(Funnel(theta, site.distribution, scale_parents, loc_parents))

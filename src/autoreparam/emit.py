@@ -18,7 +18,7 @@ import builtins
 import pprint
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import libcst as cst
 import libcst.matchers as m
@@ -682,6 +682,19 @@ def emit_source(source: str, function: str, plan: Plan) -> EmitResult:
     if not isinstance(plan, Plan):
         raise InputError(f"emit_source: plan must be an autoreparam.Plan, got {type(plan).__name__}")
     plan.check()  # a hand-built plan with NaN or out-of-range maps must not reach the emitted file
+    # The emitted helpers non-centre loc-scale sites only: a site non-centred by its Cholesky factor is
+    # left out of the emitted plan (centred in the source), and said so.
+    cholesky = [s.name for s in plan.sites if s.cholesky]
+    if not cholesky:
+        return _emit_source(source, function, plan)
+    result = _emit_source(source, function, replace(plan, sites=tuple(s for s in plan.sites if not s.cholesky)))
+    left = [f"site '{n}' is left centred in the emitted source: the plan non-centres it by its Cholesky factor "
+            "(MultivariateNormal), which emitted code does not do yet; apply the plan with "
+            "autoreparam.reparameterize (or --emit config) for it" for n in cholesky]
+    return replace(result, warnings=left + list(result.warnings))
+
+
+def _emit_source(source: str, function: str, plan: Plan) -> EmitResult:
     try:
         module = cst.parse_module(source)
     except cst.ParserSyntaxError as exc:

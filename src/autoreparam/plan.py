@@ -37,7 +37,10 @@ from .trace import LOC_SCALE_FAMILIES
 if TYPE_CHECKING:
     from .trace import TracedSite
 
-__all__ = ["Plan", "SitePlan", "Offset", "SparseMap", "PlanError"]
+__all__ = ["Plan", "SitePlan", "Offset", "SparseMap", "PlanError", "MVN_FAMILY"]
+
+# A MultivariateNormal site is non-centred by its Cholesky factor (fully: centredness 0).
+MVN_FAMILY = "MultivariateNormal"
 
 PLAN_FORMAT = 1
 
@@ -261,6 +264,8 @@ class SitePlan:
     ``centredness`` is None (left centred, no decentring), or a tuple of per-element values in
     [0, 1] over the batch shape (0 = fully non-centred), used as the initial value when
     ``learn_centredness`` is True. (NumPyro's ``LocScaleReparam`` calls it ``centered``.)
+    ``cholesky`` marks a MultivariateNormal site non-centred by its Cholesky factor
+    (``a = loc + scale_tril @ z``): fully (centredness 0, not learned) and without offsets.
     """
 
     name: str
@@ -269,6 +274,7 @@ class SitePlan:
     offsets: tuple[Offset, ...] = ()
     centredness: tuple[float, ...] | None = None
     learn_centredness: bool = True
+    cholesky: bool = False
 
     @property
     def parents(self) -> tuple[str, ...]:
@@ -282,7 +288,7 @@ class SitePlan:
         return {"name": self.name, "shape": list(self.shape), "batch_shape": list(self.batch_shape),
                 "offsets": [o.to_json() for o in self.offsets],
                 "centredness": None if self.centredness is None else list(self.centredness),
-                "learn_centredness": self.learn_centredness}
+                "learn_centredness": self.learn_centredness, **({"cholesky": True} if self.cholesky else {})}
 
     @classmethod
     def from_json(cls, d: dict, where: str = "site") -> "SitePlan":
@@ -297,7 +303,8 @@ class SitePlan:
                    _ints(_get(d, "batch_shape", where), where, "batch_shape"),
                    tuple(Offset.from_json(o, f"{where}, offset") for o in offsets),
                    None if centredness is None else _numbers(centredness, where, "centredness"),
-                   _get(d, "learn_centredness", where, _get(d, "learn_centered", where, True)))
+                   _get(d, "learn_centredness", where, _get(d, "learn_centered", where, True)),
+                   _get(d, "cholesky", where, False))
 
     def check(self) -> None:
         """Raise PlanError naming the site and field unless every field is well-formed."""
@@ -327,6 +334,12 @@ class SitePlan:
                 _fail(where, f"'centredness' must be in [0, 1], got {outside[0]}")
         if not isinstance(self.learn_centredness, bool):
             _fail(where, f"'learn_centredness' must be true or false, got {self.learn_centredness!r}")
+        if not isinstance(self.cholesky, bool):
+            _fail(where, f"'cholesky' must be true or false, got {self.cholesky!r}")
+        if self.cholesky and (self.offsets or self.learn_centredness or self.centredness is None
+                              or any(c != 0.0 for c in self.centredness)):
+            _fail(where, "'cholesky' (non-centred by its Cholesky factor) needs centredness 0, not learned, "
+                         "and no offsets")
 
 
 @dataclass(frozen=True)
@@ -569,7 +582,9 @@ class Plan:
             line = f"  {s.name:<{width}}"
             if parts:
                 line += " <- " + ", ".join(parts)
-            if s.noncentred:
+            if s.cholesky:
+                line += "  non-centred by its Cholesky factor"
+            elif s.noncentred:
                 line += f"  non-centred (centredness {_summary(s.centredness)}{', learned' if s.learn_centredness else ''})"
             lines.append(line)
         lines.extend(f"  note: {note}" for note in self.notes)
@@ -602,7 +617,13 @@ def validate_plan(plan: Plan, sites: dict[str, TracedSite]) -> None:
         if not site.real or site.discrete:
             raise PlanError(f"plan site '{s.name}' has no real support ({site.family}); offsets and "
                             "non-centring need real support")
-        if s.noncentred and site.family not in {f.__name__ for f in LOC_SCALE_FAMILIES}:
+        if s.cholesky and site.family != MVN_FAMILY:
+            raise PlanError(f"plan site '{s.name}' is {site.family}: 'cholesky' non-centring is for "
+                            "MultivariateNormal sites only")
+        if s.noncentred and not s.cholesky and site.family == MVN_FAMILY:
+            raise PlanError(f"plan site '{s.name}' is a MultivariateNormal: it is non-centred only by its "
+                            "Cholesky factor ('cholesky': true, centredness 0)")
+        if s.noncentred and not s.cholesky and site.family not in {f.__name__ for f in LOC_SCALE_FAMILIES}:
             raise PlanError(f"plan site '{s.name}' is {site.family}, not one of the loc-scale families "
                             f"({', '.join(f.__name__ for f in LOC_SCALE_FAMILIES)}); it cannot be non-centred")
         for off in s.offsets:

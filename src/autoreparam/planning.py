@@ -2,7 +2,8 @@
 
 For every additive pair (A, B) with B of real support, B gets an offset from A whose analytic
 ``xi`` is B's response to a shift of A (``Curvature.response``); a funnel site of a loc-scale
-family is non-centred when one of its elements has a centredness below ``CENTRED_ENOUGH``; the
+family is non-centred when one of its elements has a centredness below ``CENTRED_ENOUGH`` (a
+``MultivariateNormal`` funnel always, fully, by its Cholesky factor); the
 conditioning guard (``conditioning.check_plan_sites``) then drops what makes the geometry worse.
 """
 
@@ -16,7 +17,7 @@ from .conditioning import check_plan_sites
 from .curvature import Curvature
 from .errors import InputError
 from .notes import Note, NoteKind
-from .plan import Offset, Plan, SitePlan, SparseMap
+from .plan import MVN_FAMILY, Offset, Plan, SitePlan, SparseMap
 from .report import Report
 from .trace import LOC_SCALE_FAMILIES, ModelTrace, data_evaluated_eagerly, isolated_from_handlers
 
@@ -117,6 +118,10 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
     curv = None
     funnel_sites = [f.site for f in report.funnels if f.site in eligible] if noncentre else []
     families = {f.__name__ for f in LOC_SCALE_FAMILIES}
+    # An MVN funnel is non-centred by its Cholesky factor, fully: the analytic centredness and the
+    # conditioning guard measure loc-scale sites only, so it is neither measured nor guarded.
+    mvn_funnels = [n for n in funnel_sites if sites[n].distribution == MVN_FAMILY]
+    funnel_sites = [n for n in funnel_sites if n not in mvn_funnels]
     for name in [n for n in funnel_sites if sites[n].distribution not in families]:
         funnel_sites.remove(name)
         report_notes.append(Note(f"site '{name}' is {sites[name].distribution}, which autoreparam cannot "
@@ -140,7 +145,7 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
     order = tuple(latent)
     candidates.sort(key=lambda co: (order.index(co[0]), order.index(co[1].parent)))
 
-    plan_sites = []
+    plan_sites, mvn_sites = [], []
     for name in latent:
         offs = tuple(o for c, o in candidates if c == name)
         site = sites[name]
@@ -151,7 +156,11 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
             c = np.ravel(centredness.get(name, np.full(n_batch, 0.5)))
             if c.min() < CENTRED_ENOUGH:
                 cen = tuple(float(v) for v in c)
-        if offs or cen is not None:
+        if name in mvn_funnels:
+            # value = loc + scale_tril @ z: the offsets cancel, so none are planned.
+            mvn_sites.append(SitePlan(name, tuple(site.shape), tuple(site.batch_shape), (), (0.0,) * n_batch,
+                                      learn_centredness=False, cholesky=True))
+        elif offs or cen is not None:
             plan_sites.append(SitePlan(name, tuple(site.shape), tuple(site.batch_shape), offs, cen))
     notes: list[Note] = []
     if curv is not None and plan_sites and guard:
@@ -164,6 +173,8 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
             notes = [Note(f"the conditioning check could not run ({type(exc).__name__}); the plan is unchecked",
                           NoteKind.GUARD_FAILED)]
         report_notes.extend(notes)
+    if mvn_sites:
+        plan_sites = sorted(plan_sites + mvn_sites, key=lambda s: order.index(s.name))
     shapes = tuple((n, tuple(sites[n].shape), tuple(sites[n].batch_shape)) for n in latent)
     return Plan(report.model_name, tuple(plan_sites), tuple(candidates), shapes, init,
                 tuple(sorted(anchors.items(), key=lambda kv: order.index(kv[0]))),

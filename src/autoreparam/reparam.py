@@ -86,8 +86,11 @@ class SiteValues(dict):
             # unbiased estimate of the full model's log joint).
             scale = msg.get("scale")
             weight = _subsample_weight(msg["cond_indep_stack"])
-            msg["fn"] = DecentredLaw(msg["fn"], target, factor, intercept,
-                                     weight if scale is None else weight / scale, event_ndim)
+            jacobian_weight = weight if scale is None else weight / scale
+            if event_ndim == "cholesky":
+                msg["fn"] = DecentredMVNLaw(msg["fn"], target, factor, intercept, jacobian_weight)
+            else:
+                msg["fn"] = DecentredLaw(msg["fn"], target, factor, intercept, jacobian_weight, event_ndim)
 
     def record(self, msg):
         """After the site: its value, for the offsets of later sites."""
@@ -290,6 +293,12 @@ class ConditionalOffsetReparam(Reparam):
 
         # Non-centre the shifted law: z ~ F(c loc, scale^c), a = loc + scale^(1-c) (z - c loc) + offset.
         core = unwrap_distribution(fn)
+        if isinstance(core, dist.MultivariateNormal) != site.cholesky:
+            raise PlanError(f"site '{name}' is {type(core).__name__}: " + (
+                "a MultivariateNormal is non-centred only by its Cholesky factor (SitePlan cholesky=True)"
+                if not site.cholesky else "cholesky non-centring is for MultivariateNormal sites only"))
+        if site.cholesky:
+            return self._noncentre_mvn(name, fn, core, shape)
         if not isinstance(core, LOC_SCALE_FAMILIES):
             raise PlanError(f"site '{name}' is {type(core).__name__}, not one of the loc-scale families "
                             f"({', '.join(f.__name__ for f in LOC_SCALE_FAMILIES)}); it cannot be non-centred")
@@ -315,6 +324,55 @@ class ConditionalOffsetReparam(Reparam):
         finally:
             self.store.decentred.pop(names.decentred, None)
         return factor * z + intercept
+
+    def _noncentre_mvn(self, name, fn, core, shape):
+        """``z ~ Normal(0, 1)`` per coordinate, ``a = loc + scale_tril @ z`` (``SitePlan.check``: no offsets)."""
+        loc = jnp.broadcast_to(core.loc, shape)
+        scale_tril = jnp.broadcast_to(core.scale_tril, shape + shape[-1:])
+        standard = dist.Normal(jnp.zeros(shape, loc.dtype), 1.0).to_event(1)
+        decentred = self.names.decentred
+        self.store.decentred[decentred] = (fn, scale_tril, loc, "cholesky")
+        try:
+            z = numpyro.sample(decentred, standard)
+        finally:
+            self.store.decentred.pop(decentred, None)
+        return loc + _tril_apply(scale_tril, z)
+
+
+def _tril_apply(scale_tril, z):
+    return jnp.squeeze(scale_tril @ z[..., None], -1)
+
+
+class DecentredMVNLaw(dist.Distribution):
+    """The law of ``z`` whose site value is ``a = loc + scale_tril @ z`` for a MultivariateNormal site.
+
+    ``log_prob(z) = target.log_prob(a) + jacobian_weight * log|det scale_tril|`` (see ``DecentredLaw``);
+    samples are standard normal, which is what ``target`` at ``a`` times the Jacobian is when unmasked.
+    """
+
+    arg_constraints = {}
+    pytree_data_fields = ("sampler", "target", "scale_tril", "loc", "jacobian_weight")
+
+    def __init__(self, sampler, target, scale_tril, loc, jacobian_weight, *, validate_args=None):
+        self.sampler, self.target = sampler, target
+        self.scale_tril, self.loc, self.jacobian_weight = scale_tril, loc, jacobian_weight
+        super().__init__(sampler.batch_shape, sampler.event_shape, validate_args=validate_args)
+
+    @property
+    def support(self):
+        return self.sampler.support
+
+    @property
+    def has_rsample(self):
+        return self.sampler.has_rsample
+
+    def sample(self, key, sample_shape=()):
+        return self.sampler.sample(key, sample_shape)
+
+    def log_prob(self, value):
+        log_jacobian = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(self.scale_tril, axis1=-2, axis2=-1))), -1)
+        return self.target.log_prob(self.loc + _tril_apply(self.scale_tril, value)) \
+            + self.jacobian_weight * log_jacobian
 
 
 class DecentredLaw(dist.Distribution):

@@ -176,7 +176,8 @@ MAX_TERMS_SHOWN = 6
 
 @dataclass(frozen=True)
 class Funnel:
-    """A latent loc-scale site with real support whose scale depends on other latent sites."""
+    """A latent loc-scale site with real support whose scale depends on other latent sites (for a
+    ``MultivariateNormal``: its Cholesky factor, however given)."""
 
     site: str
     distribution: str
@@ -365,7 +366,8 @@ class Report:
         if self.funnels:
             lines.append("funnels (candidates for non-centring):")
             for f in self.funnels:
-                lines.append(f"  {f.site} ~ {f.distribution}: scale depends on {', '.join(f.scale_parents)}")
+                scale = "Cholesky factor" if f.distribution == "MultivariateNormal" else "scale"
+                lines.append(f"  {f.site} ~ {f.distribution}: {scale} depends on {', '.join(f.scale_parents)}")
         else:
             lines.append("funnels: none")
         if self.existing:

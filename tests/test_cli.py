@@ -338,8 +338,8 @@ def test_discrete_site_is_a_note(tmp_path, capsys):
 
 
 def test_analyze_reports_directions_inside_one_site_in_text_and_json(capsys):
-    """docs/examples/inside_one_site.py: collinear design columns and a giver/receiver sum (README output)."""
-    path = os.path.join(ROOT, "docs", "examples", "inside_one_site.py")
+    """docs/models/inside_one_site.py: collinear design columns and a giver/receiver sum (README output)."""
+    path = os.path.join(ROOT, "docs", "models", "inside_one_site.py")
     code, out, err = run(capsys, path)
     assert code == 0, err
     assert "directions inside one site (2):" in out

@@ -1,6 +1,6 @@
 """Group effects around 30 while the guide starts at 0: 200 steps of Adam are not enough.
 
-    autoreparam compare docs/examples/slow_start.py --steps 200     # both fits flagged RISING
+    autoreparam compare docs/models/slow_start.py --steps 200     # both fits flagged RISING
 """
 
 import numpy as np

@@ -2,7 +2,7 @@
 L_Rho ~ LKJCholesky has one degree of freedom, and every reported direction lives in the sites'
 unconstrained values.
 
-    autoreparam analyze docs/examples/correlated_slopes.py
+    autoreparam analyze docs/models/correlated_slopes.py
 """
 
 import jax.numpy as jnp

@@ -1,9 +1,9 @@
 """Eight schools as authors often ship it: non-centred by a handlers.reparam wrapper.
 
-    autoreparam analyze docs/examples/wrapped_schools.py            # reports the wrapper
-    autoreparam analyze docs/examples/wrapped_schools.py --unwrap   # analyses the model underneath
-    autoreparam compare docs/examples/wrapped_schools.py            # empty plan: one fit
-    autoreparam compare docs/examples/wrapped_schools.py --unwrap   # the wrapper against the plan
+    autoreparam analyze docs/models/wrapped_schools.py            # reports the wrapper
+    autoreparam analyze docs/models/wrapped_schools.py --unwrap   # analyses the model underneath
+    autoreparam compare docs/models/wrapped_schools.py            # empty plan: one fit
+    autoreparam compare docs/models/wrapped_schools.py --unwrap   # the wrapper against the plan
 """
 
 import numpy as np

@@ -1,6 +1,6 @@
 """Two likelihoods that share the direction {mu, a}; a fixed coefficient 2, and one real covariate u.
 
-    autoreparam analyze docs/examples/two_likelihoods.py
+    autoreparam analyze docs/models/two_likelihoods.py
 """
 
 import numpy as np

@@ -1,7 +1,7 @@
 """Directions inside one site: a design with an intercept and every group's one-hot column, and
 giving/receiving effects that enter one predictor as a sum.
 
-    autoreparam analyze docs/examples/inside_one_site.py
+    autoreparam analyze docs/models/inside_one_site.py
 """
 
 import jax.numpy as jnp

@@ -343,7 +343,22 @@ def _tril_apply(scale_tril, z):
     return jnp.squeeze(scale_tril @ z[..., None], -1)
 
 
-class DecentredMVNLaw(dist.Distribution):
+class _DrawsFromSampler(dist.Distribution):
+    """A decentred law: draws, support and reparameterized sampling are its ``sampler``'s."""
+
+    @property
+    def support(self):
+        return self.sampler.support
+
+    @property
+    def has_rsample(self):
+        return self.sampler.has_rsample
+
+    def sample(self, key, sample_shape=()):
+        return self.sampler.sample(key, sample_shape)
+
+
+class DecentredMVNLaw(_DrawsFromSampler):
     """The law of ``z`` whose site value is ``a = loc + scale_tril @ z`` for a MultivariateNormal site.
 
     ``log_prob(z) = target.log_prob(a) + jacobian_weight * log|det scale_tril|`` (see ``DecentredLaw``);
@@ -358,24 +373,13 @@ class DecentredMVNLaw(dist.Distribution):
         self.scale_tril, self.loc, self.jacobian_weight = scale_tril, loc, jacobian_weight
         super().__init__(sampler.batch_shape, sampler.event_shape, validate_args=validate_args)
 
-    @property
-    def support(self):
-        return self.sampler.support
-
-    @property
-    def has_rsample(self):
-        return self.sampler.has_rsample
-
-    def sample(self, key, sample_shape=()):
-        return self.sampler.sample(key, sample_shape)
-
     def log_prob(self, value):
         log_jacobian = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(self.scale_tril, axis1=-2, axis2=-1))), -1)
         return self.target.log_prob(self.loc + _tril_apply(self.scale_tril, value)) \
             + self.jacobian_weight * log_jacobian
 
 
-class DecentredLaw(dist.Distribution):
+class DecentredLaw(_DrawsFromSampler):
     """The law of a decentred value ``z`` whose site value is ``a = factor * z + intercept``.
 
     ``log_prob(z) = target.log_prob(a) + jacobian_weight * sum(log factor)``: the site's own
@@ -393,17 +397,6 @@ class DecentredLaw(dist.Distribution):
         self.factor, self.intercept = factor, intercept
         self.jacobian_weight, self.event_ndim = jacobian_weight, event_ndim
         super().__init__(sampler.batch_shape, sampler.event_shape, validate_args=validate_args)
-
-    @property
-    def support(self):
-        return self.sampler.support
-
-    @property
-    def has_rsample(self):
-        return self.sampler.has_rsample
-
-    def sample(self, key, sample_shape=()):
-        return self.sampler.sample(key, sample_shape)
 
     def log_prob(self, value):
         log_jacobian = jnp.log(self.factor)

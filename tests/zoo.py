@@ -605,11 +605,52 @@ def _scaled_giver_receiver():
                     local={("y", "tau", "gr")}, within={("y", "gr"): 3})
 
 
+def drift_interaction_model(d_idx, t_idx, p_idx, num_steps, y=None):
+    n_dim, n_pair = 3, 4
+    drift = numpyro.sample("drift", dist.GaussianRandomWalk(0.3, num_steps=num_steps).expand([n_dim]).to_event(1))
+    pairwise = numpyro.sample("pairwise", dist.Normal(0.0, 1.0).expand([n_pair, n_dim]).to_event(2))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("data", d_idx.shape[0]):
+        numpyro.sample("y", dist.Normal(drift[d_idx, t_idx] + pairwise[p_idx, d_idx], sigma), obs=y)
+
+
+def _drift_interaction():
+    # a random-walk drift per dimension d against an interaction pairwise[p, d]: the factors are
+    # drift {d, t}, pairwise {p, d}; on a complete crossing they share the functions of d alone
+    # (one shift per dimension: drift[d, :] + c, pairwise[:, d] - c), dim 3
+    d, t, p = (a.ravel() for a in np.meshgrid(np.arange(3), np.arange(4), np.arange(4), indexing="ij"))
+    return ZooModel("drift_interaction", drift_interaction_model, (d, t, p, 4),
+                    {"y": _rng(20).normal(size=d.shape[0]).astype(np.float32)},
+                    {("y", "drift", "pairwise"): 3}, {"y": ["drift", "pairwise"]})
+
+
+def drift_start_model(d_idx, p_idx, num_steps, y=None, y_later=None):
+    n_dim, n_pair = 3, 4
+    drift = numpyro.sample("drift", dist.GaussianRandomWalk(0.3, num_steps=num_steps).expand([n_dim]).to_event(1))
+    pairwise = numpyro.sample("pairwise", dist.Normal(0.0, 1.0).expand([n_pair, n_dim]).to_event(2))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("data", d_idx.shape[0]):
+        numpyro.sample("y", dist.Normal(drift[d_idx, 0] + pairwise[p_idx, d_idx], sigma), obs=y)
+    numpyro.sample("y_later", dist.Normal(drift[:, 1:], sigma).to_event(2), obs=y_later)
+
+
+def _drift_start():
+    # only the first step drift[d, 0] meets the interaction pairwise[:, d] (one event dimension of
+    # the random walk): in y, drift[d, 0] + c against pairwise[:, d] - c for each d (dim 3); y_later
+    # sees the later steps alone and shares nothing
+    d, p = (a.ravel() for a in np.meshgrid(np.arange(3), np.arange(4), indexing="ij"))
+    kwargs = {"y": _rng(21).normal(size=d.shape[0]).astype(np.float32),
+              "y_later": _rng(22).normal(size=(3, 4)).astype(np.float32)}
+    return ZooModel("drift_start", drift_start_model, (d, p, 5), kwargs,
+                    {("y", "drift", "pairwise"): 3}, {"y": ["drift", "pairwise"], "y_later": ["drift"]})
+
+
 BUILDERS = [
     _tensor, _county, _crossed, _crossed_disconnected, _signed, _nested, _nested_sparse,
     _interaction, _bernoulli, _poisson, _deterministic, _vector, _design, _design_unscaled,
     _hetero, _two_obs, _multi_membership, _regression, _factor, _eight_schools,
     _eight_schools_noncentered, _lkj, _simplex, _positive_effects, _collinear_design, _giver_receiver, _scaled_giver_receiver,
+    _drift_interaction, _drift_start,
 ]
 
 

@@ -9,6 +9,7 @@ model's ``scale`` and ``mask`` do (a subsampled plate weighs it by ``size / subs
 
 import json
 from contextlib import nullcontext
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ WAIT = jnp.asarray(np.random.default_rng(0).normal(3.0, 1.0, 3 * K), jnp.float32
 MASK = np.arange(K) % 2 == 0
 
 
-def varying_slopes(cafe, afternoon, wait=None, handler=None, factor="scale_tril", subsample_size=None):
+def varying_slopes(cafe, afternoon, wait=None, handler=None, factor="scale_tril", subsample_size=None, events=False):
     """Cafe intercepts and slopes ``(a_cafe, b_cafe) ~ MVN((a, b), diag(sigma_cafe) L_Rho L_Rho^T diag(sigma_cafe))``."""
     a = numpyro.sample("a", dist.Normal(5.0, 2.0))
     b = numpyro.sample("b", dist.Normal(-1.0, 0.5))
@@ -45,13 +46,19 @@ def varying_slopes(cafe, afternoon, wait=None, handler=None, factor="scale_tril"
     law = {"scale_tril": lambda: dist.MultivariateNormal(loc, scale_tril=scale_tril),
            "covariance_matrix": lambda: dist.MultivariateNormal(loc, covariance_matrix=scale_tril @ scale_tril.T),
            "precision_matrix": lambda: dist.MultivariateNormal(
-               loc, precision_matrix=jnp.linalg.inv(scale_tril @ scale_tril.T))}[factor]
-    with numpyro.plate("cafes", K, subsample_size=subsample_size) as idx:
-        context = {None: nullcontext, "scale": lambda: handlers.scale(scale=2.5),
-                   "mask": lambda: handlers.mask(mask=jnp.asarray(MASK)[idx])}[handler]()
-        with context:
-            fn = law()
-            ab = numpyro.sample("ab_cafe", fn)
+               loc, precision_matrix=jnp.linalg.inv(scale_tril @ scale_tril.T)),
+           # a rank-one factor plus a diagonal: LowRankMultivariateNormal, non-centred by its scale_tril
+           "low_rank": lambda: dist.LowRankMultivariateNormal(loc, cov_factor=scale_tril[:, :1],
+                                                              cov_diag=0.5 * sigma_cafe ** 2)}[factor]
+    if events:  # one site of K intercept-slope pairs: the MVN .expand([K]).to_event(1), no plate
+        ab = numpyro.sample("ab_cafe", law().expand([K]).to_event(1))
+    else:
+        with numpyro.plate("cafes", K, subsample_size=subsample_size) as idx:
+            context = {None: nullcontext, "scale": lambda: handlers.scale(scale=2.5),
+                       "mask": lambda: handlers.mask(mask=jnp.asarray(MASK)[idx])}[handler]()
+            with context:
+                fn = law()
+                ab = numpyro.sample("ab_cafe", fn)
     if subsample_size is not None:
         return
     mu = ab[cafe, 0] + ab[cafe, 1] * afternoon
@@ -78,10 +85,11 @@ def test_varying_slopes_funnel_is_detected_reported_and_planned():
     assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
 
 
-@pytest.mark.parametrize("factor", ["covariance_matrix", "precision_matrix"])
+@pytest.mark.parametrize("factor", ["covariance_matrix", "precision_matrix", "low_rank"])
 def test_a_latent_covariance_or_precision_matrix_is_a_funnel_too(factor):
     report = autoreparam.analyze(varying_slopes, CAFE, AFTERNOON, wait=WAIT, factor=factor)
     assert {f.site: set(f.scale_parents) for f in report.funnels}["ab_cafe"] == {"sigma_cafe", "L_Rho"}
+    assert report.plan["ab_cafe"] == cholesky_plan()["ab_cafe"]
 
 
 def test_an_mvn_with_a_fixed_factor_is_no_funnel():
@@ -126,7 +134,7 @@ def test_cholesky_noncentring_is_exact_under_the_models_handlers(handler):
     assert_exact(varying_slopes, cholesky_plan(), {"wait": WAIT, "handler": handler})
 
 
-@pytest.mark.parametrize("factor", ["covariance_matrix", "precision_matrix"])
+@pytest.mark.parametrize("factor", ["covariance_matrix", "precision_matrix", "low_rank"])
 def test_cholesky_noncentring_is_exact_for_a_covariance_or_precision_matrix(factor):
     assert_exact(varying_slopes, cholesky_plan(), {"wait": WAIT, "factor": factor})
 
@@ -135,9 +143,17 @@ def test_cholesky_noncentring_under_a_subsampled_plate_weighs_the_jacobian_by_th
     assert_exact(varying_slopes, cholesky_plan(2), {"subsample_size": 2}, jacobian_weight=K / 2)
 
 
-def test_prior_samples_are_unchanged():
+def test_cholesky_noncentring_is_exact_for_an_mvn_with_event_dims():
+    # K pairs in one event: the Jacobian is counted once per pair, the density once (a regression: the
+    # decentred law had batch shape (K,) and counted the site's whole density K times)
+    plan = Plan("varying_slopes", (SitePlan("ab_cafe", (K, 2), (), (), (0.0,), False, True),))
+    assert_exact(varying_slopes, plan, {"wait": WAIT, "events": True})
+
+
+@pytest.mark.parametrize("factor", ["scale_tril", "low_rank"])
+def test_prior_samples_are_unchanged(factor):
     """Location, spread and the correlation of intercepts and slopes, over many prior draws."""
-    model = varying_slopes
+    model = partial(varying_slopes, factor=factor)
     rmodel = autoreparam.reparameterize(model, cholesky_plan())
     args = (CAFE, AFTERNOON)
     orig = Predictive(model, num_samples=4000)(jax.random.PRNGKey(2), *args)
@@ -177,30 +193,109 @@ def test_a_plan_that_noncentres_an_mvn_otherwise_or_a_normal_by_cholesky_is_refu
 
 
 # -- emitted source ---------------------------------------------------------------------------------------
-SOURCE = '''import jax.numpy as jnp
+# The varying-slopes model as a file a user wrote; `handler` puts scale or mask around the MVN site.
+SOURCE = '''from contextlib import nullcontext
+
+import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
+from numpyro import handlers
 
 
-def model(y=None):
-    mu = numpyro.sample("mu", dist.Normal(0, 1))
-    a = numpyro.sample("a", dist.Normal(mu, 1))
-    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
-    with numpyro.plate("g", 3):
-        ab = numpyro.sample("ab", dist.MultivariateNormal(jnp.zeros(2), scale_tril=tau * jnp.eye(2)))
-    numpyro.sample("y", dist.Normal(a + ab, 1).to_event(2), obs=y)
+def model(cafe, afternoon, wait=None, handler=None, subsample_size=None):
+    a = numpyro.sample("a", dist.Normal(5.0, 2.0))
+    b = numpyro.sample("b", dist.Normal(-1.0, 0.5))
+    sigma_cafe = numpyro.sample("sigma_cafe", dist.Exponential(1.0).expand([2]).to_event(1))
+    sigma = numpyro.sample("sigma", dist.Exponential(1.0))
+    L_Rho = numpyro.sample("L_Rho", dist.LKJCholesky(2, 2.0))
+    with numpyro.plate("cafes", 4, subsample_size=subsample_size) as idx:
+        context = {None: nullcontext, "scale": lambda: handlers.scale(scale=2.5),
+                   "mask": lambda: handlers.mask(mask=idx % 2 == 0)}[handler]()
+        with context:
+            ab = numpyro.sample("ab_cafe", dist.MultivariateNormal(jnp.stack([a, b]), scale_tril=sigma_cafe[:, None] * L_Rho))
+    if subsample_size is not None:
+        return
+    mu = ab[cafe, 0] + ab[cafe, 1] * afternoon
+    with numpyro.plate("visits", len(cafe)):
+        numpyro.sample("wait", dist.Normal(mu, sigma), obs=wait)
 '''
 
 
-def test_the_emitter_leaves_a_cholesky_site_centred_and_says_so_in_one_line():
-    one = SparseMap((1, 1), (0,), (0,), (1.0,))
-    plan = Plan("model", (SitePlan("a", (), (), (Offset("mu", one, one, (-0.5,)),)),
-                          SitePlan("ab", (3, 2), (3,), (), (0.0,) * 3, False, True)))
+def emitted_pair(tmp_path, plan):
+    """The user's model, the emitted model and the runtime reparameterization, all from SOURCE."""
+    from emit_support import import_source
+
     result = autoreparam.emit_source(SOURCE, "model", plan)
-    assert result.rewritten == ("a",)
-    assert 'ab = numpyro.sample("ab", dist.MultivariateNormal(jnp.zeros(2), scale_tril=tau * jnp.eye(2)))' \
-        in result.source and "ab_decentered" not in result.source
-    [note] = [w for w in result.warnings if "'ab'" in w]
-    assert note.startswith("site 'ab' is left centred in the emitted source") and "\n" not in note
-    only_mvn = autoreparam.emit_source(SOURCE, "model", Plan("model", plan.sites[1:]))
-    assert only_mvn.source == SOURCE and only_mvn.warnings[0].startswith("site 'ab' is left centred")
+    assert result.rewritten == ("ab_cafe",) and not result.warnings
+    original = import_source(SOURCE, tmp_path, stem="original").model
+    return original, import_source(result.source, tmp_path, stem="emitted").model, result
+
+
+def test_the_emitter_noncentres_a_cholesky_site_in_the_source(tmp_path):
+    _, _, result = emitted_pair(tmp_path, cholesky_plan())
+    assert "'ab_cafe_decentered'" in result.source and "AutoreparamDecentredMVN(dist.MultivariateNormal(" \
+        in result.source
+    # A plan without Cholesky sites does not carry the MVN helper.
+    one = SparseMap((1, 1), (0,), (0,), (1.0,))
+    plain = autoreparam.emit_source(SOURCE, "model", Plan("model", (SitePlan("b", (), (), (Offset("a", one, one, (0.5,)),)),)))
+    assert plain.rewritten == ("b",) and "DecentredMVN" not in plain.source
+
+
+@pytest.mark.parametrize("handler", [None, "scale", "mask"])
+def test_the_emitted_cholesky_site_has_the_runtimes_log_joint(handler, tmp_path):
+    """Emitted and runtime reparameterizations give one log joint (the runtime's is exact, above)."""
+    _, emitted, _ = emitted_pair(tmp_path, cholesky_plan())
+    _same_log_joint(emitted, autoreparam.reparameterize(varying_slopes, cholesky_plan()),
+                    {"wait": WAIT, "handler": handler})
+
+
+def test_the_emitted_cholesky_site_under_a_subsampled_plate_weighs_its_jacobian_like_the_runtime(tmp_path):
+    _, emitted, _ = emitted_pair(tmp_path, cholesky_plan(2))
+    _same_log_joint(emitted, autoreparam.reparameterize(varying_slopes, cholesky_plan(2)), {"subsample_size": 2})
+
+
+def _same_log_joint(emitted, runtime, kwargs):
+    args = (CAFE, AFTERNOON)
+    for seed in (3, 4):
+        tr = handlers.trace(handlers.seed(runtime, seed)).get_trace(*args, **kwargs)
+        values = {n: s["value"] for n, s in tr.items()
+                  if s["type"] == "plate" or (s["type"] == "sample" and not s["is_observed"])}
+        lp_runtime, _ = log_density(runtime, args, kwargs, values)
+        lp_emitted, etr = log_density(emitted, args, kwargs, values)
+        np.testing.assert_allclose(np.asarray(etr["ab_cafe"]["value"]), np.asarray(tr["ab_cafe"]["value"]),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(float(lp_emitted), float(lp_runtime), rtol=1e-5, atol=1e-4)
+
+
+def test_the_emitted_cholesky_site_with_event_dims_has_the_runtimes_log_joint(tmp_path):
+    from emit_support import import_source
+
+    plan = Plan("model", (SitePlan("ab_cafe", (K, 2), (), (), (0.0,), False, True),))
+    plated = '''    with numpyro.plate("cafes", 4, subsample_size=subsample_size) as idx:
+        context = {None: nullcontext, "scale": lambda: handlers.scale(scale=2.5),
+                   "mask": lambda: handlers.mask(mask=idx % 2 == 0)}[handler]()
+        with context:
+            ab = numpyro.sample("ab_cafe", dist.MultivariateNormal(jnp.stack([a, b]), scale_tril=sigma_cafe[:, None] * L_Rho))
+'''
+    assert plated in SOURCE
+    source = SOURCE.replace(plated, '''    ab = numpyro.sample("ab_cafe", dist.MultivariateNormal(
+        jnp.stack([a, b]), scale_tril=sigma_cafe[:, None] * L_Rho).expand([4]).to_event(1))
+''')
+    result = autoreparam.emit_source(source, "model", plan)
+    assert result.rewritten == ("ab_cafe",)
+    emitted = import_source(result.source, tmp_path, stem="emitted").model
+    runtime = autoreparam.reparameterize(partial(varying_slopes, events=True), Plan("varying_slopes", plan.sites))
+    _same_log_joint(emitted, runtime, {"wait": WAIT})
+
+
+def test_the_emitted_cholesky_site_draws_the_original_prior(tmp_path):
+    original, emitted, _ = emitted_pair(tmp_path, cholesky_plan())
+    args = (CAFE, AFTERNOON)
+    orig = Predictive(original, num_samples=4000)(jax.random.PRNGKey(2), *args)["ab_cafe"]
+    emit = Predictive(emitted, num_samples=4000)(jax.random.PRNGKey(1), *args)["ab_cafe"]
+    x, z = np.asarray(orig, np.float64), np.asarray(emit, np.float64)
+    for f in (lambda v: v, lambda v: np.abs(v - np.median(v, axis=0)),
+              lambda v: (v[..., 0] - v[..., 0].mean(0)) * (v[..., 1] - v[..., 1].mean(0))):
+        fx, fz = f(x), f(z)
+        se = np.sqrt(fx.var(0) / len(fx) + fz.var(0) / len(fz))
+        assert np.max(np.abs(fx.mean(0) - fz.mean(0)) / se) < 5

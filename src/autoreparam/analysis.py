@@ -47,8 +47,9 @@ DENSE_MAX_ENTRIES = 20_000_000  # or when N * size stays under this many entries
 LOCAL_MAX_SIZE = 256  # pairs checked for local (multiplicative) trade-offs: both sites this small
 ADDITIVE_RTOL = 1e-4
 LOC_SCALE_SUPPORTS = ("real", "real_vector")
-# The parameters of a MultivariateNormal that carry its Cholesky factor.
-MVN_FACTOR_PARAMS = ("scale_tril", "covariance_matrix", "precision_matrix")
+# The parameters of a (low-rank) multivariate normal that carry its Cholesky factor.
+MVN_FACTOR_PARAMS = {"MultivariateNormal": ("scale_tril", "covariance_matrix", "precision_matrix"),
+                     "LowRankMultivariateNormal": ("cov_factor", "cov_diag")}
 
 
 def analyze_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -> tuple[Report, ModelTrace]:
@@ -529,9 +530,9 @@ class _Probe:
             site = self.mt.sites[theta]
             if site.support not in LOC_SCALE_SUPPORTS:
                 continue
-            if site.distribution == "MultivariateNormal":
-                # Its Cholesky factor (however given: scale_tril, covariance or precision) is its scale.
-                scale_params = MVN_FACTOR_PARAMS
+            if site.distribution in MVN_FACTOR_PARAMS:
+                # Its Cholesky factor (however given: scale_tril, covariance, precision or low rank) is its scale.
+                scale_params = MVN_FACTOR_PARAMS[site.distribution]
             elif {"loc", "scale"} <= set(site.params):
                 scale_params = ("scale",)
             else:

@@ -18,7 +18,7 @@ import builtins
 import pprint
 import re
 import string
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import libcst as cst
 import libcst.matchers as m
@@ -191,7 +191,8 @@ _MODULES = {
 _HELPER_NAMES = {
     "Shifted": "AutoreparamShifted", "shift_loc": "_autoreparam_shift_loc", "absorb": "_autoreparam_absorb",
     "Decentred": "AutoreparamDecentred", "LogDet": "AutoreparamLogDet", "SiteScale": "_AutoreparamSiteScale",
-    "noncentre": "_autoreparam_noncentre",
+    "noncentre": "_autoreparam_noncentre", "draw_decentred": "_autoreparam_draw_decentred",
+    "DecentredMVN": "AutoreparamDecentredMVN",
     "MAPS": "_AUTOREPARAM_MAPS", "XI": "_AUTOREPARAM_XI", "CENTER": "_AUTOREPARAM_CENTER",
     "CENTERED": "_AUTOREPARAM_CENTERED",
 }
@@ -462,7 +463,12 @@ def _site_code(plan: Plan, site, var: str, fn_code: str, variables: dict[str, st
     offset = names.local(f"{var}_offset") if offset_terms else None
     if offset_terms:
         lines.append(f"{offset} = " + " + ".join(offset_terms))
-    if site.noncentred:
+    if site.cholesky:
+        # x = loc + scale_tril @ d with d the site {name}_decentered (no offsets: SitePlan.check).
+        drawn = (f"{g['draw_decentred']}({g['DecentredMVN']}({fn_code}, {shape}), "
+                 f"{names.site(name + '_decentered')!r}, {names.site(name + '_log_det')!r})")
+        lines.append(f"{var} = {g['numpyro']}.deterministic({name!r}, {drawn})")
+    elif site.noncentred:
         centered = names.local(f"{_ident(name)}_centered")
         init = f"{g['jnp']}.reshape({g['CENTERED']}[{name!r}], {expand})"
         if site.learn_centredness:
@@ -604,11 +610,16 @@ class $SiteScale($numpyro.primitives.Messenger):
 
 
 def $noncentre(fn, centered, decentered_site, log_det_site):
-    """x ~ fn drawn as the site decentered_site (see $Decentred). The factor log_det_site adds
+    """x ~ fn drawn as the site decentered_site (see $Decentred and $draw_decentred)."""
+    return $draw_decentred($Decentred(fn, centered), decentered_site, log_det_site)
+
+
+def $draw_decentred(decentred, decentered_site, log_det_site):
+    """x drawn as the site decentered_site with law decentred. The factor log_det_site adds
     log |dx/dd| once whatever scale or mask applies here, so the log joint in d is exactly the
     original log joint at x(d) plus the log-Jacobian; under a subsampled plate it is weighed by
     size / subsample_size like the density, an unbiased estimate of the full model's log joint."""
-    decentred, site_scale = $Decentred(fn, centered), $SiteScale(decentered_site)
+    site_scale = $SiteScale(decentered_site)
     with site_scale:
         value = $numpyro.sample(decentered_site, decentred)
     log_det = decentred.log_abs_det_jacobian() * site_scale.weight
@@ -618,13 +629,63 @@ def $noncentre(fn, centered, decentered_site, log_det_site):
 ''')
 
 
-def _helpers_source(names: _Names, noncentred: bool) -> tuple[str, list[bool]]:
+_MVN_HELPERS = string.Template('''
+
+class $DecentredMVN($numpyro.distributions.Distribution):
+    """The standardised coordinate d of x ~ fn (a MultivariateNormal, expanded to the site's shape):
+    x = loc + scale_tril @ d, where d ~ Normal(0, 1) per coordinate under the prior.
+
+    log_prob(d) is fn's log density at x(d), without the Jacobian (see $Decentred).
+    """
+
+    arg_constraints = {}
+    pytree_data_fields = ("fn",)
+
+    def __init__(self, fn, shape, *, validate_args=None):
+        batch = tuple(shape[: len(shape) - fn.event_dim])
+        self.fn = fn if tuple(fn.batch_shape) == batch else fn.expand(batch)
+        super().__init__(self.fn.batch_shape, self.fn.event_shape, validate_args=validate_args)
+
+    @property
+    def support(self):
+        return self.fn.support
+
+    def _factor(self):
+        base = self.fn
+        while isinstance(base, ($numpyro.distributions.Independent, $numpyro.distributions.ExpandedDistribution)):
+            base = base.base_dist
+        shape = self.fn.shape()
+        return $jnp.broadcast_to(base.loc, shape), $jnp.broadcast_to(base.scale_tril, shape + shape[-1:])
+
+    def sample(self, key, sample_shape=()):
+        loc, _ = self._factor()
+        return $jax.random.normal(key, tuple(sample_shape) + loc.shape, loc.dtype)
+
+    def recentre(self, value):
+        loc, scale_tril = self._factor()
+        return loc + $jnp.squeeze(scale_tril @ value[..., None], -1)
+
+    def log_prob(self, value):
+        return self.fn.log_prob(self.recentre(value))
+
+    def log_abs_det_jacobian(self):
+        """log |dx/dd| per batch element."""
+        _, scale_tril = self._factor()
+        log_det = $jnp.sum($jnp.log($jnp.abs($jnp.diagonal(scale_tril, axis1=-2, axis2=-1))), -1)
+        extra = len(self.event_shape) - 1  # event dims of .to_event on the MultivariateNormal
+        return $jnp.sum(log_det, axis=tuple(range(-extra, 0))) if extra else log_det
+''')
+
+
+def _helpers_source(names: _Names, noncentred: bool, cholesky: bool = False) -> tuple[str, list[bool]]:
     """The helper block (imports first) and, per import statement in it, whether the source has it already."""
     imports = [names.imports[key] for key in _MODULES]
     text = _HELPERS_HEAD + "".join(f"{statement}\n" for statement, _ in imports)
     text += _HELPERS.substitute(names.g)
     if noncentred:
         text += _NONCENTRE_HELPERS.substitute(names.g)
+    if cholesky:
+        text += _MVN_HELPERS.substitute(names.g)
     return text + "\n\n", [there for _, there in imports]
 
 
@@ -637,7 +698,7 @@ def _plan_data(plan: Plan, g: dict[str, str]) -> str:
                          (list(off.E.rows), list(off.E.cols), _nested(off.E.vals, None), off.E.shape[0]),
                          tuple(site.shape))
             xi[key] = _nested(off.init, site.batch_shape)
-        if site.noncentred:
+        if site.noncentred and not site.cholesky:
             centered[site.name] = _nested(site.centredness, site.batch_shape)
     shapes = {n: s for n, s, _ in plan.latent}
     centers = {n: _nested(v, shapes.get(n)) for n, v in plan.anchors}
@@ -682,19 +743,6 @@ def emit_source(source: str, function: str, plan: Plan) -> EmitResult:
     if not isinstance(plan, Plan):
         raise InputError(f"emit_source: plan must be an autoreparam.Plan, got {type(plan).__name__}")
     plan.check()  # a hand-built plan with NaN or out-of-range maps must not reach the emitted file
-    # The emitted helpers non-centre loc-scale sites only: a site non-centred by its Cholesky factor is
-    # left out of the emitted plan (centred in the source), and said so.
-    cholesky = [s.name for s in plan.sites if s.cholesky]
-    if not cholesky:
-        return _emit_source(source, function, plan)
-    result = _emit_source(source, function, replace(plan, sites=tuple(s for s in plan.sites if not s.cholesky)))
-    left = [f"site '{n}' is left centred in the emitted source: the plan non-centres it by its Cholesky factor "
-            "(MultivariateNormal), which emitted code does not do yet; apply the plan with "
-            "autoreparam.reparameterize (or --emit config) for it" for n in cholesky]
-    return replace(result, warnings=left + list(result.warnings))
-
-
-def _emit_source(source: str, function: str, plan: Plan) -> EmitResult:
     try:
         module = cst.parse_module(source)
     except cst.ParserSyntaxError as exc:
@@ -749,7 +797,8 @@ def _emit_source(source: str, function: str, plan: Plan) -> EmitResult:
     )]
     at = _after_imports(new_module)
     body = list(new_module.body)
-    helper_text, already = _helpers_source(names, bool(rewriter.noncentred))
+    cholesky = any(plan[n].cholesky for n in rewriter.rewritten)
+    helper_text, already = _helpers_source(names, bool(rewriter.noncentred), cholesky)
     helpers = cst.parse_module(helper_text + _plan_data(plan_for_data, names.g))
     helper_body = [s for i, s in enumerate(helpers.body) if not (i < len(already) and already[i])]
     helper_body[0] = helper_body[0].with_changes(

@@ -37,10 +37,10 @@ from .trace import LOC_SCALE_FAMILIES
 if TYPE_CHECKING:
     from .trace import TracedSite
 
-__all__ = ["Plan", "SitePlan", "Offset", "SparseMap", "PlanError", "MVN_FAMILY"]
+__all__ = ["Plan", "SitePlan", "Offset", "SparseMap", "PlanError", "MVN_FAMILIES"]
 
-# A MultivariateNormal site is non-centred by its Cholesky factor (fully: centredness 0).
-MVN_FAMILY = "MultivariateNormal"
+# A (low-rank) multivariate normal site is non-centred by its Cholesky factor (fully: centredness 0).
+MVN_FAMILIES = ("MultivariateNormal", "LowRankMultivariateNormal")
 
 PLAN_FORMAT = 1
 
@@ -617,11 +617,11 @@ def validate_plan(plan: Plan, sites: dict[str, TracedSite]) -> None:
         if not site.real or site.discrete:
             raise PlanError(f"plan site '{s.name}' has no real support ({site.family}); offsets and "
                             "non-centring need real support")
-        if s.cholesky and site.family != MVN_FAMILY:
+        if s.cholesky and site.family not in MVN_FAMILIES:
             raise PlanError(f"plan site '{s.name}' is {site.family}: 'cholesky' non-centring is for "
-                            "MultivariateNormal sites only")
-        if s.noncentred and not s.cholesky and site.family == MVN_FAMILY:
-            raise PlanError(f"plan site '{s.name}' is a MultivariateNormal: it is non-centred only by its "
+                            f"{' and '.join(MVN_FAMILIES)} sites only")
+        if s.noncentred and not s.cholesky and site.family in MVN_FAMILIES:
+            raise PlanError(f"plan site '{s.name}' is a {site.family}: it is non-centred only by its "
                             "Cholesky factor ('cholesky': true, centredness 0)")
         if s.noncentred and not s.cholesky and site.family not in {f.__name__ for f in LOC_SCALE_FAMILIES}:
             raise PlanError(f"plan site '{s.name}' is {site.family}, not one of the loc-scale families "

@@ -17,7 +17,7 @@ from .conditioning import check_plan_sites
 from .curvature import Curvature
 from .errors import InputError
 from .notes import Note, NoteKind
-from .plan import MVN_FAMILY, Offset, Plan, SitePlan, SparseMap
+from .plan import MVN_FAMILIES, Offset, Plan, SitePlan, SparseMap
 from .report import Report
 from .trace import LOC_SCALE_FAMILIES, ModelTrace, data_evaluated_eagerly, isolated_from_handlers
 
@@ -120,7 +120,7 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
     families = {f.__name__ for f in LOC_SCALE_FAMILIES}
     # An MVN funnel is non-centred by its Cholesky factor, fully: the analytic centredness and the
     # conditioning guard measure loc-scale sites only, so it is neither measured nor guarded.
-    mvn_funnels = [n for n in funnel_sites if sites[n].distribution == MVN_FAMILY]
+    mvn_funnels = [n for n in funnel_sites if sites[n].distribution in MVN_FAMILIES]
     funnel_sites = [n for n in funnel_sites if n not in mvn_funnels]
     for name in [n for n in funnel_sites if sites[n].distribution not in families]:
         funnel_sites.remove(name)

@@ -32,6 +32,8 @@ from .trace import LOC_SCALE_FAMILIES, unwrap_distribution
 
 __all__ = ["ConditionalOffsetReparam", "ReparamConfig", "apply_config", "build_config", "record_values"]
 
+# The laws non-centred by their Cholesky factor (``scale_tril``; plan.MVN_FAMILIES by name).
+MVN_LAWS = (dist.MultivariateNormal, dist.LowRankMultivariateNormal)
 
 
 class SiteValues(dict):
@@ -293,10 +295,11 @@ class ConditionalOffsetReparam(Reparam):
 
         # Non-centre the shifted law: z ~ F(c loc, scale^c), a = loc + scale^(1-c) (z - c loc) + offset.
         core = unwrap_distribution(fn)
-        if isinstance(core, dist.MultivariateNormal) != site.cholesky:
+        if isinstance(core, MVN_LAWS) != site.cholesky:
             raise PlanError(f"site '{name}' is {type(core).__name__}: " + (
-                "a MultivariateNormal is non-centred only by its Cholesky factor (SitePlan cholesky=True)"
-                if not site.cholesky else "cholesky non-centring is for MultivariateNormal sites only"))
+                f"a {type(core).__name__} is non-centred only by its Cholesky factor (SitePlan cholesky=True)"
+                if not site.cholesky else "cholesky non-centring is for MultivariateNormal and "
+                "LowRankMultivariateNormal sites only"))
         if site.cholesky:
             return self._noncentre_mvn(name, fn, core, shape)
         if not isinstance(core, LOC_SCALE_FAMILIES):
@@ -329,7 +332,9 @@ class ConditionalOffsetReparam(Reparam):
         """``z ~ Normal(0, 1)`` per coordinate, ``a = loc + scale_tril @ z`` (``SitePlan.check``: no offsets)."""
         loc = jnp.broadcast_to(core.loc, shape)
         scale_tril = jnp.broadcast_to(core.scale_tril, shape + shape[-1:])
-        standard = dist.Normal(jnp.zeros(shape, loc.dtype), 1.0).to_event(1)
+        # The site's own event dims (a MultivariateNormal .to_event(k) has k + 1), so that the
+        # decentred law has the site's batch shape.
+        standard = dist.Normal(jnp.zeros(shape, loc.dtype), 1.0).to_event(fn.event_dim)
         decentred = self.names.decentred
         self.store.decentred[decentred] = (fn, scale_tril, loc, "cholesky")
         try:
@@ -375,6 +380,9 @@ class DecentredMVNLaw(_DrawsFromSampler):
 
     def log_prob(self, value):
         log_jacobian = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(self.scale_tril, axis1=-2, axis2=-1))), -1)
+        extra = len(self.event_shape) - 1  # event dims of .to_event on the MultivariateNormal
+        if extra:
+            log_jacobian = jnp.sum(log_jacobian, axis=tuple(range(-extra, 0)))
         return self.target.log_prob(self.loc + _tril_apply(self.scale_tril, value)) \
             + self.jacobian_weight * log_jacobian
 

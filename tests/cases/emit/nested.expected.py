@@ -145,11 +145,16 @@ class _AutoreparamSiteScale(numpyro.primitives.Messenger):
 
 
 def _autoreparam_noncentre(fn, centered, decentered_site, log_det_site):
-    """x ~ fn drawn as the site decentered_site (see AutoreparamDecentred). The factor log_det_site adds
+    """x ~ fn drawn as the site decentered_site (see AutoreparamDecentred and _autoreparam_draw_decentred)."""
+    return _autoreparam_draw_decentred(AutoreparamDecentred(fn, centered), decentered_site, log_det_site)
+
+
+def _autoreparam_draw_decentred(decentred, decentered_site, log_det_site):
+    """x drawn as the site decentered_site with law decentred. The factor log_det_site adds
     log |dx/dd| once whatever scale or mask applies here, so the log joint in d is exactly the
     original log joint at x(d) plus the log-Jacobian; under a subsampled plate it is weighed by
     size / subsample_size like the density, an unbiased estimate of the full model's log joint."""
-    decentred, site_scale = AutoreparamDecentred(fn, centered), _AutoreparamSiteScale(decentered_site)
+    site_scale = _AutoreparamSiteScale(decentered_site)
     with site_scale:
         value = numpyro.sample(decentered_site, decentred)
     log_det = decentred.log_abs_det_jacobian() * site_scale.weight

@@ -92,6 +92,19 @@ def test_a_latent_covariance_or_precision_matrix_is_a_funnel_too(factor):
     assert report.plan["ab_cafe"] == cholesky_plan()["ab_cafe"]
 
 
+def test_an_mvn_funnel_that_the_data_dominate_stays_centred():
+    # 40 visits per cafe and cafe effects of sd 2 against noise 0.3: centredness near 1 per coordinate
+    rng = np.random.default_rng(5)
+    cafe = np.repeat(np.arange(K), 40)
+    afternoon = np.tile([0.0, 1.0], 20 * K)
+    effects = rng.normal(0.0, 2.0, (K, 2))
+    wait = effects[cafe, 0] + effects[cafe, 1] * afternoon + rng.normal(0.0, 0.3, cafe.size)
+    report = autoreparam.analyze(varying_slopes, jnp.asarray(cafe), jnp.asarray(afternoon),
+                                 wait=jnp.asarray(wait, jnp.float32))
+    assert "ab_cafe" in {f.site for f in report.funnels}
+    assert "ab_cafe" not in report.plan.names
+
+
 def test_an_mvn_with_a_fixed_factor_is_no_funnel():
     def model(y=None):
         mu = numpyro.sample("mu", dist.Normal(0.0, 1.0).expand([2]).to_event(1))

@@ -214,10 +214,23 @@ class Curvature:
         """
         site = self.mt.sites[name]
         n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
-        ones = np.ones(site.shape)
-        total = self._batch_reduce(name, self.hvp({name: ones})[name])
         fn = unwrap_distribution(self._trace_at_point[name]["fn"])
-        scale = np.broadcast_to(np.asarray(fn.scale, dtype=np.float64), site.shape)
+        if hasattr(fn, "covariance_matrix"):
+            # A (low-rank) multivariate normal, coordinate by coordinate: the curvature along one
+            # coordinate of every element, whose prior part is that coordinate's conditional
+            # precision (the diagonal of the precision matrix).
+            # (from the covariance: NumPyro's low-rank precision_matrix fails for a rank-one factor)
+            covariance = np.asarray(fn.covariance_matrix, dtype=np.float64)
+            precision = np.diagonal(np.linalg.inv(covariance), axis1=-2, axis2=-1)
+            scale = np.broadcast_to(1.0 / np.sqrt(precision), site.shape)
+            total = np.zeros(n_batch)
+            for k in range(site.shape[-1]):
+                unit = np.zeros(site.shape)
+                unit[..., k] = 1.0
+                total += self._batch_reduce(name, self.hvp({name: unit})[name] * unit)
+        else:
+            total = self._batch_reduce(name, self.hvp({name: np.ones(site.shape)})[name])
+            scale = np.broadcast_to(np.asarray(fn.scale, dtype=np.float64), site.shape)
         prior = self._batch_reduce(name, 1.0 / scale**2)
         if self.at_map:
             data = total - prior

@@ -387,18 +387,19 @@ class BlockConditional:
         """H(theta) from fixed sparse residual Jacobians (exact dense blocks), or None and why not."""
         if not (self.exact and self.dense):
             return None, "only exact blocks on the dense path"
-        theta1 = self._theta_point(seed + 7)
+        thetas = (self._theta0, self._theta_point(seed + 7), self._theta_point(seed + 11))
 
         def hvp(theta, v):
             return self._hvp_at(theta, jnp.zeros(self.size, jnp.float64))[1](v)
 
         try:
             precision = SparsePrecision(lambda theta, z: self._run({**theta, **self._unravel(z)}),
-                                        self._block_names + self._lik_names, self.size, (self._theta0, theta1),
+                                        self._block_names + self._lik_names, self.size, thetas,
                                         hvp, seed)
         except Unsupported as exc:
             return None, str(exc)
-        return precision, f"sparse: {precision.num_terms} pair products"
+        return precision, (f"sparse: {precision.num_terms} pair products of {precision.num_groups} distinct precisions; "
+                           f"{len(precision.diagonal_set)} of {self.size} eliminated before a dense Cholesky")
 
     def _exact_parts(self, theta, assemble=True):
         """(log p(y, z=0, theta), its gradient in z, H or the flat Q entries H is made of): one model run."""

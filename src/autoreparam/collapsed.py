@@ -232,9 +232,12 @@ class CollapsedPosterior:
         # z = m + L^-T eps with H = L L^T and eps ~ N(0, I): the factor the marginal uses, no
         # perturbation-optimisation noise (two more runs of the model and their gradients).
         cond = self.conditional
-        m, _, _, chol, _ = cond._mode(cond._as_theta(theta), None)
         eps = jax.random.normal(key_z, (self.block.size,), jnp.float64)
-        z = cond._unravel(m + jax.scipy.linalg.solve_triangular(chol.T, eps, lower=False))
+        if cond.precision is not None:  # by the marginal's own elimination, no dense H
+            z = cond._unravel(cond._sparse_draw(cond._as_theta(theta), eps))
+        else:
+            m, _, _, chol, _ = cond._mode(cond._as_theta(theta), None)
+            z = cond._unravel(m + jax.scipy.linalg.solve_triangular(chol.T, eps, lower=False))
         tr = handlers.trace(handlers.substitute(handlers.seed(self.model, key_model), data={**theta, **z})).get_trace(
             *self.args, **self.kwargs)
         return {name: tr[name]["value"] for name in self._latent_names + self._deterministic_names}

@@ -457,6 +457,11 @@ class BlockConditional:
         m = jax.scipy.linalg.cho_solve((chol, True), grad0)
         return m, chol, H, log_joint0 + 0.5 * jnp.vdot(grad0, m)
 
+    def _sparse_draw(self, theta, eps):
+        """One exact draw of the flat block given theta from standard normal ``eps`` (sparse path only)."""
+        _, grad0, q = self._exact_parts(theta, assemble=False)
+        return self.precision.draw(q, grad0, eps)
+
     def _newton(self, theta, z):
         f = lambda zz: self._log_joint(theta, zz)
 

@@ -325,7 +325,7 @@ class SparsePrecision:
                 inverse_index[k] = nS + nS * nR + position[i] * nR + position[j]
         inverse_index = jnp.asarray(inverse_index, jnp.int32)
         off_diagonal = jnp.asarray(np.where(p == q, 1.0, 2.0))
-        p, q = jnp.asarray(p), jnp.asarray(q)
+        p, q = jnp.asarray(p, jnp.int32), jnp.asarray(q, jnp.int32)
 
         def factor(q_entries, g):
             h = jnp.concatenate([self.entries(q_entries), jnp.zeros((1,), g.dtype)])
@@ -366,7 +366,18 @@ class SparsePrecision:
             return d_q, cotangent * m
 
         integral.defvjp(forward, backward)
+        self._factor = factor
         return integral
+
+    def draw(self, q, g, eps) -> jax.Array:
+        """z ~ N(H^-1 g, H^-1) from standard normal ``eps`` (length D), by the same elimination:
+        z_R from the Schur complement's factor, then z_S given z_R (H[S, S] is diagonal)."""
+        S, R = self.diagonal_set, self.rest
+        m, _, (a, W, K_chol) = self._factor(q, g)
+        if K_chol is None:
+            return m.at[S].add(eps[S] / jnp.sqrt(a))
+        step_R = jax.scipy.linalg.solve_triangular(K_chol.T, eps[R], lower=False)
+        return m.at[R].add(step_R).at[S].add(eps[S] / jnp.sqrt(a) - W @ step_R)
 
 
 class _GatherSum:

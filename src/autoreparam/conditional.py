@@ -22,6 +22,11 @@ never formed above ``dense_below``; neither is any matrix of the size of the dat
   ``s`` times its curvature, as in H; masked terms contribute nothing to either.
 - **Dense path** (block size ``<= dense_below``): H from HVPs against the identity, Cholesky,
   exact mean, draws (the same ``eps``) and ``log det H``.
+- **Sparse assembly** (exact blocks on the dense path, :mod:`autoreparam.precision`): when the
+  residual Jacobians of the Normal terms do not depend on theta, H is assembled from them and the
+  sites' own precisions, with no HVPs, and ``log_marginal`` eliminates a set on which H is
+  diagonal before a dense Cholesky of the rest, with a hand-written gradient. Otherwise (checked
+  numerically at construction; ``precision_note`` says why) the HVP path above is used.
 
 Everything runs in float64 inside a local ``jax.enable_x64`` context, whatever the caller uses:
 theta is upcast on entry and results are returned in the caller's default float dtype

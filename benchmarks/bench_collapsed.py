@@ -10,8 +10,9 @@ loaded from the compilation cache, t(N draws) - t(2 draws)), collapsed NUTS (the
 plus its z draws and deterministic sites, whose compile is measured apart on one draw) and, with
 ``--gibbs``, HMC-within-Gibbs (``run_gibbs``: NUTS on theta, exact z draws; timed the same way).
 min-ESS is over every element of every latent site of the original model; gradients are the
-leapfrog steps of the sampling phase (one collapsed gradient costs D Hessian-vector products and
-a D x D Cholesky, and their backward pass).
+leapfrog steps of the sampling phase (one collapsed gradient costs one run of the model, the sparse
+assembly of H and a Cholesky of its Schur complement, or, where the sparse assembly does not
+apply, D Hessian-vector products and a D x D Cholesky; and their backward pass).
 Writes ``benchmarks/results/collapsed.md`` and ``collapsed.json``.
 """
 

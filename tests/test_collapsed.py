@@ -86,6 +86,76 @@ def test_potential_is_the_dense_gaussian_integral_and_its_gradient_matches_finit
             down = float(potential({**u64, name: u64[name] - h}))
             np.testing.assert_allclose(float(grad[name]), (up - down) / (2 * h), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(value, -expected, rtol=1e-10)
+    # The index arrays a[ii] + b[jj] give fixed sparse residual Jacobians: H is assembled, not built from HVPs.
+    assert crossed_posterior.conditional.precision is not None
+
+
+def potential_matches(posterior, u, expected_log_density):
+    """The potential equals -expected_log_density (u: unconstrained) and its gradient matches finite differences."""
+    with jax.enable_x64(True):
+        u64 = {k: jnp.asarray(v, jnp.float64) for k, v in u.items()}
+        value_and_grad = jax.jit(jax.value_and_grad(posterior.potential_fn))
+        value, grad = value_and_grad(u64)
+        h = 1e-5
+        for name in u:
+            up = float(value_and_grad({**u64, name: u64[name] + h})[0])
+            down = float(value_and_grad({**u64, name: u64[name] - h})[0])
+            np.testing.assert_allclose(float(grad[name]), (up - down) / (2 * h), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(float(value), -expected_log_density, rtol=1e-10)
+
+
+T_STEPS = 5
+TT = np.array([0, 1, 1, 2, 4, 4, 3, 0])
+Y_WALK = np.array([0.1, 0.4, 0.2, 0.9, 1.5, 1.1, 1.0, -0.2], np.float32)
+
+
+def walk(tt, y):
+    step = numpyro.sample("step", dist.HalfNormal(1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    z = numpyro.sample("z", dist.GaussianRandomWalk(step, num_steps=T_STEPS))
+    with numpyro.plate("n", len(tt)):
+        numpyro.sample("y", dist.Normal(z[tt], sigma), obs=y)
+
+
+def test_random_walk_block_has_a_tridiagonal_precision_and_the_exact_marginal():
+    block = GaussianBlock((BlockSite("z", (T_STEPS,), "GaussianRandomWalk"),),
+                          (BlockLikelihood("y", "Normal", "identity"),), ("step", "sigma"))
+    posterior = CollapsedPosterior(walk, block, (TT, Y_WALK))
+    assert posterior.conditional.precision is not None
+    u = {"step": -0.3, "sigma": -0.8}
+    step, sigma = np.exp([u["step"], u["sigma"]])
+    t = np.arange(T_STEPS)
+    prior_cov = step ** 2 * (np.minimum.outer(t, t) + 1)  # z_t = sum of t + 1 independent steps
+    cov_y = prior_cov[np.ix_(TT, TT)] + sigma ** 2 * np.eye(len(TT))
+    expected = (scipy.stats.multivariate_normal(np.zeros(len(TT)), cov_y).logpdf(Y_WALK.astype(np.float64))
+                + scipy.stats.halfnorm.logpdf(step) + scipy.stats.halfnorm.logpdf(sigma) + sum(u.values()))
+    potential_matches(posterior, u, expected)
+
+
+def scaled_effects(ii, y):
+    s = numpyro.sample("s", dist.HalfNormal(1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("i", I):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+    with numpyro.plate("n", len(ii)):
+        numpyro.sample("y", dist.Normal(s * a[ii], sigma), obs=y)
+
+
+def test_theta_dependent_jacobian_falls_back_to_the_hvp_path_and_stays_exact():
+    block = GaussianBlock((BlockSite("a", (I,), "Normal"),), (BlockLikelihood("y", "Normal", "identity"),),
+                          ("s", "sigma"))
+    posterior = CollapsedPosterior(scaled_effects, block, (II, Y))
+    # d(y's residual)/da = s: H from a Jacobian read at one theta would be wrong at another.
+    assert posterior.conditional.precision is None
+    assert "depends on theta" in posterior.conditional.precision_note
+    u = {"s": 0.2, "sigma": -0.5}
+    s_, sigma = np.exp([u["s"], u["sigma"]])
+    design = np.zeros((len(II), I))
+    design[np.arange(len(II)), II] = s_
+    cov_y = design @ design.T + sigma ** 2 * np.eye(len(II))
+    expected = (scipy.stats.multivariate_normal(np.zeros(len(II)), cov_y).logpdf(Y.astype(np.float64))
+                + scipy.stats.halfnorm.logpdf(s_) + scipy.stats.halfnorm.logpdf(sigma) + sum(u.values()))
+    potential_matches(posterior, u, expected)
 
 
 def test_float32_caller_gets_the_float64_gradient(crossed_posterior):

@@ -5,7 +5,10 @@ Given the hyperparameters theta, the block z is Gaussian, p(z | theta, y) = N(m,
     log p(y, theta) = log p(y, z, theta) - log N(z; m, H^-1)   at z = m
                     = log p(y, m, theta) + D/2 log(2 pi) - 1/2 log det H
 
-with log det H exact by a dense Cholesky (``BlockConditional.log_marginal``). NUTS samples the
+with log det H exact (``BlockConditional.log_marginal``): where the block's Normal terms have
+residual Jacobians that do not depend on theta (gathers, sums, products with data), H is
+assembled from them and integrated out by a Schur complement (:mod:`autoreparam.precision`);
+otherwise H comes from D Hessian-vector products and a dense Cholesky. NUTS samples the
 unconstrained theta (log-Jacobians of the transforms included) from this marginal; each theta
 draw then gets one exact draw of z from its conditional, and the model is re-run at (theta, z)
 for its deterministic sites, so the samples hold every latent and deterministic site of the
@@ -42,13 +45,14 @@ from .errors import InputError, ModelError
 __all__ = ["CollapsedPosterior", "CollapsedResult", "collapsed_mcmc", "gibbs_mcmc", "gibbs_kernel", "choose_mcmc",
            "MCMCChoice", "COLLAPSED_LIMIT", "AUTO_COLLAPSED_LIMIT"]
 
-#: Largest block whose marginal collapsed NUTS computes: every gradient of the potential builds
-#: the dense D x D precision from D Hessian-vector products and factors it.
+#: Largest block whose marginal collapsed NUTS computes: every gradient of the potential forms
+#: the dense D x D precision (sparse assembly or D Hessian-vector products) and factors it.
 COLLAPSED_LIMIT = DENSE_LIMIT
 
-#: Largest block :func:`choose_mcmc` integrates out. Each collapsed gradient builds the dense D x D
-#: precision from D Hessian-vector products, factors it, and differentiates both: its cost grows
-#: like D^2 times the data (measured in benchmarks/README.md, "Collapsed NUTS").
+#: Largest block :func:`choose_mcmc` integrates out. Each collapsed gradient factors a dense
+#: matrix of up to D x D (the Schur complement after the diagonal set of the sparse assembly), so
+#: its cost grows like D^3 (measured in benchmarks/README.md, "Collapsed NUTS"; the limit was set
+#: for the HVP path and not re-measured for the sparse one).
 AUTO_COLLAPSED_LIMIT = 500
 
 _COMPLETE_BATCH = 64
@@ -232,9 +236,12 @@ class CollapsedPosterior:
         # z = m + L^-T eps with H = L L^T and eps ~ N(0, I): the factor the marginal uses, no
         # perturbation-optimisation noise (two more runs of the model and their gradients).
         cond = self.conditional
-        m, _, _, chol, _ = cond._mode(cond._as_theta(theta), None)
         eps = jax.random.normal(key_z, (self.block.size,), jnp.float64)
-        z = cond._unravel(m + jax.scipy.linalg.solve_triangular(chol.T, eps, lower=False))
+        if cond.precision is not None:  # by the marginal's own elimination, no dense H
+            z = cond._unravel(cond._sparse_draw(cond._as_theta(theta), eps))
+        else:
+            m, _, _, chol, _ = cond._mode(cond._as_theta(theta), None)
+            z = cond._unravel(m + jax.scipy.linalg.solve_triangular(chol.T, eps, lower=False))
         tr = handlers.trace(handlers.substitute(handlers.seed(self.model, key_model), data={**theta, **z})).get_trace(
             *self.args, **self.kwargs)
         return {name: tr[name]["value"] for name in self._latent_names + self._deterministic_names}

@@ -22,6 +22,11 @@ never formed above ``dense_below``; neither is any matrix of the size of the dat
   ``s`` times its curvature, as in H; masked terms contribute nothing to either.
 - **Dense path** (block size ``<= dense_below``): H from HVPs against the identity, Cholesky,
   exact mean, draws (the same ``eps``) and ``log det H``.
+- **Sparse assembly** (exact blocks on the dense path, :mod:`autoreparam.precision`): when the
+  residual Jacobians of the Normal terms do not depend on theta, H is assembled from them and the
+  sites' own precisions, with no HVPs, and ``log_marginal`` eliminates a set on which H is
+  diagonal before a dense Cholesky of the rest, with a hand-written gradient. Otherwise (checked
+  numerically at construction; ``precision_note`` says why) the HVP path above is used.
 
 Everything runs in float64 inside a local ``jax.enable_x64`` context, whatever the caller uses:
 theta is upcast on entry and results are returned in the caller's default float dtype
@@ -42,6 +47,7 @@ from numpyro import handlers
 
 from .block import LIKELIHOOD_LINKS, GaussianBlock
 from .errors import InputError, ModelError
+from .precision import SparsePrecision, Unsupported
 from .trace import trace_model, unwrap_distribution
 
 __all__ = ["BlockConditional", "DENSE_BELOW", "DENSE_LIMIT"]
@@ -221,6 +227,7 @@ class BlockConditional:
         with jax.enable_x64(True):
             self._check_model(seed)
             self._probes = self._find_probes(seed)
+            self.precision, self.precision_note = self._sparse_precision(seed)
 
     # ----------------------------------------------------------------- model evaluation
 
@@ -381,6 +388,33 @@ class BlockConditional:
             offset += n
         return np.concatenate(probes, axis=0)
 
+    def _sparse_precision(self, seed):
+        """H(theta) from fixed sparse residual Jacobians (exact dense blocks), or None and why not."""
+        if not (self.exact and self.dense):
+            return None, "only exact blocks on the dense path"
+        thetas = (self._theta0, self._theta_point(seed + 7), self._theta_point(seed + 11))
+
+        def hvp(theta, v):
+            return self._hvp_at(theta, jnp.zeros(self.size, jnp.float64))[1](v)
+
+        try:
+            precision = SparsePrecision(lambda theta, z: self._run({**theta, **self._unravel(z)}),
+                                        self._block_names + self._lik_names, self.size, thetas,
+                                        hvp, seed)
+        except Unsupported as exc:
+            return None, str(exc)
+        return precision, (f"sparse: {precision.num_terms} pair products of {precision.num_groups} distinct precisions; "
+                           f"{len(precision.diagonal_set)} of {self.size} eliminated before a dense Cholesky")
+
+    def _exact_parts(self, theta, assemble=True):
+        """(log p(y, z=0, theta), its gradient in z, H or the flat Q entries H is made of): one model run."""
+        def at(z):
+            tr = self._run({**theta, **self._unravel(z)})
+            return self._log_terms(tr, self._sample_names(tr)), self.precision.site_precisions(tr)
+
+        (log_joint0, q), grad0 = jax.value_and_grad(at, has_aux=True)(jnp.zeros(self.size, jnp.float64))
+        return log_joint0, grad0, self.precision.assemble(q) if assemble else q
+
     # ----------------------------------------------------------------- solves
 
     def _as_theta(self, theta: dict) -> dict:
@@ -403,6 +437,10 @@ class BlockConditional:
 
     def _mode(self, theta, init):
         """The conditional mean (exact) or mode (Laplace), with one differentiable final step."""
+        if self.precision is not None:  # exact: one solve from z = 0, whatever init
+            m, chol, H, _ = self._sparse_mode(theta)
+            solve = lambda rhs: (jax.scipy.linalg.cho_solve((chol, True), rhs), jnp.asarray(0))
+            return m, lambda v: H @ v, solve, chol, jnp.asarray(0)
         z = jnp.zeros(self.size, jnp.float64) if init is None else jax.lax.stop_gradient(init)
         iterations = jnp.asarray(0)
         if not self.exact:
@@ -413,6 +451,21 @@ class BlockConditional:
         solve, chol = self._solver(matvec)
         step, it = solve(g)
         return z + step, matvec, solve, chol, iterations + it
+
+    def _sparse_mode(self, theta):
+        """(m, Cholesky factor of H, H, log p(y, m, theta)) of an exact block from the sparse H.
+
+        The log joint is quadratic, c + g0^T z - z^T H z / 2, so at m = H^-1 g0 it is c + g0^T m / 2.
+        """
+        log_joint0, grad0, H = self._exact_parts(theta)
+        chol = jnp.linalg.cholesky(H)
+        m = jax.scipy.linalg.cho_solve((chol, True), grad0)
+        return m, chol, H, log_joint0 + 0.5 * jnp.vdot(grad0, m)
+
+    def _sparse_draw(self, theta, eps):
+        """One exact draw of the flat block given theta from standard normal ``eps`` (sparse path only)."""
+        _, grad0, q = self._exact_parts(theta, assemble=False)
+        return self.precision.draw(q, grad0, eps)
 
     def _newton(self, theta, z):
         f = lambda zz: self._log_joint(theta, zz)
@@ -594,6 +647,10 @@ class BlockConditional:
 
         def log_marginal64(theta, probes):
             theta = self._as_theta(theta)
+            if self.precision is not None:
+                log_joint0, grad0, q = self._exact_parts(theta, assemble=False)
+                return (log_joint0 + self.precision.log_integral(q, grad0)
+                        + 0.5 * self.size * math.log(2 * math.pi))
             m, matvec, _, chol, _ = self._mode(theta, None)
             if self.dense:
                 log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))

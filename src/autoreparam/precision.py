@@ -1,0 +1,415 @@
+"""The precision H(theta) of an exact Gaussian block, assembled from fixed sparse pieces.
+
+With Normal likelihoods every term of log p(y, z, theta) that involves the block z is a Gaussian
+log density of a residual that is affine in z, r_s = x_s - loc_s (the site's value minus its
+``loc``; a random walk has no ``loc``), so
+
+    H(theta) = sum_s J_s^T Q_s(theta) J_s,   J_s = d r_s / d z,   Q_s = -d^2 log p_s / d x_s^2.
+
+When J_s does not depend on theta (gathers, sums, products with data: the usual case), it is read
+once, sparse, at construction: Jacobian-vector products on chunks of unit vectors, of which only
+the nonzeros are kept (never a dense matrix of the data's size times the block's). Per call,
+Q_s(theta) comes from the site's own distribution, one Hessian-vector product per colour of its
+event (1 for elementwise Normals, 3 for a random walk's tridiagonal precision), and H is a
+segment sum of the products of the nonzero pairs: O(nonzeros) work, no model HVPs.
+
+The construction checks H against the model's Hessian-vector products at two theta; a model
+this does not describe (J depending on theta, as for loc = s * a; a family without a known
+residual) raises :class:`Unsupported`, and the caller keeps the HVP path.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+
+from .trace import unwrap_distribution
+
+__all__ = ["SparsePrecision", "Unsupported"]
+
+#: Families whose log density is a quadratic form in ``value - loc`` (``loc`` if they have one).
+_GAUSSIAN_FAMILIES = (dist.Normal, dist.MultivariateNormal, dist.LowRankMultivariateNormal,
+                      dist.GaussianRandomWalk)
+#: Event size up to which a site's event precision pattern is read densely (one HVP per element).
+_EVENT_LIMIT = 512
+#: Most pair products H may be assembled from (above, the HVP path is no slower).
+_TERM_LIMIT = 20_000_000
+_CHUNK = 64
+
+
+class Unsupported(Exception):
+    """The model's precision is not of the form sum_s J_s^T Q_s(theta) J_s with fixed J_s."""
+
+
+def _hvp(site, x, probe):
+    """-d^2/dx^2 of the site's (scaled) log density, applied to ``probe``."""
+    def log_density(v):
+        log_prob = site["fn"].log_prob(v)
+        if site["scale"] is not None:
+            log_prob = log_prob * site["scale"]
+        return jnp.sum(log_prob)
+    return -jax.jvp(jax.grad(log_density), (x,), (probe,))[1]
+
+
+class SparsePrecision:
+    """H(theta) of the block for the model run ``run(theta, z) -> trace``, from the residuals of ``sites``.
+
+    ``size``: the block size D; ``thetas``: three generic theta points (the first reads J, the
+    first two group the Q entries that are the same function of theta, all three check H); ``hvp(theta, v)``: the model's own H v, for the check. Raises :class:`Unsupported`.
+    """
+
+    def __init__(self, run, sites, size, thetas, hvp, seed=0):
+        self._run = run
+        self.sites = tuple(sites)
+        self.size = int(size)
+        theta0, theta1, theta2 = thetas
+        self._layout = self._read_layout(theta0)
+        rows, cols, vals = self._read_jacobian(theta0)
+        self._colours = [self._event_colours(name, (theta0, theta1), seed) for name in self.sites]
+        self._build_terms(rows, cols, vals, (theta0, theta1))
+        self._check(thetas, hvp, seed)
+        self.diagonal_set, self.rest = self._split()
+        self.log_integral = self._make_integral()
+
+    # ------------------------------------------------------------ construction
+
+    def _read_layout(self, theta):
+        """Per site: (batch size, event size), checking the family."""
+        layout = {}
+
+        def record():
+            tr = self._run(theta, jnp.zeros(self.size, jnp.float64))
+            for name in self.sites:
+                fn = tr[name]["fn"]
+                base = unwrap_distribution(fn)
+                if not isinstance(base, _GAUSSIAN_FAMILIES):
+                    raise Unsupported(f"site '{name}' is {type(base).__name__}, not a Gaussian family")
+                layout[name] = (int(np.prod(fn.batch_shape, dtype=int)), int(np.prod(fn.event_shape, dtype=int)))
+            return 0
+
+        jax.eval_shape(record)
+        return layout
+
+    def _residuals(self, theta, z):
+        tr = self._run(theta, z)
+        out = []
+        for name in self.sites:
+            site = tr[name]
+            value = jnp.asarray(site["value"], jnp.float64)
+            base = unwrap_distribution(site["fn"])
+            loc = getattr(base, "loc", None) if not isinstance(base, dist.GaussianRandomWalk) else None
+            residual = value if loc is None else value - jnp.broadcast_to(loc, value.shape)
+            out.append(jnp.ravel(residual))
+        return jnp.concatenate(out)
+
+    def _read_jacobian(self, theta):
+        """COO nonzeros of d residuals / d z (affine in z), read in chunks of unit columns."""
+        zero = jnp.zeros(self.size, jnp.float64)
+        jvps = jax.jit(jax.vmap(lambda v: jax.jvp(lambda z: self._residuals(theta, z), (zero,), (v,))[1]))
+        rows, cols, vals = [], [], []
+        for start in range(0, self.size, _CHUNK):
+            width = min(_CHUNK, self.size - start)
+            units = np.zeros((_CHUNK, self.size))
+            units[np.arange(width), start + np.arange(width)] = 1.0
+            block = np.asarray(jvps(jnp.asarray(units)))[:width]  # (width, R)
+            c, r = np.nonzero(block)
+            rows.append(r)
+            cols.append(c + start)
+            vals.append(block[c, r])
+        rows, cols, vals = (np.concatenate(a) for a in (rows, cols, vals))
+        self.num_rows = int(sum(b * k for b, k in self._layout.values()))
+        return rows, cols, vals
+
+    def _site_outputs(self, theta, name, probes):
+        """-Hessian of the site's log density times each probe (probes over the event, one per row)."""
+        def run():
+            site = self._run(theta, jnp.zeros(self.size, jnp.float64))[name]
+            x = jnp.asarray(site["value"], jnp.float64)
+            batch, event = self._layout[name]
+            outs = [_hvp(site, x, jnp.broadcast_to(p, (batch, event)).reshape(x.shape)) for p in probes]
+            return jnp.stack([o.reshape(batch, event) for o in outs])
+        return np.asarray(jax.jit(run)())
+
+    def _event_colours(self, name, thetas, seed):
+        """Colours of the event elements: within a colour, each row of Q meets at most one member.
+
+        Returns (colours as lists of event indices, pattern entries (a', a)).
+        """
+        batch, event = self._layout[name]
+        rng = np.random.default_rng(seed)
+        weights = rng.uniform(1.0, 2.0, event)
+        diagonal = True
+        for theta in thetas:
+            plain, weighted = self._site_outputs(theta, name, [np.ones(event), weights])
+            if not np.allclose(weighted, plain * weights, rtol=1e-9, atol=1e-12 * (np.abs(plain).max() + 1e-300)):
+                diagonal = False
+        if diagonal:
+            return [list(range(event))], [(a, a) for a in range(event)]
+        if event > _EVENT_LIMIT:
+            raise Unsupported(f"site '{name}' has an event of {event} values with a non-diagonal precision")
+        pattern = np.zeros((event, event), bool)
+        for theta in thetas:
+            outs = self._site_outputs(theta, name, list(np.eye(event)))  # (probe a, batch, a')
+            pattern |= np.any(outs != 0, axis=1).T  # [a', a]
+        colours, members = [], []
+        for a in range(event):
+            rows_a = pattern[:, a]
+            for c, taken in enumerate(members):
+                if not np.any(rows_a & taken):
+                    colours[c].append(a)
+                    members[c] = taken | rows_a
+                    break
+            else:
+                colours.append([a])
+                members.append(rows_a.copy())
+        entries = [(int(r), int(a)) for a in range(event) for r in np.nonzero(pattern[:, a])[0]]
+        return colours, entries
+
+    def _group_q(self, thetas):
+        """Q entries equal at every theta of ``thetas`` (e.g. one 1/sigma^2 for all observations) are
+        taken for the same function of theta: one representative each. The third theta of the
+        check tests that assumption."""
+        values = np.stack([np.asarray(jax.jit(lambda th: self.site_precisions(
+            self._run(th, jnp.zeros(self.size, jnp.float64))))(theta)) for theta in thetas], axis=1)
+        _, representative, group = np.unique(values, axis=0, return_index=True, return_inverse=True)
+        return group.ravel(), representative
+
+    def _build_terms(self, rows, cols, vals, thetas):
+        """The (Q entry, H target, coefficient) triples of H = sum Q[i, j] J_i^T J_j, folded to the upper triangle."""
+        order = np.argsort(rows, kind="stable")
+        rows, cols, vals = rows[order], cols[order], vals[order]
+        counts = np.bincount(rows, minlength=self.num_rows)
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        q_index, row_i, row_j = [], [], []
+        q_offset = row_offset = 0
+        for name, (colours, entries) in zip(self.sites, self._colours):
+            batch, event = self._layout[name]
+            b = np.arange(batch)
+            for e, (a_out, a_in) in enumerate(entries):
+                q_index.append(q_offset + e * batch + b)
+                row_i.append(row_offset + b * event + a_out)
+                row_j.append(row_offset + b * event + a_in)
+            q_offset += len(entries) * batch
+            row_offset += batch * event
+        self.num_q = q_offset
+        q_index, row_i, row_j = (np.concatenate(a) for a in (q_index, row_i, row_j))
+        group, representative = self._group_q(thetas)
+        self.num_groups = len(representative)
+        self._representative = jnp.asarray(representative, jnp.int32)
+        pairs = counts[row_i] * counts[row_j]
+        total = int(pairs.sum())
+        if total > _TERM_LIMIT:
+            raise Unsupported(f"H would take {total} pair products (limit {_TERM_LIMIT})")
+        entry = np.repeat(np.arange(len(q_index)), pairs)
+        within = np.arange(total) - np.repeat(np.cumsum(pairs) - pairs, pairs)
+        width_j = counts[row_j][entry]
+        at_i = indptr[row_i[entry]] + within // np.maximum(width_j, 1)
+        at_j = indptr[row_j[entry]] + within % np.maximum(width_j, 1)
+        p, q = cols[at_i], cols[at_j]
+        coef = vals[at_i] * vals[at_j]
+        target = np.minimum(p, q).astype(np.int64) * self.size + np.maximum(p, q)
+        key = group[q_index[entry]].astype(np.int64) * (self.size * self.size) + target
+        unique, inverse = np.unique(key, return_inverse=True)
+        coef = np.bincount(inverse.ravel(), weights=coef, minlength=len(unique))
+        keep = coef != 0
+        unique, coef = unique[keep], coef[keep]
+        D2 = self.size * self.size
+        term_q, term_target = unique // D2, unique % D2
+        targets, term_entry = np.unique(term_target, return_inverse=True)
+        term_entry = term_entry.ravel()
+        p, q = targets // self.size, targets % self.size
+        # The fold sums H[p, q] and H[q, p] into one entry: halve it off the diagonal.
+        coef = coef * np.where(p == q, 1.0, 0.5)[term_entry]
+        self.targets = np.stack([p, q], axis=1)  # the distinct entries of H's upper triangle
+        self._term_q = jnp.asarray(term_q, jnp.int32)
+        self._term_entry = jnp.asarray(term_entry, jnp.int32)
+        self._term_coef = jnp.asarray(coef, jnp.float64)
+        self._entry_sum = _GatherSum(term_entry, len(targets))  # terms -> entries of H
+        self._q_sum = _GatherSum(term_q, self.num_groups)  # terms -> Q groups (the transpose)
+        self.num_terms = int(len(coef))
+        dense = np.full((self.size, self.size), len(targets))
+        dense[p, q] = dense[q, p] = np.arange(len(targets))
+        self._dense_index = jnp.asarray(dense, jnp.int32)
+
+    def _check(self, thetas, hvp, seed):
+        rng = np.random.default_rng(seed + 3)
+        probes = jnp.asarray(rng.normal(size=(3, self.size)))
+        mine_at = jax.jit(lambda th: probes @ self.assemble(self.site_precisions(
+            self._run(th, jnp.zeros(self.size, jnp.float64)))))
+        model_at = jax.jit(lambda th: jax.vmap(lambda v: hvp(th, v))(probes))
+        for theta in thetas:
+            mine, model = np.asarray(mine_at(theta)), np.asarray(model_at(theta))
+            if not np.allclose(mine, model, rtol=1e-7, atol=1e-9 * np.abs(model).max()):
+                raise Unsupported("H from the sparse residual Jacobians differs from the model's Hessian-vector "
+                                  "products (a Jacobian depends on theta)")
+
+    # ------------------------------------------------------------ per call
+
+    def site_precisions(self, trace) -> jax.Array:
+        """The flat Q entries of every site at the trace's theta (the trace's block values do not matter)."""
+        out = []
+        for name, (colours, entries) in zip(self.sites, self._colours):
+            site = trace[name]
+            x = jnp.asarray(site["value"], jnp.float64)
+            batch, event = self._layout[name]
+            colour_of = {a: c for c, members in enumerate(colours) for a in members}
+            hvps = []
+            for members in colours:
+                probe = np.zeros(event)
+                probe[members] = 1.0
+                hvps.append(_hvp(site, x, jnp.broadcast_to(jnp.asarray(probe), (batch, event)).reshape(x.shape))
+                            .reshape(batch, event))
+            out.extend(hvps[colour_of[a_in]][:, a_out] for a_out, a_in in entries)
+        return jnp.concatenate(out)
+
+    def entries(self, q) -> jax.Array:
+        """The distinct entries of H (``targets``) from the flat Q entries: sums of pair products."""
+        return self._entry_sum(q[self._representative][self._term_q] * self._term_coef)
+
+    def assemble(self, q) -> jax.Array:
+        """The dense D x D precision from the flat Q entries."""
+        h = self.entries(q)
+        return jnp.concatenate([h, jnp.zeros((1,), h.dtype)])[self._dense_index]
+
+    # ------------------------------------------------------------ the Gaussian integral
+
+    def _split(self):
+        """A set S of block elements no two of which interact (H[S, S] diagonal), greedily by
+        fewest neighbours, and the rest R: the order in which :meth:`log_integral` eliminates."""
+        neighbours = [set() for _ in range(self.size)]
+        for i, j in self.targets:
+            if i != j:
+                neighbours[i].add(j)
+                neighbours[j].add(i)
+        chosen = np.zeros(self.size, bool)
+        blocked = np.zeros(self.size, bool)
+        for i in sorted(range(self.size), key=lambda i: len(neighbours[i])):
+            if not blocked[i]:
+                chosen[i] = True
+                blocked[i] = True
+                blocked[list(neighbours[i])] = True
+        return np.nonzero(chosen)[0], np.nonzero(~chosen)[0]
+
+    def _make_integral(self):
+        """F(q, g) = 1/2 g^T H^-1 g - 1/2 log det H, H = H(q), with a hand-written gradient.
+
+        H[S, S] is diagonal, so S is eliminated first and only the Schur complement on R is
+        factored densely. dF/dH = -(m m^T + H^-1) / 2 is needed only on H's nonzero entries:
+        H^-1 on S x S only on the diagonal, S x R and R x R in full. dF/dg = m.
+        """
+        S, R = self.diagonal_set, self.rest
+        nS, nR, n = len(S), len(R), len(self.targets)
+        position = np.full(self.size, -1)
+        position[S] = np.arange(nS)
+        position[R] = np.arange(nR)
+        in_S = np.zeros(self.size, bool)
+        in_S[S] = True
+
+        def block_index(rows, cols):
+            return self._dense_index[np.ix_(rows, cols)]
+
+        diag_index = jnp.asarray(np.asarray(self._dense_index)[S, S])
+        B_index, C_index = block_index(S, R), block_index(R, R)
+        # Where each entry of H sits in [diag(H^-1)_S, (H^-1)_SR, (H^-1)_RR], flattened.
+        p, q = self.targets[:, 0], self.targets[:, 1]
+        inverse_index = np.empty(n, np.int64)
+        for k, (i, j) in enumerate(zip(p, q)):
+            if in_S[i] and in_S[j]:  # only i == j here
+                inverse_index[k] = position[i]
+            elif in_S[i] or in_S[j]:
+                s_, r_ = (i, j) if in_S[i] else (j, i)
+                inverse_index[k] = nS + position[s_] * nR + position[r_]
+            else:
+                inverse_index[k] = nS + nS * nR + position[i] * nR + position[j]
+        inverse_index = jnp.asarray(inverse_index, jnp.int32)
+        off_diagonal = jnp.asarray(np.where(p == q, 1.0, 2.0))
+        p, q = jnp.asarray(p, jnp.int32), jnp.asarray(q, jnp.int32)
+
+        def factor(q_entries, g):
+            h = jnp.concatenate([self.entries(q_entries), jnp.zeros((1,), g.dtype)])
+            a, g_S = h[diag_index], g[S]
+            if nR == 0:
+                m = jnp.zeros_like(g).at[S].set(g_S / a)
+                return m, jnp.sum(jnp.log(a)), (a, None, None)
+            B = h[B_index]
+            W = B / a[:, None]
+            K_chol = jnp.linalg.cholesky(h[C_index] - B.T @ W)
+            m_R = jax.scipy.linalg.cho_solve((K_chol, True), g[R] - W.T @ g_S)
+            m = jnp.zeros_like(g).at[S].set((g_S - B @ m_R) / a).at[R].set(m_R)
+            log_det = jnp.sum(jnp.log(a)) + 2.0 * jnp.sum(jnp.log(jnp.diagonal(K_chol)))
+            return m, log_det, (a, W, K_chol)
+
+        @jax.custom_vjp
+        def integral(q_entries, g):
+            m, log_det, _ = factor(q_entries, g)
+            return 0.5 * jnp.vdot(g, m) - 0.5 * log_det
+
+        def forward(q_entries, g):
+            m, log_det, factors = factor(q_entries, g)
+            return 0.5 * jnp.vdot(g, m) - 0.5 * log_det, (m, factors)
+
+        def backward(residuals, cotangent):
+            m, (a, W, K_chol) = residuals
+            if K_chol is None:
+                inverse = 1.0 / a
+            else:
+                L_inv = jax.scipy.linalg.solve_triangular(K_chol, jnp.eye(nR, dtype=a.dtype), lower=True)
+                K_inv = L_inv.T @ L_inv
+                SR = -W @ K_inv
+                inverse = jnp.concatenate([1.0 / a - jnp.sum(SR * W, axis=1), SR.ravel(), K_inv.ravel()])
+            d_entries = -0.5 * cotangent * off_diagonal * (m[p] * m[q] + inverse[inverse_index])
+            d_groups = self._q_sum(d_entries[self._term_entry] * self._term_coef)
+            # Only the representatives were read (the others are the same functions of theta).
+            d_q = jnp.zeros(self.num_q, d_groups.dtype).at[self._representative].set(d_groups)
+            return d_q, cotangent * m
+
+        integral.defvjp(forward, backward)
+        self._factor = factor
+        return integral
+
+    def draw(self, q, g, eps) -> jax.Array:
+        """z ~ N(H^-1 g, H^-1) from standard normal ``eps`` (length D), by the same elimination:
+        z_R from the Schur complement's factor, then z_S given z_R (H[S, S] is diagonal)."""
+        S, R = self.diagonal_set, self.rest
+        m, _, (a, W, K_chol) = self._factor(q, g)
+        if K_chol is None:
+            return m.at[S].add(eps[S] / jnp.sqrt(a))
+        step_R = jax.scipy.linalg.solve_triangular(K_chol.T, eps[R], lower=False)
+        return m.at[R].add(step_R).at[S].add(eps[S] / jnp.sqrt(a) - W @ step_R)
+
+
+class _GatherSum:
+    """``segment_sum`` by gathers only (XLA's CPU scatter-add costs several times more per element).
+
+    Segments are grouped by their number of members rounded up to a power of two; each group
+    gathers a padded (segments, width) matrix of the values and sums its rows.
+    """
+
+    def __init__(self, segment_ids, num_segments):
+        segment_ids = np.asarray(segment_ids)
+        n = len(segment_ids)
+        order = np.argsort(segment_ids, kind="stable")
+        counts = np.bincount(segment_ids, minlength=num_segments)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        widths = np.where(counts > 0, 2 ** np.ceil(np.log2(np.maximum(counts, 1))).astype(int), 0)
+        self.groups, placed = [], []
+        for width in np.unique(widths):
+            segs = np.nonzero(widths == width)[0]
+            if width == 0:
+                continue
+            offsets = np.arange(width)
+            index = np.where(offsets[None, :] < counts[segs, None],
+                             order[np.minimum(starts[segs, None] + offsets[None, :], n - 1)], n)
+            self.groups.append(jnp.asarray(index, jnp.int32))
+            placed.append(segs)
+        placed = np.concatenate(placed) if placed else np.zeros(0, int)
+        where = np.full(num_segments, len(placed))  # empty segments read the appended zero
+        where[placed] = np.arange(len(placed))
+        self.where = jnp.asarray(where, jnp.int32)
+
+    def __call__(self, values):
+        padded = jnp.concatenate([values, jnp.zeros((1,), values.dtype)])
+        sums = [jnp.sum(padded[index], axis=1) for index in self.groups]
+        return jnp.concatenate(sums + [jnp.zeros((1,), values.dtype)])[self.where]

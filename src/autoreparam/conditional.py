@@ -58,6 +58,7 @@ _PROBE_PERIODS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64)
 #: Loosest CG relative residual of an inner Newton direction (Laplace blocks, CG path).
 _NEWTON_FORCING = 1e-2
 _MAP_BATCH = 64
+_PROBE_BATCH = 8
 
 
 def _caller_float():
@@ -354,19 +355,18 @@ class BlockConditional:
         z0 = jax.random.normal(jax.random.PRNGKey(seed + 2), (self.size,), jnp.float64)
         batched = jax.jit(lambda rows: jax.vmap(self._hvp_at(theta, z0)[1])(rows))
 
-        def hvps(rows):
-            pad = -len(rows) % _MAP_BATCH
+        def hvps(rows):  # in padded batches of one shape (one compile), few lanes: each carries data-sized arrays
+            pad = -len(rows) % _PROBE_BATCH
             padded = np.concatenate([rows, np.zeros((pad, self.size))])
-            out = [np.asarray(batched(jnp.asarray(padded[i:i + _MAP_BATCH])))
-                   for i in range(0, len(padded), _MAP_BATCH)]
+            out = [np.asarray(batched(jnp.asarray(padded[i:i + _PROBE_BATCH])))
+                   for i in range(0, len(padded), _PROBE_BATCH)]
             return np.concatenate(out)[:len(rows)]
 
         rng = np.random.default_rng(seed)
         probes, offset = [], 0
         for site in self.block.sites:
             n = site.size
-            chosen = np.zeros((n, self.size))
-            chosen[np.arange(n), offset + np.arange(n)] = 1.0
+            chosen = None
             weights = np.zeros(self.size)
             weights[offset:offset + n] = rng.uniform(1.0, 2.0, n) * rng.choice([-1.0, 1.0], n)
             for k in (k for k in _PROBE_PERIODS if k < n):
@@ -379,6 +379,9 @@ class BlockConditional:
                 if np.allclose(plain, weighted, rtol=1e-7, atol=1e-9 * np.abs(plain).max()):
                     chosen = classes
                     break
+            if chosen is None:  # one probe per element, built only when no period works (n x D floats)
+                chosen = np.zeros((n, self.size))
+                chosen[np.arange(n), offset + np.arange(n)] = 1.0
             probes.append(chosen)
             offset += n
         return np.concatenate(probes, axis=0)

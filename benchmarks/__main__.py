@@ -52,6 +52,8 @@ def parse(argv):
                    help="run only the cold-start benchmark (python -m benchmarks.cold_start, a few minutes): "
                         "CPU time of a cold 'autoreparam analyze' per example, and the per-gradient cost of "
                         "the reparameterized models")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="VI seeds per method (default: 3 in full mode, 1 in quick mode); the config JSON records it")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -112,6 +114,11 @@ def main(argv=None) -> int:
     from . import harness
 
     harness.use_compilation_cache()  # before the first compile (see harness._timed_mcmc)
+    if ns.seeds is not None:
+        if ns.seeds < 1:
+            print(f"python -m benchmarks: --seeds {ns.seeds}: expected a positive integer", file=sys.stderr)
+            return 2
+        harness.CONFIGS[mode]["seeds"] = ns.seeds
     reference = None
     if ns.reference_from is not None:
         if not ns.reference_from.is_file():
@@ -169,6 +176,8 @@ def main(argv=None) -> int:
             for i, group in enumerate(partition(ns.models, ns.jobs, mode)):
                 path = Path(tmp) / f"worker{i}.json"
                 cmd = [sys.executable, "-m", "benchmarks", "--worker", ",".join(group), "--worker-out", str(path)]
+                if ns.seeds is not None:
+                    cmd += ["--seeds", str(ns.seeds)]
                 cmd += ["--quick"] if ns.quick else []
                 cmd += ["--methods", *ns.methods] if ns.methods else []
                 cmd += ["--reference-from", str(ns.reference_from)] if ns.reference_from else []

@@ -476,9 +476,13 @@ class HybridMethod:
             chunk, P = self.chunk, cfg["ckpt_particles"]
             elbo = autoreparam.HybridELBO(1)
 
+            # On the CG path a particle carries data-sized intermediates: batches of 16, not P lanes at once.
+            particle_batch = None if guide.conditional.dense else 16
+
             def elbo_particles(params, key):
                 keys = jax.random.split(key, P)
-                return -jax.vmap(lambda k: elbo.loss(k, params, model, guide, *args, **kwargs))(keys)
+                return -jax.lax.map(lambda k: elbo.loss(k, params, model, guide, *args, **kwargs), keys,
+                                    batch_size=particle_batch)
 
             def draws(num, resample=0):
                 batch = min(num, 100)
@@ -532,7 +536,9 @@ class HybridMethod:
                 key, k = jax.random.split(key)
                 mom = self.ckpt_draws_fn(params, k)
                 ckpt_moments.append(_as_moments(mom))
-            e, key = _final_elbo(self.elbo_fn, params, key, cfg)
+            # On the CG path the value is the joint surrogate, no ELBO: one batch of particles is enough for it.
+            e, key = _final_elbo(self.elbo_fn, params, key,
+                                 cfg if self.exact else {**cfg, "final_particles": cfg["ckpt_particles"]})
             key, k = jax.random.split(key)
             moments = _as_moments(self.draws_fn(params, k))
             plain = None

@@ -90,6 +90,13 @@ def test_rebuild_without_results_says_so(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_seeds_must_be_positive(capsys, monkeypatch):
+    monkeypatch.setitem(harness.CONFIGS, "full", dict(harness.CONFIGS["full"]))
+    assert bench_main(["--seeds", "0", "--models", "eight_schools", "--no-plots"]) == 2
+    assert "--seeds 0: expected a positive integer" in capsys.readouterr().err
+    assert harness.CONFIGS["full"]["seeds"] == 3
+
+
 @pytest.mark.parametrize("name", [n for n in MODELS if n not in QUICK_MODELS])
 def test_models_not_fitted_in_quick_mode_trace_at_their_quick_size(name):
     spec = MODELS[name]

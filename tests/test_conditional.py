@@ -255,6 +255,20 @@ def test_laplace_draws_are_exact_draws_of_the_laplace_gaussian(laplace_case):
     assert_moments(flat_draws(cond, draws), mode, np.linalg.inv(parts(mode)[2]))
 
 
+def test_laplace_warm_start_reaches_the_same_mode_in_fewer_iterations(laplace_case):
+    family, y, cond = laplace_case
+    theta, nearby = {"c": 0.2, "s_a": 0.8, "s_b": 1.2}, {"c": 0.25, "s_a": 0.85, "s_b": 1.1}
+    with jax.enable_x64(True):
+        run = jax.jit(lambda th, init: cond.sample(jax.random.PRNGKey(3), th, 2, init=init, return_info=True))
+        cold_draws, cold = run(theta, None)
+        warm_draws, warm = run(theta, cond.mean(nearby))
+    np.testing.assert_allclose(flat(cond, warm["mean"]), flat(cond, cold["mean"]), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(flat_draws(cond, warm_draws), flat_draws(cond, cold_draws), rtol=1e-8, atol=1e-9)
+    with jax.enable_x64(True):
+        _, at_mode = run(theta, cold["mean"])
+    assert int(at_mode["mode_iterations"]) < int(cold["mode_iterations"])
+
+
 def test_importance_weights_correct_the_laplace_mean_towards_quadrature():
     """One Bernoulli-logit effect, six successes in eight: the posterior mean by quadrature."""
     y = np.array([1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0])

@@ -323,6 +323,35 @@ def subsampled(y=None):
         numpyro.sample("y", dist.Normal(a[idx % 4], 1.0), obs=y[idx])
 
 
+def crossed_bernoulli(ii, jj, y=None):
+    s_a = numpyro.sample("s_a", dist.HalfNormal(1.0))
+    with numpyro.plate("i", 5):
+        a = numpyro.sample("a", dist.Normal(0.0, s_a))
+    with numpyro.plate("j", 4):
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+    with numpyro.plate("n", len(ii)):
+        numpyro.sample("y", dist.Bernoulli(logits=a[ii] + b[jj]), obs=y)
+
+
+def test_laplace_block_carries_its_mode_between_steps(x64):
+    """The last conditional mode is SVI's mutable state: the warm start of the next step's Newton."""
+    ii, jj = np.repeat(np.arange(5), 4), np.tile(np.arange(4), 5)
+    y = (np.random.default_rng(3).random(20) < 0.6).astype(float)
+    block = GaussianBlock((BlockSite("a", (5,), "Normal"), BlockSite("b", (4,), "Normal")),
+                          (BlockLikelihood("y", "Bernoulli", "logit"),), ("s_a",))
+    guide = AutoHybrid(crossed_bernoulli, block=block, init_scale=1e-6)
+    svi = SVI(crossed_bernoulli, guide, NaturalGradient(guide), HybridELBO(2))
+    state = svi.init(jax.random.PRNGKey(0), ii, jj, y=y)
+    assert set(state.mutable_state) == {guide.mode_name}
+    params = svi.get_params(state)
+    state, _ = jax.jit(lambda st: svi.update(st, ii, jj, y=y))(state)
+    # q(theta) is a point (sd 1e-6): the carried mode is the conditional mode at its median.
+    expected = guide.median(params)
+    for name in ("a", "b"):
+        np.testing.assert_allclose(state.mutable_state[guide.mode_name][name], expected[name], atol=1e-5)
+        assert np.any(np.asarray(expected[name]) != 0)
+
+
 def test_bad_input_one_line(x64):
     with pytest.raises(InputError, match="theta_guide='diag'"):
         AutoHybrid(random_intercepts, theta_guide="diag")

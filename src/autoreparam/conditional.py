@@ -61,7 +61,10 @@ DENSE_BELOW = 150
 DENSE_LIMIT = 6000
 
 _PROBE_PERIODS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64)
+#: Loosest CG relative residual of an inner Newton direction (Laplace blocks, CG path).
+_NEWTON_FORCING = 1e-2
 _MAP_BATCH = 64
+_PROBE_BATCH = 8
 
 
 def _caller_float():
@@ -359,19 +362,18 @@ class BlockConditional:
         z0 = jax.random.normal(jax.random.PRNGKey(seed + 2), (self.size,), jnp.float64)
         batched = jax.jit(lambda rows: jax.vmap(self._hvp_at(theta, z0)[1])(rows))
 
-        def hvps(rows):
-            pad = -len(rows) % _MAP_BATCH
+        def hvps(rows):  # in padded batches of one shape (one compile), few lanes: each carries data-sized arrays
+            pad = -len(rows) % _PROBE_BATCH
             padded = np.concatenate([rows, np.zeros((pad, self.size))])
-            out = [np.asarray(batched(jnp.asarray(padded[i:i + _MAP_BATCH])))
-                   for i in range(0, len(padded), _MAP_BATCH)]
+            out = [np.asarray(batched(jnp.asarray(padded[i:i + _PROBE_BATCH])))
+                   for i in range(0, len(padded), _PROBE_BATCH)]
             return np.concatenate(out)[:len(rows)]
 
         rng = np.random.default_rng(seed)
         probes, offset = [], 0
         for site in self.block.sites:
             n = site.size
-            chosen = np.zeros((n, self.size))
-            chosen[np.arange(n), offset + np.arange(n)] = 1.0
+            chosen = None
             weights = np.zeros(self.size)
             weights[offset:offset + n] = rng.uniform(1.0, 2.0, n) * rng.choice([-1.0, 1.0], n)
             for k in (k for k in _PROBE_PERIODS if k < n):
@@ -384,6 +386,9 @@ class BlockConditional:
                 if np.allclose(plain, weighted, rtol=1e-7, atol=1e-9 * np.abs(plain).max()):
                     chosen = classes
                     break
+            if chosen is None:  # one probe per element, built only when no period works (n x D floats)
+                chosen = np.zeros((n, self.size))
+                chosen[np.arange(n), offset + np.arange(n)] = 1.0
             probes.append(chosen)
             offset += n
         return np.concatenate(probes, axis=0)
@@ -475,10 +480,16 @@ class BlockConditional:
             return (decrement > self.newton_tol) & (it < self.newton_maxiter)
 
         def body(state):
-            z, _, it, cg_its = state
+            z, decrement, it, cg_its = state
             g, matvec = self._hvp_at(theta, z)
-            solve, _ = self._solver(matvec)
-            d, cg_it = solve(g)
+            if self.dense:
+                d, cg_it = self._solver(matvec)[0](g)
+            else:
+                # Inexact Newton: the CG tolerance of a direction tightens with the previous decrement
+                # (superlinear convergence); the final step of _mode is solved to the full tolerance.
+                forcing = jnp.clip(jnp.sqrt(decrement), self.tol, _NEWTON_FORCING)
+                inv_diag = 1.0 / self._diag(matvec)
+                d, cg_it = _pcg(matvec, g, inv_diag, forcing, self.maxiter)
             slope = jnp.vdot(g, d)  # Newton decrement squared, > 0
             f0 = f(z)
 
@@ -626,7 +637,8 @@ class BlockConditional:
             return self._out(z, dtype), log_w.astype(dtype)
 
     @_compiled("num_probes", "lanczos_steps")
-    def log_marginal(self, theta: dict, key=None, *, num_probes: int = 16, lanczos_steps: int = 50):
+    def log_marginal(self, theta: dict, key=None, *, num_probes: int = 16, lanczos_steps: int = 50,
+                     init: dict | None = None):
         """log p(y, theta) = log of the integral of p(y, z, theta) over z (Laplace blocks: its Laplace approximation).
 
         log p(y, z=m, theta) + D/2 log(2 pi) - 1/2 log det H. On the dense path log det H comes
@@ -635,6 +647,7 @@ class BlockConditional:
         Rademacher probes, ``lanczos_steps`` steps on the Jacobi-scaled H): unbiased in log det
         up to the quadrature error; its gradient in theta is not provided (log det is held
         fixed; for the gradient of log p(y, theta) use Fisher's identity with ``sample``).
+        ``init`` (block values near the mode) warm-starts the mean/mode solve, as for ``mean``.
         """
         if not self.dense and key is None:
             raise InputError(
@@ -645,13 +658,15 @@ class BlockConditional:
         probes = (jnp.zeros((0, self.size), dtype) if self.dense else
                   jax.random.rademacher(key, (num_probes, self.size), dtype=jnp.int32).astype(dtype))
 
-        def log_marginal64(theta, probes):
+        init_flat = jnp.zeros(self.size, dtype) if init is None else self._ravel_caller(init)
+
+        def log_marginal64(theta, probes, init_flat):
             theta = self._as_theta(theta)
             if self.precision is not None:
                 log_joint0, grad0, q = self._exact_parts(theta, assemble=False)
                 return (log_joint0 + self.precision.log_integral(q, grad0)
                         + 0.5 * self.size * math.log(2 * math.pi))
-            m, matvec, _, chol, _ = self._mode(theta, None)
+            m, matvec, _, chol, _ = self._mode(theta, None if init is None else init_flat.astype(jnp.float64))
             if self.dense:
                 log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
             else:
@@ -659,7 +674,8 @@ class BlockConditional:
                     self._slq_log_det(matvec, probes.astype(jnp.float64), lanczos_steps))
             return self._log_joint(theta, m) + 0.5 * self.size * math.log(2 * math.pi) - 0.5 * log_det
 
-        return float64_with_gradient(log_marginal64)(self._caller_theta(theta), jax.lax.stop_gradient(probes))
+        return float64_with_gradient(log_marginal64)(self._caller_theta(theta), jax.lax.stop_gradient(probes),
+                                                     jax.lax.stop_gradient(init_flat))
 
     def _slq_log_det(self, matvec, probes, steps):
         """log det H = sum log diag(H) + log det(S H S), S = diag(H)^-1/2, the latter by SLQ."""

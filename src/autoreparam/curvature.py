@@ -168,7 +168,7 @@ class Curvature:
             theta = {**{n: jnp.asarray(values[n]) for n in self.names}, **start["values"]}
             with untraceable_as_model_error():
                 values.update(theta)
-                values.update(_map_point(neg_log_joint, theta, supports, start["unconstrained"]))
+                values.update(_map_point(neg_log_joint, theta, supports, u0=start["unconstrained"]))
         self.point = {n: jnp.asarray(values[n]) for n in self.names}
         self.values = values
         self.at_map = at_map
@@ -345,10 +345,13 @@ def _prior_points(mt: ModelTrace, free: tuple[str, ...], median_sites: frozenset
     return mt.run_with_init(("prior_points", free, median_sites), strategies, read)
 
 
-def _map_point(neg_log_joint, theta: dict, supports: dict, u0: dict) -> dict:
-    """Newton steps on the unconstrained values ``u0`` of the sites in ``supports`` (see ``newton_refine``)."""
+def _map_point(neg_log_joint, theta: dict, supports: dict, u0: dict | None = None) -> dict:
+    """Newton steps on the unconstrained values of the sites in ``supports`` (see ``newton_refine``),
+    from ``u0`` (by default those of ``theta``)."""
     transforms = {n: biject_to(c) for n, c in supports.items()}
     fixed = {n: v for n, v in theta.items() if n not in transforms}
+    if u0 is None:
+        u0 = jax.jit(lambda th: {n: t.inv(th[n]) for n, t in transforms.items()})(theta)
 
     def constrained(u):
         return {n: t(u[n]) for n, t in transforms.items()}

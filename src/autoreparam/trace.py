@@ -879,10 +879,15 @@ def log_joint(mt: ModelTrace, values: dict[str, Any], handler: Messenger | None 
     """
     from numpyro.infer.util import log_density
 
-    model = handlers.seed(mt.model, 0)
-    if fixed is not None:
-        model = handlers.substitute(model, data=fixed)
-    if handler is not None:
-        model = handler(model)
-    return staged_if_possible(lambda: log_density(model, mt.args, mt.kwargs, values)[0])()
+    def run():
+        # Seeded here, inside: when the model needs its data's values (a numpy index by a plate's
+        # random subsample), the fallback evaluates the key eagerly too.
+        model = handlers.seed(mt.model, 0)
+        if fixed is not None:
+            model = handlers.substitute(model, data=fixed)
+        if handler is not None:
+            model = handler(model)
+        return log_density(model, mt.args, mt.kwargs, values)[0]
+
+    return staged_if_possible(run)()
 

@@ -199,14 +199,6 @@ def _linked(value, constraint):
         return value
 
 
-def _has_array_bounds(constraint) -> bool:
-    base = getattr(constraint, "base_constraint", None)
-    if base is not None:
-        return _has_array_bounds(base)
-    return any(np.ndim(v) > 0 or isinstance(v, jax.Array) for v in vars(constraint).values()
-               if isinstance(v, (np.ndarray, jax.Array, float, int)))
-
-
 class _Probe:
     """The model linearised at two random points, with JVP probes per latent site.
 
@@ -223,8 +215,9 @@ class _Probe:
         self.theta1 = {n: jnp.asarray(p1[n]) for n in self.names}
         self.theta2 = {n: jnp.asarray(p2[n]) for n in self.names}
         self.transforms = self._support_transforms()
-        self.u1 = self._unconstrained(self.theta1, 0)
-        self.u2 = self._unconstrained(self.theta2, 1)
+        # Shapes and dtypes of the unconstrained values (the values themselves are computed inside
+        # the compiled pushforward).
+        self.u1 = jax.eval_shape(lambda theta: self._unconstrained(theta, 0), self.theta1)
         self.rng = np.random.default_rng(0)
         self._check_traceable()
         self.layout = self._layout()
@@ -249,18 +242,18 @@ class _Probe:
         constrained = [n for n in self.names if self.mt.sites[n].support not in LOC_SCALE_SUPPORTS]
         if not constrained:
             return {}
-        first = self.mt.run({**self.theta1, **self.fixed})
+        first = self.mt.supports_at(constrained, {**self.theta1, **self.fixed})
         # A support with array bounds may move with the point (Uniform(0, upper) with a latent upper).
-        moves = any(_has_array_bounds(first[n]["fn"].support) for n in constrained)
-        second = self.mt.run({**self.theta2, **self.fixed}) if moves else first
-        return {n: (biject_to(first[n]["fn"].support), biject_to(second[n]["fn"].support)) for n in constrained}
+        moves = any(n not in self.mt.supports for n in constrained)
+        second = self.mt.supports_at(constrained, {**self.theta2, **self.fixed}) if moves else first
+        return {n: (biject_to(first[n]), biject_to(second[n])) for n in constrained}
 
     def _unconstrained(self, theta: dict, which: int) -> dict:
         return {n: (self.transforms[n][which].inv(v) if n in self.transforms else v) for n, v in theta.items()}
 
     def size_of(self, name: str) -> int:
         """Degrees of freedom of a latent site: the size of its unconstrained value."""
-        return int(np.size(self.u1[name]))
+        return int(np.prod(self.u1[name].shape, dtype=np.int64))
 
     def is_constrained(self, name: str) -> bool:
         return name in self.transforms
@@ -302,12 +295,12 @@ class _Probe:
         start = 0
         for n in self.names:
             self._starts[n] = start
-            start += int(np.size(self.u1[n]))
+            start += self.size_of(n)
         self._size = start
         transforms = self.transforms
 
         def unravel(t):
-            return {n: jnp.reshape(t[self._starts[n]:self._starts[n] + int(np.size(v))], jnp.shape(v)).astype(v.dtype)
+            return {n: jnp.reshape(t[self._starts[n]:self._starts[n] + self.size_of(n)], v.shape).astype(v.dtype)
                     for n, v in self.u1.items()}
 
         def constrained_tangent(u, tangent, which):
@@ -327,8 +320,9 @@ class _Probe:
             if not transforms:
                 return (jax.jvp(flat_outputs, (theta1,), (tangent,))[1],
                         jax.jvp(flat_outputs, (theta2,), (tangent,))[1])
-            return (jax.jvp(flat_outputs, (theta1,), (constrained_tangent(self.u1, tangent, 0),))[1],
-                    jax.jvp(flat_outputs, (theta2,), (constrained_tangent(self.u2, tangent, 1),))[1])
+            u1, u2 = self._unconstrained(theta1, 0), self._unconstrained(theta2, 1)
+            return (jax.jvp(flat_outputs, (theta1,), (constrained_tangent(u1, tangent, 0),))[1],
+                    jax.jvp(flat_outputs, (theta2,), (constrained_tangent(u2, tangent, 1),))[1])
 
         return jit_quick(jax.vmap(both, in_axes=(None, None, 0)), self.batch * (self._n_out + self._size))
 
@@ -470,7 +464,7 @@ class _Probe:
             basis = within_site_directions(maps[a])
             if basis.shape[1]:
                 n_read = int(np.count_nonzero(np.linalg.norm(maps[a].matrix, axis=0) > 0))
-                out.append(WithinSite(y, a, tuple(np.shape(self.u1[a])), basis.shape[1], n_read,
+                out.append(WithinSite(y, a, tuple(self.u1[a].shape), basis.shape[1], n_read,
                                       self.within_residual(y, a, basis), basis, self.is_constrained(a)))
         return out
 

@@ -18,10 +18,10 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from numpyro.distributions import biject_to
-from numpyro.infer.initialization import init_to_feasible, init_to_median
+from numpyro.infer.initialization import init_to_median
 
 from .errors import InputError
-from .trace import ModelTrace, log_joint, trace_with_init, unwrap_distribution, untraceable_as_model_error
+from .trace import ModelTrace, jit_quick, log_joint, staged, untraceable_as_model_error
 
 __all__ = ["Curvature", "newton_refine"]
 
@@ -38,24 +38,25 @@ def newton_refine(loss: Callable, u0: dict, max_iter: int = 30, cg_iter: int = 5
     Hessian-vector product (XLA compiles loops of HVPs slowly; the loops here are Python's).
     Returns ``u0`` unchanged if the loss is not finite there.
     """
-    flat0, unravel = ravel_pytree(u0)
+    flat0, unravel, split = _flattening(u0)
     if flat0.size == 0:
         return u0
     value_and_grad = jax.value_and_grad(lambda x: loss(unravel(x)))
     # XLA's default options: quicker ones sum the log joint in another order, and the MAP point
     # (of a thin ridge) moves with the rounding.
-    evaluate = jax.jit(lambda x, v: jax.jvp(value_and_grad, (x,), (v,)))
+    evaluate = jit_quick(staged(lambda x, v: jax.jvp(value_and_grad, (x,), (v,))), options=None)
+    dtype = flat0.dtype
+    zeros = np.zeros_like(flat0)
 
     def value_grad(x):
-        (fx, g), _ = evaluate(x, jnp.zeros_like(x))
+        (fx, g), _ = evaluate(x.astype(dtype), zeros)
         return float(fx), np.asarray(g, dtype=np.float64)
 
     x = np.asarray(flat0, dtype=np.float64)
-    dtype = flat0.dtype
-    fx, g = value_grad(jnp.asarray(x, dtype))
+    fx, g = value_grad(x)
     if not np.isfinite(fx) or not np.all(np.isfinite(g)):
         return u0
-    hvp = lambda v: np.asarray(evaluate(jnp.asarray(x, dtype), jnp.asarray(v, dtype))[1][1], np.float64)  # noqa: E731
+    hvp = lambda v: np.asarray(evaluate(x.astype(dtype), v.astype(dtype))[1][1], np.float64)  # noqa: E731
     for _ in range(max_iter):
         p = _cg_direction(hvp, g, cg_iter)
         slope = float(g @ p)
@@ -64,7 +65,7 @@ def newton_refine(loss: Callable, u0: dict, max_iter: int = 30, cg_iter: int = 5
         step, accepted = 1.0, None
         for _ in range(30):
             x_new = x + step * p
-            f_new, g_new = value_grad(jnp.asarray(x_new, dtype))
+            f_new, g_new = value_grad(x_new)
             if np.isfinite(f_new) and f_new <= fx + 1e-4 * step * slope and np.all(np.isfinite(g_new)):
                 accepted = (x_new, f_new, g_new)
                 break
@@ -75,7 +76,30 @@ def newton_refine(loss: Callable, u0: dict, max_iter: int = 30, cg_iter: int = 5
         x, fx, g = accepted
         if small:
             break
-    return unravel(jnp.asarray(x, dtype))
+    return split(x.astype(dtype))
+
+
+def _flattening(tree: dict):
+    """(the leaves of ``tree`` as one flat numpy vector, ``ravel_pytree``'s unravel for traced
+    vectors, the same split into numpy arrays), without running JAX operations op by op."""
+    box = {}
+
+    def ravel(t):
+        flat, box["unravel"] = ravel_pytree(t)
+        return flat
+
+    jax.eval_shape(ravel, tree)  # unravel only needs the shapes
+    leaves, treedef = jax.tree.flatten(tree)
+    dtype = jnp.result_type(*leaves) if leaves else np.float32
+    flat = np.concatenate([np.ravel(np.asarray(v)).astype(dtype) for v in leaves]) if leaves else np.zeros(0, dtype)
+    ends = np.cumsum([int(np.size(v)) for v in leaves])
+
+    def split(x):
+        parts = np.split(np.asarray(x), ends[:-1]) if leaves else []
+        return jax.tree.unflatten(treedef, [part.reshape(np.shape(v)).astype(np.asarray(v).dtype)
+                                            for part, v in zip(parts, leaves)])
+
+    return flat, box["unravel"], split
 
 
 def _cg_direction(hvp, g, maxiter):
@@ -111,18 +135,23 @@ class Curvature:
     maximises the log joint over every latent site except the hyperparameters (sites that
     scale other sites' priors, which a MAP would collapse), so that the observation noise
     and the effects sit where the data put them.
+
+    ``parents`` (each site's direct parents, as in the report's graph) limits the prior medians
+    drawn for a MAP to the sites whose values it keeps: the hyperparameters, the discrete sites
+    and what their priors read.
     """
 
-    def __init__(self, mt: ModelTrace, at, hyperparameters=()):
+    def __init__(self, mt: ModelTrace, at, hyperparameters=(), parents: dict[str, set[str]] | None = None):
         self.mt = mt
-        tr = trace_with_init(mt, init_to_median(num_samples=101))
-        values = {n: s["value"] for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
-        if at in (None, "map"):
-            # Start the non-hyperparameters at the centre of their unconstrained space: a prior
-            # median drawn from samples of a wide prior (Normal(0, 100)) lands far from the data.
-            tr0 = trace_with_init(mt, init_to_feasible)
-            values.update({n: tr0[n]["value"] for n in mt.latent_names if n not in hyperparameters})
         self.names = mt.latent_names
+        at_map = not isinstance(at, dict) and at in (None, "map")
+        if not (at_map or isinstance(at, dict) or at == "median"):
+            raise InputError(f"at must be None, 'map', 'median' or a dict of latent values, got {at!r}")
+        # The MAP starts the non-hyperparameters at the centre of their unconstrained space: a prior
+        # median drawn from samples of a wide prior (Normal(0, 100)) lands far from the data.
+        free = tuple(n for n in self.names if n not in hyperparameters) if at_map else ()
+        medians, start = _prior_points(mt, free, _median_sites(mt, hyperparameters, parents) if free else None)
+        values = dict(medians)
         fixed = {n: v for n, v in values.items() if n not in self.names}
 
         def neg_log_joint(theta):
@@ -134,32 +163,36 @@ class Curvature:
             if unknown:
                 raise InputError(f"at: no latent site named {', '.join(sorted(unknown))}")
             values.update({k: jnp.asarray(v) for k, v in at.items()})
-        elif at in (None, "map"):
-            free = [n for n in self.names if n not in hyperparameters]
-            supports = {n: tr[n]["fn"].support for n in free}
+        elif at_map:
+            supports = mt.supports_at(free, medians)  # the supports where the prior medians put them
+            theta = {**{n: jnp.asarray(values[n]) for n in self.names}, **start["values"]}
             with untraceable_as_model_error():
-                values.update(_map_point(neg_log_joint, {n: jnp.asarray(values[n]) for n in self.names},
-                                         supports))
-        elif at != "median":
-            raise InputError(f"at must be None, 'map', 'median' or a dict of latent values, got {at!r}")
+                values.update(theta)
+                values.update(_map_point(neg_log_joint, theta, supports, u0=start["unconstrained"]))
         self.point = {n: jnp.asarray(values[n]) for n in self.names}
         self.values = values
-        self.at_map = at in (None, "map")
+        self.at_map = at_map
         # site -> (prior variance factor k^2, the site's values under that prior), set by centredness
         self.rescaled: dict[str, tuple[float, np.ndarray]] = {}
         grad = jax.grad(neg_log_joint)
         # XLA's default options, with the point a constant of the program (XLA folds what depends
         # on it alone): xi solves a thin ridge, and other roundings move it (by 0.016 on the tensor).
-        self._hvp = jax.jit(lambda t: jax.jvp(grad, (self.point,), (t,))[1])
+        self._hvp = jit_quick(staged(lambda t: jax.jvp(grad, (self.point,), (t,))[1]), options=None)
+        # The loc-scale sites whose parameters centredness and the guard's points read.
+        self.loc_scale_sites = tuple(n for n in self.names if {"loc", "scale"} <= set(mt.sites[n].params))
+
+    def site_parameters(self, values: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """The loc-scale sites' distribution parameters at ``values`` (the curvature point by default)."""
+        return self.mt.distribution_parameters(self.values if values is None else values, self.loc_scale_sites)
 
     @functools.cached_property
-    def _trace_at_point(self):
-        """The model traced at the curvature point (once, for every funnel's loc and scale)."""
-        return self.mt.run(self.values)
+    def _parameters_at_point(self):
+        return self.site_parameters()
 
     def hvp(self, tangent: dict[str, Any]) -> dict[str, np.ndarray]:
-        full = {n: jnp.asarray(tangent[n], dtype=self.point[n].dtype).reshape(self.point[n].shape)
-                if n in tangent else jnp.zeros_like(self.point[n]) for n in self.names}
+        # Built in numpy: as JAX operations, each new shape would compile on its own.
+        full = {n: np.asarray(tangent[n]).astype(self.point[n].dtype).reshape(self.point[n].shape)
+                if n in tangent else np.zeros(self.point[n].shape, self.point[n].dtype) for n in self.names}
         with untraceable_as_model_error():
             out = self._hvp(full)
         return {n: np.asarray(v, dtype=np.float64) for n, v in out.items()}
@@ -214,13 +247,15 @@ class Curvature:
         """
         site = self.mt.sites[name]
         n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
-        fn = unwrap_distribution(self._trace_at_point[name]["fn"])
-        if hasattr(fn, "covariance_matrix"):
+        if site.distribution in ("MultivariateNormal", "LowRankMultivariateNormal"):
             # A (low-rank) multivariate normal, coordinate by coordinate: the curvature along one
             # coordinate of every element, whose prior part is that coordinate's conditional
             # precision (the diagonal of the precision matrix).
-            # (from the covariance: NumPyro's low-rank precision_matrix fails for a rank-one factor)
-            covariance = np.asarray(fn.covariance_matrix, dtype=np.float64)
+            fn = self.mt.distribution_parameters(self.values, (name,))[name]
+            factor = np.asarray(fn["cov_factor"] if "cov_factor" in fn else fn["scale_tril"], np.float64)
+            covariance = factor @ np.swapaxes(factor, -1, -2)
+            if "cov_diag" in fn:
+                covariance = covariance + np.asarray(fn["cov_diag"], np.float64)[..., None] * np.eye(site.shape[-1])
             precision = np.diagonal(np.linalg.inv(covariance), axis1=-2, axis2=-1)
             scale = np.broadcast_to(1.0 / np.sqrt(precision), site.shape)
             total = np.zeros(n_batch)
@@ -230,7 +265,8 @@ class Curvature:
                 total += self._batch_reduce(name, self.hvp({name: unit})[name] * unit)
         else:
             total = self._batch_reduce(name, self.hvp({name: np.ones(site.shape)})[name])
-            scale = np.broadcast_to(np.asarray(fn.scale, dtype=np.float64), site.shape)
+            fn = self._parameters_at_point[name]
+            scale = np.broadcast_to(np.asarray(fn["scale"], dtype=np.float64), site.shape)
         prior = self._batch_reduce(name, 1.0 / scale**2)
         if self.at_map:
             data = total - prior
@@ -241,7 +277,7 @@ class Curvature:
             # leaves a loc that the vague scale barely informs (a grand mean near its own prior)
             # off by a common shift, and elements without data sit at their loc.
             dev = (np.asarray(self.point[name], np.float64)
-                   - np.broadcast_to(np.asarray(fn.loc, np.float64), site.shape)).reshape(n_batch, event)
+                   - np.broadcast_to(np.asarray(fn["loc"], np.float64), site.shape)).reshape(n_batch, event)
             # Undo the MAP's shrinkage towards loc (by data / (data + prior)): the moments below are
             # those of unpooled estimates, and a prior scale held too small would otherwise shrink
             # the deviations that are to measure it and call every element prior-dominated.
@@ -258,24 +294,90 @@ class Curvature:
                 total = data + prior
                 # The site where the rescaled prior would put it (for the conditioning guard).
                 shrink = np.where(informed, data / np.where(total > 0, total, 1.0), 0.0)[:, None]
-                loc = np.broadcast_to(np.asarray(fn.loc, np.float64), site.shape)
+                loc = np.broadcast_to(np.asarray(fn["loc"], np.float64), site.shape)
                 self.rescaled[name] = (k2, loc + (unpooled * shrink).reshape(site.shape))
         c = 1.0 - prior / np.where(total > 0, total, np.inf)
         return np.clip(np.where(total > 0, c, 0.0), 0.0, 1.0).reshape(n_batch)
 
 
-def _map_point(neg_log_joint, theta: dict, supports: dict) -> dict:
-    """Newton steps on the unconstrained values of the sites in ``supports`` (see ``newton_refine``)."""
+def _median_sites(mt: ModelTrace, hyperparameters, parents: dict[str, set[str]] | None) -> frozenset:
+    """The sample sites whose prior median a MAP point keeps, with every site their priors read."""
+    if parents is None:
+        return frozenset(n for n, s in mt.sites.items() if s.type == "latent")
+    todo = list(hyperparameters) + [n for n, s in mt.sites.items() if s.type == "latent" and s.is_discrete]
+    needed: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(parents.get(name, ()))
+    return frozenset(needed)
+
+
+def _init_to_feasible(site=None):
+    """NumPyro's ``init_to_feasible`` (the image of 0 under the support's bijection), without the
+    uniform draw on (-0, 0) that it makes and that costs a PRNG hash per site in a compiled program."""
+    if site is None:
+        return _init_to_feasible
+    if site["type"] == "sample" and not site["is_observed"] and not site["fn"].support.is_discrete:
+        if site["value"] is not None:
+            return site["value"]
+        from numpyro.infer.util import helpful_support_errors
+
+        with helpful_support_errors(site):
+            transform = biject_to(site["fn"].support)
+        shape = tuple(site["kwargs"].get("sample_shape", ())) + tuple(transform.inverse_shape(site["fn"].shape()))
+        return transform(jnp.zeros(shape))
+    return None
+
+
+def _prior_points(mt: ModelTrace, free: tuple[str, ...], median_sites: frozenset | None) -> tuple[dict, dict]:
+    """(every latent site's prior median, or for a MAP those of ``median_sites`` and the feasible
+    point elsewhere; and the ``free`` sites' feasible start: their values ``"values"`` and their
+    unconstrained form ``"unconstrained"``), drawn by one compiled program instead of op by op."""
+    median = init_to_median(num_samples=101)
+    latent = lambda tr: {n: s["value"] for n, s in tr.items()  # noqa: E731
+                         if s["type"] == "sample" and not s["is_observed"]}
+    if not free:
+        return mt.run_with_init("prior_median", (median,), lambda traces: latent(traces[0])), \
+            {"values": {}, "unconstrained": {}}
+
+    def median_or_feasible(site=None):
+        if site is None:
+            return median_or_feasible
+        return median(site) if site["name"] in median_sites else _init_to_feasible(site)
+
+    # The free sites take their feasible value in the medians' run too, unless a prior median reads
+    # them or their support can move with the values before them: then a run of its own gives it.
+    separate = any(n in median_sites or n not in mt.supports for n in free)
+
+    def read(traces):
+        medians, feasible = traces[0], traces[-1]
+        start = {n: feasible[n]["value"] for n in free}
+        return latent(medians), {"values": start, "unconstrained": {
+            n: biject_to(medians[n]["fn"].support).inv(v) for n, v in start.items()}}
+
+    strategies = (median_or_feasible, _init_to_feasible) if separate else (median_or_feasible,)
+    return mt.run_with_init(("prior_points", free, median_sites), strategies, read)
+
+
+def _map_point(neg_log_joint, theta: dict, supports: dict, u0: dict | None = None) -> dict:
+    """Newton steps on the unconstrained values of the sites in ``supports`` (see ``newton_refine``),
+    from ``u0`` (by default those of ``theta``)."""
     transforms = {n: biject_to(c) for n, c in supports.items()}
     fixed = {n: v for n, v in theta.items() if n not in transforms}
-    u0 = {n: t.inv(theta[n]) for n, t in transforms.items()}
+    if u0 is None:
+        u0 = jax.jit(lambda th: {n: t.inv(th[n]) for n, t in transforms.items()})(theta)
+
+    def constrained(u):
+        return {n: t(u[n]) for n, t in transforms.items()}
 
     def loss(u):
-        return neg_log_joint({**fixed, **{n: t(u[n]) for n, t in transforms.items()}})
+        return neg_log_joint({**fixed, **constrained(u)})
 
     u = newton_refine(loss, u0)
-    out = {n: t(u[n]) for n, t in transforms.items()}
-    if not all(bool(jnp.all(jnp.isfinite(v))) for v in out.values()):
+    out = jax.jit(constrained)(u)
+    if not all(np.all(np.isfinite(np.asarray(v))) for v in out.values()):
         return {}  # keep the prior median rather than a diverged point
     return out
 

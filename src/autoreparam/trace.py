@@ -139,6 +139,18 @@ def data_staged():
         yield
 
 
+def staged(fn: Callable) -> Callable:
+    """``fn`` traced with the data staged (``data_staged``): for the analysis's own programs around
+    a log joint, which falls back to evaluating the data eagerly by itself (``log_joint``)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with data_staged():
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def staged_if_possible(fn: Callable) -> Callable:
     """``fn`` traced with the data staged (``data_staged``), or, when the model's Python code
     needs the data's values, with the data evaluated eagerly. Wrap what jit or eval_shape traces."""
@@ -160,11 +172,19 @@ def staged_if_possible(fn: Callable) -> Callable:
 # the tensor example) costs more than running. Elementwise IEEE arithmetic is the same either way.
 QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 QUICK_COMPILE_MAX_SIZE = 200_000  # programs on more values than this compile with XLA's defaults
+# For the prior draws: without LLVM's optimisations but with the new fusion emitters, the prior
+# medians of every example's hyperparameters have the bits of an op-by-op run (with the legacy
+# emitters a HalfCauchy's did not), and compile twice as fast as with XLA's defaults.
+DRAW_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def jit_quick(fn: Callable, size: int = 0) -> Callable:
-    """``jax.jit(fn)``, compiled with ``QUICK_COMPILE_OPTIONS`` when ``size`` (the number of
-    values the program handles) is at most ``QUICK_COMPILE_MAX_SIZE``.
+def jit_quick(fn: Callable, size: int = 0, options: dict | None = QUICK_COMPILE_OPTIONS) -> Callable:
+    """``jax.jit(fn)``, compiled with ``options`` (``QUICK_COMPILE_OPTIONS``; None: XLA's defaults)
+    when ``size`` (the number of values the program handles) is at most ``QUICK_COMPILE_MAX_SIZE``.
+
+    The program is traced where it is first called and lowered with the data staged: under
+    ``data_evaluated_eagerly`` the lowering rules (the PRNG's) would otherwise run and compile
+    their constant parts op by op.
 
     >>> double = jit_quick(lambda x: 2 * x)
     >>> double(jnp.arange(3.0))
@@ -172,7 +192,7 @@ def jit_quick(fn: Callable, size: int = 0) -> Callable:
     """
     jitted = jax.jit(fn)
     if size > QUICK_COMPILE_MAX_SIZE:
-        return jitted
+        options = None
     compiled = {}
 
     @functools.wraps(fn)
@@ -182,14 +202,33 @@ def jit_quick(fn: Callable, size: int = 0) -> Callable:
         if any(isinstance(x, jax.core.Tracer) for x in leaves):
             return jitted(*args)  # inside a transformation: an ordinary jit
         if key not in compiled:
-            lowered = jitted.lower(*args)
+            traced = jitted.trace(*args)
+            with data_staged():
+                lowered = traced.lower()
             try:
-                compiled[key] = lowered.compile(compiler_options=QUICK_COMPILE_OPTIONS)
+                compiled[key] = lowered.compile(compiler_options=options) if options else lowered.compile()
             except Exception:  # noqa: BLE001 - an XLA without these options: its defaults
                 compiled[key] = lowered.compile()
         return compiled[key](*args)
 
     return call
+
+
+def has_array_bounds(constraint) -> bool:
+    """Whether a constraint has array (or traced) bounds, which can move with the model's values."""
+    base = getattr(constraint, "base_constraint", None)
+    if base is not None:
+        return has_array_bounds(base)
+    return any(np.ndim(v) > 0 or isinstance(v, jax.Array) for v in vars(constraint).values()
+               if isinstance(v, (np.ndarray, jax.Array, float, int)))
+
+
+def _constant_support(constraint):
+    """The constraint, if it cannot move with the model's values (no array or traced bounds), else None."""
+    try:
+        return None if has_array_bounds(constraint) else constraint
+    except TypeError:  # a constraint without instance attributes to look at
+        return None
 
 
 def unwrap_distribution(fn):
@@ -268,6 +307,7 @@ class _SiteRecorder(Messenger):
                 support=support_name(fn.support),
                 is_discrete=bool(fn.support.is_discrete),
                 params=tuple(base.arg_constraints),
+                constraint=_constant_support(fn.support) if kind == "latent" else None,
                 plates=tuple(
                     (f.name, int(f.size), int(f.dim)) for f in msg["cond_indep_stack"]
                 ),
@@ -439,6 +479,8 @@ class ModelTrace:
     sites: dict[str, Site]
     shape_only: bool
     notes: list[str] = field(default_factory=list)
+    # Latent site -> its support, where that has no array bounds (so cannot move with the values).
+    supports: dict[str, Any] = field(default_factory=dict)
 
     @property
     def latent_names(self) -> list[str]:
@@ -478,6 +520,64 @@ class ModelTrace:
             return jitted(np.int32(rng_seed))
         except _TRACER_ERRORS:  # the model needs a seeded value (a numpy index by a random subsample)
             return draw(rng_seed)
+
+    def supports_at(self, names, values: dict[str, Any]) -> dict[str, Any]:
+        """The supports of latent sites at ``values``: from the first trace where they cannot move
+        with the values, else from one run of the model at ``values``."""
+        found = {n: self.supports[n] for n in names if n in self.supports}
+        missing = [n for n in names if n not in found]
+        if missing:
+            tr = self.run(values)
+            found.update({n: tr[n]["fn"].support for n in missing})
+        return {n: found[n] for n in names}
+
+    def run_with_init(self, key: str, strategies: tuple, read: Callable, rng_seed: int = 0):
+        """``read(traces)``: one trace of the model per NumPyro init strategy (``init_to_median``...),
+        run and read by one compiled program (compiled once per ``key``).
+
+        ``read`` returns arrays. ``DRAW_COMPILE_OPTIONS``: the draws are those of an op-by-op run
+        (the legacy emitters round some differently, and a MAP point started from them moves).
+        Falls back to running op by op when the model needs a seeded value in Python.
+        """
+        @staged_if_possible
+        def program(seed):
+            traces = []
+            for strategy in strategies:
+                model = handlers.substitute(handlers.seed(self.model, seed), substitute_fn=strategy)
+                traces.append(_run_guarded(lambda: handlers.trace(model).get_trace(*self.args, **self.kwargs)))
+            return read(traces)
+
+        cache = self.__dict__.setdefault("_programs", {})
+        if key not in cache:
+            cache[key] = jit_quick(program, sum(s.size for s in self.sites.values()), DRAW_COMPILE_OPTIONS)
+        try:
+            return cache[key](np.int32(rng_seed))
+        except _TRACER_ERRORS:
+            return program(rng_seed)
+
+    def distribution_parameters(self, values: dict[str, Any], sites: tuple[str, ...]) -> dict[str, dict]:
+        """The parameters of the innermost distribution of each of ``sites`` with the latent sites set
+        to ``values`` ({site: {param: numpy array}}), by one compiled program per set of sites."""
+        sites = tuple(sites)
+
+        @staged_if_possible
+        def program(values):
+            tr = self.run(values)
+            out = {}
+            for name in sites:
+                base = unwrap_distribution(tr[name]["fn"])
+                out[name] = {p: jnp.asarray(getattr(base, p)) for p in base.arg_constraints if hasattr(base, p)}
+            return out
+
+        cache = self.__dict__.setdefault("_programs", {})
+        key = ("distribution_parameters", sites)
+        if key not in cache:
+            cache[key] = jit_quick(program, sum(s.size for s in self.sites.values()))
+        try:
+            out = cache[key](values)
+        except _TRACER_ERRORS:  # the model needs a concrete value in Python (a numpy index): op by op
+            out = program(values)
+        return jax.tree.map(np.asarray, out)
 
 
 _LIBRARY_MODULES = ("jax", "jaxlib", "numpyro", "numpy", "autoreparam", "contextlib", "functools")
@@ -634,7 +734,8 @@ def trace_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -
             plates=plates,
             params=rec.get("params", ()),
         )
-    mt = ModelTrace(model, tuple(args), kwargs, sites, shape_only)
+    supports = {rec["name"]: rec["constraint"] for rec in recorder.records if rec.get("constraint") is not None}
+    mt = ModelTrace(model, tuple(args), kwargs, sites, shape_only, supports=supports)
     if not mt.observed_names:
         # A prior (Neal's funnel with no data) still has funnels to non-centre.
         mt.notes.append(Note(NO_OBSERVED_SITE_NOTE, NoteKind.NO_OBSERVED_SITE))
@@ -668,7 +769,7 @@ def site_dependencies(mt: ModelTrace, values: dict[str, Any]) -> dict[str, set[s
     """
     from numpyro.ops.provenance import eval_provenance
 
-    def input_values():
+    def input_values(values):
         tr = mt.run(values)
         return {
             n: jnp.asarray(s["value"])
@@ -692,7 +793,9 @@ def site_dependencies(mt: ModelTrace, values: dict[str, Any]) -> dict[str, set[s
         return out
 
     try:
-        inputs = jax.eval_shape(staged_if_possible(input_values))  # only their shapes are needed
+        # Only their shapes are needed; the values are arguments, not constants, so that nothing
+        # (NumPyro's argument validation) runs op by op.
+        inputs = jax.eval_shape(staged_if_possible(input_values), values)
         prov = eval_provenance(outputs, **inputs)
     except Exception:  # noqa: BLE001 - abstract tracing is best effort; JVP probes are the fallback
         return None
@@ -776,10 +879,15 @@ def log_joint(mt: ModelTrace, values: dict[str, Any], handler: Messenger | None 
     """
     from numpyro.infer.util import log_density
 
-    model = handlers.seed(mt.model, 0)
-    if fixed is not None:
-        model = handlers.substitute(model, data=fixed)
-    if handler is not None:
-        model = handler(model)
-    return staged_if_possible(lambda: log_density(model, mt.args, mt.kwargs, values)[0])()
+    def run():
+        # Seeded here, inside: when the model needs its data's values (a numpy index by a plate's
+        # random subsample), the fallback evaluates the key eagerly too.
+        model = handlers.seed(mt.model, 0)
+        if fixed is not None:
+            model = handlers.substitute(model, data=fixed)
+        if handler is not None:
+            model = handler(model)
+        return log_density(model, mt.args, mt.kwargs, values)[0]
+
+    return staged_if_possible(run)()
 

@@ -237,7 +237,7 @@ class CollapsedPosterior:
         # perturbation-optimisation noise (two more runs of the model and their gradients).
         cond = self.conditional
         eps = jax.random.normal(key_z, (self.block.size,), jnp.float64)
-        if cond.precision is not None:  # by the marginal's own elimination, no dense H
+        if cond.sparse:  # by the marginal's own elimination, no dense H
             z = cond._unravel(cond._sparse_draw(cond._as_theta(theta), eps))
         else:
             m, _, _, chol, _ = cond._mode(cond._as_theta(theta), None)

@@ -25,8 +25,10 @@ never formed above ``dense_below``; neither is any matrix of the size of the dat
 - **Sparse assembly** (exact blocks on the dense path, :mod:`autoreparam.precision`): when the
   residual Jacobians of the Normal terms do not depend on theta, H is assembled from them and the
   sites' own precisions, with no HVPs, and ``log_marginal`` eliminates a set on which H is
-  diagonal before a dense Cholesky of the rest, with a hand-written gradient. Otherwise (checked
-  numerically at construction; ``precision_note`` says why) the HVP path above is used.
+  diagonal before a dense Cholesky of the rest, with a hand-written gradient (for float64 callers,
+  as ``CollapsedPosterior``; its draws use the same elimination). Otherwise (checked numerically
+  at construction; ``precision_note`` says why), and for ``mean`` and ``sample``, the HVP path
+  above is used.
 
 Everything runs in float64 inside a local ``jax.enable_x64`` context, whatever the caller uses:
 theta is upcast on entry and results are returned in the caller's default float dtype
@@ -442,10 +444,9 @@ class BlockConditional:
 
     def _mode(self, theta, init):
         """The conditional mean (exact) or mode (Laplace), with one differentiable final step."""
-        if self.precision is not None:  # exact: one solve from z = 0, whatever init
-            m, chol, H, _ = self._sparse_mode(theta)
-            solve = lambda rhs: (jax.scipy.linalg.cho_solve((chol, True), rhs), jnp.asarray(0))
-            return m, lambda v: H @ v, solve, chol, jnp.asarray(0)
+        # (The sparse H serves log_marginal and CollapsedPosterior's draws only: here, under a float32
+        # caller's gradient (HybridELBO), JAX would linearise its float64 Cholesky outside the float64
+        # context, with a dtype warning per step.)
         z = jnp.zeros(self.size, jnp.float64) if init is None else jax.lax.stop_gradient(init)
         iterations = jnp.asarray(0)
         if not self.exact:
@@ -457,15 +458,11 @@ class BlockConditional:
         step, it = solve(g)
         return z + step, matvec, solve, chol, iterations + it
 
-    def _sparse_mode(self, theta):
-        """(m, Cholesky factor of H, H, log p(y, m, theta)) of an exact block from the sparse H.
-
-        The log joint is quadratic, c + g0^T z - z^T H z / 2, so at m = H^-1 g0 it is c + g0^T m / 2.
-        """
-        log_joint0, grad0, H = self._exact_parts(theta)
-        chol = jnp.linalg.cholesky(H)
-        m = jax.scipy.linalg.cho_solve((chol, True), grad0)
-        return m, chol, H, log_joint0 + 0.5 * jnp.vdot(grad0, m)
+    @property
+    def sparse(self) -> bool:
+        """Whether the sparse assembly of H (``precision``) serves this call: it computes in float64, so
+        a caller with float64 disabled (warned once) takes the Hessian-vector-product path."""
+        return self.precision is not None and bool(jax.config.jax_enable_x64)
 
     def _sparse_draw(self, theta, eps):
         """One exact draw of the flat block given theta from standard normal ``eps`` (sparse path only)."""
@@ -659,10 +656,14 @@ class BlockConditional:
                   jax.random.rademacher(key, (num_probes, self.size), dtype=jnp.int32).astype(dtype))
 
         init_flat = jnp.zeros(self.size, dtype) if init is None else self._ravel_caller(init)
+        # The sparse H serves float64 callers (CollapsedPosterior runs in float64): under a float32
+        # caller's gradient JAX would linearise its float64 factorisation outside the float64
+        # context, with a dtype warning per step (HybridELBO's exact marginal).
+        sparse = self.sparse and dtype == jnp.float64
 
         def log_marginal64(theta, probes, init_flat):
             theta = self._as_theta(theta)
-            if self.precision is not None:
+            if sparse:
                 log_joint0, grad0, q = self._exact_parts(theta, assemble=False)
                 return (log_joint0 + self.precision.log_integral(q, grad0)
                         + 0.5 * self.size * math.log(2 * math.pi))

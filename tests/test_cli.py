@@ -337,6 +337,15 @@ def test_discrete_site_is_a_note(tmp_path, capsys):
     assert any("'k'" in n for n in json.loads(out)["notes"])
 
 
+def test_analyze_reports_a_drift_step_against_an_interaction(capsys):
+    """docs/models/drift_interaction.py: drift[d, 0] against pairwise[:, d], one per d (README output)."""
+    path = os.path.join(ROOT, "docs", "models", "drift_interaction.py")
+    code, out, err = run(capsys, path)
+    assert code == 0, err
+    assert "{drift, pairwise}  dim 3    in y:" in out
+    assert "pairwise <- drift (gather" in out
+
+
 def test_analyze_reports_directions_inside_one_site_in_text_and_json(capsys):
     """docs/models/inside_one_site.py: collinear design columns and a giver/receiver sum (README output)."""
     path = os.path.join(ROOT, "docs", "models", "inside_one_site.py")

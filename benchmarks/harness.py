@@ -759,12 +759,11 @@ def _f(x):
     return "-" if x is None else f"{x:.2f}"
 
 
-def _nuts_method(spec, name, model, args, kwargs, cfg, sites, out):
-    """One NUTS method (seed = its position in NUTS_METHODS); None (and an entry in errors) if it fails."""
+def _logged_run(spec, name, out, detail, run):
+    """``run()`` with its start and its min-ESS line logged; None (and an entry in errors) if it fails."""
     try:
-        log(f"{spec.name}: {name} ({cfg['nuts_chains']} x {cfg['nuts_samples']} after {cfg['nuts_warmup']})")
-        r = run_nuts(model, args, kwargs, cfg["nuts_chains"], cfg["nuts_warmup"], cfg["nuts_samples"],
-                     seed=NUTS_METHODS.index(name), sites=list(sites), split=cfg["nuts_split"])
+        log(f"{spec.name}: {name} ({detail})")
+        r = run()
         log(f"{spec.name}: {name}: min ESS {r['min_ess']:.0f} ({r['min_ess_site']}), "
             f"{r['min_ess_per_s']:.1f}/s, {r['divergences']} div, R-hat {r['max_rhat']:.3f}")
         return r
@@ -772,6 +771,14 @@ def _nuts_method(spec, name, model, args, kwargs, cfg, sites, out):
         out["errors"][name] = _error(exc)
         log(f"{spec.name}: {name} FAILED: {exc}")
         return None
+
+
+def _nuts_method(spec, name, model, args, kwargs, cfg, sites, out):
+    """One NUTS method (seed = its position in NUTS_METHODS); None (and an entry in errors) if it fails."""
+    return _logged_run(spec, name, out, f"{cfg['nuts_chains']} x {cfg['nuts_samples']} after {cfg['nuts_warmup']}",
+                       lambda: run_nuts(model, args, kwargs, cfg["nuts_chains"], cfg["nuts_warmup"],
+                                        cfg["nuts_samples"], seed=NUTS_METHODS.index(name), sites=list(sites),
+                                        split=cfg["nuts_split"]))
 
 
 def _block_method(spec, name, choice, model, args, kwargs, cfg, sites, out):
@@ -787,18 +794,11 @@ def _block_method(spec, name, choice, model, args, kwargs, cfg, sites, out):
         out["skipped"][name] = f"quick mode runs it on {', '.join(cfg['block_models'])} only"
         return None
     run = run_collapsed if name == "NUTS collapsed" else run_gibbs
-    try:
-        log(f"{spec.name}: {name} ({cfg['nuts_chains']} x {cfg['nuts_samples']} after {cfg['nuts_warmup']}; "
-            f"block of {block_.size})")
-        r = run(model, args, kwargs, block_, cfg["nuts_chains"], cfg["nuts_warmup"], cfg["nuts_samples"],
-                seed=NUTS_METHODS.index(name), sites=list(sites), split=cfg["nuts_split"])
-        log(f"{spec.name}: {name}: min ESS {r['min_ess']:.0f} ({r['min_ess_site']}), "
-            f"{r['min_ess_per_s']:.1f}/s, {r['divergences']} div, R-hat {r['max_rhat']:.3f}")
-        return r
-    except Exception as exc:
-        out["errors"][name] = _error(exc)
-        log(f"{spec.name}: {name} FAILED: {exc}")
-        return None
+    return _logged_run(spec, name, out, f"{cfg['nuts_chains']} x {cfg['nuts_samples']} after {cfg['nuts_warmup']}; "
+                       f"block of {block_.size}",
+                       lambda: run(model, args, kwargs, block_, cfg["nuts_chains"], cfg["nuts_warmup"],
+                                   cfg["nuts_samples"], seed=NUTS_METHODS.index(name), sites=list(sites),
+                                   split=cfg["nuts_split"]))
 
 
 def _public(r: dict) -> dict:

@@ -57,6 +57,21 @@ def test_a_worse_reparameterized_fit_is_said_in_one_line_and_the_original_kept()
     assert c.table().splitlines()[-1].startswith("recommendation: the reparameterized model (ELBO higher by")
 
 
+def test_the_hybrid_is_judged_against_the_better_autonormal_fit_when_its_elbo_is_exact():
+    sites = {"b": (0.0, 1.0)}
+    c = Comparison("hybrid", 1000, [fit("original", -35.28, 0.05, sites), fit("reparameterized", -31.71, 0.03, sites),
+                                    fit("hybrid", -31.40, 0.01, sites)])
+    lines = c.table().splitlines()
+    assert lines[-2].startswith("recommendation: the reparameterized model (ELBO higher by 3.57")
+    assert lines[-1].startswith("hybrid: the best fit, ELBO higher by 0.31 +- 0.032 than the reparameterized fit")
+    c.fits[2].elbo = -31.72
+    assert c.table().splitlines()[-1].startswith("hybrid: no clear difference in ELBO (-0.01")
+    c.fits[2].elbo = -40.0
+    assert c.table().splitlines()[-1].startswith("hybrid: ELBO lower by 8.29")
+    c.fits[2].elbo = float("nan")  # a CG block: no exact ELBO, so no claim
+    assert c.table().splitlines()[-1].startswith("recommendation: the reparameterized model")
+
+
 def test_mcmc_table_marks_runs_with_divergences_or_high_rhat():
     runs = [MCMCSummary("original", 2.0, 1000, 7, 40.0, "tau", 1.08, "theta"),
             MCMCSummary("offsets", 2.0, 1000, 0, 400.0, "tau", 1.002, "mu")]

@@ -182,6 +182,30 @@ def verdict(fits: list[FitSummary], unconverged: set[str], disagree: bool = Fals
             f"simpler one{caveat}")
 
 
+def hybrid_verdict(fits: list[FitSummary], unconverged: set[str]) -> str | None:
+    """One line on the hybrid fit against the better AutoNormal fit, when its ELBO is exact.
+
+    Both are ELBOs of the same model (the hybrid's q(z | theta) is the exact conditional), so the
+    higher one is the closer fit in KL; within two standard errors there is no clear difference.
+    """
+    by_label = {f.label: f for f in fits}
+    hybrid = by_label.get("hybrid")
+    others = [f for f in fits if f.label != "hybrid" and np.isfinite(f.elbo)]
+    if hybrid is None or not np.isfinite(hybrid.elbo) or not others:
+        return None
+    best = max(others, key=lambda f: f.elbo)
+    d, se = hybrid.elbo - best.elbo, math.hypot(hybrid.elbo_se, best.elbo_se)
+    against = f"than the {best.label} fit with AutoNormal"
+    if "hybrid" in unconverged:
+        return "hybrid: not converged (its ELBO was still rising or not finite); run more --steps"
+    if d > ELBO_SES * se:
+        return (f"hybrid: the best fit, ELBO higher by {d:.3g} +- {se:.2g} {against}: "
+                "fit it with autoreparam.fit_hybrid(model, *args)")
+    if d < -ELBO_SES * se:
+        return f"hybrid: ELBO lower by {-d:.3g} +- {se:.2g} {against}"
+    return f"hybrid: no clear difference in ELBO ({d:.3g} +- {se:.2g}) {against}"
+
+
 @dataclass
 class Comparison:
     """The fits side by side. ``plan_empty``: the plan changes nothing, so the model was fitted once."""
@@ -237,9 +261,11 @@ class Comparison:
         checks = self.checks()
         if checks:
             lines += ["", "warnings:"] + [f"  {c}" for c in checks]
-        line = verdict(self.fits, unconverged, any("the means disagree" in c for c in checks))
-        if line:
-            lines += ["", line]
+        verdicts = [verdict(self.fits, unconverged, any("the means disagree" in c for c in checks)),
+                    hybrid_verdict(self.fits, unconverged)]
+        verdicts = [v for v in verdicts if v]
+        if verdicts:
+            lines += [""] + verdicts
         return "\n".join(lines)
 
     def _site_rows(self) -> list[str]:

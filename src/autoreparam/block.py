@@ -34,6 +34,7 @@ from jax.extend import core as jax_core
 from .errors import ModelError
 from .trace import (
     _TRACER_ERRORS,
+    SERIAL_CODEGEN,
     ModelTrace,
     data_evaluated_eagerly,
     describe_exception,
@@ -76,7 +77,7 @@ LIKELIHOOD_PARAMS = {
     dist.Poisson: "rate",
 }
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True, **SERIAL_CODEGEN}
 # Relative difference of Hessian-vector products (or JVPs) that still counts as equal. The check runs
 # in the model's own precision (float32 unless the user enabled x64): along a quadratic log joint the
 # HVP's graph reads only v and constants, so it is equal to the bit at two points, and a log/exp

@@ -418,13 +418,13 @@ def funnel_points(curv, hyperparameters, funnels=()) -> list[dict]:
             continue  # the scale is not proportional to the hyperparameter
         k2, values = curv.rescaled[f.site]
         factors.setdefault(h, []).append(np.sqrt(k2))
-        centre[f.site] = jnp.asarray(values, dtype=theta[f.site].dtype)
+        centre[f.site] = jax.device_put(np.asarray(values, dtype=theta[f.site].dtype))
     for h, ks in factors.items():
         # float32 times float32, rounded as XLA rounds it
-        centre[h] = jnp.asarray(np.asarray(theta[h]) * np.asarray(float(np.exp(np.mean(np.log(ks)))),
-                                                                  dtype=theta[h].dtype))
+        centre[h] = jax.device_put(np.asarray(theta[h]) * np.asarray(float(np.exp(np.mean(np.log(ks)))),
+                                                                     dtype=theta[h].dtype))
     transforms = {h: biject_to(c) for h, c in curv.mt.supports_at(hyper, curv.values).items()}
-    moved = jax.jit(lambda c, shift: {h: t(t.inv(c[h]) + shift) for h, t in transforms.items()})
+    moved = jit_quick(lambda c, shift: {h: t(t.inv(c[h]) + shift) for h, t in transforms.items()}, options=None)
     points = [centre]
     for shift in (-FUNNEL_SHIFT, FUNNEL_SHIFT):
         points.append({**centre, **moved({h: centre[h] for h in hyper}, np.float32(shift))})
@@ -529,12 +529,14 @@ def check_plan_sites(curv, plan_sites: list, anchors: dict, hyperparameters=(), 
     for s in plan_sites:
         offsets = []
         for off in s.offsets:
-            center = jnp.asarray(anchors.get(off.parent, 0.0), dtype=jnp.result_type(float))
+            # Converted in numpy and put on the device: as JAX operations (jnp.asarray's conversion or
+            # lax.stage), each would compile on its own.
+            center = jax.device_put(np.asarray(anchors.get(off.parent, 0.0), dtype=jnp.result_type(float)))
             offsets.append((off.parent, off.absorb, center))
-            xi[(s.name, off.parent)] = jnp.asarray(np.reshape(off.init, s.batch_shape), dtype=jnp.result_type(float))
+            xi[(s.name, off.parent)] = jax.device_put(np.reshape(off.init, s.batch_shape).astype(jnp.result_type(float)))
             items.append(Item(s.name, off.parent))
         if s.noncentred:
-            centered[s.name] = jnp.asarray(np.reshape(s.centredness, s.batch_shape), dtype=jnp.result_type(float))
+            centered[s.name] = jax.device_put(np.reshape(s.centredness, s.batch_shape).astype(jnp.result_type(float)))
             items.append(Item(s.name, None))
         specs[s.name] = (tuple(s.batch_shape), tuple(offsets), s.noncentred)
     if not items:

@@ -367,7 +367,7 @@ def _map_point(neg_log_joint, theta: dict, supports: dict, u0: dict | None = Non
     transforms = {n: biject_to(c) for n, c in supports.items()}
     fixed = {n: v for n, v in theta.items() if n not in transforms}
     if u0 is None:
-        u0 = jax.jit(lambda th: {n: t.inv(th[n]) for n, t in transforms.items()})(theta)
+        u0 = jit_quick(lambda th: {n: t.inv(th[n]) for n, t in transforms.items()}, options=None)(theta)
 
     def constrained(u):
         return {n: t(u[n]) for n, t in transforms.items()}
@@ -376,7 +376,7 @@ def _map_point(neg_log_joint, theta: dict, supports: dict, u0: dict | None = Non
         return neg_log_joint({**fixed, **constrained(u)})
 
     u = newton_refine(loss, u0)
-    out = jax.jit(constrained)(u)
+    out = jit_quick(constrained, options=None)(u)
     if not all(np.all(np.isfinite(np.asarray(v))) for v in out.values()):
         return {}  # keep the prior median rather than a diverged point
     return out

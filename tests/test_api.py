@@ -108,7 +108,7 @@ def test_the_planning_returns_its_notes_and_writes_none_into_the_report():
 
 def test_a_report_without_a_planner_says_how_to_plan_it():
     report, _ = analyze_model(model, (GROUP,), {"y": Y})
-    plain = Report(report.model_name, report.sites, report.graph, report.terms, report.invariances,
+    plain = Report(report.model_name, report.sites, report.parents, report.terms, report.invariances,
                    report.funnels, list(report.notes))
     with pytest.raises(autoreparam.InputError, match="build_plan"):
         plain.plan

@@ -21,7 +21,6 @@ from numpyro.distributions import biject_to
 
 from .block import block_for_report
 from .errors import ModelError
-from .graph import build_graph
 from .linear_maps import DenseMap, GatherMap, shared_subspace, within_site_directions
 from .notes import Note, NoteKind
 from .report import Existing, Funnel, Invariance, Report, Term, WithinSite
@@ -115,11 +114,10 @@ def _analyze(model, args, kwargs) -> tuple[Report, ModelTrace]:
     parents = site_dependencies(mt, {**probe.theta1, **probe.fixed})
     if parents is None:
         parents = probe.jvp_dependencies()
-    graph = build_graph(mt.sites, parents, invariances)
     block, block_note = block_for_report(mt)
     if block_note:
         notes.append(Note(block_note, NoteKind.NO_GAUSSIAN_BLOCK))
-    return Report(_model_name(model), mt.sites, graph, terms, invariances, funnels, notes,
+    return Report(_model_name(model), mt.sites, parents, terms, invariances, funnels, notes,
                   hyperparameters=probe.hyperparameters(), block=block,
                   existing=_existing_in_trace(mt, probe, invariances, terms), within=within), mt
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Iterable
-
-import networkx as nx
+from typing import TYPE_CHECKING, Iterable
 
 from .trace import Site
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 __all__ = ["build_graph", "dependency_edges", "invariance_edges"]
 
@@ -18,6 +19,8 @@ def build_graph(sites: dict[str, Site], parents: dict[str, set[str]], invariance
     site) reads a; ``G.edges[a, b]["invariances"]`` lists the observed sites in which the pair
     {a, b} has an invariant direction, as dicts with ``observed``, ``kind`` and ``dim``.
     """
+    import networkx as nx  # here: its import is a tenth of a second of every cold analyze, which needs no graph
+
     g = nx.DiGraph()
     for name, s in sites.items():
         g.add_node(

@@ -138,10 +138,8 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
                                  f"non-centre (it can: {', '.join(sorted(families))}); it is left centred",
                                  NoteKind.CANNOT_NONCENTRE, name))
     if init == "analytic" and (pairs or funnel_sites or mvn_funnels):
-        graph = report.graph  # each site's prior parents: the MAP draws prior medians only where it keeps them
-        parents = {n: {p for p in graph.predecessors(n) if graph.edges[p, n].get("dependency", True)}
-                   for n in graph}
-        curv = Curvature(mt, at, report.hyperparameters, parents)
+        # each site's prior parents: the MAP draws prior medians only where it keeps them
+        curv = Curvature(mt, at, report.hyperparameters, report.prior_parents())
         for (b, a), inv in pairs.items():
             xi[(b, a)] = curv.response(b, a, inv, pairs)
         for name in funnel_sites + mvn_funnels:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-import networkx as nx
 import numpy as np
 
 from .errors import InputError
+from .graph import build_graph
 from .linear_maps import LinearMap, SharedSubspace
 from .notes import Note
 from .trace import Site
 
 if TYPE_CHECKING:
+    import networkx as nx
+
     from .block import GaussianBlock
 
 __all__ = ["Term", "Invariance", "WithinSite", "Funnel", "Existing", "Report"]
@@ -228,7 +231,7 @@ class Report:
 
     model_name: str
     sites: dict[str, Site]
-    graph: nx.DiGraph
+    parents: dict[str, set[str]]  # site -> the sites its distribution (or value) reads
     terms: dict[str, list[Term]]
     invariances: list[Invariance]
     funnels: list[Funnel]
@@ -242,6 +245,15 @@ class Report:
         self.notes = [note if isinstance(note, Note) else Note(note) for note in self.notes]
         self._planner: Planner | None = None
         self._plan = None
+
+    @functools.cached_property
+    def graph(self) -> nx.DiGraph:
+        """The site graph (``autoreparam.graph.build_graph``): the dependencies and the invariant pairs."""
+        return build_graph(self.sites, self.parents, self.invariances)
+
+    def prior_parents(self) -> dict[str, set[str]]:
+        """Each site's parents among the sites (the graph's dependency edges into it)."""
+        return {n: {p for p in self.parents.get(n, ()) if p in self.sites} for n in self.sites}
 
     def attach_planner(self, planner: Planner) -> "Report":
         """Plan this report with ``planner`` (called by the entry point that made it); returns self."""

@@ -365,7 +365,9 @@ def _map_point(neg_log_joint, theta: dict, supports: dict, u0: dict | None = Non
     """Newton steps on the unconstrained values of the sites in ``supports`` (see ``newton_refine``),
     from ``u0`` (by default those of ``theta``)."""
     transforms = {n: biject_to(c) for n, c in supports.items()}
-    fixed = {n: v for n, v in theta.items() if n not in transforms}
+    # numpy: NumPyro's argument validation (on by default) then checks them in numpy rather than by
+    # compiled JAX operations of their own.
+    fixed = {n: np.asarray(v) for n, v in theta.items() if n not in transforms}
     if u0 is None:
         u0 = jit_quick(lambda th: {n: t.inv(th[n]) for n, t in transforms.items()}, options=None)(theta)
 

@@ -15,6 +15,9 @@ processes on a shared machine distorts it less than wall time would:
   ``autoreparam.reparameterize(model)`` against the original model, on every model of
   ``benchmarks/models.py`` (full sizes), timed over many calls after compilation.
 
+autoreparam's bytecode is written first (``compileall``, as an installed package has it), so that
+no child compiles autoreparam's source; ``--no-bytecode`` leaves that out.
+
 Writes ``benchmarks/results/cold_start.md`` (and ``cold_start.json``) and prints the tables.
 The targets (issue 11): analyze beyond import at most 1 s on eight_schools and county_covariate
 and at most 3 s on radon_mn and tensor_model; analyze beyond import at most 3x one jit;
@@ -46,6 +49,11 @@ JIT_RATIO_TARGET = 3.0
 GRADIENT_RATIO_TARGET = 1.3
 
 IMPORT_CODE = "import jax, numpyro"
+# Writes the bytecode of the autoreparam package that the children import, as `pip install` does: this
+# machine sets PYTHONDONTWRITEBYTECODE=1, under which every fresh process compiled autoreparam's
+# source again (about 0.2 s of CPU, counted in the figures measured before this option).
+BYTECODE_CODE = ("import compileall, os, autoreparam; "
+                 "compileall.compile_dir(os.path.dirname(autoreparam.__file__), quiet=1)")
 ANALYZE_CODE = "import sys; from autoreparam.cli import main; sys.exit(main(['analyze', {path!r}]))"
 
 
@@ -201,6 +209,9 @@ def markdown(payload: dict) -> str:
     lines = [f"Cold start, {payload['created']} (git {payload['git']}), {payload['machine']}; "
              f"CPU seconds (user + system) of fresh processes, median of {payload['repeats']}; "
              f"`{payload['command']}`.", ""]
+    if payload.get("bytecode"):
+        lines += ["autoreparam's bytecode written first (as an installed package has it); without it, every "
+                  "fresh process also compiles autoreparam's source (`--no-bytecode`).", ""]
     if payload.get("cache"):
         lines += [f"With the persistent compilation cache `{payload['cache']}` (warmed by a first run).", ""]
     if payload["examples"]:
@@ -246,6 +257,9 @@ def parse(argv):
     p.add_argument("--cache", default=None,
                    help="run with AUTOREPARAM_COMPILATION_CACHE set to this directory (warmed by one "
                         "untimed run per example first)")
+    p.add_argument("--no-bytecode", action="store_true",
+                   help="do not write autoreparam's bytecode first (under PYTHONDONTWRITEBYTECODE=1 every "
+                        "child then compiles its source, as the figures before this option did)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "cold_start.json")
     p.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -259,6 +273,8 @@ def main(argv=None) -> int:
         print(json.dumps(result))
         return 0
     env = dict(os.environ, OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"))
+    if not ns.no_bytecode:
+        child_cpu([sys.executable, "-c", BYTECODE_CODE], env)
     if ns.cache:
         env["AUTOREPARAM_COMPILATION_CACHE"] = str(Path(ns.cache).resolve())
         for name in ns.examples:
@@ -267,7 +283,7 @@ def main(argv=None) -> int:
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": _git(),
         "machine": f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
         "command": " ".join(["python -m benchmarks.cold_start", *(sys.argv[1:] if argv is None else argv)]),
-        "repeats": ns.repeats, "cache": ns.cache,
+        "repeats": ns.repeats, "cache": ns.cache, "bytecode": not ns.no_bytecode,
         "examples": measure_examples(ns.examples, ns.repeats, env),
         "gradients": {} if ns.no_gradient else measure_gradients(ns.models, ns.min_cpu, env),
     }

@@ -26,6 +26,7 @@ reparameterized / original per-gradient cost at most 1.3x.
     python -m benchmarks.cold_start                         # everything (a few minutes)
     python -m benchmarks.cold_start --examples eight_schools --no-gradient
     python -m benchmarks.cold_start --repeats 3             # median of 3 fresh processes per figure
+    python -m benchmarks.cold_start --alternate OLD/src NEW/src --repeats 3 --examples eight_schools
 """
 
 from __future__ import annotations
@@ -195,6 +196,25 @@ def measure_examples(names, repeats: int, env: dict) -> dict:
     return results
 
 
+def alternate(names, trees: list[str], repeats: int, env: dict) -> dict:
+    """Before/after on a loaded machine: per example, fresh analyze processes of each source tree
+    (``PYTHONPATH=TREE``) one after the other, ``repeats`` rounds; the minimum CPU beyond the minimum
+    import of each tree (the least disturbed run of each)."""
+    results = {}
+    for name in names:
+        imports, runs = [], {tree: [] for tree in trees}
+        for _ in range(repeats):
+            imports.append(child_cpu([sys.executable, "-c", IMPORT_CODE], env)[0])
+            for tree in trees:
+                tree_env = dict(env, PYTHONPATH=os.pathsep.join([tree, str(ROOT)]))
+                code = ANALYZE_CODE.format(path=f"examples/{name}.py")
+                runs[tree].append(child_cpu([sys.executable, "-c", code], tree_env)[0])
+        results[name] = {tree: min(r) - min(imports) for tree, r in runs.items()}
+        print(f"{name}: " + ", ".join(f"{tree} {v:.2f} s" for tree, v in results[name].items()),
+              file=sys.stderr, flush=True)
+    return results
+
+
 def measure_gradients(names, min_cpu: float, env: dict) -> dict:
     results = {}
     for name in names:
@@ -260,6 +280,9 @@ def parse(argv):
     p.add_argument("--no-bytecode", action="store_true",
                    help="do not write autoreparam's bytecode first (under PYTHONDONTWRITEBYTECODE=1 every "
                         "child then compiles its source, as the figures before this option did)")
+    p.add_argument("--alternate", nargs="+", metavar="SRC", default=None,
+                   help="only compare source trees (directories holding an autoreparam package, bytecode "
+                        "written by you): their analyze, one after the other, --repeats rounds; prints JSON")
     p.add_argument("--out", type=Path, default=HERE / "results" / "cold_start.json")
     p.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -273,6 +296,9 @@ def main(argv=None) -> int:
         print(json.dumps(result))
         return 0
     env = dict(os.environ, OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"))
+    if ns.alternate:
+        print(json.dumps(alternate(ns.examples, ns.alternate, ns.repeats, env)))
+        return 0
     if not ns.no_bytecode:
         child_cpu([sys.executable, "-c", BYTECODE_CODE], env)
     if ns.cache:

@@ -39,7 +39,7 @@ def from_harness(r: dict, chains: int, samples: int) -> dict:
     grads = r["mean_tree_size"] * chains * samples
     keep = ("min_ess", "min_ess_site", "max_rhat", "max_rhat_site", "divergences", "sampling_seconds",
             "warmup_seconds", "mean_tree_size", "load_after", "sampling_overhead_seconds", "setup_seconds",
-            "complete_seconds", "complete_compile_seconds")
+            "complete_seconds", "complete_compile_seconds", "sampling_seconds_timed_on", "sampling_seconds_gross")
     out = {k: r[k] for k in keep if k in r}
     out.update(gradients=grads, min_ess_per_s=r["min_ess_per_s"], min_ess_per_1k_grads=1000 * r["min_ess"] / grads)
     return out

@@ -151,8 +151,8 @@ class CollapsedPosterior:
         self.potential_fn = self._make_potential()
         # Draws per compiled chunk of ``complete``: at most ~32 MB of dense precisions at once.
         self._chunk = max(1, min(_COMPLETE_BATCH, 4_000_000 // (block.size * block.size)))
-        self._complete_chunk = jax.jit(
-            lambda key, theta: jax.vmap(self._complete_one)(jax.random.split(key, self._chunk), theta))
+        # One program per posterior for every call of ``complete`` (chunk index and theta in, draws out).
+        self._complete_chunk = jax.jit(self._complete_chunk_fn)
 
     # --------------------------------------------------------------- transforms
 
@@ -231,20 +231,42 @@ class CollapsedPosterior:
 
     # --------------------------------------------------------------- completion
 
-    def _complete_one(self, key, theta):
-        key_z, key_model = jax.random.split(key)
-        # z = m + L^-T eps with H = L L^T and eps ~ N(0, I): the factor the marginal uses, no
-        # perturbation-optimisation noise (two more runs of the model and their gradients).
+    def _draw_block(self, keys, theta):
+        """Flat z draws, one per theta draw of a chunk (leading axis): z = m + L^-T eps from the factor
+        the marginal uses (no perturbation-optimisation noise: two more runs of the model).
+
+        The model runs (the Q entries and the gradient at z = 0, or the HVPs of the dense path) are
+        vmapped over the chunk, but the dense factorisation and triangular solves of each draw run by
+        themselves (``lax.map``). jaxlib's batched LAPACK kernels split a batch over XLA's intra-op
+        thread pool and block a worker of that same pool until the pieces are done; XLA runs
+        independent operations at once, so two batched solves (the mean's and the noise's) can hold
+        every worker of a 2-thread pool waiting on pieces that no worker is left to run: a deadlock
+        (tensor_small: every thread in a futex wait, no CPU). One matrix at a time runs inline.
+        """
         cond = self.conditional
-        eps = jax.random.normal(key_z, (self.block.size,), jnp.float64)
+        eps = jax.vmap(lambda k: jax.random.normal(k, (self.block.size,), jnp.float64))(keys)
         if cond.sparse:  # by the marginal's own elimination, no dense H
-            z = cond._unravel(cond._sparse_draw(cond._as_theta(theta), eps))
-        else:
-            m, _, _, chol, _ = cond._mode(cond._as_theta(theta), None)
-            z = cond._unravel(m + jax.scipy.linalg.solve_triangular(chol.T, eps, lower=False))
-        tr = handlers.trace(handlers.substitute(handlers.seed(self.model, key_model), data={**theta, **z})).get_trace(
-            *self.args, **self.kwargs)
-        return {name: tr[name]["value"] for name in self._latent_names + self._deterministic_names}
+            _, grad0, q = jax.vmap(lambda th: cond._exact_parts(cond._as_theta(th), assemble=False))(theta)
+            return jax.lax.map(lambda a: cond.precision.draw(*a), (q, grad0, eps))
+
+        def dense_draw(args):
+            th, e = args
+            m, _, _, chol, _ = cond._mode(cond._as_theta(th), None)
+            return m + jax.scipy.linalg.solve_triangular(chol.T, e, lower=False)
+
+        return jax.lax.map(dense_draw, (theta, eps))
+
+    def _complete_chunk_fn(self, key, index, theta):
+        """Every latent and deterministic site for one chunk of theta draws (``_chunk`` of them)."""
+        keys = jax.random.split(jax.random.fold_in(key, index), 2 * self._chunk)
+        z = jax.vmap(self.conditional._unravel)(self._draw_block(keys[:self._chunk], theta))
+
+        def run(key_model, th, zz):
+            tr = handlers.trace(handlers.substitute(handlers.seed(self.model, key_model), data={**th, **zz})).get_trace(
+                *self.args, **self.kwargs)
+            return {name: tr[name]["value"] for name in self._latent_names + self._deterministic_names}
+
+        return jax.vmap(run)(keys[self._chunk:], theta, z)
 
     def complete(self, rng_key, theta: dict) -> dict:
         """Every latent and deterministic site of the model for each draw of (constrained) ``theta``.
@@ -252,7 +274,7 @@ class CollapsedPosterior:
         One exact draw of z from p(z | theta, y) per theta draw (Laplace: from N(mode, H^-1)),
         then the model is run at (theta, z) for its deterministic sites. ``theta`` values carry
         any leading batch dims (chains, draws), which the result keeps. Draws are made in chunks
-        of a fixed size, so the compiled chunk is reused by every later call.
+        of a fixed size by one compiled program, which every later call reuses.
         """
         rng_key = _key(rng_key)
         name0 = self.theta_names[0]
@@ -267,14 +289,15 @@ class CollapsedPosterior:
         flat = {k: np.concatenate([v, np.repeat(v[:1], padded - n, axis=0)]) for k, v in flat.items()}
         dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
         # Traced wholly in float64: the draws use float64 random bits, which do not lower inside a
-        # float32 jit.
+        # float32 jit. Every chunk is dispatched before the first is read back.
         with jax.enable_x64(True):
-            parts = [self._complete_chunk(jax.random.fold_in(rng_key, i),
-                                          {k: v[i:i + chunk] for k, v in flat.items()})
+            parts = [self._complete_chunk(rng_key, np.int32(i // chunk), {k: v[i:i + chunk] for k, v in flat.items()})
                      for i in range(0, padded, chunk)]
             out = {k: np.concatenate([np.asarray(p[k]) for p in parts])[:n] for k in parts[0]}
         out = {k: np.reshape(v, tuple(batch) + np.shape(v)[1:]) for k, v in out.items()}
-        return {k: jnp.asarray(v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v) for k, v in out.items()}
+        # device_put, not jnp.asarray: the latter compiles a copy for every new shape (0.03-0.4 s).
+        return {k: jax.device_put(v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v)
+                for k, v in out.items()}
 
 
 class CollapsedResult:

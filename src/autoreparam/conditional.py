@@ -611,27 +611,32 @@ class BlockConditional:
                 return out, {"mean": self._out(m, dtype), "iterations": its, "mode_iterations": mode_its}
             return out
 
-    @_compiled("num_draws")
-    def sample_weighted(self, key, theta: dict, num_draws: int, *, init: dict | None = None):
+    @_compiled("num_draws", "return_info")
+    def sample_weighted(self, key, theta: dict, num_draws: int, *, init: dict | None = None,
+                        return_info: bool = False):
         """``num_draws`` draws and their self-normalised log importance weights.
 
         log w_i = log p(y, z_i, theta) - log N(z_i; m, H^-1) + const, normalised so that
         ``logsumexp(log_w) == 0``; uniform (all ``-log num_draws``) up to rounding for exact blocks.
-        No gradient in theta, as for ``sample``.
+        No gradient in theta, as for ``sample``; ``init`` and ``return_info`` as for ``sample``
+        (the third value returned is then the info dict).
         """
         theta = jax.lax.stop_gradient(self._caller_theta(theta))
-        dtype, theta, m, solve, _, z_prior, observations = self._draw_phases(key, theta, num_draws, init)
+        dtype, theta, m, solve, mode_its, z_prior, observations = self._draw_phases(key, theta, num_draws, init)
         with jax.enable_x64(True):
             def one(zp, obs):
                 eps = self._noise(theta, m, zp, obs)
-                step, _ = solve(eps)
+                step, it = solve(eps)
                 z = m + step
                 # (z - m)^T H (z - m) = step . eps, so no further HVP is needed.
-                return z, self._log_joint(theta, z) + 0.5 * jnp.vdot(step, eps)
+                return z, self._log_joint(theta, z) + 0.5 * jnp.vdot(step, eps), it
 
-            z, log_w = jax.vmap(one)(z_prior, observations)
+            z, log_w, its = jax.vmap(one)(z_prior, observations)
             log_w = log_w - jax.scipy.special.logsumexp(log_w)
-            return self._out(z, dtype), log_w.astype(dtype)
+            out = self._out(z, dtype), log_w.astype(dtype)
+            if return_info:
+                return (*out, {"mean": self._out(m, dtype), "iterations": its, "mode_iterations": mode_its})
+            return out
 
     @_compiled("num_probes", "lanczos_steps")
     def log_marginal(self, theta: dict, key=None, *, num_probes: int = 16, lanczos_steps: int = 50,

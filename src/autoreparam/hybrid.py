@@ -256,6 +256,8 @@ class AutoHybrid(AutoGuide):
         if not self.block.exact:
             mode_state = mutable(self.mode_name, self._zero_mode())
         num_draws = self._block_draws
+        if num_draws is None:
+            num_draws = 1 if self.block.exact else LAPLACE_BLOCK_DRAWS
         theta_fixed = jax.lax.stop_gradient(theta)
         init = None if mode_state is None else lax.stop_gradient(mode_state)
         with handlers.block():
@@ -291,12 +293,13 @@ class AutoHybrid(AutoGuide):
         return out
 
     @contextlib.contextmanager
-    def weighted_block_draws(self, num_draws: int):
-        """While active, each call of the guide draws ``num_draws`` z given its theta (the Laplace
-        Gaussian's draws with self-normalised importance weights p(y, z, theta) / N(z; m, H^-1); uniform
-        weights for exact blocks), records them and their log weights as deterministic sites (see
-        ``weighted_draws``) and emits one of them, picked by weight, as z. ``HybridELBO`` uses it."""
-        previous, self._block_draws = self._block_draws, int(num_draws)
+    def weighted_block_draws(self, num_draws: int | None):
+        """While active, each call of the guide draws ``num_draws`` z given its theta (``None``: 1 for exact
+        blocks, ``LAPLACE_BLOCK_DRAWS`` for Laplace blocks). With more than one: the Laplace Gaussian's
+        draws with self-normalised importance weights p(y, z, theta) / N(z; m, H^-1) (uniform weights for
+        exact blocks), recorded with their log weights as deterministic sites (see ``weighted_draws``),
+        and one of them, picked by weight, emitted as z. ``HybridELBO`` uses it."""
+        previous, self._block_draws = self._block_draws, num_draws
         try:
             yield
         finally:
@@ -529,21 +532,20 @@ class HybridELBO(Trace_ELBO):
         if not isinstance(guide, AutoHybrid):
             raise InputError(f"HybridELBO: the guide must be an autoreparam.AutoHybrid, got {type(guide).__name__}")
 
-        if guide.prototype_trace is None:  # the block (exact or Laplace) decides the default K
-            guide._setup_prototype(*args, **kwargs)
-        num_draws = self.draws_per_theta(guide)
 
         def model_log_density(key, guide_trace):
             return log_density(handlers.replay(handlers.seed(model, key), guide_trace), args, kwargs, param_map)[0]
 
         def particle(key):
             k_guide, k_model = jax.random.split(key)
-            with guide.weighted_block_draws(num_draws):
+            # (None: the guide picks the default for its block, which it may only find in this call.)
+            with guide.weighted_block_draws(self.block_draws):
                 guide_lp, guide_trace = log_density(handlers.seed(guide, k_guide), args, kwargs, param_map)
-            if num_draws == 1:
+            weighted = guide.weighted_draws(guide_trace)
+            if weighted is None:  # one z draw
                 model_lp = model_log_density(k_model, guide_trace)
             else:
-                draws, log_w = guide.weighted_draws(guide_trace)
+                draws, log_w = weighted
 
                 def at(z):  # log p(y, z_i, theta): the guide's theta, the i-th draw of z
                     trace = dict(guide_trace)

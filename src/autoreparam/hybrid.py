@@ -56,9 +56,10 @@ THETA_GUIDES = ("normal", "lowrank", "full")
 HYBRID_DENSE_BELOW = 250
 #: ``HybridELBO``'s default number of z draws per theta draw on Laplace blocks (exact blocks: 1), weighted by
 #: self-normalised importance weights. The plain Laplace draw biases the Fisher-identity gradient; on
-#: crossed_logistic at the reference theta the sigma_a gradient is -15.2 from plain draws, -3.3 with 64
-#: weighted draws, and -8.9 / -6.6 / -5.0 / -4.2 with 4 / 8 / 16 / 32 (``benchmarks/bench_laplace_bias.py
-#: --draws``, benchmarks/README.md): the bias of a self-normalised estimate falls as 1 / K.
+#: crossed_logistic at the reference theta the (prior-of-a part of the) sigma_a gradient is -15.0 from
+#: plain draws and -8.1 / -5.6 / -3.8 / -2.7 / -1.9 with K = 4 / 8 / 16 / 32 / 64 weighted draws
+#: (``python -m benchmarks.bench_laplace_bias``, benchmarks/README.md): the bias of a self-normalised
+#: estimate falls as 1 / K, at one CG solve per draw.
 LAPLACE_BLOCK_DRAWS = 16
 #: Draws vmapped together by ``sample_posterior`` on the CG path (the rest run in sequence).
 _CG_DRAW_BATCH = 16

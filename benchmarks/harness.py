@@ -709,7 +709,8 @@ def run_model(spec: ModelSpec, mode: str, methods: list | None = None, reference
             out["errors"][name] = _error(exc)
             log(f"{spec.name}: {name} FAILED: {out['errors'][name]['error']}")
     runs = {name: [] for name in vi}
-    for seed in range(cfg["seeds"]):
+    first = cfg.get("first_seed", 0)
+    for seed in range(first, first + cfg["seeds"]):
         for name, m in vi.items():
             try:
                 r = m.run(seed)

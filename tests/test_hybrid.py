@@ -185,17 +185,22 @@ def test_loss_value_is_the_exact_hybrid_elbo(fitted):
         np.testing.assert_allclose(grad_h[k], grad_t[k], rtol=1e-10)
 
 
-def test_fisher_identity_gradient_matches_finite_differences(fitted):
+@pytest.mark.parametrize("block_draws", [None, 4])
+def test_fisher_identity_gradient_matches_finite_differences(fitted, block_draws):
     """E_z[grad_theta log p(y, z, theta)] (the guide's gradient with q(theta) shrunk to a point) equals
-    the finite-difference gradient of the dense log p(y, theta)."""
+    the finite-difference gradient of the dense log p(y, theta); with several (uniformly weighted)
+    z draws per theta draw on this exact block too."""
     guide, _ = fitted
     u = np.array([-0.2, -0.4])
     params = {"auto_loc": jnp.asarray(u), "auto_log_scale": jnp.full(2, -20.0)}
+    elbo = HybridELBO(1, block_draws=block_draws)
+    assert elbo.draws_per_theta(guide) == (block_draws or 1)  # exact blocks: one draw by default
 
-    def particle_grad(key):  # d loss / d loc for one z draw
-        return jax.grad(lambda p: HybridELBO(1).loss(key, p, random_intercepts, guide, GROUP, y=Y))(params)["auto_loc"]
+    def particle_grad(key):  # d loss / d loc for one theta draw
+        return jax.grad(lambda p: elbo.loss(key, p, random_intercepts, guide, GROUP, y=Y))(params)["auto_loc"]
 
-    grads = np.asarray(jax.jit(jax.vmap(particle_grad))(jax.random.split(jax.random.PRNGKey(5), 2000)))
+    keys = jax.random.split(jax.random.PRNGKey(5), 2000 // elbo.draws_per_theta(guide))
+    grads = np.asarray(jax.jit(jax.vmap(particle_grad))(keys))
     h = 1e-5
     fd = np.array([(log_marginal_unconstrained(u + h * e) - log_marginal_unconstrained(u - h * e)) / (2 * h)
                    for e in np.eye(2)])

@@ -54,6 +54,8 @@ def parse(argv):
                         "the reparameterized models")
     p.add_argument("--seeds", type=int, default=None,
                    help="VI seeds per method (default: 3 in full mode, 1 in quick mode); the config JSON records it")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first VI seed (default 0): --first-seed 1 --seeds 1 runs seed 1 alone")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -119,6 +121,10 @@ def main(argv=None) -> int:
             print(f"python -m benchmarks: --seeds {ns.seeds}: expected a positive integer", file=sys.stderr)
             return 2
         harness.CONFIGS[mode]["seeds"] = ns.seeds
+    if ns.first_seed < 0:
+        print(f"python -m benchmarks: --first-seed {ns.first_seed}: expected an integer >= 0", file=sys.stderr)
+        return 2
+    harness.CONFIGS[mode]["first_seed"] = ns.first_seed
     reference = None
     if ns.reference_from is not None:
         if not ns.reference_from.is_file():
@@ -178,6 +184,7 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, "-m", "benchmarks", "--worker", ",".join(group), "--worker-out", str(path)]
                 if ns.seeds is not None:
                     cmd += ["--seeds", str(ns.seeds)]
+                cmd += ["--first-seed", str(ns.first_seed)]
                 cmd += ["--quick"] if ns.quick else []
                 cmd += ["--methods", *ns.methods] if ns.methods else []
                 cmd += ["--reference-from", str(ns.reference_from)] if ns.reference_from else []

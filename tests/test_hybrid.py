@@ -9,6 +9,8 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 import scipy.optimize
+import scipy.special
+import scipy.stats
 from numpyro import handlers
 from numpyro.infer import SVI, Predictive
 from numpyro.infer.autoguide import AutoNormal
@@ -183,17 +185,22 @@ def test_loss_value_is_the_exact_hybrid_elbo(fitted):
         np.testing.assert_allclose(grad_h[k], grad_t[k], rtol=1e-10)
 
 
-def test_fisher_identity_gradient_matches_finite_differences(fitted):
+@pytest.mark.parametrize("block_draws", [None, 4])
+def test_fisher_identity_gradient_matches_finite_differences(fitted, block_draws):
     """E_z[grad_theta log p(y, z, theta)] (the guide's gradient with q(theta) shrunk to a point) equals
-    the finite-difference gradient of the dense log p(y, theta)."""
+    the finite-difference gradient of the dense log p(y, theta); with several (uniformly weighted)
+    z draws per theta draw on this exact block too."""
     guide, _ = fitted
     u = np.array([-0.2, -0.4])
     params = {"auto_loc": jnp.asarray(u), "auto_log_scale": jnp.full(2, -20.0)}
+    elbo = HybridELBO(1, block_draws=block_draws)
+    assert elbo.draws_per_theta(guide) == (block_draws or 1)  # exact blocks: one draw by default
 
-    def particle_grad(key):  # d loss / d loc for one z draw
-        return jax.grad(lambda p: HybridELBO(1).loss(key, p, random_intercepts, guide, GROUP, y=Y))(params)["auto_loc"]
+    def particle_grad(key):  # d loss / d loc for one theta draw
+        return jax.grad(lambda p: elbo.loss(key, p, random_intercepts, guide, GROUP, y=Y))(params)["auto_loc"]
 
-    grads = np.asarray(jax.jit(jax.vmap(particle_grad))(jax.random.split(jax.random.PRNGKey(5), 2000)))
+    keys = jax.random.split(jax.random.PRNGKey(5), 2000 // elbo.draws_per_theta(guide))
+    grads = np.asarray(jax.jit(jax.vmap(particle_grad))(keys))
     h = 1e-5
     fd = np.array([(log_marginal_unconstrained(u + h * e) - log_marginal_unconstrained(u - h * e)) / (2 * h)
                    for e in np.eye(2)])
@@ -352,6 +359,62 @@ def test_laplace_block_carries_its_mode_between_steps(x64):
         assert np.any(np.asarray(expected[name]) != 0)
 
 
+# ----------------------------------------------------------------------------- Laplace blocks: weighted z draws
+# Two effects, Bernoulli logits, few and lopsided observations: the Laplace Gaussian is visibly off.
+TWO_GROUP = np.array([0] * 8 + [1] * 6)
+TWO_Y = np.array([1.0] * 7 + [0.0] + [1.0] + [0.0] * 5)
+TWO_BLOCK = GaussianBlock((BlockSite("a", (2,), "Normal"),), (BlockLikelihood("y", "Bernoulli", "logit"),), ("s",))
+
+
+def two_effects(group, y=None):
+    s = numpyro.sample("s", dist.HalfNormal(2.0))
+    with numpyro.plate("groups", 2):
+        a = numpyro.sample("a", dist.Normal(0.0, s))
+    with numpyro.plate("n", len(group)):
+        numpyro.sample("y", dist.Bernoulli(logits=a[group]), obs=y)
+
+
+def two_effects_log_marginal(u):
+    """log p(y, s) + log |ds/du| at u = log s, the two effects integrated out on a grid (they are
+    independent given s, so the 2-D integral is a product of 1-D ones)."""
+    s = np.exp(u)
+    a = np.linspace(-40.0, 40.0, 160001)
+    out = scipy.stats.halfnorm(scale=2.0).logpdf(s) + u
+    for g in (0, 1):
+        k, n = TWO_Y[TWO_GROUP == g].sum(), (TWO_GROUP == g).sum()
+        log_f = scipy.stats.norm(0.0, s).logpdf(a) + k * a - n * np.logaddexp(0.0, a)
+        out += scipy.special.logsumexp(log_f) + np.log(a[1] - a[0])
+    return out
+
+
+@pytest.mark.parametrize("method", ["dense", "cg"])
+def test_weighted_block_draws_give_the_exact_fisher_gradient_of_a_laplace_block(x64, method):
+    """With q(theta) a point, -d loss / d loc is the Fisher-identity gradient at u = log s: with K weighted
+    draws it matches the finite-difference gradient of the exact log p(y, s) (numerical integration);
+    with one plain draw of the Laplace Gaussian (K = 1) it is measurably off."""
+    guide = AutoHybrid(two_effects, block=TWO_BLOCK, method=method)
+    handlers.seed(guide, 0)(TWO_GROUP, y=TWO_Y)  # set up on concrete inputs, outside the jit below
+    u = 0.0  # s = 1
+    params = {"auto_loc": jnp.array([u]), "auto_log_scale": jnp.array([-20.0])}
+
+    def gradients(num_draws, n):
+        elbo = HybridELBO(1, block_draws=num_draws)
+
+        def one(key):
+            return -jax.grad(lambda p: elbo.loss(key, p, two_effects, guide, TWO_GROUP, y=TWO_Y))(params)["auto_loc"][0]
+        return np.asarray(jax.jit(jax.vmap(one))(jax.random.split(jax.random.PRNGKey(7), n)))
+
+    h = 1e-4
+    exact = (two_effects_log_marginal(u + h) - two_effects_log_marginal(u - h)) / (2 * h)
+    n = 4000
+    weighted, plain = gradients(32, n // 8), gradients(1, n)
+    se_weighted = weighted.std() / np.sqrt(weighted.size)
+    se_plain = plain.std() / np.sqrt(plain.size)
+    assert abs(weighted.mean() - exact) < 4 * se_weighted, (weighted.mean(), exact, se_weighted)
+    assert abs(plain.mean() - exact) > 8 * se_plain, (plain.mean(), exact, se_plain)
+    assert HybridELBO().draws_per_theta(guide) == hybrid.LAPLACE_BLOCK_DRAWS
+
+
 def test_bad_input_one_line(x64):
     with pytest.raises(InputError, match="theta_guide='diag'"):
         AutoHybrid(random_intercepts, theta_guide="diag")
@@ -361,6 +424,9 @@ def test_bad_input_one_line(x64):
         SVI(subsampled, guide, numpyro.optim.Adam(0.01), HybridELBO()).init(jax.random.PRNGKey(0), y=np.zeros(8))
     with pytest.raises(InputError, match="theta_guide='lowrank'"):
         NaturalGradient(AutoHybrid(random_intercepts, theta_guide="lowrank"))
+    with pytest.raises(InputError, match=r"HybridELBO: block_draws \(z draws per theta draw\) must be a positive "
+                                         r"integer or None, got 0"):
+        HybridELBO(4, block_draws=0)
     with pytest.raises(InputError, match="must be an autoreparam.AutoHybrid"):
         HybridELBO().loss(jax.random.PRNGKey(0), {}, random_intercepts, AutoNormal(random_intercepts), GROUP, y=Y)
     with pytest.raises(ModelError, match="likelihood 'y' of the block is not observed"):

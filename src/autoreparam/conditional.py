@@ -45,6 +45,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 from numpyro import handlers
 
 from .block import LIKELIHOOD_LINKS, GaussianBlock
@@ -229,6 +230,7 @@ class BlockConditional:
         self.newton_maxiter = int(newton_maxiter)
         self._block_names = block.names
         self._lik_names = tuple(lik.name for lik in block.likelihoods)
+        self._laplace_lik_names = tuple(lik.name for lik in block.likelihoods if lik.family != "Normal")
         with jax.enable_x64(True):
             self._check_model(seed)
             self._probes = self._find_probes(seed)
@@ -520,10 +522,20 @@ class BlockConditional:
                 return msg["fn"].sample(_site_key(key_prior, msg["name"]))
             return None
 
+        def redraw(name):
+            fn, key = at_m[name]["fn"], _site_key(key_lik, name)
+            if name not in self._laplace_lik_names:
+                return fn.sample(key)
+            # Continuous pseudo-observations with the likelihood's mean and variance: for a canonical
+            # link the gradient is linear in the observation, so the noise is Gaussian with covariance
+            # J^T W J exactly (redrawn counts would give that covariance but a skewed, lattice-valued
+            # noise: not N(m, H^-1), and wrong importance weights on small data).
+            shape = jnp.shape(at_m[name]["value"])
+            return fn.mean + jnp.sqrt(fn.variance) * jax.random.normal(key, shape, dtype=jnp.result_type(float))
+
         prior_trace = self._run(None, substitute_fn=draw_prior, caller=True)
         at_m = self._run({**theta, **self._unravel(m)}, caller=True)
-        return ({n: prior_trace[n]["value"] for n in self._block_names},
-                {n: at_m[n]["fn"].sample(_site_key(key_lik, n)) for n in self._lik_names})
+        return ({n: prior_trace[n]["value"] for n in self._block_names}, {n: redraw(n) for n in self._lik_names})
 
     def _noise(self, theta, m, z_prior, observations):
         """eps ~ N(0, H(m)): prior-gradient noise plus redrawn-likelihood gradient noise (float64)."""
@@ -535,8 +547,10 @@ class BlockConditional:
             return self._log_terms(self._run({**theta, **self._unravel(z)}), latent_names, power=0.5)
 
         def lik_terms(z):
-            tr = self._run({**theta, **self._unravel(z)})
-            return self._log_terms(tr, self._lik_names, power=0.5, values=observations)
+            # The pseudo-observations of Laplace terms are not counts: validation would score them -inf.
+            with numpyro.validation_enabled(False):
+                tr = self._run({**theta, **self._unravel(z)})
+                return self._log_terms(tr, self._lik_names, power=0.5, values=observations)
 
         return jax.grad(prior_terms)(z_prior) + jax.grad(lik_terms)(m)
 
@@ -611,27 +625,32 @@ class BlockConditional:
                 return out, {"mean": self._out(m, dtype), "iterations": its, "mode_iterations": mode_its}
             return out
 
-    @_compiled("num_draws")
-    def sample_weighted(self, key, theta: dict, num_draws: int, *, init: dict | None = None):
+    @_compiled("num_draws", "return_info")
+    def sample_weighted(self, key, theta: dict, num_draws: int, *, init: dict | None = None,
+                        return_info: bool = False):
         """``num_draws`` draws and their self-normalised log importance weights.
 
         log w_i = log p(y, z_i, theta) - log N(z_i; m, H^-1) + const, normalised so that
         ``logsumexp(log_w) == 0``; uniform (all ``-log num_draws``) up to rounding for exact blocks.
-        No gradient in theta, as for ``sample``.
+        No gradient in theta, as for ``sample``; ``init`` and ``return_info`` as for ``sample``
+        (the third value returned is then the info dict).
         """
         theta = jax.lax.stop_gradient(self._caller_theta(theta))
-        dtype, theta, m, solve, _, z_prior, observations = self._draw_phases(key, theta, num_draws, init)
+        dtype, theta, m, solve, mode_its, z_prior, observations = self._draw_phases(key, theta, num_draws, init)
         with jax.enable_x64(True):
             def one(zp, obs):
                 eps = self._noise(theta, m, zp, obs)
-                step, _ = solve(eps)
+                step, it = solve(eps)
                 z = m + step
                 # (z - m)^T H (z - m) = step . eps, so no further HVP is needed.
-                return z, self._log_joint(theta, z) + 0.5 * jnp.vdot(step, eps)
+                return z, self._log_joint(theta, z) + 0.5 * jnp.vdot(step, eps), it
 
-            z, log_w = jax.vmap(one)(z_prior, observations)
+            z, log_w, its = jax.vmap(one)(z_prior, observations)
             log_w = log_w - jax.scipy.special.logsumexp(log_w)
-            return self._out(z, dtype), log_w.astype(dtype)
+            out = self._out(z, dtype), log_w.astype(dtype)
+            if return_info:
+                return (*out, {"mean": self._out(m, dtype), "iterations": its, "mode_iterations": mode_its})
+            return out
 
     @_compiled("num_probes", "lanczos_steps")
     def log_marginal(self, theta: dict, key=None, *, num_probes: int = 16, lanczos_steps: int = 50,

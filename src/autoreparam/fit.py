@@ -62,8 +62,9 @@ def inputs_for_float64(tree):
 
 
 def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", optimizer="natural",
-               step_size=None, num_particles: int = 4, num_samples: int = 1000, seed: int = 0, block=None,
-               init_scale: float = 0.1, progress_bar: bool = False, resample_theta="auto", **kwargs) -> HybridFit:
+               step_size=None, num_particles: int = 4, block_draws: int | None = None, num_samples: int = 1000,
+               seed: int = 0, block=None, init_scale: float = 0.1, progress_bar: bool = False, resample_theta="auto",
+               **kwargs) -> HybridFit:
     """Fit ``model(*args, **kwargs)`` with ``AutoHybrid`` and return guide, params, losses and draws.
 
     ``optimizer``: ``"natural"`` (``NaturalGradient`` with ``step_size``, default
@@ -71,6 +72,9 @@ def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", opt
     optimizer. The whole fit runs under ``jax.enable_x64(True)`` (and floating-point arrays among the
     inputs are converted to float64); the global JAX setting is left as it was. Steps whose loss or
     gradient is not finite are skipped (``SVI.stable_update``).
+
+    ``num_particles`` theta draws per step, each with ``block_draws`` z draws (``HybridELBO``; default: 1
+    for exact blocks, ``LAPLACE_BLOCK_DRAWS`` importance-weighted draws for Laplace blocks).
 
     ``resample_theta``: the draws of theta are importance-resampled by p(y, theta) / q(theta) from
     this many proposals each (``AutoHybrid.sample_posterior``); ``"auto"`` (default) is 4 where the
@@ -98,7 +102,7 @@ def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", opt
             raise InputError(f"fit_hybrid: optimizer={optimizer!r}: expected 'natural', 'adam' or a NumPyro optimizer")
         else:
             optim = optimizer
-        svi = SVI(model, guide, optim, HybridELBO(num_particles))
+        svi = SVI(model, guide, optim, HybridELBO(num_particles, block_draws=block_draws))
         key_fit, key_draw = jax.random.split(jax.random.PRNGKey(seed))
         start = time.perf_counter()
         result = svi.run(key_fit, steps, *args, progress_bar=progress_bar, stable_update=True, **kwargs)

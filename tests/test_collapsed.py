@@ -284,6 +284,12 @@ def test_no_block_is_one_clear_line():
         collapsed_mcmc(crossed, II, JJ, Y, block=empty)
 
 
+def test_vectorized_chains_are_refused_in_one_line():
+    with pytest.raises(InputError, match="chain_method='vectorized'") as info:
+        collapsed_mcmc(crossed, II, JJ, Y, block=CROSSED_BLOCK, num_chains=2, chain_method="vectorized")
+    assert "\n" not in str(info.value)
+
+
 def test_model_without_a_block_is_one_clear_line():
     def scales_only(y):
         s = numpyro.sample("s", dist.HalfNormal(1.0))

@@ -21,7 +21,7 @@ _EXPORTS = {
     "Existing": "report", "Funnel": "report", "Invariance": "report", "Report": "report", "Term": "report",
     "Plate": "trace", "Site": "trace",
     "AutoHybrid": "hybrid", "HybridELBO": "hybrid", "NaturalGradient": "natural",
-    "decaying_step_size": "natural", "fit_hybrid": "fit", "HybridFit": "fit",
+    "decaying_step_size": "natural", "fit_hybrid": "fit", "HybridFit": "fit", "one_blas_thread": "threads",
 }
 _SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__))
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .plan import Offset, Plan, PlanError, SitePlan
     from .reparam import ConditionalOffsetReparam, record_values
     from .report import Existing, Funnel, Invariance, Report, Term
+    from .threads import one_blas_thread
     from .trace import Plate, Site
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "decaying_step_size",
     "fit_hybrid",
     "HybridFit",
+    "one_blas_thread",
 ]
 __version__ = "0.1.0"
 

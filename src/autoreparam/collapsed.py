@@ -41,6 +41,7 @@ from numpyro.distributions.util import sum_rightmost
 from .block import GaussianBlock, block_of_model
 from .conditional import DENSE_LIMIT, BlockConditional, float64_with_gradient
 from .errors import InputError, ModelError
+from .threads import with_one_blas_thread
 
 __all__ = ["CollapsedPosterior", "CollapsedResult", "collapsed_mcmc", "gibbs_mcmc", "gibbs_kernel", "choose_mcmc",
            "MCMCChoice", "COLLAPSED_LIMIT", "AUTO_COLLAPSED_LIMIT"]
@@ -268,6 +269,7 @@ class CollapsedPosterior:
 
         return jax.vmap(run)(keys[self._chunk:], theta, z)
 
+    @with_one_blas_thread
     def complete(self, rng_key, theta: dict) -> dict:
         """Every latent and deterministic site of the model for each draw of (constrained) ``theta``.
 
@@ -353,6 +355,7 @@ def _run_mcmc(kernel, num_warmup, num_samples, num_chains, chain_method, progres
     return mcmc, dict(num_gradients=int(np.sum(extra[steps])), divergences=int(np.sum(extra[diverging])))
 
 
+@with_one_blas_thread
 def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_warmup: int = 500,
                    num_samples: int = 500, num_chains: int = 1, chain_method: str = "sequential",
                    rng_key=0, approximate: bool = False, progress_bar: bool = True, **kwargs) -> CollapsedResult:
@@ -368,6 +371,12 @@ def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, n
     """
     from numpyro.infer import NUTS
 
+    if chain_method == "vectorized":
+        # A vmap over chains batches the Schur complement's Cholesky and triangular solves; two
+        # independent batched LAPACK kernels can deadlock XLA's CPU thread pool (see complete).
+        raise InputError("collapsed_mcmc: chain_method='vectorized' batches the block's dense factorisations "
+                         "over chains, which can deadlock jaxlib's LAPACK kernels on CPU; use 'sequential' "
+                         "(the default) or 'parallel'")
     if block is None:
         block = _find_block(model, args, kwargs, "collapsed NUTS")
     posterior = CollapsedPosterior(model, block, args, kwargs, approximate=approximate)
@@ -385,6 +394,7 @@ def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, n
     return CollapsedResult(samples, mcmc, method, seconds=time.perf_counter() - start, **counts)
 
 
+@with_one_blas_thread
 def gibbs_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_warmup: int = 500,
                num_samples: int = 500, num_chains: int = 1, chain_method: str = "sequential", rng_key=0,
                approximate: bool = False, progress_bar: bool = True, **kwargs) -> CollapsedResult:

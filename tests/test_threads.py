@@ -1,0 +1,29 @@
+from threadpoolctl import threadpool_info
+
+from autoreparam import one_blas_thread
+from autoreparam.threads import with_one_blas_thread
+
+
+def blas_threads():
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+def test_one_blas_thread_inside_and_restored_after():
+    with one_blas_thread():
+        inside = blas_threads()
+    assert inside and set(inside) == {1}  # scipy's OpenBLAS (the LAPACK jaxlib calls) is loaded and limited
+    after = blas_threads()
+    with one_blas_thread():
+        pass
+    assert blas_threads() == after
+
+
+def test_decorated_function_runs_limited_and_keeps_its_name():
+    @with_one_blas_thread
+    def factorise(x):
+        """doc"""
+        return x, blas_threads()
+
+    value, threads = factorise(3)
+    assert value == 3 and set(threads) == {1}
+    assert factorise.__name__ == "factorise" and factorise.__doc__ == "doc"

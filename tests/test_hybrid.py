@@ -1,5 +1,7 @@
 """AutoHybrid, HybridELBO, NaturalGradient and fit_hybrid against dense computations written here."""
 
+import pathlib
+import sys
 import warnings
 
 import jax
@@ -361,17 +363,9 @@ def test_laplace_block_carries_its_mode_between_steps(x64):
 
 # ----------------------------------------------------------------------------- Laplace blocks: weighted z draws
 # Two effects, Bernoulli logits, few and lopsided observations: the Laplace Gaussian is visibly off.
-TWO_GROUP = np.array([0] * 8 + [1] * 6)
-TWO_Y = np.array([1.0] * 7 + [0.0] + [1.0] + [0.0] * 5)
-TWO_BLOCK = GaussianBlock((BlockSite("a", (2,), "Normal"),), (BlockLikelihood("y", "Bernoulli", "logit"),), ("s",))
-
-
-def two_effects(group, y=None):
-    s = numpyro.sample("s", dist.HalfNormal(2.0))
-    with numpyro.plate("groups", 2):
-        a = numpyro.sample("a", dist.Normal(0.0, s))
-    with numpyro.plate("n", len(group)):
-        numpyro.sample("y", dist.Bernoulli(logits=a[group]), obs=y)
+# The model and data of ``python -m benchmarks.bench_laplace_weights_small``, which checks the weights themselves.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.bench_laplace_weights_small import BLOCK as TWO_BLOCK, GROUP as TWO_GROUP, Y as TWO_Y, two_effects  # noqa: E402
 
 
 def two_effects_log_marginal(u):

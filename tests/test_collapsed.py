@@ -288,6 +288,8 @@ def test_vectorized_chains_are_refused_in_one_line():
     with pytest.raises(InputError, match="chain_method='vectorized'") as info:
         collapsed_mcmc(crossed, II, JJ, Y, block=CROSSED_BLOCK, num_chains=2, chain_method="vectorized")
     assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match="gibbs_mcmc: chain_method='vectorized'"):
+        autoreparam.gibbs_mcmc(crossed, II, JJ, Y, block=CROSSED_BLOCK, num_chains=2, chain_method="vectorized")
 
 
 def test_model_without_a_block_is_one_clear_line():

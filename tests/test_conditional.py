@@ -177,7 +177,7 @@ Y_COUNT = RNG.poisson(np.exp(0.3 + 0.4 * II - 0.2 * JJ))
 Y_BINARY = (RNG.random(len(II)) < 1 / (1 + np.exp(-(0.8 * II - 1.0)))).astype(float)
 
 
-def glm(ii, jj, y, family):
+def glm(ii, jj, y, family, validate_args=None):
     c = numpyro.sample("c", dist.Normal(0.0, 1.0))
     s_a = numpyro.sample("s_a", dist.HalfNormal(1.0))
     s_b = numpyro.sample("s_b", dist.HalfNormal(1.0))
@@ -188,9 +188,9 @@ def glm(ii, jj, y, family):
     eta = c + a[ii] + b[jj]
     with numpyro.plate("n", len(y)):
         if family == "Poisson":
-            numpyro.sample("y", dist.Poisson(jnp.exp(eta)), obs=y)
+            numpyro.sample("y", dist.Poisson(jnp.exp(eta), validate_args=validate_args), obs=y)
         else:
-            numpyro.sample("y", dist.Bernoulli(logits=eta), obs=y)
+            numpyro.sample("y", dist.Bernoulli(logits=eta, validate_args=validate_args), obs=y)
 
 
 def glm_block(family):
@@ -249,6 +249,18 @@ def test_laplace_draws_are_exact_draws_of_the_laplace_gaussian(laplace_case):
     family, y, cond = laplace_case
     theta = {"c": 0.2, "s_a": 0.8, "s_b": 1.2}
     parts = glm_dense(theta, family, y)
+    with jax.enable_x64(True):
+        draws, info = jax.jit(lambda k: cond.sample(k, theta, NUM_DRAWS, return_info=True))(jax.random.PRNGKey(2))
+        mode = flat(cond, info["mean"])
+    assert_moments(flat_draws(cond, draws), mode, np.linalg.inv(parts(mode)[2]))
+
+
+def test_laplace_draws_stay_exact_when_the_likelihood_validates_its_values():
+    """The draws' noise scores continuous pseudo-observations under the count likelihood: a law built
+    with validate_args=True must not score them -inf (which left only the prior's noise)."""
+    cond = BlockConditional(glm, glm_block("Poisson"), (II, JJ, Y_COUNT, "Poisson", True), method="dense")
+    theta = {"c": 0.2, "s_a": 0.8, "s_b": 1.2}
+    parts = glm_dense(theta, "Poisson", Y_COUNT)
     with jax.enable_x64(True):
         draws, info = jax.jit(lambda k: cond.sample(k, theta, NUM_DRAWS, return_info=True))(jax.random.PRNGKey(2))
         mode = flat(cond, info["mean"])

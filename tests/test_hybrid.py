@@ -421,6 +421,12 @@ def test_bad_input_one_line(x64):
     with pytest.raises(InputError, match=r"HybridELBO: block_draws \(z draws per theta draw\) must be a positive "
                                          r"integer or None, got 0"):
         HybridELBO(4, block_draws=0)
+    assert HybridELBO(4, block_draws=np.int64(3)).block_draws == 3
+    with pytest.raises(InputError, match="fit_hybrid: block_draws"):
+        autoreparam.fit_hybrid(random_intercepts, GROUP, y=Y, block_draws=True)
+    with pytest.raises(InputError, match="AutoHybrid.weighted_block_draws: block_draws"):
+        with AutoHybrid(random_intercepts).weighted_block_draws(0):
+            pass
     with pytest.raises(InputError, match="must be an autoreparam.AutoHybrid"):
         HybridELBO().loss(jax.random.PRNGKey(0), {}, random_intercepts, AutoNormal(random_intercepts), GROUP, y=Y)
     with pytest.raises(ModelError, match="likelihood 'y' of the block is not observed"):
@@ -444,6 +450,18 @@ def test_warns_once_in_float32():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             jax.jit(lambda st: svi.update(st, group, y=y))(state)
+
+
+def test_laplace_block_in_float32_with_vectorized_particles():
+    guide = AutoHybrid(two_effects, block=TWO_BLOCK, method="dense")
+    group, y = TWO_GROUP.copy(), TWO_Y.copy()
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        handlers.seed(guide, 0)(group, y=y)
+        params = {"auto_loc": jnp.array([0.0]), "auto_log_scale": jnp.array([-1.0])}
+        grad = jax.grad(lambda p: HybridELBO(2, block_draws=2).loss(jax.random.PRNGKey(0), p, two_effects, guide,
+                                                                    group, y=y))(params)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grad.values())
 
 
 def test_fit_hybrid_one_line():

@@ -1,3 +1,4 @@
+import scipy.linalg.cython_lapack  # noqa: F401  (loaded first, so every count below sees the same libraries)
 from threadpoolctl import threadpool_info
 
 from autoreparam import one_blas_thread
@@ -27,3 +28,28 @@ def test_decorated_function_runs_limited_and_keeps_its_name():
     value, threads = factorise(3)
     assert value == 3 and set(threads) == {1}
     assert factorise.__name__ == "factorise" and factorise.__doc__ == "doc"
+
+
+def test_overlapping_blocks_in_two_threads_restore_the_limit():
+    start = blas_threads()
+    first, second = one_blas_thread(), one_blas_thread()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # out of order, as two threads' blocks can end
+    assert set(blas_threads()) == {1}  # the second block is still open
+    second.__exit__(None, None, None)
+    assert blas_threads() == start
+
+
+def test_an_exception_restores_the_limit():
+    start = blas_threads()
+
+    @with_one_blas_thread
+    def fails():
+        raise ValueError("inside")
+
+    try:
+        fails()
+    except ValueError:
+        pass
+    assert blas_threads() == start

@@ -355,6 +355,15 @@ def _run_mcmc(kernel, num_warmup, num_samples, num_chains, chain_method, progres
     return mcmc, dict(num_gradients=int(np.sum(extra[steps])), divergences=int(np.sum(extra[diverging])))
 
 
+def _refuse_vectorized_chains(where: str, chain_method: str) -> None:
+    # A vmap over chains batches the block's Cholesky factorisations and triangular solves; two
+    # independent batched LAPACK kernels can deadlock XLA's CPU thread pool (see complete).
+    if chain_method == "vectorized":
+        raise InputError(f"{where}: chain_method='vectorized' batches the block's dense factorisations over "
+                         "chains, which can deadlock jaxlib's LAPACK kernels on CPU; use 'sequential' "
+                         "(the default) or 'parallel'")
+
+
 @with_one_blas_thread
 def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_warmup: int = 500,
                    num_samples: int = 500, num_chains: int = 1, chain_method: str = "sequential",
@@ -371,12 +380,7 @@ def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, n
     """
     from numpyro.infer import NUTS
 
-    if chain_method == "vectorized":
-        # A vmap over chains batches the Schur complement's Cholesky and triangular solves; two
-        # independent batched LAPACK kernels can deadlock XLA's CPU thread pool (see complete).
-        raise InputError("collapsed_mcmc: chain_method='vectorized' batches the block's dense factorisations "
-                         "over chains, which can deadlock jaxlib's LAPACK kernels on CPU; use 'sequential' "
-                         "(the default) or 'parallel'")
+    _refuse_vectorized_chains("collapsed_mcmc", chain_method)
     if block is None:
         block = _find_block(model, args, kwargs, "collapsed NUTS")
     posterior = CollapsedPosterior(model, block, args, kwargs, approximate=approximate)
@@ -407,6 +411,7 @@ def gibbs_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_w
 
     >>> result = autoreparam.gibbs_mcmc(model, sigma, y=y, block=block)  # doctest: +SKIP
     """
+    _refuse_vectorized_chains("gibbs_mcmc", chain_method)
     if block is None:
         block = _find_block(model, args, kwargs, "Gibbs MCMC")
     kernel, args, kwargs = gibbs_kernel(model, block, args, kwargs, approximate=approximate)

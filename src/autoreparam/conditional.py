@@ -37,6 +37,7 @@ theta is upcast on entry and results are returned in the caller's default float 
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import zlib
@@ -166,6 +167,15 @@ def _pcg(matvec, rhs, inv_diag, tol, maxiter):
     return x, it
 
 
+def _without_validation(fn):
+    """A shallow copy of ``fn`` (and of the laws it wraps) whose ``log_prob`` does not check its value's support."""
+    fn = copy.copy(fn)
+    fn._validate_args = False
+    if hasattr(fn, "base_dist"):
+        fn.base_dist = _without_validation(fn.base_dist)
+    return fn
+
+
 class BlockConditional:
     """The conditional of ``block`` given theta in ``model(*args, **kwargs)``: mean, draws, marginal.
 
@@ -260,8 +270,14 @@ class BlockConditional:
         total = jnp.zeros((), jnp.float64)
         for name in names:
             site = trace[name]
-            value = site["value"] if values is None or name not in values else values[name]
-            log_prob = site["fn"].log_prob(value)
+            fn = site["fn"]
+            if values is not None and name in values:
+                # Pseudo-observations of a count likelihood are not counts: a distribution built with
+                # validate_args=True would score them -inf (and give them no gradient).
+                value, fn = values[name], _without_validation(fn)
+            else:
+                value = site["value"]
+            log_prob = fn.log_prob(value)
             if site["scale"] is not None:
                 log_prob = log_prob * jnp.asarray(site["scale"]) ** power
             total = total + jnp.sum(log_prob)

@@ -12,7 +12,7 @@ import numpyro
 from numpyro.infer import SVI
 
 from .errors import InputError
-from .hybrid import AutoHybrid, HybridELBO
+from .hybrid import AutoHybrid, HybridELBO, check_block_draws
 from .natural import NaturalGradient, decaying_step_size
 from .threads import with_one_blas_thread
 
@@ -93,6 +93,7 @@ def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", opt
         raise InputError(f"fit_hybrid: resample_theta must be 'auto' or an integer >= 0, got {resample_theta!r}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise InputError(f"fit_hybrid: num_samples must be a positive integer, got {num_samples!r}")
+    check_block_draws("fit_hybrid", block_draws)
     with jax.enable_x64(True):
         args, kwargs = inputs_for_float64((tuple(args), dict(kwargs)))
         guide = AutoHybrid(model, block=block, theta_guide=theta_guide, init_scale=init_scale)

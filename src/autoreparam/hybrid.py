@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import warnings
 
 import jax
@@ -63,6 +64,15 @@ HYBRID_DENSE_BELOW = 250
 LAPLACE_BLOCK_DRAWS = 16
 #: Draws vmapped together by ``sample_posterior`` on the CG path (the rest run in sequence).
 _CG_DRAW_BATCH = 16
+
+
+def check_block_draws(where: str, block_draws) -> None:
+    """``block_draws`` is None (the block's default) or a positive integer (numpy integers too)."""
+    if block_draws is None:
+        return
+    if isinstance(block_draws, (bool, np.bool_)) or not isinstance(block_draws, numbers.Integral) or block_draws < 1:
+        raise InputError(f"{where}: block_draws (z draws per theta draw) must be a positive integer or None, "
+                         f"got {block_draws!r}")
 
 
 def _concrete(x) -> bool:
@@ -300,6 +310,7 @@ class AutoHybrid(AutoGuide):
         draws with self-normalised importance weights p(y, z, theta) / N(z; m, H^-1) (uniform weights for
         exact blocks), recorded with their log weights as deterministic sites (see ``weighted_draws``),
         and one of them, picked by weight, emitted as z. ``HybridELBO`` uses it."""
+        check_block_draws("AutoHybrid.weighted_block_draws", num_draws)
         previous, self._block_draws = self._block_draws, num_draws
         try:
             yield
@@ -506,12 +517,9 @@ class HybridELBO(Trace_ELBO):
                  vectorize_particles: bool = True):
         if not isinstance(num_particles, int) or num_particles < 1:
             raise InputError(f"HybridELBO: num_particles must be a positive integer, got {num_particles!r}")
-        if block_draws is not None and (isinstance(block_draws, bool) or not isinstance(block_draws, int)
-                                        or block_draws < 1):
-            raise InputError(f"HybridELBO: block_draws (z draws per theta draw) must be a positive integer or None, "
-                             f"got {block_draws!r}")
+        check_block_draws("HybridELBO", block_draws)
         super().__init__(num_particles=num_particles, vectorize_particles=vectorize_particles)
-        self.block_draws = block_draws
+        self.block_draws = None if block_draws is None else int(block_draws)
         self.exact_value = exact_value
 
     def draws_per_theta(self, guide) -> int:
@@ -553,7 +561,9 @@ class HybridELBO(Trace_ELBO):
                     trace.update({n: {**guide_trace[n], "value": z[n]} for n in z})
                     return model_log_density(k_model, trace)
 
-                model_lp = jnp.sum(jnp.exp(lax.stop_gradient(log_w)) * jax.vmap(at)(draws))
+                w = jnp.exp(lax.stop_gradient(log_w))
+                # A weight that underflowed to 0 drops its draw, even where log p(y, z_i, theta) is -inf.
+                model_lp = jnp.sum(jnp.where(w > 0, w * jax.vmap(at)(draws), 0.0))
             surrogate = model_lp - guide_lp
             mode = guide_trace[guide.mode_name]["value"] if guide.mode_name in guide_trace else None
             if not self.reports_elbo(guide):
@@ -563,7 +573,11 @@ class HybridELBO(Trace_ELBO):
             return surrogate + lax.stop_gradient(value - surrogate), mode
 
         keys = jax.random.split(rng_key, self.num_particles)
-        elbos, modes = jax.vmap(particle)(keys) if self.vectorize_particles else lax.map(particle, keys)
+        # With float64 off, a vmap's batching rules run outside the conditional's float64 context and
+        # mix float32 into its float64 solves (Laplace blocks fail to trace): the particles then run
+        # one after another.
+        vectorize = self.vectorize_particles and jax.config.jax_enable_x64
+        elbos, modes = jax.vmap(particle)(keys) if vectorize else lax.map(particle, keys)
         # The particles' conditional modes (Laplace blocks) at nearby theta: their mean warm-starts the next step.
         mutable = None if modes is None else {guide.mode_name: jax.tree.map(lambda v: jnp.mean(v, 0), modes)}
         return {"loss": -jnp.mean(elbos), "mutable_state": mutable}

@@ -17,19 +17,42 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 from threadpoolctl import threadpool_limits
 
 __all__ = ["one_blas_thread", "with_one_blas_thread"]
 
 
+_lock = threading.Lock()
+_depth = 0  # ``one_blas_thread`` blocks open in any thread
+_limits = None  # the threadpoolctl limiter of the outermost block: it restores the limits on exit
+
+
 @contextlib.contextmanager
 def one_blas_thread():
-    """Limit BLAS/LAPACK libraries (OpenBLAS, MKL, BLIS) to one thread inside the ``with`` block."""
+    """Limit BLAS/LAPACK libraries (OpenBLAS, MKL, BLIS) to one thread inside the ``with`` block.
+
+    Blocks may nest and overlap across threads: the first to enter sets the limit, the last to
+    leave restores what was there before (each restoring its own entry value would leave the
+    limit set when two threads' blocks end out of order).
+    """
+    global _depth, _limits
     # threadpoolctl limits only the libraries already loaded: load the LAPACK jaxlib calls first.
     import scipy.linalg.cython_lapack  # noqa: F401
-    with threadpool_limits(limits=1, user_api="blas"):
+
+    with _lock:
+        if _depth == 0:
+            _limits = threadpool_limits(limits=1, user_api="blas")
+        _depth += 1
+    try:
         yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                _limits.restore_original_limits()
+                _limits = None
 
 
 def with_one_blas_thread(fn):

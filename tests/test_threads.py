@@ -2,7 +2,6 @@ import scipy.linalg.cython_lapack  # noqa: F401  (loaded first, so every count b
 from threadpoolctl import threadpool_info
 
 from autoreparam import one_blas_thread
-from autoreparam.threads import with_one_blas_thread
 
 
 def blas_threads():
@@ -20,7 +19,7 @@ def test_one_blas_thread_inside_and_restored_after():
 
 
 def test_decorated_function_runs_limited_and_keeps_its_name():
-    @with_one_blas_thread
+    @one_blas_thread()
     def factorise(x):
         """doc"""
         return x, blas_threads()
@@ -44,7 +43,7 @@ def test_overlapping_blocks_in_two_threads_restore_the_limit():
 def test_an_exception_restores_the_limit():
     start = blas_threads()
 
-    @with_one_blas_thread
+    @one_blas_thread()
     def fails():
         raise ValueError("inside")
 

@@ -41,7 +41,7 @@ from numpyro.distributions.util import sum_rightmost
 from .block import GaussianBlock, block_of_model
 from .conditional import DENSE_LIMIT, BlockConditional, float64_with_gradient
 from .errors import InputError, ModelError
-from .threads import with_one_blas_thread
+from .threads import one_blas_thread
 
 __all__ = ["CollapsedPosterior", "CollapsedResult", "collapsed_mcmc", "gibbs_mcmc", "gibbs_kernel", "choose_mcmc",
            "MCMCChoice", "COLLAPSED_LIMIT", "AUTO_COLLAPSED_LIMIT"]
@@ -269,7 +269,7 @@ class CollapsedPosterior:
 
         return jax.vmap(run)(keys[self._chunk:], theta, z)
 
-    @with_one_blas_thread
+    @one_blas_thread()
     def complete(self, rng_key, theta: dict) -> dict:
         """Every latent and deterministic site of the model for each draw of (constrained) ``theta``.
 
@@ -364,7 +364,7 @@ def _refuse_vectorized_chains(where: str, chain_method: str) -> None:
                          "(the default) or 'parallel'")
 
 
-@with_one_blas_thread
+@one_blas_thread()
 def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_warmup: int = 500,
                    num_samples: int = 500, num_chains: int = 1, chain_method: str = "sequential",
                    rng_key=0, approximate: bool = False, progress_bar: bool = True, **kwargs) -> CollapsedResult:
@@ -398,7 +398,7 @@ def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, n
     return CollapsedResult(samples, mcmc, method, seconds=time.perf_counter() - start, **counts)
 
 
-@with_one_blas_thread
+@one_blas_thread()
 def gibbs_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_warmup: int = 500,
                num_samples: int = 500, num_chains: int = 1, chain_method: str = "sequential", rng_key=0,
                approximate: bool = False, progress_bar: bool = True, **kwargs) -> CollapsedResult:

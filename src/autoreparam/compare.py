@@ -33,7 +33,7 @@ import numpy as np
 from .api import analyze, reparameterize, unwrap_model
 from .errors import InputError
 from .files import write_atomic
-from .threads import with_one_blas_thread
+from .threads import one_blas_thread
 from .trace import describe_exception
 
 __all__ = ["GUIDES", "compare", "Comparison", "FitSummary", "compare_mcmc", "MCMCComparison", "MCMCSummary",
@@ -383,7 +383,7 @@ def _fit_hybrid(label, model, args, kwargs, steps, seed, progress, sites) -> Fit
     return FitSummary(label, elbo, elbo_se, fit.seconds, fit.losses, summary, _element_moments(fit.samples, sites))
 
 
-@with_one_blas_thread
+@one_blas_thread()
 def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "AutoNormal", lr: float = 1e-2,
             seed: int = 0, progress: bool = False, unwrap: bool = False) -> Comparison:
     """Fit ``model`` and ``reparameterize(model)`` with the same guide family, optimizer, seed and steps.
@@ -527,7 +527,7 @@ def _nuts(label, model, args, kwargs, sites, warmup, samples, chains, seed, prog
     return _diagnose(label, draws, sites, seconds, np.sum(extra["num_steps"]), np.sum(extra["diverging"]))
 
 
-@with_one_blas_thread
+@one_blas_thread()
 def compare_mcmc(model, args=(), kwargs=None, *, warmup: int = 500, samples: int = 500, chains: int = 2,
                  seed: int = 0, progress: bool = False, unwrap: bool = False) -> MCMCComparison:
     """NUTS on ``model``, on ``reparameterize(model)`` and with the Gaussian block integrated out.

@@ -14,7 +14,7 @@ from numpyro.infer import SVI
 from .errors import InputError
 from .hybrid import AutoHybrid, HybridELBO, check_block_draws
 from .natural import NaturalGradient, decaying_step_size
-from .threads import with_one_blas_thread
+from .threads import one_blas_thread
 
 __all__ = ["fit_hybrid", "HybridFit"]
 
@@ -62,7 +62,7 @@ def inputs_for_float64(tree):
     return jax.tree.map(convert, tree)
 
 
-@with_one_blas_thread
+@one_blas_thread()
 def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", optimizer="natural",
                step_size=None, num_particles: int = 4, block_draws: int | None = None, num_samples: int = 1000,
                seed: int = 0, block=None, init_scale: float = 0.1, progress_bar: bool = False, resample_theta="auto",

@@ -266,9 +266,7 @@ class AutoHybrid(AutoGuide):
         mode_state = None
         if not self.block.exact:
             mode_state = mutable(self.mode_name, self._zero_mode())
-        num_draws = self._block_draws
-        if num_draws is None:
-            num_draws = 1 if self.block.exact else LAPLACE_BLOCK_DRAWS
+        num_draws = self.draws_per_theta(self._block_draws)
         theta_fixed = jax.lax.stop_gradient(theta)
         init = None if mode_state is None else lax.stop_gradient(mode_state)
         with handlers.block():
@@ -316,6 +314,13 @@ class AutoHybrid(AutoGuide):
             yield
         finally:
             self._block_draws = previous
+
+    def draws_per_theta(self, block_draws: int | None) -> int:
+        """K, the z draws per theta draw: ``block_draws``, or (None) 1 for exact blocks and
+        ``LAPLACE_BLOCK_DRAWS`` for Laplace blocks."""
+        if block_draws is not None:
+            return block_draws
+        return 1 if self.block.exact else LAPLACE_BLOCK_DRAWS
 
     def _draws_site(self, name: str | None) -> str:
         return f"_{self.prefix}_block_log_weights" if name is None else f"_{self.prefix}_block_draws_{name}"
@@ -524,9 +529,7 @@ class HybridELBO(Trace_ELBO):
 
     def draws_per_theta(self, guide) -> int:
         """K, the z draws per theta draw for this guide (``block_draws``, or its default for the block)."""
-        if self.block_draws is not None:
-            return self.block_draws
-        return 1 if guide.block.exact else LAPLACE_BLOCK_DRAWS
+        return guide.draws_per_theta(self.block_draws)
 
     def reports_elbo(self, guide) -> bool:
         """Whether the loss value is the (negative) hybrid ELBO for this guide, or the joint surrogate."""
@@ -540,7 +543,6 @@ class HybridELBO(Trace_ELBO):
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
         if not isinstance(guide, AutoHybrid):
             raise InputError(f"HybridELBO: the guide must be an autoreparam.AutoHybrid, got {type(guide).__name__}")
-
 
         def model_log_density(key, guide_trace):
             return log_density(handlers.replay(handlers.seed(model, key), guide_trace), args, kwargs, param_map)[0]

@@ -5,7 +5,7 @@ few cores its threads compete with XLA's own: a 148 x 148 Cholesky inside a jitt
 0.85-1.66 ms with OpenBLAS's default threads and 0.07-0.19 ms with one on the 2-core machine
 (``python -m benchmarks.blas_threads``). The entry points that factorise the
 Gaussian block (``collapsed_mcmc``, ``gibbs_mcmc``, ``CollapsedPosterior.complete``,
-``fit_hybrid``, ``compare``) run under ``one_blas_thread``; wrap your own ``MCMC.run`` on a
+``fit_hybrid``, ``compare``) run under it (``@one_blas_thread()`` works as a decorator too); wrap your own ``MCMC.run`` on a
 ``CollapsedPosterior.potential_fn`` in it the same way. The limit is lifted on exit.
 
 >>> from autoreparam import one_blas_thread
@@ -16,12 +16,11 @@ Gaussian block (``collapsed_mcmc``, ``gibbs_mcmc``, ``CollapsedPosterior.complet
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 
 from threadpoolctl import threadpool_limits
 
-__all__ = ["one_blas_thread", "with_one_blas_thread"]
+__all__ = ["one_blas_thread"]
 
 
 _lock = threading.Lock()
@@ -53,12 +52,3 @@ def one_blas_thread():
             if _depth == 0:
                 _limits.restore_original_limits()
                 _limits = None
-
-
-def with_one_blas_thread(fn):
-    """Decorator: run ``fn`` under ``one_blas_thread``."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with one_blas_thread():
-            return fn(*args, **kwargs)
-    return wrapper

@@ -139,7 +139,10 @@ class AutoHybrid(AutoGuide):
         self.z_names: tuple[str, ...] = ()
         self._warned_float32 = False
         self._compiled_draws = {}
-        self._block_draws = 1  # z draws per call; set by HybridELBO through weighted_block_draws
+        # z draws per call (None: the block's default, ``draws_per_theta``), and whether the call records
+        # them for the loss; both set by HybridELBO through weighted_block_draws.
+        self._block_draws = None
+        self._record_draws = False
         super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn)
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -270,28 +273,14 @@ class AutoHybrid(AutoGuide):
         theta_fixed = jax.lax.stop_gradient(theta)
         init = None if mode_state is None else lax.stop_gradient(mode_state)
         with handlers.block():
-            if num_draws == 1 and mode_state is None:
-                z = self.conditional.sample(key, theta_fixed)
-            elif num_draws == 1:
-                z, info = self.conditional.sample(key, theta_fixed, init=init, return_info=True)
-            else:
-                key, key_pick = jax.random.split(key)
-                if self.block.exact:  # the weights are uniform: no log joint per draw
-                    draws, info = self.conditional.sample(key, theta_fixed, num_draws, return_info=True)
-                    log_w = jnp.full((num_draws,), -math.log(num_draws), dtype=jnp.result_type(float))
-                else:
-                    draws, log_w, info = self.conditional.sample_weighted(key, theta_fixed, num_draws, init=init,
-                                                                          return_info=True)
-                # The emitted z is one of the draws resampled by its weight, so the trace stays a draw of
-                # q(theta) times (approximately, for Laplace blocks) the exact conditional.
-                pick = jax.random.categorical(key_pick, log_w)
-                z = {n: v[pick] for n, v in draws.items()}
+            z, draws, log_w, info = self._draw_block(key, theta_fixed, num_draws, init=init,
+                                                     return_info=mode_state is not None)
             if mode_state is not None:
                 # A non-finite mode (a theta far out in the tails) must not poison later warm starts.
                 finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in info["mean"].values()]))
                 mode_state.update({n: jnp.where(finite, lax.stop_gradient(info["mean"][n]).astype(init[n].dtype),
                                                 init[n]) for n in init})
-        if num_draws > 1:
+        if self._record_draws and num_draws > 1:
             for name in self.z_names:
                 numpyro.deterministic(self._draws_site(name), lax.stop_gradient(draws[name]))
             numpyro.deterministic(self._draws_site(None), lax.stop_gradient(log_w))
@@ -301,19 +290,42 @@ class AutoHybrid(AutoGuide):
             out[name] = numpyro.sample(name, dist.Delta(value, event_dim=jnp.ndim(value)))
         return out
 
+    def _draw_block(self, key, theta, num_draws: int, *, init=None, return_info: bool = False):
+        """z given theta (run under ``handlers.block()``): ``(z, draws, log_w, info)``.
+
+        One draw (``num_draws == 1``): z from ``conditional.sample``, ``draws``/``log_w`` None.
+        K > 1: K draws of the conditional with their self-normalised log weights (Laplace blocks:
+        p(y, z_i, theta) / N(z_i; m, H^-1); exact blocks: uniform) and z one of them picked by its
+        weight (sampling-importance-resampling). ``info`` is the conditional's, with ``return_info``."""
+        if num_draws == 1:
+            if return_info:
+                z, info = self.conditional.sample(key, theta, init=init, return_info=True)
+                return z, None, None, info
+            return self.conditional.sample(key, theta, init=init), None, None, None
+        key, key_pick = jax.random.split(key)
+        if self.block.exact:  # the weights are uniform: no log joint per draw
+            draws, info = self.conditional.sample(key, theta, num_draws, init=init, return_info=True)
+            log_w = jnp.full((num_draws,), -math.log(num_draws), dtype=jnp.result_type(float))
+        else:
+            draws, log_w, info = self.conditional.sample_weighted(key, theta, num_draws, init=init, return_info=True)
+        pick = jax.random.categorical(key_pick, log_w)
+        return {n: v[pick] for n, v in draws.items()}, draws, log_w, info if return_info else None
+
     @contextlib.contextmanager
     def weighted_block_draws(self, num_draws: int | None):
         """While active, each call of the guide draws ``num_draws`` z given its theta (``None``: 1 for exact
-        blocks, ``LAPLACE_BLOCK_DRAWS`` for Laplace blocks). With more than one: the Laplace Gaussian's
-        draws with self-normalised importance weights p(y, z, theta) / N(z; m, H^-1) (uniform weights for
-        exact blocks), recorded with their log weights as deterministic sites (see ``weighted_draws``),
-        and one of them, picked by weight, emitted as z. ``HybridELBO`` uses it."""
+        blocks, ``LAPLACE_BLOCK_DRAWS`` for Laplace blocks) and, with more than one, records them with
+        their self-normalised log importance weights p(y, z, theta) / N(z; m, H^-1) (uniform for exact
+        blocks) as deterministic sites (see ``weighted_draws``). ``HybridELBO`` uses it. Outside it the
+        guide draws the block's default number and records nothing: either way the emitted z is one
+        of the draws, picked by weight (see ``sample_posterior``)."""
         check_block_draws("AutoHybrid.weighted_block_draws", num_draws)
-        previous, self._block_draws = self._block_draws, num_draws
+        previous = self._block_draws, self._record_draws
+        self._block_draws, self._record_draws = num_draws, True
         try:
             yield
         finally:
-            self._block_draws = previous
+            self._block_draws, self._record_draws = previous
 
     def draws_per_theta(self, block_draws: int | None) -> int:
         """K, the z draws per theta draw: ``block_draws``, or (None) 1 for exact blocks and
@@ -367,8 +379,18 @@ class AutoHybrid(AutoGuide):
         if self.prototype_trace is None:
             raise InputError(f"AutoHybrid.{what}: the guide has not been run yet; fit it first (svi.init / svi.run)")
 
-    def sample_posterior(self, rng_key, params, *args, sample_shape=(), resample_theta: int = 0, **kwargs):
+    def sample_posterior(self, rng_key, params, *args, sample_shape=(), resample_theta: int = 0,
+                         block_draws: int | None = None, **kwargs):
         """Draws of every latent site (theta from q, z from its conditional) and every deterministic site.
+
+        ``block_draws=K`` (default ``None``: the block's, ``draws_per_theta``, so 1 for exact blocks and
+        ``LAPLACE_BLOCK_DRAWS`` for Laplace blocks): per theta draw, K proposals of z from the
+        conditional, each weighted by p(y, z, theta) / N(z; m, H^-1), and one kept, picked by its
+        self-normalised weight (sampling-importance-resampling). For Laplace blocks this moves z from
+        the Laplace Gaussian towards p(z | theta, y) (a bias that falls as about 1 / K), at K solves
+        per draw; ``block_draws=1`` gives the plain Laplace draws. Exact blocks need no weights: K > 1
+        only costs more. ``Predictive(model, guide=guide, params=...)`` draws z the same way, with
+        the default K.
 
         ``resample_theta=k`` (k >= 1; blocks with ``exact_marginal`` only): draw k times as many theta
         from q, weight each by p(y, theta) / q(theta) and resample (sampling-importance-resampling),
@@ -379,6 +401,8 @@ class AutoHybrid(AutoGuide):
         self._require_setup("sample_posterior")
         args, kwargs = self._inputs(args, kwargs, "sample_posterior")
         n = max(int(np.prod(sample_shape)), 1)
+        check_block_draws("AutoHybrid.sample_posterior", block_draws)
+        num_draws = self.draws_per_theta(None if block_draws is None else int(block_draws))
         if resample_theta and not (isinstance(resample_theta, int) and resample_theta >= 1):
             raise InputError(f"AutoHybrid.sample_posterior: resample_theta must be a positive integer or 0, "
                              f"got {resample_theta!r}")
@@ -387,10 +411,10 @@ class AutoHybrid(AutoGuide):
                              f"({self.conditional.size} values, above the dense threshold) does not have")
 
         draw = functools.partial(self._draw_posterior, args=args, kwargs=kwargs, n=n,
-                                 resample_theta=resample_theta)
+                                 resample_theta=resample_theta, num_draws=num_draws)
         # One compile per set of inputs (keyed by their identities; the entry keeps them alive) and
         # draw count: sample_posterior is called at every checkpoint of a fit.
-        cache_key = (tuple(id(x) for x in jax.tree.leaves((args, kwargs))), n, resample_theta)
+        cache_key = (tuple(id(x) for x in jax.tree.leaves((args, kwargs))), n, resample_theta, num_draws)
         compiled, _ = self._compiled_draws.get(cache_key) or (jax.jit(draw), (args, kwargs))
         if not all(_concrete(x) for x in jax.tree.leaves((args, kwargs, rng_key, params))):
             compiled = draw  # already inside a jit: compiled with the caller's function
@@ -404,7 +428,7 @@ class AutoHybrid(AutoGuide):
             draws = draw(rng_key, params)  # the model's Python code needs concrete values: run it eagerly
         return {k: jnp.reshape(v, tuple(sample_shape) + jnp.shape(v)[1:]) for k, v in draws.items()}
 
-    def _draw_posterior(self, rng_key, params, *, args, kwargs, n, resample_theta):
+    def _draw_posterior(self, rng_key, params, *, args, kwargs, n, resample_theta, num_draws):
         """``sample_posterior``'s draws, flat (``n`` of them): a pure function of the key and the params."""
         init = None
         if not self.block.exact:
@@ -417,7 +441,7 @@ class AutoHybrid(AutoGuide):
         def complete(key, theta):
             k_z, k_model = jax.random.split(key)
             with handlers.block():
-                z = self.conditional.sample(k_z, theta, init=init)
+                z = self._draw_block(k_z, theta, num_draws, init=init)[0]
             values = {**theta, **{name: z[name] for name in self.z_names}}
             mtr = handlers.trace(handlers.seed(handlers.substitute(self.model, data={**params, **values}), k_model)) \
                 .get_trace(*args, **kwargs)

@@ -76,7 +76,8 @@ def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", opt
     gradient is not finite are skipped (``SVI.stable_update``).
 
     ``num_particles`` theta draws per step, each with ``block_draws`` z draws (``HybridELBO``; default: 1
-    for exact blocks, ``LAPLACE_BLOCK_DRAWS`` importance-weighted draws for Laplace blocks).
+    for exact blocks, ``LAPLACE_BLOCK_DRAWS`` importance-weighted draws for Laplace blocks); the
+    returned draws of z are resampled from as many proposals each (``AutoHybrid.sample_posterior``).
 
     ``resample_theta``: the draws of theta are importance-resampled by p(y, theta) / q(theta) from
     this many proposals each (``AutoHybrid.sample_posterior``); ``"auto"`` (default) is 4 where the
@@ -114,7 +115,7 @@ def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", opt
         if resample_theta == "auto":
             resample_theta = 4 if guide.exact_marginal else 0
         draws = guide.sample_posterior(key_draw, result.params, *args, sample_shape=(num_samples,),
-                                       resample_theta=resample_theta, **kwargs)
+                                       resample_theta=resample_theta, block_draws=block_draws, **kwargs)
         samples = {k: np.asarray(v) for k, v in draws.items()}
         params = {k: np.asarray(v) for k, v in result.params.items()}
         return HybridFit(guide, params, np.asarray(result.losses), samples, seconds, resample_theta)

@@ -460,7 +460,9 @@ class AutoHybrid(AutoGuide):
                     ladj = biject_to(fn.support).log_abs_det_jacobian(self._unpack(u)[name], value)
                     log_q = log_q - jnp.reshape(ladj, (u.shape[0], -1)).sum(-1)
                 with handlers.block():
-                    log_p = jax.vmap(lambda th: self.conditional.log_marginal(th, init=init))(theta)
+                    # One theta at a time: vmapped, the factorisations become batched LAPACK calls,
+                    # which can deadlock XLA's thread pool (see HybridELBO.loss_with_mutable_state).
+                    log_p = lax.map(lambda th: self.conditional.log_marginal(th, init=init), theta)
                 pick = jax.random.categorical(key_pick, log_p - log_q, shape=(n,))
                 theta = {name: v[pick] for name, v in theta.items()}
         else:
@@ -599,10 +601,15 @@ class HybridELBO(Trace_ELBO):
             return surrogate + lax.stop_gradient(value - surrogate), mode
 
         keys = jax.random.split(rng_key, self.num_particles)
-        # With float64 off, a vmap's batching rules run outside the conditional's float64 context and
-        # mix float32 into its float64 solves (Laplace blocks fail to trace): the particles then run
-        # one after another.
-        vectorize = self.vectorize_particles and jax.config.jax_enable_x64
+        # The particles run one after another (lax.map) where they would otherwise be vmapped into
+        # batched LAPACK calls, and where float64 is off: (1) on the dense path each particle factors
+        # its own H (and log_marginal its sparse H): vmapped, these become batched Cholesky and
+        # triangular solves, whose jaxlib kernels split the batch over XLA's intra-op pool and block a
+        # worker until the pieces finish, so two of them in one program can deadlock (as
+        # CollapsedPosterior.complete did); (2) with float64 off, a vmap's batching rules run outside
+        # the conditional's float64 context and mix float32 into its float64 solves (Laplace blocks
+        # fail to trace).
+        vectorize = self.vectorize_particles and jax.config.jax_enable_x64 and not guide.conditional.dense
         elbos, modes = jax.vmap(particle)(keys) if vectorize else lax.map(particle, keys)
         # The particles' conditional modes (Laplace blocks) at nearby theta: their mean warm-starts the next step.
         mutable = None if modes is None else {guide.mode_name: jax.tree.map(lambda v: jnp.mean(v, 0), modes)}

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -21,6 +20,7 @@ import autoreparam
 from autoreparam.block import BlockLikelihood, BlockSite, GaussianBlock
 from autoreparam.collapsed import AUTO_COLLAPSED_LIMIT, COLLAPSED_LIMIT, CollapsedPosterior, collapsed_mcmc
 from autoreparam.errors import InputError
+from helpers import linear_algebra_operands
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -170,17 +170,6 @@ def test_float32_caller_gets_the_float64_gradient(crossed_posterior):
         np.testing.assert_allclose(float(grad[name]), float(expected[name]), rtol=1e-4)
 
 
-def _linear_algebra_operands(jaxpr):
-    """(primitive, operand shapes) of every Cholesky and triangular solve in ``jaxpr`` and its sub-jaxprs."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("cholesky", "triangular_solve"):
-            found.append((eqn.primitive.name, [v.aval.shape for v in eqn.invars]))
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            found += _linear_algebra_operands(sub)
-    return found
-
-
 @pytest.mark.parametrize("which", ["sparse", "hvp"])
 def test_z_draws_factor_one_matrix_at_a_time(crossed_posterior, which):
     # jaxlib's batched LAPACK kernels wait inside XLA's thread pool for pieces scheduled on that pool;
@@ -194,7 +183,7 @@ def test_z_draws_factor_one_matrix_at_a_time(crossed_posterior, which):
     theta = {n: np.ones((posterior._chunk,) + np.shape(v)) for n, v in posterior._theta_example.items()}
     with jax.enable_x64(True):
         jaxpr = jax.make_jaxpr(posterior._complete_chunk_fn)(jax.random.PRNGKey(0), np.int32(0), theta)
-    found = _linear_algebra_operands(jaxpr.jaxpr)
+    found = linear_algebra_operands(jaxpr.jaxpr)
     assert {name for name, _ in found} == {"cholesky", "triangular_solve"}
     assert all(len(shape) == 2 for _, shapes in found for shape in shapes), found
 

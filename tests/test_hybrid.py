@@ -24,6 +24,7 @@ from autoreparam.block import BlockLikelihood, BlockSite, GaussianBlock
 from autoreparam.errors import InputError, ModelError
 from autoreparam.hybrid import AutoHybrid, HybridELBO
 from autoreparam.natural import NaturalGradient
+from helpers import linear_algebra_operands
 
 
 # ----------------------------------------------------------------------------- the dense oracle
@@ -456,6 +457,28 @@ def test_sample_posterior_resamples_laplace_draws_towards_the_exact_conditional(
     predicted, se = moments(pred["a"])
     assert np.abs(predicted - exact)[0, 0] < 0.3 * np.abs(plain - exact)[0, 0], (predicted, plain, exact)
     assert set(pred) == {"a"}
+
+
+@pytest.mark.parametrize("which", ["normal", "laplace"])
+def test_dense_path_factors_one_matrix_at_a_time(x64, which):
+    """The compiled SVI step (4 particles, each factoring H; the Laplace block's weighted draws) and
+    sample_posterior with resample_theta (a log_marginal per theta proposal) contain no batched Cholesky or
+    triangular solve: two in one program can deadlock XLA's pool (helpers.linear_algebra_operands)."""
+    if which == "normal":
+        model, block, args, kwargs = random_intercepts, RI_BLOCK, (GROUP,), {"y": Y}
+    else:
+        model, block, args, kwargs = two_effects, TWO_BLOCK, (TWO_GROUP,), {"y": TWO_Y}
+    guide = AutoHybrid(model, block=block)
+    svi = SVI(model, guide, numpyro.optim.Adam(0.01), HybridELBO(4))
+    state = svi.init(jax.random.PRNGKey(0), *args, **kwargs)
+    assert guide.conditional.dense
+    step = jax.make_jaxpr(lambda st: svi.update(st, *args, **kwargs))(state)
+    draws = jax.make_jaxpr(lambda key, params: guide.sample_posterior(
+        key, params, *args, sample_shape=(8,), resample_theta=4, **kwargs))(jax.random.PRNGKey(1), svi.get_params(state))
+    for jaxpr in (step, draws):
+        found = linear_algebra_operands(jaxpr.jaxpr)
+        assert {name for name, _ in found} == {"cholesky", "triangular_solve"}
+        assert all(len(shape) == 2 for _, shapes in found for shape in shapes), found
 
 
 def test_bad_input_one_line(x64):

@@ -533,6 +533,10 @@ class HybridELBO(Trace_ELBO):
         ``LAPLACE_BLOCK_DRAWS`` for Laplace blocks. Each draw costs one CG solve (or triangular
         solve) and one evaluation of the model's log density and its gradient.
     :param exact_value: see below; ``None`` (default) picks the exact value where it exists.
+    :param vectorize_particles: vmap the theta draws (as ``Trace_ELBO``); they run in sequence anyway on
+        the dense path, where each factors its own H: vmapped, the factorisations would be batched LAPACK
+        calls, which can deadlock XLA's thread pool (about 25% more CPU per step on the 213-value tensor
+        block, benchmarks/README.md).
 
     The reported value is ``-E_q[log p(y, theta) - log q(theta)]`` (the negative ELBO) with
     ``log p(y, theta)`` from ``guide.log_marginal``: exact (Cholesky) for Normal blocks, the Laplace

@@ -429,7 +429,8 @@ class BlockConditional:
         except Unsupported as exc:
             return None, str(exc)
         return precision, (f"sparse: {precision.num_terms} pair products of {precision.num_groups} distinct precisions; "
-                           f"{len(precision.diagonal_set)} of {self.size} eliminated before a dense Cholesky")
+                           f"{precision.eliminated} of {self.size} eliminated in {len(precision.groups)} groups of at most "
+                           f"{max(map(len, precision.groups))} before a dense Cholesky of {len(precision.rest)}")
 
     def _exact_parts(self, theta, assemble=True):
         """(log p(y, z=0, theta), its gradient in z, H or the flat Q entries H is made of): one model run."""

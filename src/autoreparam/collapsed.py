@@ -27,6 +27,7 @@ NUTS then targets the Laplace approximation of p(theta | y) and is only run with
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -248,7 +249,9 @@ class CollapsedPosterior:
         eps = jax.vmap(lambda k: jax.random.normal(k, (self.block.size,), jnp.float64))(keys)
         if cond.sparse:  # by the marginal's own elimination, no dense H
             _, grad0, q = jax.vmap(lambda th: cond._exact_parts(cond._as_theta(th), assemble=False))(theta)
-            return jax.lax.map(lambda a: cond.precision.draw(*a), (q, grad0, eps))
+            draw = lambda a: cond.precision.draw(*a)
+            return (jax.vmap(draw) if cond.precision.vectorizable else functools.partial(jax.lax.map, draw))(
+                (q, grad0, eps))
 
         def dense_draw(args):
             th, e = args

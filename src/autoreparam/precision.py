@@ -41,6 +41,8 @@ _CHUNK = 64
 _GROUP_CAPS = (1, 2, 4, 8, 16, 32, 64)
 #: Multiply-adds charged per group factored on its own (a loop step of a few microseconds).
 _PER_GROUP_COST = 5_000
+#: Size up to which a dense factor is computed by unrolled jnp operations instead of LAPACK.
+_UNROLLED_BELOW = 8
 
 
 class Unsupported(Exception):
@@ -366,9 +368,7 @@ class SparsePrecision:
             can deadlock XLA's CPU thread pool (see CollapsedPosterior._draw_block)."""
             if k == 1:
                 return 1.0 / jnp.sqrt(A)
-            eye = jnp.eye(k, dtype=A.dtype)
-            return jax.lax.map(lambda a: jax.scipy.linalg.solve_triangular(
-                jnp.linalg.cholesky(a), eye, lower=True), A)
+            return jax.lax.map(_factor_inverse, A)
 
         def factor(q_entries, g):
             h = jnp.concatenate([self.entries(q_entries), jnp.zeros((1,), g.dtype)])
@@ -380,11 +380,11 @@ class SparsePrecision:
                 m_S = jnp.einsum("bji,bj->bi", L_inv, u)
                 return _scatter(m_S, None), log_det, (L_inv, None, None)
             V = jnp.einsum("bij,bjr->bir", L_inv, h[B_index])  # L_b^-1 B_b
-            K_chol = jnp.linalg.cholesky(h[C_index] - jnp.einsum("bir,bis->rs", V, V))
-            m_R = jax.scipy.linalg.cho_solve((K_chol, True), g[R_j] - jnp.einsum("bir,bi->r", V, u))
+            LK_inv = _factor_inverse(h[C_index] - jnp.einsum("bir,bis->rs", V, V))  # of the Schur complement
+            m_R = LK_inv.T @ (LK_inv @ (g[R_j] - jnp.einsum("bir,bi->r", V, u)))
             m_S = jnp.einsum("bji,bj->bi", L_inv, u - jnp.einsum("bir,r->bi", V, m_R))
-            log_det = log_det + 2.0 * jnp.sum(jnp.log(jnp.diagonal(K_chol)))
-            return _scatter(m_S, m_R), log_det, (L_inv, V, K_chol)
+            log_det = log_det - 2.0 * jnp.sum(jnp.log(jnp.diagonal(LK_inv)))
+            return _scatter(m_S, m_R), log_det, (L_inv, V, LK_inv)
 
         def _scatter(m_S, m_R):
             m = jnp.zeros(self.size + 1, m_S.dtype).at[members_j.ravel()].set(m_S.ravel())[:self.size]
@@ -400,12 +400,11 @@ class SparsePrecision:
             return 0.5 * jnp.vdot(g, m) - 0.5 * log_det, (m, factors)
 
         def backward(residuals, cotangent):
-            m, (L_inv, V, K_chol) = residuals
+            m, (L_inv, V, LK_inv) = residuals
             A_inv = jnp.einsum("bji,bjk->bik", L_inv, L_inv)
-            if K_chol is None:
+            if LK_inv is None:
                 inverse = A_inv.ravel()
             else:
-                LK_inv = jax.scipy.linalg.solve_triangular(K_chol, jnp.eye(nR, dtype=V.dtype), lower=True)
                 K_inv = LK_inv.T @ LK_inv
                 X = jnp.einsum("bji,bjr->bir", L_inv, V)  # A^-1 B
                 SR = -jnp.einsum("bir,rs->bis", X, K_inv)  # (H^-1)_SR
@@ -420,21 +419,40 @@ class SparsePrecision:
         integral.defvjp(forward, backward)
         self._factor = factor
         self._members, self._R = members_j, R_j
+        # Without LAPACK calls, draws can be vmapped safely (see _factor_inverse).
+        self.vectorizable = k == 1 and nR <= _UNROLLED_BELOW
         return integral
 
     def draw(self, q, g, eps) -> jax.Array:
         """z ~ N(H^-1 g, H^-1) from standard normal ``eps`` (length D), by the same elimination:
         z_R from the Schur complement's factor, then each group's z given z_R."""
-        m, _, (L_inv, V, K_chol) = self._factor(q, g)
+        m, _, (L_inv, V, LK_inv) = self._factor(q, g)
         eps_S = jnp.concatenate([eps, jnp.zeros((1,), eps.dtype)])[self._members]
-        if K_chol is None:
+        if LK_inv is None:
             step_S = jnp.einsum("bji,bj->bi", L_inv, eps_S)
             step_R = None
         else:
-            step_R = jax.scipy.linalg.solve_triangular(K_chol.T, eps[self._R], lower=False)
+            step_R = LK_inv.T @ eps[self._R]
             step_S = jnp.einsum("bji,bj->bi", L_inv, eps_S - jnp.einsum("bir,r->bi", V, step_R))
         step = jnp.zeros(self.size + 1, m.dtype).at[self._members.ravel()].set(step_S.ravel())[:self.size]
         return m + (step if step_R is None else step.at[self._R].set(step_R))
+
+
+def _factor_inverse(K):
+    """L^-1 for the lower Cholesky factor L of K. Below ``_UNROLLED_BELOW`` rows, by unrolled jnp
+    operations: no LAPACK call, whose fixed cost dominates tiny matrices and whose batched
+    kernels must not run under ``vmap`` (they can deadlock XLA's CPU thread pool)."""
+    n = K.shape[-1]
+    if n > _UNROLLED_BELOW:
+        return jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(K), jnp.eye(n, dtype=K.dtype), lower=True)
+    L = jnp.zeros_like(K)
+    for j in range(n):
+        d = jnp.sqrt(K[j, j] - L[j, :j] @ L[j, :j])
+        L = L.at[j, j].set(d).at[j + 1:, j].set((K[j + 1:, j] - L[j + 1:, :j] @ L[j, :j]) / d)
+    X, eye = jnp.zeros_like(K), jnp.eye(n, dtype=K.dtype)
+    for i in range(n):  # forward substitution, one row of L^-1 at a time
+        X = X.at[i].set((eye[i] - L[i, :i] @ X[:i]) / L[i, i])
+    return X
 
 
 def _greedy_groups(order, neighbours, size, cap):

@@ -7,7 +7,7 @@ Given the hyperparameters theta, the block z is Gaussian, p(z | theta, y) = N(m,
 
 with log det H exact (``BlockConditional.log_marginal``): where the block's Normal terms have
 residual Jacobians that do not depend on theta (gathers, sums, products with data), H is
-assembled from them and integrated out by a Schur complement (:mod:`autoreparam.precision`);
+assembled from them and integrated out by eliminating small groups and factoring the Schur complement (:mod:`autoreparam.precision`);
 otherwise H comes from D Hessian-vector products and a dense Cholesky. NUTS samples the
 unconstrained theta (log-Jacobians of the transforms included) from this marginal; each theta
 draw then gets one exact draw of z from its conditional, and the model is re-run at (theta, z)
@@ -52,7 +52,7 @@ __all__ = ["CollapsedPosterior", "CollapsedResult", "collapsed_mcmc", "gibbs_mcm
 COLLAPSED_LIMIT = DENSE_LIMIT
 
 #: Largest block :func:`choose_mcmc` integrates out. Each collapsed gradient factors a dense
-#: matrix of up to D x D (the Schur complement after the diagonal set of the sparse assembly), so
+#: matrix of up to D x D (the Schur complement after the groups the sparse assembly eliminates), so
 #: its cost grows like D^3 (measured in benchmarks/README.md, "Collapsed NUTS"; the limit was set
 #: for the HVP path and not re-measured for the sparse one).
 AUTO_COLLAPSED_LIMIT = 500

@@ -16,6 +16,13 @@ segment sum of the products of the nonzero pairs: O(nonzeros) work, no model HVP
 The construction checks H against the model's Hessian-vector products at two theta; a model
 this does not describe (J depending on theta, as for loc = s * a; a family without a known
 residual) raises :class:`Unsupported`, and the caller keeps the HVP path.
+
+The Gaussian integral (``log_integral``) and the draws eliminate groups of elements first: the
+connected components of H[S, S] for a set S chosen greedily by fewest neighbours, each at most a
+cap that minimises an operation count (:func:`elimination_cost`). Cap 1 gives a diagonal H[S, S]
+(eight schools: 8 of 9 values, radon: 85 of 89); on the tensor model each row of A with its row
+of C and its a_i is one group (tensor_small: 8 groups of 17, leaving 77 of 213 values to the dense
+Schur factor instead of 148; tensor_large: 32 groups of 43, leaving 363 of 1,739 instead of 715).
 """
 
 from __future__ import annotations

@@ -381,15 +381,15 @@ class SparsePrecision:
             h = jnp.concatenate([self.entries(q_entries), jnp.zeros((1,), g.dtype)])
             g_pad = jnp.concatenate([g, jnp.zeros((1,), g.dtype)])
             L_inv = inverse_factors(h[A_index] + pad_eye)  # (nb, k, k)
-            u = jnp.einsum("bij,bj->bi", L_inv, g_pad[members_j])
+            u = _group_product("bij,bj->bi", L_inv, g_pad[members_j])
             log_det = -2.0 * jnp.sum(jnp.log(jnp.diagonal(L_inv, axis1=1, axis2=2)))
             if nR == 0:
-                m_S = jnp.einsum("bji,bj->bi", L_inv, u)
+                m_S = _group_product("bji,bj->bi", L_inv, u)
                 return _scatter(m_S, None), log_det, (L_inv, None, None)
-            V = jnp.einsum("bij,bjr->bir", L_inv, h[B_index])  # L_b^-1 B_b
+            V = _group_product("bij,bjr->bir", L_inv, h[B_index])  # L_b^-1 B_b
             LK_inv = _factor_inverse(h[C_index] - jnp.einsum("bir,bis->rs", V, V))  # of the Schur complement
             m_R = LK_inv.T @ (LK_inv @ (g[R_j] - jnp.einsum("bir,bi->r", V, u)))
-            m_S = jnp.einsum("bji,bj->bi", L_inv, u - jnp.einsum("bir,r->bi", V, m_R))
+            m_S = _group_product("bji,bj->bi", L_inv, u - jnp.einsum("bir,r->bi", V, m_R))
             log_det = log_det - 2.0 * jnp.sum(jnp.log(jnp.diagonal(LK_inv)))
             return _scatter(m_S, m_R), log_det, (L_inv, V, LK_inv)
 
@@ -408,14 +408,14 @@ class SparsePrecision:
 
         def backward(residuals, cotangent):
             m, (L_inv, V, LK_inv) = residuals
-            A_inv = jnp.einsum("bji,bjk->bik", L_inv, L_inv)
+            A_inv = _group_product("bji,bjk->bik", L_inv, L_inv)
             if LK_inv is None:
                 inverse = A_inv.ravel()
             else:
                 K_inv = LK_inv.T @ LK_inv
-                X = jnp.einsum("bji,bjr->bir", L_inv, V)  # A^-1 B
+                X = _group_product("bji,bjr->bir", L_inv, V)  # A^-1 B
                 SR = -jnp.einsum("bir,rs->bis", X, K_inv)  # (H^-1)_SR
-                SS = A_inv - jnp.einsum("bir,bjr->bij", SR, X)  # A^-1 + A^-1 B K^-1 B^T A^-1
+                SS = A_inv - _group_product("bir,bjr->bij", SR, X)  # A^-1 + A^-1 B K^-1 B^T A^-1
                 inverse = jnp.concatenate([SS.ravel(), SR.ravel(), K_inv.ravel()])
             d_entries = -0.5 * cotangent * off_diagonal * (m[p] * m[q] + inverse[inverse_index])
             d_groups = self._q_sum(d_entries[self._term_entry] * self._term_coef)
@@ -436,13 +436,26 @@ class SparsePrecision:
         m, _, (L_inv, V, LK_inv) = self._factor(q, g)
         eps_S = jnp.concatenate([eps, jnp.zeros((1,), eps.dtype)])[self._members]
         if LK_inv is None:
-            step_S = jnp.einsum("bji,bj->bi", L_inv, eps_S)
+            step_S = _group_product("bji,bj->bi", L_inv, eps_S)
             step_R = None
         else:
             step_R = LK_inv.T @ eps[self._R]
-            step_S = jnp.einsum("bji,bj->bi", L_inv, eps_S - jnp.einsum("bir,r->bi", V, step_R))
+            step_S = _group_product("bji,bj->bi", L_inv, eps_S - jnp.einsum("bir,r->bi", V, step_R))
         step = jnp.zeros(self.size + 1, m.dtype).at[self._members.ravel()].set(step_S.ravel())[:self.size]
         return m + (step if step_R is None else step.at[self._R].set(step_R))
+
+
+def _group_product(spec, X, Y):
+    """``jnp.einsum(spec, X, Y)`` for products within each group (leading axis b, group size i/j/k).
+    With groups of one element, a broadcast product: XLA's CPU runtime runs a batched dot of 1 x 1
+    matrices as one tiny product per group."""
+    if X.shape[1] > 1:
+        return jnp.einsum(spec, X, Y)
+    if spec in ("bij,bj->bi", "bji,bj->bi"):
+        return X[:, :, 0] * Y
+    if spec == "bir,bjr->bij":
+        return jnp.sum(X * Y, axis=-1, keepdims=True)
+    return X * Y  # bij,bjr->bir; bji,bjr->bir; bji,bjk->bik
 
 
 def _factor_inverse(K):

@@ -1,6 +1,8 @@
 """tensor_large with the MCMC method the package chooses (``autoreparam.auto_mcmc``), 2 chains.
 
-    python -m benchmarks.mcmc_tensor_large --warmup 1000 --samples 4000
+    python -m benchmarks.mcmc_tensor_large --warmup 1000 --samples 4000 [--method collapsed]
+
+``--method collapsed`` runs ``autoreparam.collapsed_mcmc`` whatever the package would choose.
 
 Prints ``choose_mcmc``'s choice, the wall time (compile included), divergences and, per latent site
 of the original model, the largest split R-hat and smallest ESS over its elements, worst first.
@@ -25,14 +27,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--warmup", type=int, default=1000)
     p.add_argument("--samples", type=int, default=4000)
+    p.add_argument("--method", choices=("auto", "collapsed"), default="auto")
     a = p.parse_args(argv)
     spec = MODELS["tensor_large"]
     args, kwargs = spec.inputs("full")
     model = spec.module.model
     print(choose_mcmc(model, *args, **kwargs), flush=True)
     t = time.perf_counter()
-    res = autoreparam.auto_mcmc(model, *args, num_warmup=a.warmup, num_samples=a.samples, num_chains=2,
-                                progress_bar=False, rng_key=0, **kwargs)
+    run = autoreparam.auto_mcmc if a.method == "auto" else autoreparam.collapsed_mcmc
+    res = run(model, *args, num_warmup=a.warmup, num_samples=a.samples, num_chains=2,
+              progress_bar=False, rng_key=0, **kwargs)
     print(f"method {res.method}, {time.perf_counter() - t:.1f} s, divergences {res.divergences}, "
           f"gradients {res.num_gradients}", flush=True)
     draws = res.get_samples(group_by_chain=True)

@@ -7,7 +7,7 @@ Given the hyperparameters theta, the block z is Gaussian, p(z | theta, y) = N(m,
 
 with log det H exact (``BlockConditional.log_marginal``): where the block's Normal terms have
 residual Jacobians that do not depend on theta (gathers, sums, products with data), H is
-assembled from them and integrated out by a Schur complement (:mod:`autoreparam.precision`);
+assembled from them and integrated out by eliminating small groups and factoring the Schur complement (:mod:`autoreparam.precision`);
 otherwise H comes from D Hessian-vector products and a dense Cholesky. NUTS samples the
 unconstrained theta (log-Jacobians of the transforms included) from this marginal; each theta
 draw then gets one exact draw of z from its conditional, and the model is re-run at (theta, z)
@@ -27,6 +27,7 @@ NUTS then targets the Laplace approximation of p(theta | y) and is only run with
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -51,7 +52,7 @@ __all__ = ["CollapsedPosterior", "CollapsedResult", "collapsed_mcmc", "gibbs_mcm
 COLLAPSED_LIMIT = DENSE_LIMIT
 
 #: Largest block :func:`choose_mcmc` integrates out. Each collapsed gradient factors a dense
-#: matrix of up to D x D (the Schur complement after the diagonal set of the sparse assembly), so
+#: matrix of up to D x D (the Schur complement after the groups the sparse assembly eliminates), so
 #: its cost grows like D^3 (measured in benchmarks/README.md, "Collapsed NUTS"; the limit was set
 #: for the HVP path and not re-measured for the sparse one).
 AUTO_COLLAPSED_LIMIT = 500
@@ -248,7 +249,9 @@ class CollapsedPosterior:
         eps = jax.vmap(lambda k: jax.random.normal(k, (self.block.size,), jnp.float64))(keys)
         if cond.sparse:  # by the marginal's own elimination, no dense H
             _, grad0, q = jax.vmap(lambda th: cond._exact_parts(cond._as_theta(th), assemble=False))(theta)
-            return jax.lax.map(lambda a: cond.precision.draw(*a), (q, grad0, eps))
+            draw = lambda a: cond.precision.draw(*a)
+            return (jax.vmap(draw) if cond.precision.vectorizable else functools.partial(jax.lax.map, draw))(
+                (q, grad0, eps))
 
         def dense_draw(args):
             th, e = args

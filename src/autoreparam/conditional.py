@@ -24,8 +24,8 @@ never formed above ``dense_below``; neither is any matrix of the size of the dat
   exact mean, draws (the same ``eps``) and ``log det H``.
 - **Sparse assembly** (exact blocks on the dense path, :mod:`autoreparam.precision`): when the
   residual Jacobians of the Normal terms do not depend on theta, H is assembled from them and the
-  sites' own precisions, with no HVPs, and ``log_marginal`` eliminates a set on which H is
-  diagonal before a dense Cholesky of the rest, with a hand-written gradient (for float64 callers,
+  sites' own precisions, with no HVPs, and ``log_marginal`` eliminates small groups of elements on
+  which H is block diagonal before a dense Cholesky of the rest, with a hand-written gradient (for float64 callers,
   as ``CollapsedPosterior``; its draws use the same elimination). Otherwise (checked numerically
   at construction; ``precision_note`` says why), and for ``mean`` and ``sample``, the HVP path
   above is used.
@@ -429,7 +429,8 @@ class BlockConditional:
         except Unsupported as exc:
             return None, str(exc)
         return precision, (f"sparse: {precision.num_terms} pair products of {precision.num_groups} distinct precisions; "
-                           f"{len(precision.diagonal_set)} of {self.size} eliminated before a dense Cholesky")
+                           f"{precision.eliminated} of {self.size} eliminated in {len(precision.groups)} groups of at most "
+                           f"{max(map(len, precision.groups))} before a dense Cholesky of {len(precision.rest)}")
 
     def _exact_parts(self, theta, assemble=True):
         """(log p(y, z=0, theta), its gradient in z, H or the flat Q entries H is made of): one model run."""

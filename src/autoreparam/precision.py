@@ -16,6 +16,13 @@ segment sum of the products of the nonzero pairs: O(nonzeros) work, no model HVP
 The construction checks H against the model's Hessian-vector products at two theta; a model
 this does not describe (J depending on theta, as for loc = s * a; a family without a known
 residual) raises :class:`Unsupported`, and the caller keeps the HVP path.
+
+The Gaussian integral (``log_integral``) and the draws eliminate groups of elements first: the
+connected components of H[S, S] for a set S chosen greedily by fewest neighbours, each at most a
+cap that minimises an operation count (:func:`elimination_cost`). Cap 1 gives a diagonal H[S, S]
+(eight schools: 8 of 9 values, radon: 85 of 89); on the tensor model each row of A with its row
+of C and its a_i is one group (tensor_small: 8 groups of 17, leaving 77 of 213 values to the dense
+Schur factor instead of 148; tensor_large: 32 groups of 43, leaving 363 of 1,739 instead of 715).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import numpyro.distributions as dist
 
 from .trace import unwrap_distribution
 
-__all__ = ["SparsePrecision", "Unsupported"]
+__all__ = ["SparsePrecision", "Unsupported", "elimination_cost"]
 
 #: Families whose log density is a quadratic form in ``value - loc`` (``loc`` if they have one).
 _GAUSSIAN_FAMILIES = (dist.Normal, dist.MultivariateNormal, dist.LowRankMultivariateNormal,
@@ -37,6 +44,12 @@ _EVENT_LIMIT = 512
 #: Most pair products H may be assembled from (above, the HVP path is no slower).
 _TERM_LIMIT = 20_000_000
 _CHUNK = 64
+#: Largest sizes tried for the groups of block elements eliminated before the dense factor.
+_GROUP_CAPS = (1, 2, 4, 8, 16, 32, 64)
+#: Multiply-adds charged per group factored on its own (a loop step of a few microseconds).
+_PER_GROUP_COST = 5_000
+#: Size up to which a dense factor is computed by unrolled jnp operations instead of LAPACK.
+_UNROLLED_BELOW = 8
 
 
 class Unsupported(Exception):
@@ -70,8 +83,7 @@ class SparsePrecision:
         self._colours = [self._event_colours(name, (theta0, theta1), seed) for name in self.sites]
         self._build_terms(rows, cols, vals, (theta0, theta1))
         self._check(thetas, hvp, seed)
-        self.diagonal_set, self.rest = self._split()
-        self.log_integral = self._make_integral()
+        self.eliminate()
 
     # ------------------------------------------------------------ construction
 
@@ -275,71 +287,115 @@ class SparsePrecision:
 
     # ------------------------------------------------------------ the Gaussian integral
 
-    def _split(self):
-        """A set S of block elements no two of which interact (H[S, S] diagonal), greedily by
-        fewest neighbours, and the rest R: the order in which :meth:`log_integral` eliminates."""
+    def eliminate(self, caps=None):
+        """Choose the elimination order (``caps``: the group sizes to try, default ``_GROUP_CAPS``)
+        and build ``log_integral`` and ``draw`` on it."""
+        self.groups, self.rest = self._split(_GROUP_CAPS if caps is None else caps)
+        self.log_integral = self._make_integral()
+
+    def _split(self, caps):
+        """The elimination order: groups of block elements eliminated first, then the rest R.
+
+        For each cap k in ``caps``, elements are taken greedily by fewest neighbours into S as long as every
+        connected component of H[S, S] keeps at most k elements; k = 1 makes H[S, S] diagonal. The
+        cap with the fewest estimated operations per gradient is kept (:func:`elimination_cost`).
+        Returns the groups (lists of block indices, H[S, S] is block diagonal with them) and R.
+        """
         neighbours = [set() for _ in range(self.size)]
         for i, j in self.targets:
             if i != j:
                 neighbours[i].add(j)
                 neighbours[j].add(i)
-        chosen = np.zeros(self.size, bool)
-        blocked = np.zeros(self.size, bool)
-        for i in sorted(range(self.size), key=lambda i: len(neighbours[i])):
-            if not blocked[i]:
-                chosen[i] = True
-                blocked[i] = True
-                blocked[list(neighbours[i])] = True
-        return np.nonzero(chosen)[0], np.nonzero(~chosen)[0]
+        order = sorted(range(self.size), key=lambda i: len(neighbours[i]))
+        best = None
+        for cap in caps:
+            groups, rest = _greedy_groups(order, neighbours, self.size, cap)
+            cost = elimination_cost([len(g) for g in groups], len(rest))
+            if best is None or cost < best[0]:
+                best = (cost, groups, rest)
+        _, groups, rest = best
+        return groups, np.asarray(rest, np.int64)
+
+    @property
+    def eliminated(self) -> int:
+        """How many block elements are eliminated before the dense factorisation of the rest."""
+        return int(sum(len(g) for g in self.groups))
 
     def _make_integral(self):
         """F(q, g) = 1/2 g^T H^-1 g - 1/2 log det H, H = H(q), with a hand-written gradient.
 
-        H[S, S] is diagonal, so S is eliminated first and only the Schur complement on R is
-        factored densely. dF/dH = -(m m^T + H^-1) / 2 is needed only on H's nonzero entries:
-        H^-1 on S x S only on the diagonal, S x R and R x R in full. dF/dg = m.
+        H = [[A, B], [B^T, C]] in the order (groups, R), A block diagonal with one small dense block
+        per group (padded to a common size k with unit diagonal). A's blocks are factored one at a
+        time, L_b^-1 B_b and the Schur complement K = C - B^T A^-1 B follow as batched products, and
+        only K is factored densely. dF/dH = -(m m^T + H^-1) / 2 is needed only on H's nonzero
+        entries: H^-1 on A's blocks, on B and on C, from A^-1 and K^-1 without forming H^-1.
+        dF/dg = m.
         """
-        S, R = self.diagonal_set, self.rest
-        nS, nR, n = len(S), len(R), len(self.targets)
-        position = np.full(self.size, -1)
-        position[S] = np.arange(nS)
-        position[R] = np.arange(nR)
-        in_S = np.zeros(self.size, bool)
-        in_S[S] = True
-
-        def block_index(rows, cols):
-            return self._dense_index[np.ix_(rows, cols)]
-
-        diag_index = jnp.asarray(np.asarray(self._dense_index)[S, S])
-        B_index, C_index = block_index(S, R), block_index(R, R)
-        # Where each entry of H sits in [diag(H^-1)_S, (H^-1)_SR, (H^-1)_RR], flattened.
+        groups, R = self.groups, self.rest
+        nb, nR, n = len(groups), len(R), len(self.targets)
+        k = max(len(g) for g in groups)
+        members = np.full((nb, k), self.size)  # padding reads an appended zero / writes a dropped slot
+        for b, g in enumerate(groups):
+            members[b, :len(g)] = g
+        padded = members == self.size
+        group_of = np.full(self.size, -1)
+        slot_of = np.full(self.size, -1)
+        for b, g in enumerate(groups):
+            group_of[g] = b
+            slot_of[g] = np.arange(len(g))
+        position_R = np.full(self.size, -1)
+        position_R[R] = np.arange(nR)
+        zero = n  # index of the appended zero entry of h
+        dense = np.concatenate([np.asarray(self._dense_index), np.full((1, self.size), zero)], axis=0)
+        dense = np.concatenate([dense, np.full((self.size + 1, 1), zero)], axis=1)
+        A_index = jnp.asarray(dense[members[:, :, None], members[:, None, :]], jnp.int32)
+        B_index = jnp.asarray(dense[members[:, :, None], np.asarray(R)[None, None, :]], jnp.int32)
+        C_index = jnp.asarray(dense[np.ix_(R, R)], jnp.int32)
+        pad_eye = jnp.asarray(np.einsum("bi,ij->bij", padded, np.eye(k)))
+        members_j = jnp.asarray(members, jnp.int32)
+        R_j = jnp.asarray(R, jnp.int32)
+        # Where each entry of H sits in [(H^-1) on A's blocks, (H^-1)_SR, (H^-1)_RR], flattened.
         p, q = self.targets[:, 0], self.targets[:, 1]
+        in_S = group_of >= 0
         inverse_index = np.empty(n, np.int64)
-        for k, (i, j) in enumerate(zip(p, q)):
-            if in_S[i] and in_S[j]:  # only i == j here
-                inverse_index[k] = position[i]
+        for e, (i, j) in enumerate(zip(p, q)):
+            if in_S[i] and in_S[j]:  # the same group: H[S, S] is block diagonal
+                inverse_index[e] = group_of[i] * k * k + slot_of[i] * k + slot_of[j]
             elif in_S[i] or in_S[j]:
                 s_, r_ = (i, j) if in_S[i] else (j, i)
-                inverse_index[k] = nS + position[s_] * nR + position[r_]
+                inverse_index[e] = nb * k * k + (group_of[s_] * k + slot_of[s_]) * nR + position_R[r_]
             else:
-                inverse_index[k] = nS + nS * nR + position[i] * nR + position[j]
+                inverse_index[e] = nb * k * k + nb * k * nR + position_R[i] * nR + position_R[j]
         inverse_index = jnp.asarray(inverse_index, jnp.int32)
         off_diagonal = jnp.asarray(np.where(p == q, 1.0, 2.0))
         p, q = jnp.asarray(p, jnp.int32), jnp.asarray(q, jnp.int32)
 
+        def inverse_factors(A):
+            """L_b^-1 of each block's Cholesky factor. One block at a time: a batched LAPACK kernel
+            can deadlock XLA's CPU thread pool (see CollapsedPosterior._draw_block)."""
+            if k == 1:
+                return 1.0 / jnp.sqrt(A)
+            return jax.lax.map(_factor_inverse, A)
+
         def factor(q_entries, g):
             h = jnp.concatenate([self.entries(q_entries), jnp.zeros((1,), g.dtype)])
-            a, g_S = h[diag_index], g[S]
+            g_pad = jnp.concatenate([g, jnp.zeros((1,), g.dtype)])
+            L_inv = inverse_factors(h[A_index] + pad_eye)  # (nb, k, k)
+            u = _group_product("bij,bj->bi", L_inv, g_pad[members_j])
+            log_det = -2.0 * jnp.sum(jnp.log(jnp.diagonal(L_inv, axis1=1, axis2=2)))
             if nR == 0:
-                m = jnp.zeros_like(g).at[S].set(g_S / a)
-                return m, jnp.sum(jnp.log(a)), (a, None, None)
-            B = h[B_index]
-            W = B / a[:, None]
-            K_chol = jnp.linalg.cholesky(h[C_index] - B.T @ W)
-            m_R = jax.scipy.linalg.cho_solve((K_chol, True), g[R] - W.T @ g_S)
-            m = jnp.zeros_like(g).at[S].set((g_S - B @ m_R) / a).at[R].set(m_R)
-            log_det = jnp.sum(jnp.log(a)) + 2.0 * jnp.sum(jnp.log(jnp.diagonal(K_chol)))
-            return m, log_det, (a, W, K_chol)
+                m_S = _group_product("bji,bj->bi", L_inv, u)
+                return _scatter(m_S, None), log_det, (L_inv, None, None)
+            V = _group_product("bij,bjr->bir", L_inv, h[B_index])  # L_b^-1 B_b
+            LK_inv = _factor_inverse(h[C_index] - jnp.einsum("bir,bis->rs", V, V))  # of the Schur complement
+            m_R = LK_inv.T @ (LK_inv @ (g[R_j] - jnp.einsum("bir,bi->r", V, u)))
+            m_S = _group_product("bji,bj->bi", L_inv, u - jnp.einsum("bir,r->bi", V, m_R))
+            log_det = log_det - 2.0 * jnp.sum(jnp.log(jnp.diagonal(LK_inv)))
+            return _scatter(m_S, m_R), log_det, (L_inv, V, LK_inv)
+
+        def _scatter(m_S, m_R):
+            m = jnp.zeros(self.size + 1, m_S.dtype).at[members_j.ravel()].set(m_S.ravel())[:self.size]
+            return m if m_R is None else m.at[R_j].set(m_R)
 
         @jax.custom_vjp
         def integral(q_entries, g):
@@ -351,14 +407,16 @@ class SparsePrecision:
             return 0.5 * jnp.vdot(g, m) - 0.5 * log_det, (m, factors)
 
         def backward(residuals, cotangent):
-            m, (a, W, K_chol) = residuals
-            if K_chol is None:
-                inverse = 1.0 / a
+            m, (L_inv, V, LK_inv) = residuals
+            A_inv = _group_product("bji,bjk->bik", L_inv, L_inv)
+            if LK_inv is None:
+                inverse = A_inv.ravel()
             else:
-                L_inv = jax.scipy.linalg.solve_triangular(K_chol, jnp.eye(nR, dtype=a.dtype), lower=True)
-                K_inv = L_inv.T @ L_inv
-                SR = -W @ K_inv
-                inverse = jnp.concatenate([1.0 / a - jnp.sum(SR * W, axis=1), SR.ravel(), K_inv.ravel()])
+                K_inv = LK_inv.T @ LK_inv
+                X = _group_product("bji,bjr->bir", L_inv, V)  # A^-1 B
+                SR = -jnp.einsum("bir,rs->bis", X, K_inv)  # (H^-1)_SR
+                SS = A_inv - _group_product("bir,bjr->bij", SR, X)  # A^-1 + A^-1 B K^-1 B^T A^-1
+                inverse = jnp.concatenate([SS.ravel(), SR.ravel(), K_inv.ravel()])
             d_entries = -0.5 * cotangent * off_diagonal * (m[p] * m[q] + inverse[inverse_index])
             d_groups = self._q_sum(d_entries[self._term_entry] * self._term_coef)
             # Only the representatives were read (the others are the same functions of theta).
@@ -367,17 +425,97 @@ class SparsePrecision:
 
         integral.defvjp(forward, backward)
         self._factor = factor
+        self._members, self._R = members_j, R_j
+        # Without LAPACK calls, draws can be vmapped safely (see _factor_inverse).
+        self.vectorizable = k == 1 and nR <= _UNROLLED_BELOW
         return integral
 
     def draw(self, q, g, eps) -> jax.Array:
         """z ~ N(H^-1 g, H^-1) from standard normal ``eps`` (length D), by the same elimination:
-        z_R from the Schur complement's factor, then z_S given z_R (H[S, S] is diagonal)."""
-        S, R = self.diagonal_set, self.rest
-        m, _, (a, W, K_chol) = self._factor(q, g)
-        if K_chol is None:
-            return m.at[S].add(eps[S] / jnp.sqrt(a))
-        step_R = jax.scipy.linalg.solve_triangular(K_chol.T, eps[R], lower=False)
-        return m.at[R].add(step_R).at[S].add(eps[S] / jnp.sqrt(a) - W @ step_R)
+        z_R from the Schur complement's factor, then each group's z given z_R."""
+        m, _, (L_inv, V, LK_inv) = self._factor(q, g)
+        eps_S = jnp.concatenate([eps, jnp.zeros((1,), eps.dtype)])[self._members]
+        if LK_inv is None:
+            step_S = _group_product("bji,bj->bi", L_inv, eps_S)
+            step_R = None
+        else:
+            step_R = LK_inv.T @ eps[self._R]
+            step_S = _group_product("bji,bj->bi", L_inv, eps_S - jnp.einsum("bir,r->bi", V, step_R))
+        step = jnp.zeros(self.size + 1, m.dtype).at[self._members.ravel()].set(step_S.ravel())[:self.size]
+        return m + (step if step_R is None else step.at[self._R].set(step_R))
+
+
+def _group_product(spec, X, Y):
+    """``jnp.einsum(spec, X, Y)`` for products within each group (leading axis b, group size i/j/k).
+    With groups of one element, a broadcast product: XLA's CPU runtime runs a batched dot of 1 x 1
+    matrices as one tiny product per group."""
+    if X.shape[1] > 1:
+        return jnp.einsum(spec, X, Y)
+    if spec in ("bij,bj->bi", "bji,bj->bi"):
+        return X[:, :, 0] * Y
+    if spec == "bir,bjr->bij":
+        return jnp.sum(X * Y, axis=-1, keepdims=True)
+    return X * Y  # bij,bjr->bir; bji,bjr->bir; bji,bjk->bik
+
+
+def _factor_inverse(K):
+    """L^-1 for the lower Cholesky factor L of K. Below ``_UNROLLED_BELOW`` rows, by unrolled jnp
+    operations: no LAPACK call, whose fixed cost dominates tiny matrices and whose batched
+    kernels must not run under ``vmap`` (they can deadlock XLA's CPU thread pool)."""
+    n = K.shape[-1]
+    if n > _UNROLLED_BELOW:
+        return jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(K), jnp.eye(n, dtype=K.dtype), lower=True)
+    L = jnp.zeros_like(K)
+    for j in range(n):
+        d = jnp.sqrt(K[j, j] - L[j, :j] @ L[j, :j])
+        L = L.at[j, j].set(d).at[j + 1:, j].set((K[j + 1:, j] - L[j + 1:, :j] @ L[j, :j]) / d)
+    X, eye = jnp.zeros_like(K), jnp.eye(n, dtype=K.dtype)
+    for i in range(n):  # forward substitution, one row of L^-1 at a time
+        X = X.at[i].set((eye[i] - L[i, :i] @ X[:i]) / L[i, i])
+    return X
+
+
+def _greedy_groups(order, neighbours, size, cap):
+    """Elements taken in ``order`` into S while every connected component of S stays at most ``cap``
+    elements (union-find); returns S's components (the groups) and the rest."""
+    parent = list(range(size))
+    count = [1] * size
+    in_S = [False] * size
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    rest = []
+    for i in order:
+        roots = {find(j) for j in neighbours[i] if in_S[j]}
+        if 1 + sum(count[r] for r in roots) > cap:
+            rest.append(i)
+            continue
+        in_S[i] = True
+        for r in roots:
+            parent[r] = i
+            count[i] += count[r]
+    groups = {}
+    for i in range(size):
+        if in_S[i]:
+            groups.setdefault(find(i), []).append(i)
+    return sorted(groups.values()), sorted(rest)
+
+
+def elimination_cost(group_sizes, rest) -> float:
+    """Estimated multiply-adds of one value and gradient of the Gaussian integral: the groups'
+    factors (padded to the largest), the Schur complement, its factor and inverse, and H^-1 on the
+    groups. Groups above one element pay a fixed cost each for being factored one at a time.
+
+    >>> elimination_cost([1] * 65, 148) > elimination_cost([16] * 8, 85)  # tensor_small: diagonal vs rows
+    True
+    """
+    nb, k = len(group_sizes), max(group_sizes, default=0)
+    per_group = 0 if k <= 1 else _PER_GROUP_COST
+    return nb * (k ** 3 + 3 * k * k * rest + 2 * k * rest * rest + per_group) + 1.7 * rest ** 3
 
 
 class _GatherSum:

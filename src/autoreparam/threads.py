@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 __all__ = ["one_blas_thread"]
 
@@ -26,6 +26,9 @@ __all__ = ["one_blas_thread"]
 _lock = threading.Lock()
 _depth = 0  # ``one_blas_thread`` blocks open in any thread
 _limits = None  # the threadpoolctl limiter of the outermost block: it restores the limits on exit
+# Found once: finding the loaded libraries reads /proc/self/maps (about 1-3 ms, at every
+# ``CollapsedPosterior.complete`` call otherwise). Libraries loaded after the first block are not limited.
+_controller = None
 
 
 @contextlib.contextmanager
@@ -36,13 +39,14 @@ def one_blas_thread():
     leave restores what was there before (each restoring its own entry value would leave the
     limit set when two threads' blocks end out of order).
     """
-    global _depth, _limits
-    # threadpoolctl limits only the libraries already loaded: load the LAPACK jaxlib calls first.
-    import scipy.linalg.cython_lapack  # noqa: F401
-
+    global _depth, _limits, _controller
     with _lock:
+        if _controller is None:
+            # threadpoolctl limits only the libraries already loaded: load the LAPACK jaxlib calls first.
+            import scipy.linalg.cython_lapack  # noqa: F401
+            _controller = ThreadpoolController()
         if _depth == 0:
-            _limits = threadpool_limits(limits=1, user_api="blas")
+            _limits = _controller.limit(limits=1, user_api="blas")
         _depth += 1
     try:
         yield

@@ -12,13 +12,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 collect_ignore_glob = ["tests/cases/*"]
 
 # The longest test files, longest first (CPU seconds of each alone, -n 0, December 2026): test_benchmarks
-# (its quick benchmark subprocess, ~300 s), test_hybrid (~340 s), test_collapsed, test_conditional (~130 s),
-# test_cli_commands (~110 s). xdist hands out whole files in collection order (`--dist loadfile
-# --no-loadscope-reorder` in pyproject.toml): started first, they do not leave one worker busy at the end
-# while the other idles (by default xdist starts the files with the most tests first, and these came
-# 17th to 20th).
+# (its quick benchmark subprocess), test_hybrid (~250 s), test_collapsed, test_conditional and
+# test_emit_examples (~130 s), test_cli_commands (~110 s), test_mvn_funnel (~90 s). xdist hands out whole
+# files in collection order (`--dist loadfile --no-loadscope-reorder` in pyproject.toml): started first,
+# they do not leave one worker busy at the end while the other idles (by default xdist starts the files
+# with the most tests first, and test_emit_examples, with 6 tests, came last).
 LONGEST_FILES = ("test_benchmarks.py", "test_hybrid.py", "test_collapsed.py", "test_conditional.py",
-                 "test_cli_commands.py")
+                 "test_emit_examples.py", "test_cli_commands.py", "test_mvn_funnel.py")
 
 
 def pytest_collection_modifyitems(items):

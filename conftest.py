@@ -11,6 +11,20 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # Inputs and golden outputs of the emitter: read as text by the tests, never imported as modules.
 collect_ignore_glob = ["tests/cases/*"]
 
+# The longest test files, longest first (CPU seconds of each alone, -n 0, December 2026): test_benchmarks
+# (its quick benchmark subprocess), test_hybrid (~250 s), test_collapsed, test_conditional and
+# test_emit_examples (~130 s), test_cli_commands (~110 s), test_mvn_funnel (~90 s). xdist hands out whole
+# files in collection order (`--dist loadfile --no-loadscope-reorder` in pyproject.toml): started first,
+# they do not leave one worker busy at the end while the other idles (by default xdist starts the files
+# with the most tests first, and test_emit_examples, with 6 tests, came last).
+LONGEST_FILES = ("test_benchmarks.py", "test_hybrid.py", "test_collapsed.py", "test_conditional.py",
+                 "test_emit_examples.py", "test_cli_commands.py", "test_mvn_funnel.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(autouse=True)
 def doctest_names(request):

@@ -78,6 +78,7 @@ class SparsePrecision:
         self.sites = tuple(sites)
         self.size = int(size)
         theta0, theta1, theta2 = thetas
+        self._compiled = {}
         self._layout = self._read_layout(theta0)
         rows, cols, vals = self._read_jacobian(theta0)
         self._colours = [self._event_colours(name, (theta0, theta1), seed) for name in self.sites]
@@ -136,13 +137,17 @@ class SparsePrecision:
 
     def _site_outputs(self, theta, name, probes):
         """-Hessian of the site's log density times each probe (probes over the event, one per row)."""
-        def run():
-            site = self._run(theta, jnp.zeros(self.size, jnp.float64))[name]
-            x = jnp.asarray(site["value"], jnp.float64)
-            batch, event = self._layout[name]
-            outs = [_hvp(site, x, jnp.broadcast_to(p, (batch, event)).reshape(x.shape)) for p in probes]
-            return jnp.stack([o.reshape(batch, event) for o in outs])
-        return np.asarray(jax.jit(run)())
+        probes = jnp.asarray(np.stack(probes), jnp.float64)
+        key = ("site outputs", name, probes.shape)
+        if key not in self._compiled:  # one compile per site and number of probes, whatever theta
+            def run(theta, probes):
+                site = self._run(theta, jnp.zeros(self.size, jnp.float64))[name]
+                x = jnp.asarray(site["value"], jnp.float64)
+                batch, event = self._layout[name]
+                outs = [_hvp(site, x, jnp.broadcast_to(p, (batch, event)).reshape(x.shape)) for p in probes]
+                return jnp.stack([o.reshape(batch, event) for o in outs])
+            self._compiled[key] = jax.jit(run)
+        return np.asarray(self._compiled[key](theta, probes))
 
     def _event_colours(self, name, thetas, seed):
         """Colours of the event elements: within a colour, each row of Q meets at most one member.
@@ -183,8 +188,8 @@ class SparsePrecision:
         """Q entries equal at every theta of ``thetas`` (e.g. one 1/sigma^2 for all observations) are
         taken for the same function of theta: one representative each. The third theta of the
         check tests that assumption."""
-        values = np.stack([np.asarray(jax.jit(lambda th: self.site_precisions(
-            self._run(th, jnp.zeros(self.size, jnp.float64))))(theta)) for theta in thetas], axis=1)
+        at = jax.jit(lambda th: self.site_precisions(self._run(th, jnp.zeros(self.size, jnp.float64))))
+        values = np.stack([np.asarray(at(theta)) for theta in thetas], axis=1)
         _, representative, group = np.unique(values, axis=0, return_index=True, return_inverse=True)
         return group.ravel(), representative
 

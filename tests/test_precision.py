@@ -36,7 +36,7 @@ def test_greedy_groups_keep_every_component_within_the_cap():
 
 
 def test_elimination_cost_prefers_fewer_operations():
-    assert elimination_cost([1] * 65, 148) > elimination_cost([16] * 8, 85)
+    # (The tensor_small case, groups beating a diagonal elimination, is elimination_cost's doctest.)
     assert elimination_cost([1] * 8, 1) < elimination_cost([9], 0)  # eight schools: no groups of one block
 
 

@@ -27,7 +27,6 @@ NUTS then targets the Laplace approximation of p(theta | y) and is only run with
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -250,8 +249,9 @@ class CollapsedPosterior:
         if cond.sparse:  # by the marginal's own elimination, no dense H
             _, grad0, q = jax.vmap(lambda th: cond._exact_parts(cond._as_theta(th), assemble=False))(theta)
             draw = lambda a: cond.precision.draw(*a)
-            return (jax.vmap(draw) if cond.precision.vectorizable else functools.partial(jax.lax.map, draw))(
-                (q, grad0, eps))
+            if cond.precision.vectorizable:  # no LAPACK call to batch
+                return jax.vmap(draw)((q, grad0, eps))
+            return jax.lax.map(draw, (q, grad0, eps))
 
         def dense_draw(args):
             th, e = args

@@ -298,10 +298,9 @@ class AutoHybrid(AutoGuide):
         p(y, z_i, theta) / N(z_i; m, H^-1); exact blocks: uniform) and z one of them picked by its
         weight (sampling-importance-resampling). ``info`` is the conditional's, with ``return_info``."""
         if num_draws == 1:
-            if return_info:
-                z, info = self.conditional.sample(key, theta, init=init, return_info=True)
-                return z, None, None, info
-            return self.conditional.sample(key, theta, init=init), None, None, None
+            out = self.conditional.sample(key, theta, init=init, return_info=return_info)
+            z, info = out if return_info else (out, None)
+            return z, None, None, info
         key, key_pick = jax.random.split(key)
         if self.block.exact:  # the weights are uniform: no log joint per draw
             draws, info = self.conditional.sample(key, theta, num_draws, init=init, return_info=True)

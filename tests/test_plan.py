@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -24,6 +25,7 @@ import autoreparam
 import zoo
 from helpers import one_line
 from autoreparam import ConditionalOffsetReparam, InputError, Plan, PlanError
+from autoreparam.plan import Offset, SparseMap
 from autoreparam.analysis import analyze_model
 from autoreparam.reparam import apply_config, build_config
 
@@ -409,3 +411,55 @@ def test_centredness_of_an_event_shaped_funnel_ignores_a_common_shift_per_compon
     c0, c5 = centredness(0.0), centredness(5.0)
     assert c0.max() < autoreparam.planning.CENTRED_ENOUGH  # weak data per group: a plan non-centres them
     np.testing.assert_allclose(c5, c0, atol=0.01)
+
+
+# -- applying G = E @ M: array operations where the maps sum over axes and broadcast ------------
+def _sparse(dense) -> SparseMap:
+    rows, cols = np.nonzero(dense)
+    return SparseMap(dense.shape, tuple(int(r) for r in rows), tuple(int(c) for c in cols),
+                     tuple(float(v) for v in dense[rows, cols]))
+
+
+def _group_map(group_of, groups, weights) -> np.ndarray:
+    """(groups, n): element k of the input goes to group ``group_of[k]`` with ``weights[k]``."""
+    m = np.zeros((groups, group_of.size))
+    m[group_of, np.arange(group_of.size)] = weights
+    return m
+
+
+_RNG = np.random.default_rng(5)
+_I, _T, _J = 4, 3, 5
+# (parent shape, site shape, M, E): the tensor model's maps and two that are not axis-aligned.
+_MAPS = {
+    "broadcast": ((), (_I, _J), np.ones((1, 1)), np.ones((_I * _J, 1))),
+    "gather": ((_T,), (_I, 1, _T), np.eye(_T), _group_map(np.tile(np.arange(_T), _I), _T, 1.0).T),
+    "mean over an axis": ((_I, 1, _T), (_J, _T), _group_map(np.tile(np.arange(_T), _I), _T, 1.0 / _I),
+                          _group_map(np.tile(np.arange(_T), _J), _T, 1.0).T),
+    "weights and coefficients": ((_I, _T), (_I, _J), _group_map(np.repeat(np.arange(_I), _T), _I,
+                                                                _RNG.normal(size=_I * _T)),
+                                 _group_map(np.repeat(np.arange(_I), _J), _I, _RNG.normal(size=_I * _J)).T),
+    "permuted gather": ((_T,), (_J, _T), np.eye(_T)[::-1], _group_map(np.tile(np.arange(_T), _J), _T, 1.0).T),
+    "two groups per element": ((_I,), (2,), np.array([[1.0, 1, 1, 0], [0, 1, 1, 1]]), np.eye(2)),
+}
+
+
+@pytest.mark.parametrize("case", list(_MAPS))
+def test_offset_absorb_applies_E_times_M(case):
+    parent_shape, site_shape, m, e = _MAPS[case]
+    off = Offset("p", _sparse(e), _sparse(m), (0.0,))
+    x = _RNG.normal(size=parent_shape).astype(np.float32)
+    expected = (e @ m @ x.reshape(-1)).reshape(site_shape)
+    np.testing.assert_allclose(off.absorb(jnp.asarray(x), site_shape), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["broadcast", "gather", "mean over an axis", "weights and coefficients"])
+def test_axis_aligned_offsets_and_their_gradient_need_no_gather_scatter_or_product(case):
+    """As sums over axes and broadcasts they fuse with the model; a gather, its gradient's scatter
+    or a dense product each cost a kernel of their own per gradient."""
+    parent_shape, site_shape, m, e = _MAPS[case]
+    off = Offset("p", _sparse(e), _sparse(m), (0.0,))
+    weights = jnp.asarray(_RNG.normal(size=site_shape), jnp.float32)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x: jnp.sum(weights * off.absorb(x, site_shape))))(
+        jnp.ones(parent_shape, jnp.float32))
+    used = {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
+    assert not used & {"gather", "scatter-add", "scatter_add", "dot_general"}, used

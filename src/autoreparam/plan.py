@@ -182,9 +182,18 @@ class Offset:
 
     def absorb(self, parent_value, site_shape):
         """``G(parent)`` reshaped to the site's full shape."""
+        site_shape = tuple(site_shape)
+        dtype = jnp.result_type(parent_value)
+        axes = self._axes_kernel(tuple(jnp.shape(parent_value)), site_shape)
+        if axes is not None:  # G = diag(coef) . broadcast . sum over axes . diag(weights)
+            reduced, weights, kept_shape, coef = axes
+            out = parent_value if weights is None else jnp.asarray(weights, dtype=dtype) * parent_value
+            if reduced:
+                out = jnp.sum(out, axis=reduced)
+            out = jnp.broadcast_to(jnp.reshape(out, kept_shape), site_shape)
+            return out if coef is None else jnp.asarray(coef, dtype=dtype) * out
         flat = jnp.reshape(parent_value, (-1,))
         kind, data = self._kernel
-        dtype = jnp.result_type(flat)
         if kind == "scaled":  # one parent element per child element: a gather with coefficients
             index, coef = data
             out = jnp.asarray(coef, dtype=dtype) * flat[index]
@@ -193,6 +202,25 @@ class Offset:
         else:
             out = self.E.apply(self.M.apply(flat))
         return jnp.reshape(out, site_shape)
+
+    def _axes_kernel(self, parent_shape: tuple, site_shape: tuple):
+        """G as array operations, when ``M`` sums the parent over some of its axes (with weights)
+        and ``E`` broadcasts the result along some of the site's axes (with coefficients): then
+        ``(reduced axes, weights or None, shape to broadcast from, coef or None)``, else None.
+
+        The usual maps (broadcast, gather by a plate index, group means) are of this form; as
+        array operations they fuse with the rest of the model, where a gather, a scatter (its
+        gradient) or a dense product each run as their own kernel.
+        """
+        key = (parent_shape, site_shape)
+        cache = self._axes_kernels
+        if key not in cache:
+            cache[key] = _axes_map(self.M, self.E, parent_shape, site_shape)
+        return cache[key]
+
+    @functools.cached_property
+    def _axes_kernels(self) -> dict:
+        return {}
 
     @functools.cached_property
     def _kernel(self):
@@ -255,6 +283,70 @@ class Offset:
             _fail(where, f"'E' has {self.E.shape[0]} rows, expected {site_size} (the site's size)")
         if self.E.shape[1] != self.M.shape[0]:
             _fail(where, f"'E' has {self.E.shape[1]} columns but 'M' has {self.M.shape[0]} rows")
+
+
+def _one_per_line(m: sp.csr_matrix, n_lines: int):
+    """(line -> its single column, its value) of a sparse matrix with at most one entry per row
+    (lines without one get -1 and 0), or None."""
+    m = m.tocsr()
+    m.sum_duplicates()
+    per_row = np.diff(m.indptr)
+    if per_row.max(initial=0) > 1:
+        return None
+    index = np.full(n_lines, -1, dtype=np.int64)
+    value = np.zeros(n_lines)
+    rows = np.flatnonzero(per_row)
+    index[rows] = m.indices[m.indptr[rows]]
+    value[rows] = m.data[m.indptr[rows]]
+    return index, value
+
+
+def _kept_axes(index: np.ndarray, shape: tuple, size: int):
+    """The axes of ``shape`` whose coordinates, in row-major order, number the entries of
+    ``index`` (an array of that shape, -1 where any number goes) from 0 to ``size - 1``; or None."""
+    coords = np.indices(shape).reshape(len(shape), -1) if shape else np.zeros((0, 1), dtype=np.int64)
+    index = index.reshape(-1)
+    known = index >= 0
+    varying = [ax for ax in range(len(shape)) if shape[ax] > 1]
+    for mask in range(1 << len(varying)):
+        kept = [ax for i, ax in enumerate(varying) if mask >> i & 1]
+        if _prod([shape[ax] for ax in kept]) != size:
+            continue
+        numbering = np.ravel_multi_index(coords[kept], [shape[ax] for ax in kept]) if kept \
+            else np.zeros(index.shape, dtype=np.int64)
+        if np.array_equal(numbering[known], index[known]):
+            return kept
+    return None
+
+
+def _axes_map(m_map: SparseMap, e_map: SparseMap, parent_shape: tuple, site_shape: tuple):
+    """``Offset._axes_kernel``'s arrays for ``G = E @ M``, or None (see there)."""
+    groups = m_map.shape[0]
+    if _prod(parent_shape) != m_map.shape[1] or _prod(site_shape) != e_map.shape[0] or e_map.shape[1] != groups \
+            or len(parent_shape) > 8 or len(site_shape) > 8:
+        return None
+    columns = _one_per_line(m_map.to_scipy().T, m_map.shape[1])  # parent element -> its group, weight
+    entries = _one_per_line(e_map.to_scipy(), e_map.shape[0])  # site element -> its group, coefficient
+    if columns is None or entries is None:
+        return None
+    group_of, weights = columns
+    read_from, coef = entries
+    summed = _kept_axes(group_of.reshape(parent_shape), parent_shape, groups)
+    spread = _kept_axes(read_from.reshape(site_shape), site_shape, groups)
+    if summed is None or spread is None:
+        return None
+    reduced = tuple(ax for ax in range(len(parent_shape)) if ax not in summed and parent_shape[ax] > 1)
+    kept_shape = tuple(n if ax in spread else 1 for ax, n in enumerate(site_shape))
+    return reduced, _factor(weights, parent_shape), kept_shape, _factor(coef, site_shape)
+
+
+def _factor(values: np.ndarray, shape: tuple):
+    """None for ones (no product to take), a float when all equal, else the array in ``shape``."""
+    if np.all(values == 1.0):
+        return None
+    if values.size and np.all(values == values[0]):
+        return float(values[0])
+    return values.reshape(shape)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 
 from autoreparam.block import block_of_model
 from autoreparam.conditional import BlockConditional
-from autoreparam.precision import _greedy_groups, elimination_cost
+from autoreparam.precision import _factor_inverse, _greedy_groups, elimination_cost
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -95,3 +95,37 @@ def test_grouped_elimination_matches_the_dense_integral_its_gradient_and_draws(t
             np.testing.assert_allclose(mean, np.linalg.solve(H, g), rtol=1e-8, atol=1e-10)
             covariance = np.linalg.inv(H)
             np.testing.assert_allclose(M @ M.T, covariance, rtol=1e-8, atol=1e-10 * np.abs(covariance).max())
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 9])
+def test_factor_inverse_is_the_inverse_of_the_cholesky_factor(n):
+    # Up to 8 rows by unrolled scalar arithmetic, above by LAPACK: both give L^-1 with L L^T = K.
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=(n, n))
+    K = a @ a.T + n * np.eye(n)
+    with jax.enable_x64(True):
+        got = np.asarray(_factor_inverse(jnp.asarray(K)))
+    np.testing.assert_allclose(got, np.linalg.inv(np.linalg.cholesky(K)), rtol=1e-10, atol=1e-12)
+
+
+def test_entries_as_one_product_with_the_distinct_precisions_match_the_gathered_sums(tensor_conditional):
+    conditional = tensor_conditional
+    precision = conditional.precision
+    gathered = precision._by_group
+    assert gathered is None  # 15 distinct precisions and 4,004 entries: the gathers are cheaper here
+    def entries_and_integral(theta):  # traced anew each call: log_integral is rebuilt below
+        _, g, q = conditional._exact_parts(theta, assemble=False)
+        return precision.entries(q), jax.value_and_grad(precision.log_integral, argnums=(0, 1))(q, g)
+
+    with jax.enable_x64(True):
+        theta = conditional._as_theta(conditional._theta_point(5))
+        expected = jax.tree.map(np.asarray, jax.jit(entries_and_integral)(theta))
+        try:
+            precision._by_group = precision.entries_by_group()
+            precision.eliminate()  # rebuilds log_integral on the product form
+            got = jax.tree.map(np.asarray, jax.jit(entries_and_integral)(theta))
+        finally:
+            precision._by_group = gathered
+            precision.eliminate()
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10 * np.abs(b).max())

@@ -44,6 +44,9 @@ _EVENT_LIMIT = 512
 #: Most pair products H may be assembled from (above, the HVP path is no slower).
 _TERM_LIMIT = 20_000_000
 _CHUNK = 64
+#: H's entries are a dense product with the distinct precisions when that takes at most this many
+#: multiply-adds per pair-product term (a gather costs several).
+_DENSE_TERMS_FACTOR = 4
 #: Largest sizes tried for the groups of block elements eliminated before the dense factor.
 _GROUP_CAPS = (1, 2, 4, 8, 16, 32, 64)
 #: Multiply-adds charged per group factored on its own (a loop step of a few microseconds).
@@ -245,6 +248,9 @@ class SparsePrecision:
         self._term_coef = jnp.asarray(coef, jnp.float64)
         self._entry_sum = _GatherSum(term_entry, len(targets))  # terms -> entries of H
         self._q_sum = _GatherSum(term_q, self.num_groups)  # terms -> Q groups (the transpose)
+        # Few distinct precisions (radon: 3): H's entries are one small product q_rep @ E instead.
+        self._by_group = (self.entries_by_group() if self.num_groups * len(targets) <= _DENSE_TERMS_FACTOR * len(coef)
+                          else None)
         self.num_terms = int(len(coef))
         dense = np.full((self.size, self.size), len(targets))
         dense[p, q] = dense[q, p] = np.arange(len(targets))
@@ -281,9 +287,23 @@ class SparsePrecision:
             out.extend(hvps[colour_of[a_in]][:, a_out] for a_out, a_in in entries)
         return jnp.concatenate(out)
 
+    def entries_by_group(self) -> jax.Array:
+        """E with H's distinct entries = (representative Q values) @ E: (distinct precisions, entries)."""
+        by_group = np.zeros((self.num_groups, len(self.targets)))
+        np.add.at(by_group, (np.asarray(self._term_q), np.asarray(self._term_entry)), np.asarray(self._term_coef))
+        return jnp.asarray(by_group)
+
     def entries(self, q) -> jax.Array:
         """The distinct entries of H (``targets``) from the flat Q entries: sums of pair products."""
+        if self._by_group is not None:
+            return q[self._representative] @ self._by_group
         return self._entry_sum(q[self._representative][self._term_q] * self._term_coef)
+
+    def _entries_transpose(self, d_entries) -> jax.Array:
+        """The gradient of ``entries`` in the representatives' Q values, from that in H's entries."""
+        if self._by_group is not None:
+            return self._by_group @ d_entries
+        return self._q_sum(d_entries[self._term_entry] * self._term_coef)
 
     def assemble(self, q) -> jax.Array:
         """The dense D x D precision from the flat Q entries."""
@@ -423,7 +443,7 @@ class SparsePrecision:
                 SS = A_inv - _group_product("bir,bjr->bij", SR, X)  # A^-1 + A^-1 B K^-1 B^T A^-1
                 inverse = jnp.concatenate([SS.ravel(), SR.ravel(), K_inv.ravel()])
             d_entries = -0.5 * cotangent * off_diagonal * (m[p] * m[q] + inverse[inverse_index])
-            d_groups = self._q_sum(d_entries[self._term_entry] * self._term_coef)
+            d_groups = self._entries_transpose(d_entries)
             # Only the representatives were read (the others are the same functions of theta).
             d_q = jnp.zeros(self.num_q, d_groups.dtype).at[self._representative].set(d_groups)
             return d_q, cotangent * m
@@ -470,14 +490,19 @@ def _factor_inverse(K):
     n = K.shape[-1]
     if n > _UNROLLED_BELOW:
         return jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(K), jnp.eye(n, dtype=K.dtype), lower=True)
-    L = jnp.zeros_like(K)
+    # Entry by entry on scalars, stacked once at the end: XLA fuses scalar arithmetic into a few
+    # kernels, where row updates of a matrix (``.at[].set``) cost a kernel each.
+    L = [[None] * n for _ in range(n)]
     for j in range(n):
-        d = jnp.sqrt(K[j, j] - L[j, :j] @ L[j, :j])
-        L = L.at[j, j].set(d).at[j + 1:, j].set((K[j + 1:, j] - L[j + 1:, :j] @ L[j, :j]) / d)
-    X, eye = jnp.zeros_like(K), jnp.eye(n, dtype=K.dtype)
-    for i in range(n):  # forward substitution, one row of L^-1 at a time
-        X = X.at[i].set((eye[i] - L[i, :i] @ X[:i]) / L[i, i])
-    return X
+        L[j][j] = jnp.sqrt(K[..., j, j] - sum(L[j][t] * L[j][t] for t in range(j)))
+        for i in range(j + 1, n):
+            L[i][j] = (K[..., i, j] - sum(L[i][t] * L[j][t] for t in range(j))) / L[j][j]
+    zero = jnp.zeros_like(K[..., 0, 0])
+    X = [[zero] * n for _ in range(n)]
+    for i in range(n):  # forward substitution: L X = I
+        for c in range(i + 1):
+            X[i][c] = ((1.0 if c == i else 0.0) - sum(L[i][t] * X[t][c] for t in range(c, i))) / L[i][i]
+    return jnp.stack([jnp.stack(row, axis=-1) for row in X], axis=-2)
 
 
 def _greedy_groups(order, neighbours, size, cap):

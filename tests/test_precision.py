@@ -6,6 +6,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import pytest
 
 from autoreparam.block import block_of_model
@@ -129,3 +131,36 @@ def test_entries_as_one_product_with_the_distinct_precisions_match_the_gathered_
             precision.eliminate()
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10 * np.abs(b).max())
+
+
+def _shifted_groups(group, y, uniform_mu=False):
+    mu = numpyro.sample("mu", dist.Uniform(-5.0, 5.0) if uniform_mu else dist.Normal(0.0, 1.0))
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    with numpyro.plate("groups", 5):
+        a = numpyro.sample("a", dist.Normal(0.0, tau))
+    with numpyro.plate("obs", len(y)):
+        numpyro.sample("y", dist.Normal(mu + a[group], sigma), obs=y)
+
+
+@pytest.mark.parametrize("uniform_mu", [False, True])
+def test_the_gradient_at_zero_from_the_precisions_equals_the_models(uniform_mu):
+    # With mu in the block, the residuals at z = 0 (y, and a - 0) do not move with theta: the gradient
+    # is a fixed product with the distinct precisions. A Uniform mu is theta and shifts y's residual:
+    # the model's own gradient is kept.
+    group = np.repeat(np.arange(5), 6)
+    y = np.random.default_rng(0).normal(size=30)
+    kwargs = {"uniform_mu": uniform_mu}
+    block, note = block_of_model(_shifted_groups, (group, y), kwargs)
+    assert block is not None, note
+    conditional = BlockConditional(_shifted_groups, block, (group, y), kwargs, method="dense")
+    assert conditional.precision.gradient_is_linear is not uniform_mu
+
+    @jax.jit
+    def both(theta):
+        return conditional._exact_parts(theta, assemble=False)[1], conditional._grad(theta, jnp.zeros(block.size))
+
+    with jax.enable_x64(True):
+        for seed in (3, 4):
+            mine, model = both(conditional._as_theta(conditional._theta_point(seed)))
+            np.testing.assert_allclose(mine, model, rtol=1e-10, atol=1e-12 * np.abs(model).max())

@@ -11,7 +11,10 @@ once, sparse, at construction: Jacobian-vector products on chunks of unit vector
 the nonzeros are kept (never a dense matrix of the data's size times the block's). Per call,
 Q_s(theta) comes from the site's own distribution, one Hessian-vector product per colour of its
 event (1 for elementwise Normals, 3 for a random walk's tridiagonal precision), and H is a
-segment sum of the products of the nonzero pairs: O(nonzeros) work, no model HVPs.
+segment sum of the products of the nonzero pairs: O(nonzeros) work, no model HVPs. With few
+distinct Q values the entries are one fixed product with them, and so is the gradient of the log
+joint at z = 0 when the residuals there do not move with theta (``gradient_at_zero``): the model
+then runs forward only.
 
 The construction checks H against the model's Hessian-vector products at two theta; a model
 this does not describe (J depending on theta, as for loc = s * a; a family without a known

@@ -425,7 +425,7 @@ class BlockConditional:
         try:
             precision = SparsePrecision(lambda theta, z: self._run({**theta, **self._unravel(z)}),
                                         self._block_names + self._lik_names, self.size, thetas,
-                                        hvp, seed)
+                                        hvp, lambda theta: self._grad(theta, jnp.zeros(self.size, jnp.float64)), seed)
         except Unsupported as exc:
             return None, str(exc)
         return precision, (f"sparse: {precision.num_terms} pair products of {precision.num_groups} distinct precisions; "
@@ -438,7 +438,12 @@ class BlockConditional:
             tr = self._run({**theta, **self._unravel(z)})
             return self._log_terms(tr, self._sample_names(tr)), self.precision.site_precisions(tr)
 
-        (log_joint0, q), grad0 = jax.value_and_grad(at, has_aux=True)(jnp.zeros(self.size, jnp.float64))
+        zero = jnp.zeros(self.size, jnp.float64)
+        if self.precision.gradient_is_linear:
+            log_joint0, q = at(zero)  # the gradient from the Q entries: no pass back through the model
+            grad0 = self.precision.gradient_at_zero(q)
+        else:
+            (log_joint0, q), grad0 = jax.value_and_grad(at, has_aux=True)(zero)
         return log_joint0, grad0, self.precision.assemble(q) if assemble else q
 
     # ----------------------------------------------------------------- solves

@@ -11,7 +11,10 @@ once, sparse, at construction: Jacobian-vector products on chunks of unit vector
 the nonzeros are kept (never a dense matrix of the data's size times the block's). Per call,
 Q_s(theta) comes from the site's own distribution, one Hessian-vector product per colour of its
 event (1 for elementwise Normals, 3 for a random walk's tridiagonal precision), and H is a
-segment sum of the products of the nonzero pairs: O(nonzeros) work, no model HVPs.
+segment sum of the products of the nonzero pairs: O(nonzeros) work, no model HVPs. With few
+distinct Q values the entries are one fixed product with them, and so is the gradient of the log
+joint at z = 0 when the residuals there do not move with theta (``gradient_at_zero``): the model
+then runs forward only.
 
 The construction checks H against the model's Hessian-vector products at two theta; a model
 this does not describe (J depending on theta, as for loc = s * a; a family without a known
@@ -44,6 +47,9 @@ _EVENT_LIMIT = 512
 #: Most pair products H may be assembled from (above, the HVP path is no slower).
 _TERM_LIMIT = 20_000_000
 _CHUNK = 64
+#: H's entries are a dense product with the distinct precisions when that takes at most this many
+#: multiply-adds per pair-product term (a gather costs several).
+_DENSE_TERMS_FACTOR = 4
 #: Largest sizes tried for the groups of block elements eliminated before the dense factor.
 _GROUP_CAPS = (1, 2, 4, 8, 16, 32, 64)
 #: Multiply-adds charged per group factored on its own (a loop step of a few microseconds).
@@ -70,10 +76,10 @@ class SparsePrecision:
     """H(theta) of the block for the model run ``run(theta, z) -> trace``, from the residuals of ``sites``.
 
     ``size``: the block size D; ``thetas``: three generic theta points (the first reads J, the
-    first two group the Q entries that are the same function of theta, all three check H); ``hvp(theta, v)``: the model's own H v, for the check. Raises :class:`Unsupported`.
+    first two group the Q entries that are the same function of theta, all three check H); ``hvp(theta, v)``: the model's own H v, and ``grad(theta)``: its gradient in z at z = 0, for the checks. Raises :class:`Unsupported`.
     """
 
-    def __init__(self, run, sites, size, thetas, hvp, seed=0):
+    def __init__(self, run, sites, size, thetas, hvp, grad, seed=0):
         self._run = run
         self.sites = tuple(sites)
         self.size = int(size)
@@ -84,6 +90,7 @@ class SparsePrecision:
         self._colours = [self._event_colours(name, (theta0, theta1), seed) for name in self.sites]
         self._build_terms(rows, cols, vals, (theta0, theta1))
         self._check(thetas, hvp, seed)
+        self._by_group_gradient = self._zero_gradient_by_group(rows, cols, vals, thetas, grad)
         self.eliminate()
 
     # ------------------------------------------------------------ construction
@@ -213,6 +220,7 @@ class SparsePrecision:
         self.num_q = q_offset
         q_index, row_i, row_j = (np.concatenate(a) for a in (q_index, row_i, row_j))
         group, representative = self._group_q(thetas)
+        self._q_rows = (group[q_index], row_i, row_j)  # per Q entry: its group, H = ... J_i^T Q_ij J_j
         self.num_groups = len(representative)
         self._representative = jnp.asarray(representative, jnp.int32)
         pairs = counts[row_i] * counts[row_j]
@@ -245,6 +253,9 @@ class SparsePrecision:
         self._term_coef = jnp.asarray(coef, jnp.float64)
         self._entry_sum = _GatherSum(term_entry, len(targets))  # terms -> entries of H
         self._q_sum = _GatherSum(term_q, self.num_groups)  # terms -> Q groups (the transpose)
+        # Few distinct precisions (radon: 3): H's entries are one small product q_rep @ E instead.
+        self._by_group = (self.entries_by_group() if self.num_groups * len(targets) <= _DENSE_TERMS_FACTOR * len(coef)
+                          else None)
         self.num_terms = int(len(coef))
         dense = np.full((self.size, self.size), len(targets))
         dense[p, q] = dense[q, p] = np.arange(len(targets))
@@ -262,7 +273,49 @@ class SparsePrecision:
                 raise Unsupported("H from the sparse residual Jacobians differs from the model's Hessian-vector "
                                   "products (a Jacobian depends on theta)")
 
+    def _zero_gradient_by_group(self, rows, cols, vals, thetas, grad):
+        """G with the block gradient of log p(y, z=0, theta) = (representative Q values) @ G, or None.
+
+        Each Gaussian term's gradient at z = 0 is -J^T Q r0 (r0: its residual at z = 0). When r0 does
+        not depend on theta (theta scales the block's Gaussians but does not shift them: the usual
+        case), that is linear in the Q values with fixed coefficients, so the gradient needs no
+        pass through the model, nor its derivative in theta a second-order one. Checked against the
+        model's own gradient at ``thetas`` (a term outside the Gaussian sites, such as a factor linear
+        in z, would differ)."""
+        residuals = jax.jit(lambda th: self._residuals(th, jnp.zeros(self.size, jnp.float64)))
+        r0 = np.asarray(residuals(thetas[0]))
+        if not all(np.array_equal(r0, np.asarray(residuals(th))) for th in thetas[1:]):
+            return None
+        group, row_i, row_j = self._q_rows
+        if self.num_groups * self.size > len(vals):
+            # A product larger than one pass over the Jacobian's nonzeros: the model's own gradient is
+            # as cheap (eight schools: 8 distinct precisions x 9 values, against 25 nonzeros).
+            return None
+        # s = -Q r0 row by row, split by Q group: s_g[row_i] -= r0[row_j]; then G_g = J^T s_g.
+        per_row = np.zeros((self.num_groups, self.num_rows))
+        np.add.at(per_row, (group, row_i), -r0[row_j])
+        by_group = np.zeros((self.num_groups, self.size))
+        np.add.at(by_group.T, cols, (per_row[:, rows] * vals).T)
+        by_group = jnp.asarray(by_group.T)
+        at = jax.jit(lambda th: self.site_precisions(self._run(th, jnp.zeros(self.size, jnp.float64))))
+        for theta in thetas:
+            mine = np.asarray(_weighted_rows(at(theta)[self._representative], by_group))
+            model = np.asarray(grad(theta))
+            if not np.allclose(mine, model, rtol=1e-7, atol=1e-9 * (np.abs(model).max() + 1e-300)):
+                return None
+        return by_group
+
     # ------------------------------------------------------------ per call
+
+    @property
+    def gradient_is_linear(self) -> bool:
+        """Whether ``gradient_at_zero`` serves (see ``_zero_gradient_by_group``); if not, the caller
+        differentiates the model."""
+        return self._by_group_gradient is not None
+
+    def gradient_at_zero(self, q) -> jax.Array:
+        """The block gradient of log p(y, z=0, theta), linear in the flat Q entries."""
+        return _weighted_rows(q[self._representative], self._by_group_gradient)
 
     def site_precisions(self, trace) -> jax.Array:
         """The flat Q entries of every site at the trace's theta (the trace's block values do not matter)."""
@@ -281,9 +334,23 @@ class SparsePrecision:
             out.extend(hvps[colour_of[a_in]][:, a_out] for a_out, a_in in entries)
         return jnp.concatenate(out)
 
+    def entries_by_group(self) -> jax.Array:
+        """E^T with H's distinct entries = (representative Q values) @ E: (entries, distinct precisions)."""
+        by_group = np.zeros((self.num_groups, len(self.targets)))
+        np.add.at(by_group, (np.asarray(self._term_q), np.asarray(self._term_entry)), np.asarray(self._term_coef))
+        return jnp.asarray(by_group.T)
+
     def entries(self, q) -> jax.Array:
         """The distinct entries of H (``targets``) from the flat Q entries: sums of pair products."""
+        if self._by_group is not None:
+            return _weighted_rows(q[self._representative], self._by_group)
         return self._entry_sum(q[self._representative][self._term_q] * self._term_coef)
+
+    def _entries_transpose(self, d_entries) -> jax.Array:
+        """The gradient of ``entries`` in the representatives' Q values, from that in H's entries."""
+        if self._by_group is not None:
+            return d_entries @ self._by_group
+        return self._q_sum(d_entries[self._term_entry] * self._term_coef)
 
     def assemble(self, q) -> jax.Array:
         """The dense D x D precision from the flat Q entries."""
@@ -423,7 +490,7 @@ class SparsePrecision:
                 SS = A_inv - _group_product("bir,bjr->bij", SR, X)  # A^-1 + A^-1 B K^-1 B^T A^-1
                 inverse = jnp.concatenate([SS.ravel(), SR.ravel(), K_inv.ravel()])
             d_entries = -0.5 * cotangent * off_diagonal * (m[p] * m[q] + inverse[inverse_index])
-            d_groups = self._q_sum(d_entries[self._term_entry] * self._term_coef)
+            d_groups = self._entries_transpose(d_entries)
             # Only the representatives were read (the others are the same functions of theta).
             d_q = jnp.zeros(self.num_q, d_groups.dtype).at[self._representative].set(d_groups)
             return d_q, cotangent * m
@@ -450,6 +517,12 @@ class SparsePrecision:
         return m + (step if step_R is None else step.at[self._R].set(step_R))
 
 
+def _weighted_rows(weights, rows_t):
+    """``weights @ rows_t.T`` as a broadcast product and a sum along the minor axis: XLA fuses it
+    with its neighbours, where a dot of a few rows is a library call whose fixed cost dominates."""
+    return jnp.sum(rows_t * weights, axis=-1)
+
+
 def _group_product(spec, X, Y):
     """``jnp.einsum(spec, X, Y)`` for products within each group (leading axis b, group size i/j/k).
     With groups of one element, a broadcast product: XLA's CPU runtime runs a batched dot of 1 x 1
@@ -470,14 +543,19 @@ def _factor_inverse(K):
     n = K.shape[-1]
     if n > _UNROLLED_BELOW:
         return jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(K), jnp.eye(n, dtype=K.dtype), lower=True)
-    L = jnp.zeros_like(K)
+    # Entry by entry on scalars, stacked once at the end: XLA fuses scalar arithmetic into a few
+    # kernels, where row updates of a matrix (``.at[].set``) cost a kernel each.
+    L = [[None] * n for _ in range(n)]
     for j in range(n):
-        d = jnp.sqrt(K[j, j] - L[j, :j] @ L[j, :j])
-        L = L.at[j, j].set(d).at[j + 1:, j].set((K[j + 1:, j] - L[j + 1:, :j] @ L[j, :j]) / d)
-    X, eye = jnp.zeros_like(K), jnp.eye(n, dtype=K.dtype)
-    for i in range(n):  # forward substitution, one row of L^-1 at a time
-        X = X.at[i].set((eye[i] - L[i, :i] @ X[:i]) / L[i, i])
-    return X
+        L[j][j] = jnp.sqrt(K[..., j, j] - sum(L[j][t] * L[j][t] for t in range(j)))
+        for i in range(j + 1, n):
+            L[i][j] = (K[..., i, j] - sum(L[i][t] * L[j][t] for t in range(j))) / L[j][j]
+    zero = jnp.zeros_like(K[..., 0, 0])
+    X = [[zero] * n for _ in range(n)]
+    for i in range(n):  # forward substitution: L X = I
+        for c in range(i + 1):
+            X[i][c] = ((1.0 if c == i else 0.0) - sum(L[i][t] * X[t][c] for t in range(c, i))) / L[i][i]
+    return jnp.stack([jnp.stack(row, axis=-1) for row in X], axis=-2)
 
 
 def _greedy_groups(order, neighbours, size, cap):

@@ -89,8 +89,7 @@ class SparsePrecision:
         rows, cols, vals = self._read_jacobian(theta0)
         self._colours = [self._event_colours(name, (theta0, theta1), seed) for name in self.sites]
         self._build_terms(rows, cols, vals, (theta0, theta1))
-        self._check(thetas, hvp, seed)
-        self._by_group_gradient = self._zero_gradient_by_group(rows, cols, vals, thetas, grad)
+        self._check(thetas, hvp, grad, (rows, cols, vals), seed)
         self.eliminate()
 
     # ------------------------------------------------------------ construction
@@ -261,48 +260,60 @@ class SparsePrecision:
         dense[p, q] = dense[q, p] = np.arange(len(targets))
         self._dense_index = jnp.asarray(dense, jnp.int32)
 
-    def _check(self, thetas, hvp, seed):
+    def _check(self, thetas, hvp, grad, jacobian, seed):
+        """H against the model's HVPs (else :class:`Unsupported`); then whether the gradient at z = 0
+        is linear in the Q values (``_zero_gradient_by_group``), against the model's gradient."""
         rng = np.random.default_rng(seed + 3)
         probes = jnp.asarray(rng.normal(size=(3, self.size)))
-        mine_at = jax.jit(lambda th: probes @ self.assemble(self.site_precisions(
-            self._run(th, jnp.zeros(self.size, jnp.float64)))))
-        model_at = jax.jit(lambda th: jax.vmap(lambda v: hvp(th, v))(probes))
-        for theta in thetas:
-            mine, model = np.asarray(mine_at(theta)), np.asarray(model_at(theta))
-            if not np.allclose(mine, model, rtol=1e-7, atol=1e-9 * np.abs(model).max()):
+        zero = jnp.zeros(self.size, jnp.float64)
+
+        def mine_at(th):
+            q = self.site_precisions(self._run(th, zero))
+            return probes @ self.assemble(q), q[self._representative], self._residuals(th, zero)
+
+        model_at = jax.jit(lambda th: (jax.vmap(lambda v: hvp(th, v))(probes), grad(th)))
+        mine_at = jax.jit(mine_at)
+        mine = [jax.tree.map(np.asarray, mine_at(theta)) for theta in thetas]
+        model = [jax.tree.map(np.asarray, model_at(theta)) for theta in thetas]
+        for (mine_h, _, _), (model_h, _) in zip(mine, model):
+            if not np.allclose(mine_h, model_h, rtol=1e-7, atol=1e-9 * np.abs(model_h).max()):
                 raise Unsupported("H from the sparse residual Jacobians differs from the model's Hessian-vector "
                                   "products (a Jacobian depends on theta)")
+        r0 = mine[0][2]
+        self._by_group_gradient = None
+        if all(np.array_equal(r0, r) for _, _, r in mine[1:]):
+            by_group = self._zero_gradient_by_group(r0, *jacobian)
+            if by_group is not None and all(
+                    np.allclose(by_group @ q, g, rtol=1e-7, atol=1e-9 * (np.abs(g).max() + 1e-300))
+                    for (_, q, _), (_, g) in zip(mine, model)):
+                self._by_group_gradient = jnp.asarray(by_group)
 
-    def _zero_gradient_by_group(self, rows, cols, vals, thetas, grad):
-        """G with the block gradient of log p(y, z=0, theta) = (representative Q values) @ G, or None.
+    def _zero_gradient_by_group(self, r0, rows, cols, vals):
+        """G^T with the block gradient of log p(y, z=0, theta) = G^T @ (representative Q values), from
+        the residuals at z = 0, ``r0``, which must not depend on theta; None where G would be larger
+        than the Jacobians' nonzeros (the model's own gradient is then as cheap: eight schools, 8
+        distinct precisions x 9 values against 25 nonzeros).
 
-        Each Gaussian term's gradient at z = 0 is -J^T Q r0 (r0: its residual at z = 0). When r0 does
-        not depend on theta (theta scales the block's Gaussians but does not shift them: the usual
-        case), that is linear in the Q values with fixed coefficients, so the gradient needs no
-        pass through the model, nor its derivative in theta a second-order one. Checked against the
-        model's own gradient at ``thetas`` (a term outside the Gaussian sites, such as a factor linear
-        in z, would differ)."""
-        residuals = jax.jit(lambda th: self._residuals(th, jnp.zeros(self.size, jnp.float64)))
-        r0 = np.asarray(residuals(thetas[0]))
-        if not all(np.array_equal(r0, np.asarray(residuals(th))) for th in thetas[1:]):
+        Each Gaussian term's gradient at z = 0 is -J^T Q r0. When r0 does not move with theta (theta
+        scales the block's Gaussians but does not shift them: the usual case), that is linear in the
+        Q values with fixed coefficients, so the gradient needs no pass back through the model, and
+        its derivative in theta no second-order one. ``rows, cols, vals``: the Jacobian's nonzeros."""
+        if self.num_groups * self.size > len(vals):
             return None
         group, row_i, row_j = self._q_rows
-        if self.num_groups * self.size > len(vals):
-            # A product larger than one pass over the Jacobian's nonzeros: the model's own gradient is
-            # as cheap (eight schools: 8 distinct precisions x 9 values, against 25 nonzeros).
-            return None
-        # s = -Q r0 row by row, split by Q group: s_g[row_i] -= r0[row_j]; then G_g = J^T s_g.
-        per_row = np.zeros((self.num_groups, self.num_rows))
-        np.add.at(per_row, (group, row_i), -r0[row_j])
-        by_group = np.zeros((self.num_groups, self.size))
-        np.add.at(by_group.T, cols, (per_row[:, rows] * vals).T)
-        by_group = jnp.asarray(by_group.T)
-        at = jax.jit(lambda th: self.site_precisions(self._run(th, jnp.zeros(self.size, jnp.float64))))
-        for theta in thetas:
-            mine = np.asarray(_weighted_rows(at(theta)[self._representative], by_group))
-            model = np.asarray(grad(theta))
-            if not np.allclose(mine, model, rtol=1e-7, atol=1e-9 * (np.abs(model).max() + 1e-300)):
-                return None
+        # s = -Q r0 by (Q group, row), then G_g = J^T s_g over the Jacobian's nonzeros in each row.
+        key = group.astype(np.int64) * self.num_rows + row_i
+        pairs, inverse = np.unique(key, return_inverse=True)
+        weight = np.bincount(inverse.ravel(), weights=-r0[row_j], minlength=len(pairs))
+        pair_group, pair_row = pairs // self.num_rows, pairs % self.num_rows
+        order = np.argsort(rows, kind="stable")
+        counts = np.bincount(rows, minlength=self.num_rows)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        n = counts[pair_row]
+        pair = np.repeat(np.arange(len(pairs)), n)
+        at = order[starts[pair_row[pair]] + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)]
+        by_group = np.zeros((self.size, self.num_groups))
+        np.add.at(by_group, (cols[at], pair_group[pair]), weight[pair] * vals[at])
         return by_group
 
     # ------------------------------------------------------------ per call

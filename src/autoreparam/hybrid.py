@@ -51,7 +51,8 @@ __all__ = ["AutoHybrid", "HybridELBO", "THETA_GUIDES", "LAPLACE_BLOCK_DRAWS", "C
 
 THETA_GUIDES = ("normal", "lowrank", "full")
 #: Block size up to which the guide factorises H (Cholesky) instead of solving by CG: the dense path
-#: also gives the exact ELBO and ``resample_theta``. CPU time per SVI step with 4 theta draws on the
+#: also gives the exact ELBO at every step (the CG path gives log p(y, theta) for resampling theta
+#: through the sparse precision, on request). CPU time per SVI step with 4 theta draws on the
 #: tensor model (``benchmarks/bench_hybrid_scale.py --method dense|cg``, benchmarks/README.md):
 #: D = 213: 7.9 ms dense, 6.2 ms CG; D = 515: 41 ms, 9.9 ms; D = 1739: 908 ms, 45 ms (CPU, under load).
 HYBRID_DENSE_BELOW = 250
@@ -574,7 +575,8 @@ class HybridELBO(Trace_ELBO):
     The reported value is ``-E_q[log p(y, theta) - log q(theta)]`` (the negative ELBO) with
     ``log p(y, theta)`` from ``guide.log_marginal``: exact (Cholesky) for Normal blocks, the Laplace
     approximation for Bernoulli/Binomial/Poisson blocks. Where the block is above the conditional's
-    dense threshold (unless ``exact_value=True``), or with ``exact_value=False``, the value is the surrogate ``-E[log p(y, z, theta) - log q(theta)]``
+    dense threshold (unless ``exact_value=True``), or with ``exact_value=False``, the value is the
+    surrogate ``-E[log p(y, z, theta) - log q(theta)]``
     (with K > 1: the weighted ``-E[sum_i w_i log p(y, z_i, theta) - log q(theta)]``), which is *not*
     an ELBO: it leaves out the entropy of p(z | theta, y) (with K = 1 it is what ``Trace_ELBO``
     reports with this guide).

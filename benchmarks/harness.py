@@ -564,11 +564,11 @@ class HybridMethod:
                 train.append(-float(np.mean(np.asarray(losses))))
                 key, k = jax.random.split(key)
                 i = len(ckpts)
-                if self.exact or i % HYBRID_CG_CKPT_EVERY == 0 or i == cfg["checkpoints"]:
+                if self.pools["checkpoint"] is None or i % HYBRID_CG_CKPT_EVERY == 0 or i == cfg["checkpoints"]:
                     mom, ess = self.ckpt_draws_fn(params, k)
                     ckpt_moments.append(_as_moments(mom))
                     ckpt_ess.append(float(ess))
-                else:  # not measured: counts as a miss (target_reach)
+                else:  # no draws here (CG path with resampling): target_reach skips it
                     ckpt_moments.append(None)
                     ckpt_ess.append(None)
             # On the CG path the value is the joint surrogate, no ELBO: one batch of particles is enough for it.

@@ -624,6 +624,8 @@ def test_fit_hybrid_pools_theta_on_the_cg_path(monkeypatch):
     assert not fit.guide.conditional.dense
     assert fit.resample_theta == 4 and fit.theta_pool == 300  # 4 per draw, capped
     assert 1.0 <= fit.theta_pool_ess <= 300
+    with pytest.raises(InputError, match="fit_hybrid: theta_pool must be a positive integer or None, got 0"):
+        autoreparam.fit_hybrid(random_intercepts, GROUP, y=Y, block=RI_BLOCK, theta_pool=0)
 
 
 def no_block(y=None):

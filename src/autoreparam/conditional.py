@@ -491,7 +491,7 @@ class BlockConditional:
 
         The dense path always has it (its Cholesky). On the CG path only exact blocks whose H has the
         sparse form of :mod:`autoreparam.precision` do (``precision_note`` says why not); building it
-        reads the residual Jacobians once (about 20 s on the 1,739-value tensor block), so it is done
+        reads the residual Jacobians once (about 40 s of CPU on the 1,739-value tensor block), so it is done
         here, on request, and never for the mean or the draws. Call it outside any transformation (it
         runs the model on concrete values).
         """

@@ -26,7 +26,8 @@ class HybridFit:
     ``samples`` holds every latent and deterministic site of the model (numpy, float64), the
     first axis indexing draws; ``theta_pool`` is the number of proposals of theta they were resampled
     from (0: plain draws of q(theta) p(z | theta, y)), ``theta_pool_ess`` that pool's effective sample
-    size (None without resampling), ``resample_theta`` the proposals per draw asked for. ``elbo`` is the mean of the last 10% of the losses, negated: the
+    size (None without resampling), ``resample_theta`` the proposals per draw asked for. ``elbo`` is
+    the mean of the last 10% of the losses, negated: the
     hybrid ELBO where the block's marginal is exact (see ``HybridELBO``).
     """
 
@@ -98,6 +99,8 @@ def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", opt
         raise InputError(f"fit_hybrid: steps must be a positive integer, got {steps!r}")
     if not (resample_theta == "auto" or (isinstance(resample_theta, int) and resample_theta >= 0)):
         raise InputError(f"fit_hybrid: resample_theta must be 'auto' or an integer >= 0, got {resample_theta!r}")
+    if theta_pool is not None and (isinstance(theta_pool, bool) or not isinstance(theta_pool, int) or theta_pool < 1):
+        raise InputError(f"fit_hybrid: theta_pool must be a positive integer or None, got {theta_pool!r}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise InputError(f"fit_hybrid: num_samples must be a positive integer, got {num_samples!r}")
     check_block_draws("fit_hybrid", block_draws)

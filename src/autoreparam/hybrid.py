@@ -363,7 +363,7 @@ class AutoHybrid(AutoGuide):
         """True when ``log_marginal`` (log p(y, theta); Laplace blocks: its Laplace approximation) is
         available without estimation: the conditional factorises H (dense path), or the block is exact
         and its sparse precision can be built (CG path; built here on first request, which takes a
-        while on large blocks, e.g. 20 s for 1,739 values). It decides whether ``sample_posterior`` can
+        while on large blocks: about 40 s of CPU for 1,739 values). It decides whether ``sample_posterior`` can
         resample theta, not the cost of training: ``HybridELBO`` computes the exact ELBO by default only
         on the dense path (``exact_value``)."""
         self._require_setup("exact_marginal")

@@ -414,7 +414,8 @@ def test_observed_site_outside_the_likelihoods_that_depends_on_the_block_is_refu
 
 
 def test_log_marginal_on_the_cg_path_is_a_stated_estimate(crossed_conds):
-    with pytest.raises(InputError, match="log_marginal: block .* has size 8, above dense_below: .* pass key="):
+    with pytest.raises(InputError,
+                       match="log_marginal: block .* has size 8, above dense_below, and no sparse precision .* pass key="):
         crossed_conds["cg"].log_marginal(random_theta(0))
     theta = random_theta(4)
     with jax.enable_x64(True):

@@ -113,7 +113,11 @@ def hybrid_line(m: dict) -> str:
     elbo = ("hybrid ELBO with the Laplace log p(y, theta)" if s.get("laplace") else "exact hybrid ELBO") \
         if s["dense"] else "no ELBO (CG path: the loss is the joint surrogate)"
     draws = (f"the draws are fit_hybrid's: theta resampled by p(y, theta) / q(theta) (SIR, {s['resample_theta']} "
-             "proposals per draw)" if s.get("resample_theta") else "the draws are plain draws of q(theta) p(z | theta, y)")
+             "proposals per draw)" if s.get("resample_theta") else
+             f"the draws are fit_hybrid's: theta resampled by p(y, theta) / q(theta) from one pool of "
+             f"{s['theta_pool']:,} proposals (pooled SIR, sparse exact marginal; pool ESS per seed "
+             f"{', '.join(f'{e:.0f}' for e in s['theta_pool_ess'])})" if s.get("theta_pool") else
+             "the draws are plain draws of q(theta) p(z | theta, y)")
     if s.get("plain_sd_ratio_worst") is not None:
         draws += (f"; plain draws of q (no resampling): worst sd ratio "
                   f"{worst(s['plain_sd_ratio_worst'], s['plain_sd_ratio_worst_site'])}, worst mean err "

@@ -195,6 +195,17 @@ def test_a_lucky_checkpoint_is_not_reached_unless_the_elbo_stays():
     assert out["methods"]["autoreparam analytic"]["summary"]["reach_step"] == 300
 
 
+def test_target_reach_reads_the_targets_only_at_checkpoints_with_draws():
+    ref = {"x": {"mean": np.zeros(1), "sd": np.ones(1), "mean_se": None}}
+    good, bad = (np.zeros(1), np.ones(1)), (np.ones(1), np.ones(1))  # mean error 0 and 1 ref sds
+    # Checkpoints 2 and 4 have no draws (the CG path with resampling): the targets hold from 3 on.
+    run = {"checkpoints": [(100 * (i + 1), float(i + 1), None, None) for i in range(5)],
+           "_ckpt_moments": [{"x": bad}, None, {"x": good}, None, {"x": good}], "_plain_moments": None,
+           "compare": harness.compare({"x": good}, ref)}
+    harness.target_reach("tensor_large", run, ref)
+    assert run["target_step"] == 300 and run["target_met_at_end"]
+
+
 # -- the cold-start benchmark (benchmarks/cold_start.py) -------------------------------------------
 
 def test_cold_start_child_cpu_counts_the_child_not_the_parent():

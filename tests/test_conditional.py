@@ -414,7 +414,8 @@ def test_observed_site_outside_the_likelihoods_that_depends_on_the_block_is_refu
 
 
 def test_log_marginal_on_the_cg_path_is_a_stated_estimate(crossed_conds):
-    with pytest.raises(InputError, match="log_marginal: block .* has size 8, above dense_below: .* pass key="):
+    with pytest.raises(InputError,
+                       match="log_marginal: block .* has size 8, above dense_below, and no sparse precision .* pass key="):
         crossed_conds["cg"].log_marginal(random_theta(0))
     theta = random_theta(4)
     with jax.enable_x64(True):
@@ -423,6 +424,33 @@ def test_log_marginal_on_the_cg_path_is_a_stated_estimate(crossed_conds):
         estimates = np.asarray(jax.jit(jax.vmap(lambda k: crossed_conds["cg"].log_marginal(theta, k)))(keys))
     assert estimates.std() > 0  # a real estimate, not the dense value
     assert abs(estimates.mean() - exact) < 4 * estimates.std() / np.sqrt(len(estimates))
+
+
+def test_cg_path_builds_the_sparse_marginal_on_request_and_it_equals_the_dense_one(crossed_conds):
+    """The CG path has no exact log p(y, theta) until asked (the mean and draws never build H);
+    prepare_exact_marginal builds the sparse precision, whose marginal equals the dense Cholesky's."""
+    cond = BlockConditional(crossed, CROSSED_BLOCK, (II, JJ, Y, True), method="cg")
+    dense = BlockConditional(crossed, CROSSED_BLOCK, (II, JJ, Y, True), method="dense")
+    assert not cond.dense and not cond.exact_marginal and cond.precision is None
+    with pytest.raises(InputError, match="no sparse precision .*prepare_exact_marginal"):
+        cond.log_marginal(random_theta(0))
+    assert cond.prepare_exact_marginal() and cond.exact_marginal and "groups" in cond.precision_note
+    with jax.enable_x64(True):
+        for seed in range(3):
+            theta = random_theta(seed)
+            expected = float(jax.jit(dense.log_marginal)(theta))
+            assert float(jax.jit(cond.log_marginal)(theta)) == pytest.approx(expected, rel=1e-10, abs=1e-10)
+            # A key no longer asks for the Lanczos estimate: the value is the exact one.
+            assert float(cond.log_marginal(theta, jax.random.PRNGKey(0))) == pytest.approx(expected, rel=1e-10)
+    theta32 = {n: jnp.float32(v) for n, v in random_theta(1).items()}  # a float32 caller gets it too
+    assert float(jax.jit(cond.log_marginal)(theta32)) == pytest.approx(float(dense.log_marginal(random_theta(1))),
+                                                                         rel=1e-6)
+
+
+def test_laplace_blocks_have_no_exact_marginal_on_the_cg_path():
+    y = (Y > 0).astype(np.float64)
+    cond = BlockConditional(glm, glm_block("Bernoulli"), (II, JJ, y, "Bernoulli"), method="cg")
+    assert not cond.prepare_exact_marginal() and "exact" in cond.precision_note
 
 
 def test_float32_caller_can_draw_inside_its_own_jit(crossed_conds):

@@ -583,6 +583,51 @@ def test_resampled_theta_corrects_a_poor_q(fitted, quadrature):
     assert sir["a"].shape == (n, G) and sir["group_mean"].shape == (n, G)
 
 
+def test_pooled_resampling_on_the_cg_path_corrects_a_poor_q(fitted, quadrature):
+    """On the CG path the sparse precision gives log p(y, theta) exactly: a pool of proposals from a
+    shifted q, resampled by weight, moves theta to the posterior (by quadrature), and the training
+    loss keeps its cheap surrogate value."""
+    guide = AutoHybrid(random_intercepts, block=RI_BLOCK, dense_below=1)
+    svi = SVI(random_intercepts, guide, NaturalGradient(guide), HybridELBO(2))
+    svi.init(jax.random.PRNGKey(0), GROUP, y=Y)
+    assert not guide.conditional.dense and guide.conditional.precision is None  # not built for training
+    assert guide.exact_marginal and guide.conditional.precision is not None
+    assert not HybridELBO().reports_elbo(guide) and HybridELBO(exact_value=True).reports_elbo(guide)
+    theta = {"tau": 0.9, "sigma": 0.6}
+    np.testing.assert_allclose(float(guide.log_marginal(theta)),
+                               float(dense_conditional(random_intercepts, ("mu", "a"), theta, (GROUP,), {"y": Y})[2]),
+                               rtol=1e-10)
+    q = quadrature
+    shifted = {**fitted[1].params, "auto_loc": jnp.asarray(q["post_mean"] + 1.0 * q["post_sd"])}
+    n, pool = 2000, 4000
+    plain = guide.sample_posterior(jax.random.PRNGKey(2), shifted, sample_shape=(n,))
+    sir, info = guide.sample_posterior(jax.random.PRNGKey(2), shifted, sample_shape=(n,), theta_pool=pool,
+                                       return_info=True)
+    for k, name in enumerate(("tau", "sigma")):
+        err_plain = abs(np.log(plain[name]).mean() - q["post_mean"][k]) / q["post_sd"][k]
+        err_sir = abs(np.log(sir[name]).mean() - q["post_mean"][k]) / q["post_sd"][k]
+        assert err_plain > 0.8 and err_sir < 0.3, (name, err_plain, err_sir)
+    assert int(info["pool_size"]) == pool and 1.0 <= float(info["pool_ess"]) < pool
+    assert sir["a"].shape == (n, G)
+    # Each output draw gets its own z, also where the pool repeats a theta.
+    _, first = np.unique(np.asarray(sir["tau"]), return_index=True)
+    assert len(first) < n and len(np.unique(np.asarray(sir["a"][:, 0]))) == n
+    with pytest.raises(InputError, match="theta_pool must be a positive integer or None, got 0"):
+        guide.sample_posterior(jax.random.PRNGKey(2), shifted, sample_shape=(4,), theta_pool=0)
+
+
+def test_fit_hybrid_pools_theta_on_the_cg_path(monkeypatch):
+    monkeypatch.setattr(hybrid, "HYBRID_DENSE_BELOW", 1)
+    monkeypatch.setattr(autoreparam.fit, "CG_THETA_POOL", 300)
+    with jax.enable_x64(False):
+        fit = autoreparam.fit_hybrid(random_intercepts, GROUP.copy(), y=Y, block=RI_BLOCK, steps=200, num_samples=100)
+    assert not fit.guide.conditional.dense
+    assert fit.resample_theta == 4 and fit.theta_pool == 300  # 4 per draw, capped
+    assert 1.0 <= fit.theta_pool_ess <= 300
+    with pytest.raises(InputError, match="fit_hybrid: theta_pool must be a positive integer or None, got 0"):
+        autoreparam.fit_hybrid(random_intercepts, GROUP, y=Y, block=RI_BLOCK, theta_pool=0)
+
+
 def no_block(y=None):
     sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
     numpyro.sample("y", dist.Normal(0.0, sigma).expand([3]).to_event(1), obs=y)

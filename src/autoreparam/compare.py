@@ -373,7 +373,8 @@ def _fit_hybrid(label, model, args, kwargs, steps, seed, progress, sites) -> Fit
     elbo = elbo_se = float("nan")
     if fit.guide.exact_marginal:
         with jax.enable_x64(True):
-            estimator = HybridELBO(num_particles=50)
+            # exact_value=True: on the CG path too, through the sparse precision (not HybridELBO's default there).
+            estimator = HybridELBO(num_particles=50, exact_value=True)
             loss = jax.jit(lambda k: estimator.loss(k, fit.params, model, fit.guide, *args, **kwargs))
             batches = 20
             elbos = np.array([-float(loss(k)) for k in jax.random.split(jax.random.PRNGKey(seed + 1), batches)])

@@ -28,7 +28,9 @@ never formed above ``dense_below``; neither is any matrix of the size of the dat
   which H is block diagonal before a dense Cholesky of the rest, with a hand-written gradient (for float64 callers,
   as ``CollapsedPosterior``; its draws use the same elimination). Otherwise (checked numerically
   at construction; ``precision_note`` says why), and for ``mean`` and ``sample``, the HVP path
-  above is used.
+  above is used. On the CG path the sparse precision is built only on request
+  (``prepare_exact_marginal``): it then gives ``log_marginal`` exactly, for importance-resampling
+  theta, while the mean and the draws stay matrix-free.
 
 Everything runs in float64 inside a local ``jax.enable_x64`` context, whatever the caller uses:
 theta is upcast on entry and results are returned in the caller's default float dtype
@@ -241,10 +243,16 @@ class BlockConditional:
         self._block_names = block.names
         self._lik_names = tuple(lik.name for lik in block.likelihoods)
         self._laplace_lik_names = tuple(lik.name for lik in block.likelihoods if lik.family != "Normal")
+        self._seed = seed
         with jax.enable_x64(True):
             self._check_model(seed)
             self._probes = self._find_probes(seed)
-            self.precision, self.precision_note = self._sparse_precision(seed)
+            if self.dense:
+                self.precision, self.precision_note = self._sparse_precision(seed)
+            else:
+                # Built on demand (``prepare_exact_marginal``): the CG path's mean and draws never need it.
+                self.precision, self.precision_note = None, "not built: CG path (see prepare_exact_marginal)"
+        self._precision_built = self.dense
 
     # ----------------------------------------------------------------- model evaluation
 
@@ -414,9 +422,9 @@ class BlockConditional:
         return np.concatenate(probes, axis=0)
 
     def _sparse_precision(self, seed):
-        """H(theta) from fixed sparse residual Jacobians (exact dense blocks), or None and why not."""
-        if not (self.exact and self.dense):
-            return None, "only exact blocks on the dense path"
+        """H(theta) from fixed sparse residual Jacobians (exact blocks), or None and why not."""
+        if not self.exact:
+            return None, "only exact (Normal-likelihood) blocks"
         thetas = (self._theta0, self._theta_point(seed + 7), self._theta_point(seed + 11))
 
         def hvp(theta, v):
@@ -481,6 +489,29 @@ class BlockConditional:
         solve, chol = self._solver(matvec)
         step, it = solve(g)
         return z + step, matvec, solve, chol, iterations + it
+
+    def prepare_exact_marginal(self) -> bool:
+        """Whether ``log_marginal`` is exact without a ``key`` (Laplace blocks: the Laplace approximation),
+        building the sparse precision of an exact block on the CG path first if it is not built yet.
+
+        The dense path always has it (its Cholesky). On the CG path only exact blocks whose H has the
+        sparse form of :mod:`autoreparam.precision` do (``precision_note`` says why not); building it
+        reads the residual Jacobians once (about 40 s of CPU on the 1,739-value tensor block), so it is done
+        here, on request, and never for the mean or the draws. Call it outside any transformation (it
+        runs the model on concrete values).
+        """
+        if not self._precision_built:
+            with jax.ensure_compile_time_eval(), jax.enable_x64(True):
+                self.precision, self.precision_note = self._sparse_precision(self._seed)
+            self._precision_built = True
+            self._compiled_methods.pop("log_marginal", None)  # traced before H existed: the SLQ branch
+        return self.dense or self.precision is not None
+
+    @property
+    def exact_marginal(self) -> bool:
+        """Whether ``log_marginal`` is exact as things stand (see ``prepare_exact_marginal``, which builds
+        what the CG path needs)."""
+        return self.dense or self.precision is not None
 
     @property
     def sparse(self) -> bool:
@@ -680,27 +711,32 @@ class BlockConditional:
         """log p(y, theta) = log of the integral of p(y, z, theta) over z (Laplace blocks: its Laplace approximation).
 
         log p(y, z=m, theta) + D/2 log(2 pi) - 1/2 log det H. On the dense path log det H comes
-        from the Cholesky factor: exact for Normal blocks, and differentiable in theta. On the
-        CG path it needs ``key`` and is a stochastic Lanczos quadrature ESTIMATE (``num_probes``
+        from the Cholesky factor: exact for Normal blocks, and differentiable in theta. On the CG
+        path, once ``prepare_exact_marginal`` has built the sparse precision, it is exact too (the
+        grouped elimination of :mod:`autoreparam.precision`; ``key`` is then not used). Otherwise the
+        CG path needs ``key`` and is a stochastic Lanczos quadrature ESTIMATE (``num_probes``
         Rademacher probes, ``lanczos_steps`` steps on the Jacobi-scaled H): unbiased in log det
         up to the quadrature error; its gradient in theta is not provided (log det is held
         fixed; for the gradient of log p(y, theta) use Fisher's identity with ``sample``).
         ``init`` (block values near the mode) warm-starts the mean/mode solve, as for ``mean``.
         """
-        if not self.dense and key is None:
+        if not self.exact_marginal and key is None:
             raise InputError(
                 f"BlockConditional.log_marginal: block ({', '.join(self._block_names)}) has size {self.size}, "
-                f"above dense_below: exact log det H needs method='dense' (size at most {DENSE_LIMIT}); "
+                f"above dense_below, and no sparse precision ({self.precision_note}): exact log det H needs "
+                f"prepare_exact_marginal() (exact blocks) or method='dense' (size at most {DENSE_LIMIT}); "
                 "pass key= for a stochastic Lanczos estimate")
         dtype = _caller_float()
-        probes = (jnp.zeros((0, self.size), dtype) if self.dense else
-                  jax.random.rademacher(key, (num_probes, self.size), dtype=jnp.int32).astype(dtype))
+        # The sparse H serves float64 callers on the dense path (CollapsedPosterior runs in float64):
+        # under a float32 caller's gradient JAX would linearise its float64 factorisation outside the
+        # float64 context, with a dtype warning per step (HybridELBO's exact marginal). On the CG path
+        # it is the only exact log det H, so it serves every caller.
+        sparse = self.precision is not None and (dtype == jnp.float64 or not self.dense)
+        slq = not self.dense and not sparse
+        probes = (jax.random.rademacher(key, (num_probes, self.size), dtype=jnp.int32).astype(dtype) if slq
+                  else jnp.zeros((0, self.size), dtype))
 
         init_flat = jnp.zeros(self.size, dtype) if init is None else self._ravel_caller(init)
-        # The sparse H serves float64 callers (CollapsedPosterior runs in float64): under a float32
-        # caller's gradient JAX would linearise its float64 factorisation outside the float64
-        # context, with a dtype warning per step (HybridELBO's exact marginal).
-        sparse = self.sparse and dtype == jnp.float64
 
         def log_marginal64(theta, probes, init_flat):
             theta = self._as_theta(theta)

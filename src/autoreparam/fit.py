@@ -12,7 +12,7 @@ import numpyro
 from numpyro.infer import SVI
 
 from .errors import InputError
-from .hybrid import AutoHybrid, HybridELBO, check_block_draws
+from .hybrid import CG_THETA_POOL, AutoHybrid, HybridELBO, check_block_draws
 from .natural import NaturalGradient, decaying_step_size
 from .threads import one_blas_thread
 
@@ -24,8 +24,10 @@ class HybridFit:
     """The result of ``fit_hybrid``: the guide, its params, the loss per step and posterior draws.
 
     ``samples`` holds every latent and deterministic site of the model (numpy, float64), the
-    first axis indexing draws; ``resample_theta`` is the SIR factor they were drawn with (0: plain
-    draws of q(theta) p(z | theta, y)). ``elbo`` is the mean of the last 10% of the losses, negated: the
+    first axis indexing draws; ``theta_pool`` is the number of proposals of theta they were resampled
+    from (0: plain draws of q(theta) p(z | theta, y)), ``theta_pool_ess`` that pool's effective sample
+    size (None without resampling), ``resample_theta`` the proposals per draw asked for. ``elbo`` is
+    the mean of the last 10% of the losses, negated: the
     hybrid ELBO where the block's marginal is exact (see ``HybridELBO``).
     """
 
@@ -35,6 +37,8 @@ class HybridFit:
     samples: dict = field(repr=False)
     seconds: float = 0.0
     resample_theta: int = 0
+    theta_pool: int = 0
+    theta_pool_ess: float | None = None
 
     @property
     def elbo(self) -> float:
@@ -66,7 +70,7 @@ def inputs_for_float64(tree):
 def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", optimizer="natural",
                step_size=None, num_particles: int = 4, block_draws: int | None = None, num_samples: int = 1000,
                seed: int = 0, block=None, init_scale: float = 0.1, progress_bar: bool = False, resample_theta="auto",
-               **kwargs) -> HybridFit:
+               theta_pool: int | None = None, **kwargs) -> HybridFit:
     """Fit ``model(*args, **kwargs)`` with ``AutoHybrid`` and return guide, params, losses and draws.
 
     ``optimizer``: ``"natural"`` (``NaturalGradient`` with ``step_size``, default
@@ -80,10 +84,13 @@ def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", opt
     returned draws of z are resampled from as many proposals each (``AutoHybrid.sample_posterior``).
 
     ``resample_theta``: the draws of theta are importance-resampled by p(y, theta) / q(theta) from
-    this many proposals each (``AutoHybrid.sample_posterior``); ``"auto"`` (default) is 4 where the
-    block's marginal is exact (``guide.exact_marginal``: dense blocks) and 0 (plain draws of q)
-    elsewhere. It corrects a q(theta) that is Gaussian where the posterior of a scale is skewed: on
-    radon it brought the worst sd ratio from 0.85 to 0.94 (benchmarks/README.md).
+    one pool of this many proposals per draw (pooled SIR, ``AutoHybrid.sample_posterior``); ``"auto"``
+    (default) is 4 where the block's marginal is exact (``guide.exact_marginal``: dense blocks, and
+    exact blocks on the CG path through their sparse precision) and 0 (plain draws of q) elsewhere.
+    On the CG path the pool is capped at ``CG_THETA_POOL`` proposals (each costs an elimination of
+    the sparse H), or set by ``theta_pool``. It corrects a q(theta) that is Gaussian where the
+    posterior of a scale is skewed: on radon it brought the worst sd ratio from 0.85 to 0.94
+    (benchmarks/README.md).
 
     >>> fit = fit_hybrid(model, g, y=y, steps=500)      # doctest: +SKIP
     >>> fit.samples["tau"].mean(), fit.elbo             # doctest: +SKIP
@@ -92,6 +99,8 @@ def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", opt
         raise InputError(f"fit_hybrid: steps must be a positive integer, got {steps!r}")
     if not (resample_theta == "auto" or (isinstance(resample_theta, int) and resample_theta >= 0)):
         raise InputError(f"fit_hybrid: resample_theta must be 'auto' or an integer >= 0, got {resample_theta!r}")
+    if theta_pool is not None and (isinstance(theta_pool, bool) or not isinstance(theta_pool, int) or theta_pool < 1):
+        raise InputError(f"fit_hybrid: theta_pool must be a positive integer or None, got {theta_pool!r}")
     if not isinstance(num_samples, int) or num_samples < 1:
         raise InputError(f"fit_hybrid: num_samples must be a positive integer, got {num_samples!r}")
     check_block_draws("fit_hybrid", block_draws)
@@ -114,8 +123,13 @@ def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", opt
         seconds = time.perf_counter() - start
         if resample_theta == "auto":
             resample_theta = 4 if guide.exact_marginal else 0
-        draws = guide.sample_posterior(key_draw, result.params, *args, sample_shape=(num_samples,),
-                                       resample_theta=resample_theta, block_draws=block_draws, **kwargs)
+        if theta_pool is None and resample_theta and not guide.conditional.dense:
+            theta_pool = min(resample_theta * num_samples, CG_THETA_POOL)
+        draws, info = guide.sample_posterior(key_draw, result.params, *args, sample_shape=(num_samples,),
+                                             resample_theta=resample_theta, theta_pool=theta_pool,
+                                             block_draws=block_draws, return_info=True, **kwargs)
         samples = {k: np.asarray(v) for k, v in draws.items()}
         params = {k: np.asarray(v) for k, v in result.params.items()}
-        return HybridFit(guide, params, np.asarray(result.losses), samples, seconds, resample_theta)
+        ess = float(info["pool_ess"]) if "pool_ess" in info else None
+        return HybridFit(guide, params, np.asarray(result.losses), samples, seconds, resample_theta,
+                         int(info["pool_size"]), ess)

@@ -47,11 +47,12 @@ from .conditional import BlockConditional
 from .errors import InputError, ModelError
 from .trace import isolated_from_handlers
 
-__all__ = ["AutoHybrid", "HybridELBO", "THETA_GUIDES", "LAPLACE_BLOCK_DRAWS"]
+__all__ = ["AutoHybrid", "HybridELBO", "THETA_GUIDES", "LAPLACE_BLOCK_DRAWS", "CG_THETA_POOL"]
 
 THETA_GUIDES = ("normal", "lowrank", "full")
 #: Block size up to which the guide factorises H (Cholesky) instead of solving by CG: the dense path
-#: also gives the exact ELBO and ``resample_theta``. CPU time per SVI step with 4 theta draws on the
+#: also gives the exact ELBO at every step (the CG path gives log p(y, theta) for resampling theta
+#: through the sparse precision, on request). CPU time per SVI step with 4 theta draws on the
 #: tensor model (``benchmarks/bench_hybrid_scale.py --method dense|cg``, benchmarks/README.md):
 #: D = 213: 7.9 ms dense, 6.2 ms CG; D = 515: 41 ms, 9.9 ms; D = 1739: 908 ms, 45 ms (CPU, under load).
 HYBRID_DENSE_BELOW = 250
@@ -62,6 +63,10 @@ HYBRID_DENSE_BELOW = 250
 #: (``python -m benchmarks.bench_laplace_bias``, benchmarks/README.md): the bias of a self-normalised
 #: estimate falls as 1 / K, at one CG solve per draw.
 LAPLACE_BLOCK_DRAWS = 16
+#: Most proposals of theta ``fit_hybrid`` pools for resampling on the CG path (``sample_posterior``'s
+#: ``theta_pool``; the dense path pools 4 per draw, unbounded): each is one elimination of the sparse H,
+#: 24 ms of CPU on the 1,739-value tensor block (benchmarks/README.md), so 2,000 take about 50 s.
+CG_THETA_POOL = 2000
 #: Draws vmapped together by ``sample_posterior`` on the CG path (the rest run in sequence).
 _CG_DRAW_BATCH = 16
 
@@ -355,13 +360,19 @@ class AutoHybrid(AutoGuide):
 
     @property
     def exact_marginal(self) -> bool:
-        """True when ``log_marginal`` is available: the conditional factorises H (its dense path)."""
+        """True when ``log_marginal`` (log p(y, theta); Laplace blocks: its Laplace approximation) is
+        available without estimation: the conditional factorises H (dense path), or the block is exact
+        and its sparse precision can be built (CG path; built here on first request, which takes a
+        while on large blocks: about 40 s of CPU for 1,739 values). It decides whether ``sample_posterior`` can
+        resample theta, not the cost of training: ``HybridELBO`` computes the exact ELBO by default only
+        on the dense path (``exact_value``)."""
         self._require_setup("exact_marginal")
-        return self.conditional.dense
+        return self.conditional.prepare_exact_marginal()
 
     def log_marginal(self, theta: dict, init: dict | None = None):
         """log p(y, theta) at constrained ``theta`` with the block integrated out (Laplace blocks: the
-        Laplace approximation; ``init`` warm-starts its Newton); only where ``exact_marginal``."""
+        Laplace approximation; ``init`` warm-starts its Newton); only where ``exact_marginal`` (ask it
+        first, outside any jit: on the CG path it builds what this needs)."""
         with handlers.block():
             return self.conditional.log_marginal(theta, init=init)
 
@@ -379,7 +390,8 @@ class AutoHybrid(AutoGuide):
             raise InputError(f"AutoHybrid.{what}: the guide has not been run yet; fit it first (svi.init / svi.run)")
 
     def sample_posterior(self, rng_key, params, *args, sample_shape=(), resample_theta: int = 0,
-                         block_draws: int | None = None, **kwargs):
+                         theta_pool: int | None = None, block_draws: int | None = None, return_info: bool = False,
+                         **kwargs):
         """Draws of every latent site (theta from q, z from its conditional) and every deterministic site.
 
         ``block_draws=K`` (default ``None``: the block's, ``draws_per_theta``, so 1 for exact blocks and
@@ -391,10 +403,17 @@ class AutoHybrid(AutoGuide):
         only costs more. ``Predictive(model, guide=guide, params=...)`` draws z the same way, with
         the default K.
 
-        ``resample_theta=k`` (k >= 1; blocks with ``exact_marginal`` only): draw k times as many theta
-        from q, weight each by p(y, theta) / q(theta) and resample (sampling-importance-resampling),
-        then draw z given each resampled theta: a correction for a posterior of theta that is not
-        Gaussian in the unconstrained space (a heavy-tailed scale), at k dense factorisations per draw.
+        Resampling theta (blocks with ``exact_marginal`` only; pooled sampling-importance-resampling):
+        a pool of M proposals theta_i ~ q(theta), each weighted by p(y, theta_i) / q(theta_i); the n
+        output thetas are drawn from the pool by weight, with replacement, and each gets its own fresh
+        z ~ p(z | theta, y), so a repeated theta still has distinct z. It corrects a posterior of theta
+        that is not Gaussian in the unconstrained space (a skewed scale), at M evaluations of
+        log p(y, theta) (a factorisation of H each). ``resample_theta=k`` (k >= 1) makes the pool k
+        proposals per output draw (M = k n); ``theta_pool=M`` fixes M whatever n, which bounds the cost
+        for many draws from a large block (``fit_hybrid`` uses it on the CG path). The output is only as
+        varied in theta as the pool's effective sample size allows, (sum w)^2 / sum w^2:
+        ``return_info=True`` returns ``(draws, info)`` with ``info = {"pool_size": M, "pool_ess": ...}``
+        (``{"pool_size": 0}`` without resampling).
         With no ``args``/``kwargs`` the inputs the guide was set up with are used.
         """
         self._require_setup("sample_posterior")
@@ -405,30 +424,37 @@ class AutoHybrid(AutoGuide):
         if resample_theta and not (isinstance(resample_theta, int) and resample_theta >= 1):
             raise InputError(f"AutoHybrid.sample_posterior: resample_theta must be a positive integer or 0, "
                              f"got {resample_theta!r}")
-        if resample_theta and not self.exact_marginal:
-            raise InputError("AutoHybrid.sample_posterior: resample_theta needs log p(y, theta), which the block "
-                             f"({self.conditional.size} values, above the dense threshold) does not have")
+        if theta_pool is not None and (isinstance(theta_pool, (bool, np.bool_)) or
+                                       not isinstance(theta_pool, numbers.Integral) or theta_pool < 1):
+            raise InputError(f"AutoHybrid.sample_posterior: theta_pool must be a positive integer or None, "
+                             f"got {theta_pool!r}")
+        pool = int(theta_pool) if theta_pool is not None else n * resample_theta
+        if pool and self.theta_names and not self.exact_marginal:
+            raise InputError("AutoHybrid.sample_posterior: resample_theta/theta_pool need log p(y, theta), which the "
+                             f"block ({self.conditional.size} values, on the CG path) does not have: "
+                             f"{self.conditional.precision_note}")
 
-        draw = functools.partial(self._draw_posterior, args=args, kwargs=kwargs, n=n,
-                                 resample_theta=resample_theta, num_draws=num_draws)
+        draw = functools.partial(self._draw_posterior, args=args, kwargs=kwargs, n=n, pool=pool, num_draws=num_draws)
         # One compile per set of inputs (keyed by their identities; the entry keeps them alive) and
         # draw count: sample_posterior is called at every checkpoint of a fit.
-        cache_key = (tuple(id(x) for x in jax.tree.leaves((args, kwargs))), n, resample_theta, num_draws)
+        cache_key = (tuple(id(x) for x in jax.tree.leaves((args, kwargs))), n, pool, num_draws)
         compiled, _ = self._compiled_draws.get(cache_key) or (jax.jit(draw), (args, kwargs))
         if not all(_concrete(x) for x in jax.tree.leaves((args, kwargs, rng_key, params))):
             compiled = draw  # already inside a jit: compiled with the caller's function
         try:
-            draws = compiled(rng_key, params)
+            draws, info = compiled(rng_key, params)
             self._compiled_draws.pop(cache_key, None)
             self._compiled_draws = {**dict(list(self._compiled_draws.items())[-3:]),
                                     cache_key: (compiled, (args, kwargs))}
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
                 jax.errors.TracerIntegerConversionError, jax.errors.TracerBoolConversionError):
-            draws = draw(rng_key, params)  # the model's Python code needs concrete values: run it eagerly
-        return {k: jnp.reshape(v, tuple(sample_shape) + jnp.shape(v)[1:]) for k, v in draws.items()}
+            draws, info = draw(rng_key, params)  # the model's Python code needs concrete values: run it eagerly
+        draws = {k: jnp.reshape(v, tuple(sample_shape) + jnp.shape(v)[1:]) for k, v in draws.items()}
+        return (draws, info) if return_info else draws
 
-    def _draw_posterior(self, rng_key, params, *, args, kwargs, n, resample_theta, num_draws):
-        """``sample_posterior``'s draws, flat (``n`` of them): a pure function of the key and the params."""
+    def _draw_posterior(self, rng_key, params, *, args, kwargs, n, pool, num_draws):
+        """``sample_posterior``'s draws, flat (``n`` of them), and the info of the theta pool (``pool``
+        proposals; 0: plain draws of q): a pure function of the key and the params."""
         init = None
         if not self.block.exact:
             # Every draw's Newton starts from the mode at the median of q(theta): a few iterations
@@ -448,11 +474,12 @@ class AutoHybrid(AutoGuide):
             return values
 
         key_theta, key_pick, key_rest = jax.random.split(rng_key, 3)
+        info = {"pool_size": pool if self.theta_names else 0}
         if self.theta_names:
             qdist = self._q_theta(params)
-            u = qdist.sample(key_theta, (n * max(resample_theta, 1),))
+            u = qdist.sample(key_theta, (pool or n,))
             theta = self._constrain(self._unpack(u))
-            if resample_theta:
+            if pool:
                 log_q = qdist.log_prob(u)
                 for name, value in theta.items():
                     fn = self.prototype_trace[name]["fn"]
@@ -462,8 +489,13 @@ class AutoHybrid(AutoGuide):
                     # One theta at a time: vmapped, the factorisations become batched LAPACK calls,
                     # which can deadlock XLA's thread pool (see HybridELBO.loss_with_mutable_state).
                     log_p = lax.map(lambda th: self.conditional.log_marginal(th, init=init), theta)
-                pick = jax.random.categorical(key_pick, log_p - log_q, shape=(n,))
+                log_w = log_p - log_q
+                # A proposal whose marginal is not finite (a theta far in q's tails) gets weight 0.
+                log_w = jnp.where(jnp.isfinite(log_w), log_w, -jnp.inf)
+                pick = jax.random.categorical(key_pick, log_w, shape=(n,))
                 theta = {name: v[pick] for name, v in theta.items()}
+                info["pool_ess"] = jnp.exp(2 * jax.scipy.special.logsumexp(log_w)
+                                           - jax.scipy.special.logsumexp(2 * log_w))
         else:
             theta = {}
         with handlers.block():
@@ -471,7 +503,7 @@ class AutoHybrid(AutoGuide):
             # ran 3.6x slower per draw than batches of 20 (crossed_logistic, 100 draws).
             batch = None if self.conditional.dense else _CG_DRAW_BATCH
             draws = lax.map(lambda a: complete(*a), (jax.random.split(key_rest, n), theta), batch_size=batch)
-        return draws
+        return draws, info
 
     def median(self, params, *args, **kwargs):
         """theta: the median of q(theta) (loc, mapped to the constrained space); z: its conditional mean
@@ -531,7 +563,10 @@ class HybridELBO(Trace_ELBO):
         uniform weights (K draws only lower the variance). ``None`` (default): 1 for exact blocks,
         ``LAPLACE_BLOCK_DRAWS`` for Laplace blocks. Each draw costs one CG solve (or triangular
         solve) and one evaluation of the model's log density and its gradient.
-    :param exact_value: see below; ``None`` (default) picks the exact value where it exists.
+    :param exact_value: see below; ``None`` (default) reports the exact value where the block is
+        factorised anyway (dense path); ``True`` also on the CG path where the block's sparse
+        precision gives log p(y, theta) (one elimination per theta draw per step: far dearer than the
+        step itself on large blocks).
     :param vectorize_particles: vmap the theta draws (as ``Trace_ELBO``); they run in sequence anyway on
         the dense path, where each factors its own H: vmapped, the factorisations would be batched LAPACK
         calls, which can deadlock XLA's thread pool (about 25% more CPU per step on the 213-value tensor
@@ -540,8 +575,8 @@ class HybridELBO(Trace_ELBO):
     The reported value is ``-E_q[log p(y, theta) - log q(theta)]`` (the negative ELBO) with
     ``log p(y, theta)`` from ``guide.log_marginal``: exact (Cholesky) for Normal blocks, the Laplace
     approximation for Bernoulli/Binomial/Poisson blocks. Where the block is above the conditional's
-    dense threshold (no log-determinant; ``guide.exact_marginal`` is False), or with
-    ``exact_value=False``, the value is the surrogate ``-E[log p(y, z, theta) - log q(theta)]``
+    dense threshold (unless ``exact_value=True``), or with ``exact_value=False``, the value is the
+    surrogate ``-E[log p(y, z, theta) - log q(theta)]``
     (with K > 1: the weighted ``-E[sum_i w_i log p(y, z_i, theta) - log q(theta)]``), which is *not*
     an ELBO: it leaves out the entropy of p(z | theta, y) (with K = 1 it is what ``Trace_ELBO``
     reports with this guide).
@@ -563,10 +598,11 @@ class HybridELBO(Trace_ELBO):
     def reports_elbo(self, guide) -> bool:
         """Whether the loss value is the (negative) hybrid ELBO for this guide, or the joint surrogate."""
         if self.exact_value is None:
-            return guide.exact_marginal
+            return guide.conditional.dense  # the training cost does not change with the sparse marginal
         if self.exact_value and not guide.exact_marginal:
             raise InputError(f"HybridELBO(exact_value=True): the block ({guide.conditional.size} values) is above the "
-                             "conditional's dense threshold, so log p(y, theta) is not available; use exact_value=None")
+                             "conditional's dense threshold and log p(y, theta) is not available "
+                             f"({guide.conditional.precision_note}); use exact_value=None")
         return self.exact_value
 
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
@@ -605,14 +641,15 @@ class HybridELBO(Trace_ELBO):
 
         keys = jax.random.split(rng_key, self.num_particles)
         # The particles run one after another (lax.map) where they would otherwise be vmapped into
-        # batched LAPACK calls, and where float64 is off: (1) on the dense path each particle factors
-        # its own H (and log_marginal its sparse H): vmapped, these become batched Cholesky and
+        # batched LAPACK calls, and where float64 is off: (1) on the dense path, or where the value is
+        # the exact ELBO, each particle factors its own H (and log_marginal its sparse H): vmapped, these become batched Cholesky and
         # triangular solves, whose jaxlib kernels split the batch over XLA's intra-op pool and block a
         # worker until the pieces finish, so two of them in one program can deadlock (as
         # CollapsedPosterior.complete did); (2) with float64 off, a vmap's batching rules run outside
         # the conditional's float64 context and mix float32 into its float64 solves (Laplace blocks
         # fail to trace).
-        vectorize = self.vectorize_particles and jax.config.jax_enable_x64 and not guide.conditional.dense
+        vectorize = (self.vectorize_particles and jax.config.jax_enable_x64 and not guide.conditional.dense
+                     and not self.reports_elbo(guide))  # the sparse marginal factors too (CG path, exact_value=True)
         elbos, modes = jax.vmap(particle)(keys) if vectorize else lax.map(particle, keys)
         # The particles' conditional modes (Laplace blocks) at nearby theta: their mean warm-starts the next step.
         mutable = None if modes is None else {guide.mode_name: jax.tree.map(lambda v: jnp.mean(v, 0), modes)}

@@ -583,7 +583,7 @@ def test_resampled_theta_corrects_a_poor_q(fitted, quadrature):
     assert sir["a"].shape == (n, G) and sir["group_mean"].shape == (n, G)
 
 
-def test_pooled_resampling_on_the_cg_path_corrects_a_poor_q(fitted, quadrature):
+def test_pooled_resampling_on_the_cg_path_corrects_a_poor_q(fitted, quadrature, monkeypatch):
     """On the CG path the sparse precision gives log p(y, theta) exactly: a pool of proposals from a
     shifted q, resampled by weight, moves theta to the posterior (by quadrature), and the training
     loss keeps its cheap surrogate value."""
@@ -614,6 +614,10 @@ def test_pooled_resampling_on_the_cg_path_corrects_a_poor_q(fitted, quadrature):
     assert len(first) < n and len(np.unique(np.asarray(sir["a"][:, 0]))) == n
     with pytest.raises(InputError, match="theta_pool must be a positive integer or None, got 0"):
         guide.sample_posterior(jax.random.PRNGKey(2), shifted, sample_shape=(4,), theta_pool=0)
+    # A pool without one finite weight is an error, not n copies of the first proposal.
+    monkeypatch.setattr(guide.conditional, "log_marginal", lambda theta, init=None: -jnp.inf)
+    with pytest.raises(ModelError, match="none of the 3 theta proposals has a finite"):
+        guide.sample_posterior(jax.random.PRNGKey(2), shifted, sample_shape=(4,), theta_pool=3)
 
 
 def test_fit_hybrid_pools_theta_on_the_cg_path(monkeypatch):

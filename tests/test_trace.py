@@ -351,6 +351,10 @@ def test_draw_programs_compile_quick_only_where_the_bits_agree():
     # a HalfCauchy's draws use tan, which the legacy emitters round differently: they keep the draw options
     chosen, _ = medians(dist.HalfCauchy(5.0))
     assert chosen == DRAW_COMPILE_OPTIONS
+    # the bits were compared in float32 only: the same HalfNormal draws in float64 keep the draw options
+    with jax.enable_x64(True):
+        chosen, _ = medians(dist.HalfNormal(np.float64(2.0)).expand([5]))
+    assert chosen == DRAW_COMPILE_OPTIONS
 
 
 def test_jit_draws_splits_off_the_prng_and_keeps_the_bits(monkeypatch):

@@ -22,11 +22,12 @@ never formed above ``dense_below``; neither is any matrix of the size of the dat
   ``s`` times its curvature, as in H; masked terms contribute nothing to either.
 - **Dense path** (block size ``<= dense_below``): H from HVPs against the identity, Cholesky,
   exact mean, draws (the same ``eps``) and ``log det H``.
-- **Sparse assembly** (exact blocks on the dense path, :mod:`autoreparam.precision`): when the
+- **Sparse assembly** (exact blocks, :mod:`autoreparam.precision`): when the
   residual Jacobians of the Normal terms do not depend on theta, H is assembled from them and the
   sites' own precisions, with no HVPs, and ``log_marginal`` eliminates small groups of elements on
-  which H is block diagonal before a dense Cholesky of the rest, with a hand-written gradient (for float64 callers,
-  as ``CollapsedPosterior``; its draws use the same elimination). Otherwise (checked numerically
+  which H is block diagonal before a dense Cholesky of the rest, with a hand-written gradient (on the dense
+  path for float64 callers, as ``CollapsedPosterior``, whose draws use the same elimination; on the CG
+  path for every caller, as below). Otherwise (checked numerically
   at construction; ``precision_note`` says why), and for ``mean`` and ``sample``, the HVP path
   above is used. On the CG path the sparse precision is built only on request
   (``prepare_exact_marginal``): it then gives ``log_marginal`` exactly, for importance-resampling
@@ -433,7 +434,8 @@ class BlockConditional:
         try:
             precision = SparsePrecision(lambda theta, z: self._run({**theta, **self._unravel(z)}),
                                         self._block_names + self._lik_names, self.size, thetas,
-                                        hvp, lambda theta: self._grad(theta, jnp.zeros(self.size, jnp.float64)), seed)
+                                        hvp, grad=lambda theta: self._grad(theta, jnp.zeros(self.size, jnp.float64)),
+                                        seed=seed)
         except Unsupported as exc:
             return None, str(exc)
         return precision, (f"sparse: {precision.num_terms} pair products of {precision.num_groups} distinct precisions; "
@@ -515,8 +517,9 @@ class BlockConditional:
 
     @property
     def sparse(self) -> bool:
-        """Whether the sparse assembly of H (``precision``) serves this call: it computes in float64, so
-        a caller with float64 disabled (warned once) takes the Hessian-vector-product path."""
+        """Whether the sparse assembly of H (``precision``) serves ``CollapsedPosterior``'s draws: it
+        computes in float64, so a caller with float64 disabled (warned once) takes the
+        Hessian-vector-product path. (``log_marginal`` decides for itself, by path and caller.)"""
         return self.precision is not None and bool(jax.config.jax_enable_x64)
 
     def _sparse_draw(self, theta, eps):

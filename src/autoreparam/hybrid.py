@@ -449,6 +449,11 @@ class AutoHybrid(AutoGuide):
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
                 jax.errors.TracerIntegerConversionError, jax.errors.TracerBoolConversionError):
             draws, info = draw(rng_key, params)  # the model's Python code needs concrete values: run it eagerly
+        ess = info.get("pool_ess")
+        if ess is not None and _concrete(ess) and not np.isfinite(float(ess)):
+            raise ModelError(f"AutoHybrid.sample_posterior: none of the {pool} theta proposals has a finite "
+                             "p(y, theta) / q(theta): q(theta) is far from the posterior (fit it longer) or the "
+                             "model's log density is not finite there")
         draws = {k: jnp.reshape(v, tuple(sample_shape) + jnp.shape(v)[1:]) for k, v in draws.items()}
         return (draws, info) if return_info else draws
 
@@ -490,7 +495,8 @@ class AutoHybrid(AutoGuide):
                     # which can deadlock XLA's thread pool (see HybridELBO.loss_with_mutable_state).
                     log_p = lax.map(lambda th: self.conditional.log_marginal(th, init=init), theta)
                 log_w = log_p - log_q
-                # A proposal whose marginal is not finite (a theta far in q's tails) gets weight 0.
+                # A proposal whose marginal is not finite (a theta far in q's tails) gets weight 0
+                # (sample_posterior raises if every one has).
                 log_w = jnp.where(jnp.isfinite(log_w), log_w, -jnp.inf)
                 pick = jax.random.categorical(key_pick, log_w, shape=(n,))
                 theta = {name: v[pick] for name, v in theta.items()}

@@ -76,10 +76,10 @@ class SparsePrecision:
     """H(theta) of the block for the model run ``run(theta, z) -> trace``, from the residuals of ``sites``.
 
     ``size``: the block size D; ``thetas``: three generic theta points (the first reads J, the
-    first two group the Q entries that are the same function of theta, all three check H); ``hvp(theta, v)``: the model's own H v, and ``grad(theta)``: its gradient in z at z = 0, for the checks. Raises :class:`Unsupported`.
+    first two group the Q entries that are the same function of theta, all three check H); ``hvp(theta, v)``: the model's own H v, for the check; ``grad(theta)``: its gradient in z at z = 0, which lets ``gradient_at_zero`` serve where it agrees (without it, it never does). Raises :class:`Unsupported`.
     """
 
-    def __init__(self, run, sites, size, thetas, hvp, grad, seed=0):
+    def __init__(self, run, sites, size, thetas, hvp, *, grad=None, seed=0):
         self._run = run
         self.sites = tuple(sites)
         self.size = int(size)
@@ -271,7 +271,8 @@ class SparsePrecision:
             q = self.site_precisions(self._run(th, zero))
             return probes @ self.assemble(q), q[self._representative], self._residuals(th, zero)
 
-        model_at = jax.jit(lambda th: (jax.vmap(lambda v: hvp(th, v))(probes), grad(th)))
+        model_at = jax.jit(lambda th: (jax.vmap(lambda v: hvp(th, v))(probes),
+                                       None if grad is None else grad(th)))
         mine_at = jax.jit(mine_at)
         mine = [jax.tree.map(np.asarray, mine_at(theta)) for theta in thetas]
         model = [jax.tree.map(np.asarray, model_at(theta)) for theta in thetas]
@@ -281,7 +282,7 @@ class SparsePrecision:
                                   "products (a Jacobian depends on theta)")
         r0 = mine[0][2]
         self._by_group_gradient = None
-        if all(np.array_equal(r0, r) for _, _, r in mine[1:]):
+        if grad is not None and all(np.array_equal(r0, r) for _, _, r in mine[1:]):
             by_group = self._zero_gradient_by_group(r0, *jacobian)
             if by_group is not None and all(
                     np.allclose(by_group @ q, g, rtol=1e-7, atol=1e-9 * (np.abs(g).max() + 1e-300))

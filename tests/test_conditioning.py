@@ -102,6 +102,21 @@ def test_curvature_point_reaches_intercepts_far_from_the_start(tutorial_curvatur
     assert abs(alpha.mean() - unpooled.mean()) < 0.25 * unpooled.std()
 
 
+def test_curvature_hvp_reuses_the_map_program_with_the_same_products(tutorial_curvature):
+    """At a MAP point the HVP along real non-hyperparameter sites comes from the Newton program,
+    and equals the log joint's HVP at the point (the program that also reads the hyperparameters)."""
+    curv = tutorial_curvature
+    assert curv._map_hvp is not None and {"alpha", "beta", "mu_a"} <= curv._map_sites
+    assert "sigma_a" not in curv._map_sites  # a hyperparameter, held fixed by the MAP
+    rng = np.random.default_rng(0)
+    tangent = {"alpha": rng.standard_normal(N_PATIENTS), "mu_a": rng.standard_normal(())}
+    shared = curv.hvp(tangent, read=("alpha", "beta", "mu_a"))
+    own = curv.hvp(tangent)  # reads sigma_a too: the point's own HVP program
+    assert "sigma_a" not in shared and "sigma_a" in own
+    for n in ("alpha", "beta", "mu_a"):
+        np.testing.assert_allclose(shared[n], own[n], rtol=1e-4, atol=1e-4 * np.abs(own[n]).max())
+
+
 def test_tutorial_shape_leaves_the_data_dominated_intercepts_centred(tutorial_plan):
     """Each intercept has informative data: the plan must not non-centre it far (it was 0.01)."""
     plan = tutorial_plan

@@ -300,6 +300,34 @@ def test_point_is_uniform_in_unconstrained_space(rich):
     assert 0 < p1["u"] < 2
 
 
+def continuous_model(y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    s = numpyro.sample("s", dist.HalfNormal(1.0))
+    u = numpyro.sample("u", dist.Uniform(0.0, 2.0))
+    with numpyro.plate("g", 3):
+        w = numpyro.sample("w", dist.Dirichlet(jnp.ones(4)))
+        a = numpyro.sample("a", dist.Normal(mu, s))
+    numpyro.sample("y", dist.Normal(a + w[:, 0] * u, 1.0), obs=y)
+
+
+def test_point_of_fixed_supports_is_drawn_in_numpy_uniform_in_unconstrained_space():
+    """Every support fixed and continuous: the point is drawn without running the model, and is
+    still uniform in (-2, 2) of each site's unconstrained space, the same for the same seed."""
+    mt = trace_model(continuous_model, (), {"y": np.zeros(3, np.float32)})
+    assert set(mt.supports) == {"mu", "s", "u", "w", "a"}
+    p1, p1_again, p2 = mt.point(1), mt.point(1), mt.point(2)
+    for n in p1:
+        np.testing.assert_array_equal(p1[n], p1_again[n])
+        assert jnp.shape(p1[n]) == mt.sites[n].shape and p1[n].dtype == jnp.float32
+        assert not np.allclose(p1[n], p2[n])
+        u = dist.biject_to(mt.supports[n]).inv(p1[n])
+        assert np.all(np.abs(np.asarray(u)) < 2)
+    np.testing.assert_allclose(np.sum(p1["w"], axis=-1), 1.0, rtol=1e-5)
+    assert 0 < p1["u"] < 2 and p1["s"] > 0
+    # the model runs at the point
+    assert np.isfinite(float(jnp.sum(mt.run(p1)["y"]["fn"].log_prob(np.zeros(3)))))
+
+
 def test_run_substitutes_values(rich):
     values = rich.point(3)
     values["mu"] = jnp.array(0.25)

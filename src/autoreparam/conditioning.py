@@ -424,7 +424,7 @@ def funnel_points(curv, hyperparameters, funnels=()) -> list[dict]:
         centre[h] = jax.device_put(np.asarray(theta[h]) * np.asarray(float(np.exp(np.mean(np.log(ks)))),
                                                                      dtype=theta[h].dtype))
     transforms = {h: biject_to(c) for h, c in curv.mt.supports_at(hyper, curv.values).items()}
-    moved = jit_quick(lambda c, shift: {h: t(t.inv(c[h]) + shift) for h, t in transforms.items()}, options=None)
+    moved = jit_quick(lambda c, shift: {h: t(t.inv(c[h]) + shift) for h, t in transforms.items()})
     points = [centre]
     for shift in (-FUNNEL_SHIFT, FUNNEL_SHIFT):
         points.append({**centre, **moved({h: centre[h] for h in hyper}, np.float32(shift))})

@@ -27,7 +27,7 @@ __all__ = ["Curvature", "newton_refine"]
 
 
 # -- the curvature point ---------------------------------------------------------------------------
-def newton_refine(loss: Callable, u0: dict, max_iter: int = 30, cg_iter: int = 50) -> dict:
+def newton_refine(loss: Callable, u0: dict, max_iter: int = 30, cg_iter: int = 50) -> tuple[dict, Callable | None]:
     """Truncated Newton (CG on Hessian-vector products, Armijo backtracking) from ``u0``.
 
     First-order steps of a fixed length cannot reach the mode of a site whose posterior sits
@@ -36,15 +36,18 @@ def newton_refine(loss: Callable, u0: dict, max_iter: int = 30, cg_iter: int = 5
     coordinates; on the near-quadratic log joint of a conditionally Gaussian model they
     converge in a few iterations. One compiled function gives the loss, its gradient and a
     Hessian-vector product (XLA compiles loops of HVPs slowly; the loops here are Python's).
-    Returns ``u0`` unchanged if the loss is not finite there.
+
+    Returns (the point, the loss's Hessian-vector product there as a function of a dict shaped
+    like ``u0``), or (``u0``, None) if the loss is not finite there.
     """
     flat0, unravel, split = _flattening(u0)
     if flat0.size == 0:
-        return u0
+        return u0, None
     value_and_grad = jax.value_and_grad(lambda x: loss(unravel(x)))
-    # XLA's default options: quicker ones sum the log joint in another order, and the MAP point
-    # (of a thin ridge) moves with the rounding.
-    evaluate = jit_quick(staged(lambda x, v: jax.jvp(value_and_grad, (x,), (v,))), options=None)
+    # The quick options (a third of the compile time of XLA's defaults on radon): they sum the log
+    # joint in another order, which moves the MAP point along a thin ridge by float32 rounding
+    # (4e-4 on the tensor example's offsets' centres).
+    evaluate = jit_quick(staged(lambda x, v: jax.jvp(value_and_grad, (x,), (v,))))
     dtype = flat0.dtype
     zeros = np.zeros_like(flat0)
 
@@ -55,7 +58,7 @@ def newton_refine(loss: Callable, u0: dict, max_iter: int = 30, cg_iter: int = 5
     x = np.asarray(flat0, dtype=np.float64)
     fx, g = value_grad(x)
     if not np.isfinite(fx) or not np.all(np.isfinite(g)):
-        return u0
+        return u0, None
     hvp = lambda v: np.asarray(evaluate(x.astype(dtype), v.astype(dtype))[1][1], np.float64)  # noqa: E731
     for _ in range(max_iter):
         p = _cg_direction(hvp, g, cg_iter)
@@ -76,7 +79,13 @@ def newton_refine(loss: Callable, u0: dict, max_iter: int = 30, cg_iter: int = 5
         x, fx, g = accepted
         if small:
             break
-    return split(x.astype(dtype))
+
+    def hvp_at_point(tangent: dict) -> dict:
+        """The Hessian-vector product at the returned point; ``tangent`` has ``u0``'s keys and shapes."""
+        leaves = jax.tree.leaves(jax.tree.map(lambda t, v: np.broadcast_to(t, np.shape(v)), tangent, u0))
+        return split(hvp(np.concatenate([np.ravel(leaf) for leaf in leaves])))
+
+    return split(x.astype(dtype)), hvp_at_point
 
 
 def _flattening(tree: dict):
@@ -158,6 +167,7 @@ class Curvature:
             # Only the latent values are traced (the inputs are evaluated eagerly, see log_joint).
             return -log_joint(mt, {**theta, **fixed})
 
+        self._map_hvp, self._map_sites, self._free = None, frozenset(), free
         if isinstance(at, dict):
             unknown = set(at) - set(values)
             if unknown:
@@ -168,16 +178,20 @@ class Curvature:
             theta = {**{n: jnp.asarray(values[n]) for n in self.names}, **start["values"]}
             with untraceable_as_model_error():
                 values.update(theta)
-                values.update(_map_point(neg_log_joint, theta, supports, u0=start["unconstrained"]))
+                point, self._map_hvp = _map_point(neg_log_joint, theta, supports, u0=start["unconstrained"])
+                values.update(point)
+            # Where the transform is the identity, the MAP's Hessian-vector product in its unconstrained
+            # values is the log joint's in the sites' own: hvp reuses that compiled program there.
+            self._map_sites = frozenset(n for n in free if mt.sites[n].support in ("real", "real_vector"))
         self.point = {n: jnp.asarray(values[n]) for n in self.names}
         self.values = values
         self.at_map = at_map
         # site -> (prior variance factor k^2, the site's values under that prior), set by centredness
         self.rescaled: dict[str, tuple[float, np.ndarray]] = {}
         grad = jax.grad(neg_log_joint)
-        # XLA's default options, with the point a constant of the program (XLA folds what depends
-        # on it alone): xi solves a thin ridge, and other roundings move it (by 0.016 on the tensor).
-        self._hvp = jit_quick(staged(lambda t: jax.jvp(grad, (self.point,), (t,))[1]), options=None)
+        # With the point a constant of the program (XLA folds what depends on it alone); compiled
+        # only for an HVP that the MAP's program cannot give.
+        self._hvp = jit_quick(staged(lambda t: jax.jvp(grad, (self.point,), (t,))[1]))
         # The loc-scale sites whose parameters centredness and the guard's points read.
         self.loc_scale_sites = tuple(n for n in self.names if {"loc", "scale"} <= set(mt.sites[n].params))
 
@@ -189,7 +203,13 @@ class Curvature:
     def _parameters_at_point(self):
         return self.site_parameters()
 
-    def hvp(self, tangent: dict[str, Any]) -> dict[str, np.ndarray]:
+    def hvp(self, tangent: dict[str, Any], read: Any = None) -> dict[str, np.ndarray]:
+        """The Hessian-vector product of the negative log joint at the point along ``tangent`` (a
+        dict of site values, zero elsewhere), at least at the sites ``read`` (default: every site)."""
+        read = self.names if read is None else read
+        if self._map_hvp is not None and self._map_sites.issuperset(tangent) and self._map_sites.issuperset(read):
+            out = self._map_hvp({n: tangent.get(n, 0.0) for n in self._free})
+            return {n: np.asarray(v, dtype=np.float64) for n, v in out.items()}
         # Built in numpy: as JAX operations, each new shape would compile on its own.
         full = {n: np.asarray(tangent[n]).astype(self.point[n].dtype).reshape(self.point[n].shape)
                 if n in tangent else np.zeros(self.point[n].shape, self.point[n].dtype) for n in self.names}
@@ -220,10 +240,10 @@ class Curvature:
         names = sorted(g, key=lambda c: order[c].order)
 
         def op(s):
-            h = self.hvp({c: self._expand(c, s[c], g[c]) for c in names})
+            h = self.hvp({c: self._expand(c, s[c], g[c]) for c in names}, read=names)
             return {c: self._batch_reduce(c, h[c] * g[c]) for c in names}
 
-        h_u = self.hvp({a: u})
+        h_u = self.hvp({a: u}, read=names)
         rhs = {c: -self._batch_reduce(c, h_u[c] * g[c]) for c in names}
         diag = {}
         for c in names:
@@ -262,9 +282,9 @@ class Curvature:
             for k in range(site.shape[-1]):
                 unit = np.zeros(site.shape)
                 unit[..., k] = 1.0
-                total += self._batch_reduce(name, self.hvp({name: unit})[name] * unit)
+                total += self._batch_reduce(name, self.hvp({name: unit}, read=(name,))[name] * unit)
         else:
-            total = self._batch_reduce(name, self.hvp({name: np.ones(site.shape)})[name])
+            total = self._batch_reduce(name, self.hvp({name: np.ones(site.shape)}, read=(name,))[name])
             fn = self._parameters_at_point[name]
             scale = np.broadcast_to(np.asarray(fn["scale"], dtype=np.float64), site.shape)
         prior = self._batch_reduce(name, 1.0 / scale**2)
@@ -361,15 +381,16 @@ def _prior_points(mt: ModelTrace, free: tuple[str, ...], median_sites: frozenset
     return mt.run_with_init(("prior_points", free, median_sites), strategies, read)
 
 
-def _map_point(neg_log_joint, theta: dict, supports: dict, u0: dict | None = None) -> dict:
+def _map_point(neg_log_joint, theta: dict, supports: dict, u0: dict | None = None) -> tuple[dict, Callable | None]:
     """Newton steps on the unconstrained values of the sites in ``supports`` (see ``newton_refine``),
-    from ``u0`` (by default those of ``theta``)."""
+    from ``u0`` (by default those of ``theta``): (the point, the Hessian-vector product there in
+    those unconstrained values, or ({}, None) if the steps diverged)."""
     transforms = {n: biject_to(c) for n, c in supports.items()}
     # numpy: NumPyro's argument validation (on by default) then checks them in numpy rather than by
     # compiled JAX operations of their own.
     fixed = {n: np.asarray(v) for n, v in theta.items() if n not in transforms}
     if u0 is None:
-        u0 = jit_quick(lambda th: {n: t.inv(th[n]) for n, t in transforms.items()}, options=None)(theta)
+        u0 = jit_quick(lambda th: {n: t.inv(th[n]) for n, t in transforms.items()})(theta)
 
     def constrained(u):
         return {n: t(u[n]) for n, t in transforms.items()}
@@ -377,11 +398,11 @@ def _map_point(neg_log_joint, theta: dict, supports: dict, u0: dict | None = Non
     def loss(u):
         return neg_log_joint({**fixed, **constrained(u)})
 
-    u = newton_refine(loss, u0)
-    out = jit_quick(constrained, options=None)(u)
+    u, hvp = newton_refine(loss, u0)
+    out = jit_quick(constrained)(u)
     if not all(np.all(np.isfinite(np.asarray(v))) for v in out.values()):
-        return {}  # keep the prior median rather than a diverged point
-    return out
+        return {}, None  # keep the prior median rather than a diverged point
+    return out, hvp
 
 
 def _pcg(op, rhs: dict, diag: dict, maxiter: int = 200, rtol: float = 1e-6) -> dict:

@@ -665,6 +665,12 @@ class ModelTrace:
 
     def point(self, rng_seed: int) -> dict[str, jax.Array]:
         """Values of all latent sample sites, uniform in (-2, 2) of the unconstrained space."""
+        fixed_supports = all(s.type != "latent" or (not s.is_discrete and n in self.supports)
+                             for n, s in self.sites.items())
+        if fixed_supports:
+            # Drawn in numpy and mapped by one small program: NumPyro's init_to_uniform draws inside the
+            # model, whose PRNG and forward pass made this the costliest compile of a cold analysis.
+            return self._uniform_point(np.random.default_rng(rng_seed))
         @staged_if_possible
         def draw(seed):
             # One compiled program (the seed is an argument, so nothing is folded at compile time)
@@ -684,6 +690,16 @@ class ModelTrace:
             return jitted(np.int32(rng_seed))
         except _TRACER_ERRORS:  # the model needs a seeded value (a numpy index by a random subsample)
             return draw(rng_seed)
+
+    def _uniform_point(self, rng: np.random.Generator) -> dict[str, jax.Array]:
+        transforms = {n: dist.biject_to(self.supports[n]) for n in self.latent_names}
+        dtype = jnp.result_type(float)
+        u = {n: rng.uniform(-2.0, 2.0, t.inverse_shape(self.sites[n].shape)).astype(dtype)
+             for n, t in transforms.items()}
+        jitted = self.__dict__.get("_to_support")
+        if jitted is None:
+            jitted = self.__dict__["_to_support"] = jit_quick(lambda u: {n: t(u[n]) for n, t in transforms.items()})
+        return jitted(u)
 
     def supports_at(self, names, values: dict[str, Any]) -> dict[str, Any]:
         """The supports of latent sites at ``values``: from the first trace where they cannot move

@@ -665,9 +665,7 @@ class ModelTrace:
 
     def point(self, rng_seed: int) -> dict[str, jax.Array]:
         """Values of all latent sample sites, uniform in (-2, 2) of the unconstrained space."""
-        fixed_supports = all(s.type != "latent" or (not s.is_discrete and n in self.supports)
-                             for n, s in self.sites.items())
-        if fixed_supports:
+        if self._fixed_bijections is not None:
             # Drawn in numpy and mapped by one small program: NumPyro's init_to_uniform draws inside the
             # model, whose PRNG and forward pass made this the costliest compile of a cold analysis.
             return self._uniform_point(np.random.default_rng(rng_seed))
@@ -691,8 +689,17 @@ class ModelTrace:
         except _TRACER_ERRORS:  # the model needs a seeded value (a numpy index by a random subsample)
             return draw(rng_seed)
 
+    @functools.cached_property
+    def _fixed_bijections(self) -> dict[str, Any] | None:
+        """Every latent site's bijection onto its support, if every latent site is continuous and its
+        support cannot move with the values; else None (the model then draws the point itself)."""
+        if any(s.type == "latent" and (s.is_discrete or n not in self.supports) for n, s in self.sites.items()):
+            return None
+        # trace_model's own run (init_to_uniform) already mapped every latent site through its bijection
+        return {n: dist.biject_to(self.supports[n]) for n in self.latent_names}
+
     def _uniform_point(self, rng: np.random.Generator) -> dict[str, jax.Array]:
-        transforms = {n: dist.biject_to(self.supports[n]) for n in self.latent_names}
+        transforms = self._fixed_bijections
         dtype = jnp.result_type(float)
         u = {n: rng.uniform(-2.0, 2.0, t.inverse_shape(self.sites[n].shape)).astype(dtype)
              for n, t in transforms.items()}

@@ -48,6 +48,16 @@ EXAMPLES = ("eight_schools", "county_covariate", "radon_mn", "tensor_model", "cr
 BEYOND_IMPORT_TARGET = {"eight_schools": 1.0, "county_covariate": 1.0, "radon_mn": 3.0, "tensor_model": 3.0}
 JIT_RATIO_TARGET = 3.0
 GRADIENT_RATIO_TARGET = 1.3
+# The gradient children run XLA on one thread (set before jax is imported), so that per-evaluation CPU
+# is the program's work, not idle Eigen threads spinning on a shared machine; and without XLA's
+# small-while-loop pass, which compiles a loop whose body reads under 1 kB into one function: it
+# applies to the timing loop of the smallest models (eight_schools' original, not its reparameterized
+# one), never to the loop that evaluates the gradient inside NumPyro's NUTS, which runs fusion by
+# fusion. (The backend option goes first: XLA stops parsing at `intra_op_parallelism_threads=1`.)
+GRADIENT_XLA_FLAGS = ("--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=0 "
+                      "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+GRADIENT_CALL_CPU = 0.02  # CPU seconds of one timed call (a loop of evaluations): dispatch is < 0.5% of it
+GRADIENT_MIN_ROUNDS = 20
 
 IMPORT_CODE = "import jax, numpyro"
 # Writes the bytecode of the autoreparam package that the children import, as `pip install` does: this
@@ -94,15 +104,6 @@ def _load_example(name: str):
     return module
 
 
-def _potential_and_grad(model, args, kwargs):
-    """A jitted (potential energy, gradient) of ``model`` and unconstrained values to call it at."""
-    import jax
-    from numpyro.infer.util import initialize_model
-
-    info = initialize_model(jax.random.PRNGKey(0), model, model_args=args, model_kwargs=kwargs)
-    return jax.jit(jax.value_and_grad(info.potential_fn)), info.param_info.z
-
-
 def _jit_child(name: str) -> dict:
     """CPU seconds of tracing, compiling and calling once the potential energy + gradient of an example."""
     import jax
@@ -140,41 +141,74 @@ def _jit_child(name: str) -> dict:
     return {"jit_cpu": _process_cpu() - start}
 
 
-def _gradient_child(name: str, min_cpu: float) -> dict:
-    """Steady-state CPU seconds per jitted potential-energy-and-gradient call, original vs reparameterized."""
-    import jax
+def _gradient_programs(model, rmodel, args, kwargs):
+    """Per model, a jitted ``loop(z, n, eps)`` that evaluates the potential energy and its gradient
+    ``n`` times inside one compiled program, and the unconstrained point to start it at.
 
+    Each pass moves ``z`` by ``eps * gradient`` (``eps`` is 0 at run time, so every pass evaluates
+    at the same point, but XLA cannot know that and hoist the work out of the loop), and adds the
+    value and the gradient's sum into the carry, so that nothing is dead code: like a leapfrog step.
+    """
+    import jax
+    import jax.numpy as jnp
+    from numpyro.infer.util import initialize_model
+
+    programs = {}
+    for label, m in (("original", model), ("reparameterized", rmodel)):
+        info = initialize_model(jax.random.PRNGKey(0), m, model_args=args, model_kwargs=kwargs)
+        value_and_grad = jax.value_and_grad(info.potential_fn)
+
+        def loop(z, n, eps, value_and_grad=value_and_grad):
+            def body(_, carry):
+                z, total = carry
+                value, grad = value_and_grad(z)
+                z = jax.tree_util.tree_map(lambda x, g: x + eps * g, z, grad)
+                total = total + value + sum(jnp.sum(g) for g in jax.tree_util.tree_leaves(grad))
+                return z, total
+
+            return jax.lax.fori_loop(0, n, body, (z, jnp.zeros((), jnp.result_type(float))))[1]
+
+        programs[label] = (jax.jit(loop), info.param_info.z)
+    return programs
+
+
+def _gradient_child(name: str, min_cpu: float) -> dict:
+    """CPU seconds per potential-energy-and-gradient evaluation inside one compiled loop, original and
+    reparameterized timed in alternating rounds: the median of each, and the median of the rounds' ratios."""
     import autoreparam
     from benchmarks.models import MODELS
 
     spec = MODELS[name]
     args, kwargs = spec.inputs("full")
     model = spec.module.model
-    rmodel = autoreparam.reparameterize(model)
-    out = {}
-    for label, m in (("original", model), ("reparameterized", rmodel)):
-        fn, z = _potential_and_grad(m, args, kwargs)
-        jax.block_until_ready(fn(z))
-        calls = 1
-        while True:  # find a call count that takes ~min_cpu / 5
-            start = _process_cpu()
-            for _ in range(calls):
-                r = fn(z)
-            jax.block_until_ready(r)
-            spent = _process_cpu() - start
-            if spent >= min_cpu / 5 or calls >= 1 << 20:
-                break
-            calls *= 2 if spent < min_cpu / 50 else max(2, int(min_cpu / 5 / max(spent, 1e-9)) + 1)
-        blocks = []
-        for _ in range(5):
-            start = _process_cpu()
-            for _ in range(calls):
-                r = fn(z)
-            jax.block_until_ready(r)
-            blocks.append((_process_cpu() - start) / calls)
-        out[label] = min(blocks)
-        out[f"{label}_sites"] = len(z)
-    out["ratio"] = out["reparameterized"] / out["original"]
+    programs = _gradient_programs(model, autoreparam.reparameterize(model), args, kwargs)
+
+    def per_evaluation(label, n):
+        fn, z = programs[label]
+        start = _process_cpu()
+        fn(z, n, 0.0).block_until_ready()
+        return (_process_cpu() - start) / n
+
+    evaluations = {}
+    for label in programs:  # compile, then find a loop length whose call takes about GRADIENT_CALL_CPU
+        per_evaluation(label, 1)
+        n = 8
+        while per_evaluation(label, n) * n < GRADIENT_CALL_CPU / 4 and n < 1 << 24:
+            n *= 4
+        evaluations[label] = max(1, int(GRADIENT_CALL_CPU / per_evaluation(label, n)))
+    rounds = max(GRADIENT_MIN_ROUNDS, int(min_cpu / (len(programs) * GRADIENT_CALL_CPU)))
+    times = {label: [] for label in programs}
+    for i in range(rounds):  # alternate which goes first, so that neither always follows the other
+        for label in (list(programs) if i % 2 == 0 else list(programs)[::-1]):
+            times[label].append(per_evaluation(label, evaluations[label]))
+    # Each round's two calls ran next to each other, under about the same load: the median of the
+    # rounds' ratios is steadier than the ratio of the two minima on a shared machine.
+    out = {label: statistics.median(t) for label, t in times.items()}
+    out["ratio"] = statistics.median(r / o for o, r in zip(times["original"], times["reparameterized"]))
+    out["ratio_of_minima"] = min(times["reparameterized"]) / min(times["original"])
+    out["evaluations_per_call"] = evaluations
+    out["rounds"] = {label: t for label, t in times.items()}
+    out["sites"] = {label: len(z) for label, (_, z) in programs.items()}
     return out
 
 
@@ -215,14 +249,22 @@ def alternate(names, trees: list[str], repeats: int, env: dict) -> dict:
     return results
 
 
-def measure_gradients(names, min_cpu: float, env: dict) -> dict:
-    results = {}
-    for name in names:
-        results[name] = child_json(["--child", "gradient", name, "--min-cpu", str(min_cpu)], env)
-        r = results[name]
-        print(f"{name}: per gradient {r['original'] * 1e6:.0f} us original, {r['reparameterized'] * 1e6:.0f} us "
-              f"reparameterized, ratio {r['ratio']:.2f}", file=sys.stderr, flush=True)
-    return results
+def measure_gradients(names, min_cpu: float, repeats: int, env: dict) -> dict:
+    """Per model, ``repeats`` fresh gradient children (one round over the models per repeat, so
+    that a change of load falls on every model); the medians over the repeats, and each repeat's ratio."""
+    env = dict(env, XLA_FLAGS=GRADIENT_XLA_FLAGS)
+    runs = {name: [] for name in names}
+    for _ in range(repeats):
+        for name in names:
+            r = child_json(["--child", "gradient", name, "--min-cpu", str(min_cpu)], env)
+            runs[name].append(r)
+            print(f"{name}: per gradient {r['original'] * 1e6:.1f} us original, {r['reparameterized'] * 1e6:.1f} us "
+                  f"reparameterized, ratio {r['ratio']:.2f}", file=sys.stderr, flush=True)
+    return {name: {"original": statistics.median(r["original"] for r in rs),
+                   "reparameterized": statistics.median(r["reparameterized"] for r in rs),
+                   "ratio": statistics.median(r["ratio"] for r in rs),
+                   "ratios": [r["ratio"] for r in rs], "runs": rs}
+            for name, rs in runs.items()}
 
 
 def markdown(payload: dict) -> str:
@@ -292,6 +334,10 @@ def main(argv=None) -> int:
     ns = parse(sys.argv[1:] if argv is None else argv)
     if ns.child:
         kind, name = ns.child
+        if kind == "gradient":
+            if "jax" in sys.modules:
+                raise RuntimeError("the gradient child must set XLA_FLAGS before jax is imported")
+            os.environ["XLA_FLAGS"] = GRADIENT_XLA_FLAGS
         result = _jit_child(name) if kind == "jit" else _gradient_child(name, ns.min_cpu)
         print(json.dumps(result))
         return 0
@@ -311,7 +357,7 @@ def main(argv=None) -> int:
         "command": " ".join(["python -m benchmarks.cold_start", *(sys.argv[1:] if argv is None else argv)]),
         "repeats": ns.repeats, "cache": ns.cache, "bytecode": not ns.no_bytecode,
         "examples": measure_examples(ns.examples, ns.repeats, env),
-        "gradients": {} if ns.no_gradient else measure_gradients(ns.models, ns.min_cpu, env),
+        "gradients": {} if ns.no_gradient else measure_gradients(ns.models, ns.min_cpu, ns.repeats, env),
     }
     text = markdown(payload)
     ns.out.parent.mkdir(parents=True, exist_ok=True)

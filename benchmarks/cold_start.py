@@ -11,14 +11,35 @@ processes on a shared machine distorts it less than wall time would:
 - ``jit``: one ``jax.jit`` of the model's potential energy and its gradient
   (``numpyro.infer.util.potential_energy``), traced, compiled and called once, timed inside
   a fresh process after the imports and a first (tiny) jitted call that starts the backend;
-- ``gradient``: the steady-state CPU time of one jitted potential-energy-and-gradient call of
+- ``gradient``: the CPU cost of one potential-energy-and-gradient evaluation of
   ``autoreparam.reparameterize(model)`` against the original model, on every model of
-  ``benchmarks/models.py`` (full sizes), timed over many calls after compilation.
+  ``benchmarks/models.py`` (full sizes), in a fresh process per model and repeat.
+
+How the gradient is timed, and why. NUTS evaluates the gradient inside a compiled loop, so a
+Python loop of jitted calls measures mostly Python dispatch (10-20 us a call, more than a whole
+gradient of eight_schools) and the idle spinning of XLA's threads on a shared machine. Instead:
+
+- one jitted program evaluates the potential energy and its gradient ``n`` times in a
+  ``lax.fori_loop``; each pass moves ``z`` by ``eps * gradient`` with ``eps = 0`` given at run time
+  (XLA cannot hoist the work out of the loop) and adds the value and the gradient into the carry
+  (nothing is dead code); ``n`` is chosen so that one call takes about ``GRADIENT_CALL_CPU`` s;
+- XLA runs on one thread, and without its small-while-loop pass (``GRADIENT_XLA_FLAGS``, set in
+  the child before jax is imported): that pass compiles a loop reading under 1 kB into one
+  function, which happened to the timing loop of eight_schools' original model only and never
+  happens to the loop that evaluates the gradient inside NumPyro's NUTS;
+- original and reparameterized are timed in alternating rounds (at least ``GRADIENT_MIN_ROUNDS``,
+  first one then the other first), as process CPU time (``getrusage``) per evaluation; each
+  round's two calls run within a few hundredths of a second of each other, so the median of the
+  rounds' ratios cancels most of a shared machine's load, which moves the seconds themselves
+  by up to 2x.
+
+The figure per model is the median over ``--repeats`` fresh processes.
 
 autoreparam's bytecode is written first (``compileall``, as an installed package has it), so that
 no child compiles autoreparam's source; ``--no-bytecode`` leaves that out.
 
-Writes ``benchmarks/results/cold_start.md`` (and ``cold_start.json``) and prints the tables.
+Writes ``benchmarks/results/cold_start.md`` (and ``cold_start.json``), or ``gradient.md`` (and
+``gradient.json``) when only the gradients are timed, and prints the tables.
 The targets (issue 11): analyze beyond import at most 1 s on eight_schools and county_covariate
 and at most 3 s on radon_mn and tensor_model; analyze beyond import at most 3x one jit;
 reparameterized / original per-gradient cost at most 1.3x.
@@ -26,6 +47,7 @@ reparameterized / original per-gradient cost at most 1.3x.
     python -m benchmarks.cold_start                         # everything (a few minutes)
     python -m benchmarks.cold_start --examples eight_schools --no-gradient
     python -m benchmarks.cold_start --repeats 3             # median of 3 fresh processes per figure
+    python -m benchmarks.cold_start --no-examples --repeats 3   # only the gradients (gradient.md)
     python -m benchmarks.cold_start --alternate OLD/src NEW/src --repeats 3 --examples eight_schools
 """
 
@@ -268,10 +290,11 @@ def measure_gradients(names, min_cpu: float, repeats: int, env: dict) -> dict:
 
 
 def markdown(payload: dict) -> str:
-    lines = [f"Cold start, {payload['created']} (git {payload['git']}), {payload['machine']}; "
+    title = "Cold start" if payload["examples"] else "Per-gradient cost"
+    lines = [f"{title}, {payload['created']} (git {payload['git']}), {payload['machine']}; "
              f"CPU seconds (user + system) of fresh processes, median of {payload['repeats']}; "
              f"`{payload['command']}`.", ""]
-    if payload.get("bytecode"):
+    if payload.get("bytecode") and payload["examples"]:
         lines += ["autoreparam's bytecode written first (as an installed package has it); without it, every "
                   "fresh process also compiles autoreparam's source (`--no-bytecode`).", ""]
     if payload.get("cache"):
@@ -287,13 +310,23 @@ def markdown(payload: dict) -> str:
                          f"{r['jit']:.2f} | {r['ratio']:.1f}x |")
         lines.append("")
     if payload["gradients"]:
-        lines += ["| model | per gradient, original | reparameterized | ratio (target 1.3x) |",
-                  "|---|---:|---:|---:|"]
+        lines += ["Per gradient: CPU per potential-energy + gradient evaluation inside one compiled loop "
+                  "(XLA on one thread), original and reparameterized in alternating rounds; per repeat (a "
+                  "fresh process per model) the median over the rounds and the median of the rounds' "
+                  "ratios; shown: the median over the repeats, and each repeat's ratio.", "",
+                  "| model | per gradient, original | reparameterized | ratio (target 1.3x) | ratio per repeat |",
+                  "|---|---:|---:|---:|---|"]
         for name, r in payload["gradients"].items():
-            lines.append(f"| {name} | {r['original'] * 1e6:.0f} us | {r['reparameterized'] * 1e6:.0f} us | "
-                         f"{r['ratio']:.2f}x |")
+            ok = "<=" if r["ratio"] <= GRADIENT_RATIO_TARGET else ">"
+            repeats = ", ".join(f"{x:.2f}" for x in r.get("ratios", [r["ratio"]]))
+            lines.append(f"| {name} | {_us(r['original'])} | {_us(r['reparameterized'])} | "
+                         f"{r['ratio']:.2f}x ({ok} {GRADIENT_RATIO_TARGET:g}) | {repeats} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:.3g} us"
 
 
 def _git() -> str:
@@ -313,9 +346,12 @@ def parse(argv):
                    help=f"examples whose cold analyze is timed (default: all of {', '.join(EXAMPLES)})")
     p.add_argument("--models", nargs="*", choices=list(MODELS), default=list(MODELS), metavar="MODEL",
                    help="benchmark models whose per-gradient cost is timed (default: all)")
+    p.add_argument("--no-examples", action="store_true",
+                   help="time no example's analyze (the same as --examples with no name): only the gradients")
     p.add_argument("--no-gradient", action="store_true", help="skip the per-gradient timings")
     p.add_argument("--repeats", type=int, default=1, help="fresh processes per figure (the median is shown)")
-    p.add_argument("--min-cpu", type=float, default=2.0, help="CPU seconds spent timing each gradient")
+    p.add_argument("--min-cpu", type=float, default=2.0,
+                   help="CPU seconds spent timing each model's gradients in each repeat (both models together)")
     p.add_argument("--cache", default=None,
                    help="run with AUTOREPARAM_COMPILATION_CACHE set to this directory (warmed by one "
                         "untimed run per example first)")
@@ -325,9 +361,16 @@ def parse(argv):
     p.add_argument("--alternate", nargs="+", metavar="SRC", default=None,
                    help="only compare source trees (directories holding an autoreparam package, bytecode "
                         "written by you): their analyze, one after the other, --repeats rounds; prints JSON")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "cold_start.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON results (and a .md beside it); default benchmarks/results/cold_start.json, or "
+                        "gradient.json when only the gradients are timed")
     p.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    ns = p.parse_args(argv)
+    if ns.no_examples:
+        ns.examples = []
+    if ns.out is None:
+        ns.out = HERE / "results" / ("gradient.json" if not ns.examples and not ns.no_gradient else "cold_start.json")
+    return ns
 
 
 def main(argv=None) -> int:
@@ -351,14 +394,16 @@ def main(argv=None) -> int:
         env["AUTOREPARAM_COMPILATION_CACHE"] = str(Path(ns.cache).resolve())
         for name in ns.examples:
             child_cpu([sys.executable, "-c", ANALYZE_CODE.format(path=f"examples/{name}.py")], env)
+    load_at_start = os.getloadavg()[0]
     payload = {
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": _git(),
-        "machine": f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
         "command": " ".join(["python -m benchmarks.cold_start", *(sys.argv[1:] if argv is None else argv)]),
         "repeats": ns.repeats, "cache": ns.cache, "bytecode": not ns.no_bytecode,
         "examples": measure_examples(ns.examples, ns.repeats, env),
         "gradients": {} if ns.no_gradient else measure_gradients(ns.models, ns.min_cpu, ns.repeats, env),
     }
+    payload["machine"] = (f"{os.cpu_count()} CPUs, load average {load_at_start:.1f} at the start and "
+                          f"{os.getloadavg()[0]:.1f} at the end")
     text = markdown(payload)
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(payload, indent=1) + "\n")

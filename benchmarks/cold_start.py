@@ -290,10 +290,10 @@ def measure_gradients(names, min_cpu: float, repeats: int, env: dict) -> dict:
 
 
 def markdown(payload: dict) -> str:
-    title = "Cold start" if payload["examples"] else "Per-gradient cost"
-    lines = [f"{title}, {payload['created']} (git {payload['git']}), {payload['machine']}; "
-             f"CPU seconds (user + system) of fresh processes, median of {payload['repeats']}; "
-             f"`{payload['command']}`.", ""]
+    what = ("Cold start", "CPU seconds (user + system) of fresh processes") if payload["examples"] \
+        else ("Per-gradient cost", "fresh processes")
+    lines = [f"{what[0]}, {payload['created']} (git {payload['git']}), {payload['machine']}; "
+             f"{what[1]}, median of {payload['repeats']}; `{payload['command']}`.", ""]
     if payload.get("bytecode") and payload["examples"]:
         lines += ["autoreparam's bytecode written first (as an installed package has it); without it, every "
                   "fresh process also compiles autoreparam's source (`--no-bytecode`).", ""]

@@ -25,8 +25,8 @@ gradient of eight_schools) and the idle spinning of XLA's threads on a shared ma
   (nothing is dead code); ``n`` is chosen so that one call takes about ``GRADIENT_CALL_CPU`` s;
 - XLA runs on one thread, and without its small-while-loop pass (``GRADIENT_XLA_FLAGS``, set in
   the child before jax is imported): that pass compiles a loop reading under 1 kB into one
-  function, which happened to the timing loop of eight_schools' original model only and never
-  happens to the loop that evaluates the gradient inside NumPyro's NUTS;
+  function, which happened to the timing loop of eight_schools' original model only, and not to
+  the loop that evaluates the gradient inside NumPyro's NUTS (checked on eight_schools);
 - original and reparameterized are timed in alternating rounds (at least ``GRADIENT_MIN_ROUNDS``,
   first one then the other first), as process CPU time (``getrusage``) per evaluation; each
   round's two calls run within a few hundredths of a second of each other, so the median of the
@@ -73,9 +73,10 @@ GRADIENT_RATIO_TARGET = 1.3
 # The gradient children run XLA on one thread (set before jax is imported), so that per-evaluation CPU
 # is the program's work, not idle Eigen threads spinning on a shared machine; and without XLA's
 # small-while-loop pass, which compiles a loop whose body reads under 1 kB into one function: it
-# applies to the timing loop of the smallest models (eight_schools' original, not its reparameterized
-# one), never to the loop that evaluates the gradient inside NumPyro's NUTS, which runs fusion by
-# fusion. (The backend option goes first: XLA stops parsing at `intra_op_parallelism_threads=1`.)
+# applied to the timing loop of eight_schools' original model, not to its reparameterized one, nor to
+# the loop that evaluates the gradient inside NumPyro's NUTS (checked on eight_schools), which runs
+# fusion by fusion. (The backend option goes first: XLA ignored the flags after
+# `intra_op_parallelism_threads=1`.)
 GRADIENT_XLA_FLAGS = ("--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=0 "
                       "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 GRADIENT_CALL_CPU = 0.02  # CPU seconds of one timed call (a loop of evaluations): dispatch is < 0.5% of it

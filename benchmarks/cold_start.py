@@ -11,14 +11,35 @@ processes on a shared machine distorts it less than wall time would:
 - ``jit``: one ``jax.jit`` of the model's potential energy and its gradient
   (``numpyro.infer.util.potential_energy``), traced, compiled and called once, timed inside
   a fresh process after the imports and a first (tiny) jitted call that starts the backend;
-- ``gradient``: the steady-state CPU time of one jitted potential-energy-and-gradient call of
+- ``gradient``: the CPU cost of one potential-energy-and-gradient evaluation of
   ``autoreparam.reparameterize(model)`` against the original model, on every model of
-  ``benchmarks/models.py`` (full sizes), timed over many calls after compilation.
+  ``benchmarks/models.py`` (full sizes), in a fresh process per model and repeat.
+
+How the gradient is timed, and why. NUTS evaluates the gradient inside a compiled loop, so a
+Python loop of jitted calls measures mostly Python dispatch (10-20 us a call, more than a whole
+gradient of eight_schools) and the idle spinning of XLA's threads on a shared machine. Instead:
+
+- one jitted program evaluates the potential energy and its gradient ``n`` times in a
+  ``lax.fori_loop``; each pass moves ``z`` by ``eps * gradient`` with ``eps = 0`` given at run time
+  (XLA cannot hoist the work out of the loop) and adds the value and the gradient into the carry
+  (nothing is dead code); ``n`` is chosen so that one call takes about ``GRADIENT_CALL_CPU`` s;
+- XLA runs on one thread, and without its small-while-loop pass (``GRADIENT_XLA_FLAGS``, set in
+  the child before jax is imported): that pass compiles a loop reading under 1 kB into one
+  function, which happened to the timing loop of eight_schools' original model only, and not to
+  the loop that evaluates the gradient inside NumPyro's NUTS (checked on eight_schools);
+- original and reparameterized are timed in alternating rounds (at least ``GRADIENT_MIN_ROUNDS``,
+  first one then the other first), as process CPU time (``getrusage``) per evaluation; each
+  round's two calls run within a few hundredths of a second of each other, so the median of the
+  rounds' ratios cancels most of a shared machine's load, which moves the seconds themselves
+  by up to 2x.
+
+The figure per model is the median over ``--repeats`` fresh processes.
 
 autoreparam's bytecode is written first (``compileall``, as an installed package has it), so that
 no child compiles autoreparam's source; ``--no-bytecode`` leaves that out.
 
-Writes ``benchmarks/results/cold_start.md`` (and ``cold_start.json``) and prints the tables.
+Writes ``benchmarks/results/cold_start.md`` (and ``cold_start.json``), or ``gradient.md`` (and
+``gradient.json``) when only the gradients are timed, and prints the tables.
 The targets (issue 11): analyze beyond import at most 1 s on eight_schools and county_covariate
 and at most 3 s on radon_mn and tensor_model; analyze beyond import at most 3x one jit;
 reparameterized / original per-gradient cost at most 1.3x.
@@ -26,6 +47,7 @@ reparameterized / original per-gradient cost at most 1.3x.
     python -m benchmarks.cold_start                         # everything (a few minutes)
     python -m benchmarks.cold_start --examples eight_schools --no-gradient
     python -m benchmarks.cold_start --repeats 3             # median of 3 fresh processes per figure
+    python -m benchmarks.cold_start --no-examples --repeats 3   # only the gradients (gradient.md)
     python -m benchmarks.cold_start --alternate OLD/src NEW/src --repeats 3 --examples eight_schools
 """
 
@@ -48,6 +70,17 @@ EXAMPLES = ("eight_schools", "county_covariate", "radon_mn", "tensor_model", "cr
 BEYOND_IMPORT_TARGET = {"eight_schools": 1.0, "county_covariate": 1.0, "radon_mn": 3.0, "tensor_model": 3.0}
 JIT_RATIO_TARGET = 3.0
 GRADIENT_RATIO_TARGET = 1.3
+# The gradient children run XLA on one thread (set before jax is imported), so that per-evaluation CPU
+# is the program's work, not idle Eigen threads spinning on a shared machine; and without XLA's
+# small-while-loop pass, which compiles a loop whose body reads under 1 kB into one function: it
+# applied to the timing loop of eight_schools' original model, not to its reparameterized one, nor to
+# the loop that evaluates the gradient inside NumPyro's NUTS (checked on eight_schools), which runs
+# fusion by fusion. (The backend option goes first: XLA ignored the flags after
+# `intra_op_parallelism_threads=1`.)
+GRADIENT_XLA_FLAGS = ("--xla_backend_extra_options=xla_cpu_small_while_loop_byte_threshold=0 "
+                      "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+GRADIENT_CALL_CPU = 0.02  # CPU seconds of one timed call (a loop of evaluations): dispatch is < 0.5% of it
+GRADIENT_MIN_ROUNDS = 20
 
 IMPORT_CODE = "import jax, numpyro"
 # Writes the bytecode of the autoreparam package that the children import, as `pip install` does: this
@@ -94,15 +127,6 @@ def _load_example(name: str):
     return module
 
 
-def _potential_and_grad(model, args, kwargs):
-    """A jitted (potential energy, gradient) of ``model`` and unconstrained values to call it at."""
-    import jax
-    from numpyro.infer.util import initialize_model
-
-    info = initialize_model(jax.random.PRNGKey(0), model, model_args=args, model_kwargs=kwargs)
-    return jax.jit(jax.value_and_grad(info.potential_fn)), info.param_info.z
-
-
 def _jit_child(name: str) -> dict:
     """CPU seconds of tracing, compiling and calling once the potential energy + gradient of an example."""
     import jax
@@ -140,41 +164,74 @@ def _jit_child(name: str) -> dict:
     return {"jit_cpu": _process_cpu() - start}
 
 
-def _gradient_child(name: str, min_cpu: float) -> dict:
-    """Steady-state CPU seconds per jitted potential-energy-and-gradient call, original vs reparameterized."""
-    import jax
+def _gradient_programs(model, rmodel, args, kwargs):
+    """Per model, a jitted ``loop(z, n, eps)`` that evaluates the potential energy and its gradient
+    ``n`` times inside one compiled program, and the unconstrained point to start it at.
 
+    Each pass moves ``z`` by ``eps * gradient`` (``eps`` is 0 at run time, so every pass evaluates
+    at the same point, but XLA cannot know that and hoist the work out of the loop), and adds the
+    value and the gradient's sum into the carry, so that nothing is dead code: like a leapfrog step.
+    """
+    import jax
+    import jax.numpy as jnp
+    from numpyro.infer.util import initialize_model
+
+    programs = {}
+    for label, m in (("original", model), ("reparameterized", rmodel)):
+        info = initialize_model(jax.random.PRNGKey(0), m, model_args=args, model_kwargs=kwargs)
+        value_and_grad = jax.value_and_grad(info.potential_fn)
+
+        def loop(z, n, eps, value_and_grad=value_and_grad):
+            def body(_, carry):
+                z, total = carry
+                value, grad = value_and_grad(z)
+                z = jax.tree_util.tree_map(lambda x, g: x + eps * g, z, grad)
+                total = total + value + sum(jnp.sum(g) for g in jax.tree_util.tree_leaves(grad))
+                return z, total
+
+            return jax.lax.fori_loop(0, n, body, (z, jnp.zeros((), jnp.result_type(float))))[1]
+
+        programs[label] = (jax.jit(loop), info.param_info.z)
+    return programs
+
+
+def _gradient_child(name: str, min_cpu: float) -> dict:
+    """CPU seconds per potential-energy-and-gradient evaluation inside one compiled loop, original and
+    reparameterized timed in alternating rounds: the median of each, and the median of the rounds' ratios."""
     import autoreparam
     from benchmarks.models import MODELS
 
     spec = MODELS[name]
     args, kwargs = spec.inputs("full")
     model = spec.module.model
-    rmodel = autoreparam.reparameterize(model)
-    out = {}
-    for label, m in (("original", model), ("reparameterized", rmodel)):
-        fn, z = _potential_and_grad(m, args, kwargs)
-        jax.block_until_ready(fn(z))
-        calls = 1
-        while True:  # find a call count that takes ~min_cpu / 5
-            start = _process_cpu()
-            for _ in range(calls):
-                r = fn(z)
-            jax.block_until_ready(r)
-            spent = _process_cpu() - start
-            if spent >= min_cpu / 5 or calls >= 1 << 20:
-                break
-            calls *= 2 if spent < min_cpu / 50 else max(2, int(min_cpu / 5 / max(spent, 1e-9)) + 1)
-        blocks = []
-        for _ in range(5):
-            start = _process_cpu()
-            for _ in range(calls):
-                r = fn(z)
-            jax.block_until_ready(r)
-            blocks.append((_process_cpu() - start) / calls)
-        out[label] = min(blocks)
-        out[f"{label}_sites"] = len(z)
-    out["ratio"] = out["reparameterized"] / out["original"]
+    programs = _gradient_programs(model, autoreparam.reparameterize(model), args, kwargs)
+
+    def per_evaluation(label, n):
+        fn, z = programs[label]
+        start = _process_cpu()
+        fn(z, n, 0.0).block_until_ready()
+        return (_process_cpu() - start) / n
+
+    evaluations = {}
+    for label in programs:  # compile, then find a loop length whose call takes about GRADIENT_CALL_CPU
+        per_evaluation(label, 1)
+        n = 8
+        while per_evaluation(label, n) * n < GRADIENT_CALL_CPU / 4 and n < 1 << 24:
+            n *= 4
+        evaluations[label] = max(1, int(GRADIENT_CALL_CPU / per_evaluation(label, n)))
+    rounds = max(GRADIENT_MIN_ROUNDS, int(min_cpu / (len(programs) * GRADIENT_CALL_CPU)))
+    times = {label: [] for label in programs}
+    for i in range(rounds):  # alternate which goes first, so that neither always follows the other
+        for label in (list(programs) if i % 2 == 0 else list(programs)[::-1]):
+            times[label].append(per_evaluation(label, evaluations[label]))
+    # Each round's two calls ran next to each other, under about the same load: the median of the
+    # rounds' ratios is steadier than the ratio of the two minima on a shared machine.
+    out = {label: statistics.median(t) for label, t in times.items()}
+    out["ratio"] = statistics.median(r / o for o, r in zip(times["original"], times["reparameterized"]))
+    out["ratio_of_minima"] = min(times["reparameterized"]) / min(times["original"])
+    out["evaluations_per_call"] = evaluations
+    out["rounds"] = {label: t for label, t in times.items()}
+    out["sites"] = {label: len(z) for label, (_, z) in programs.items()}
     return out
 
 
@@ -215,21 +272,30 @@ def alternate(names, trees: list[str], repeats: int, env: dict) -> dict:
     return results
 
 
-def measure_gradients(names, min_cpu: float, env: dict) -> dict:
-    results = {}
-    for name in names:
-        results[name] = child_json(["--child", "gradient", name, "--min-cpu", str(min_cpu)], env)
-        r = results[name]
-        print(f"{name}: per gradient {r['original'] * 1e6:.0f} us original, {r['reparameterized'] * 1e6:.0f} us "
-              f"reparameterized, ratio {r['ratio']:.2f}", file=sys.stderr, flush=True)
-    return results
+def measure_gradients(names, min_cpu: float, repeats: int, env: dict) -> dict:
+    """Per model, ``repeats`` fresh gradient children (one round over the models per repeat, so
+    that a change of load falls on every model); the medians over the repeats, and each repeat's ratio."""
+    env = dict(env, XLA_FLAGS=GRADIENT_XLA_FLAGS)
+    runs = {name: [] for name in names}
+    for _ in range(repeats):
+        for name in names:
+            r = child_json(["--child", "gradient", name, "--min-cpu", str(min_cpu)], env)
+            runs[name].append(r)
+            print(f"{name}: per gradient {r['original'] * 1e6:.1f} us original, {r['reparameterized'] * 1e6:.1f} us "
+                  f"reparameterized, ratio {r['ratio']:.2f}", file=sys.stderr, flush=True)
+    return {name: {"original": statistics.median(r["original"] for r in rs),
+                   "reparameterized": statistics.median(r["reparameterized"] for r in rs),
+                   "ratio": statistics.median(r["ratio"] for r in rs),
+                   "ratios": [r["ratio"] for r in rs], "runs": rs}
+            for name, rs in runs.items()}
 
 
 def markdown(payload: dict) -> str:
-    lines = [f"Cold start, {payload['created']} (git {payload['git']}), {payload['machine']}; "
-             f"CPU seconds (user + system) of fresh processes, median of {payload['repeats']}; "
-             f"`{payload['command']}`.", ""]
-    if payload.get("bytecode"):
+    what = ("Cold start", "CPU seconds (user + system) of fresh processes") if payload["examples"] \
+        else ("Per-gradient cost", "fresh processes")
+    lines = [f"{what[0]}, {payload['created']} (git {payload['git']}), {payload['machine']}; "
+             f"{what[1]}, median of {payload['repeats']}; `{payload['command']}`.", ""]
+    if payload.get("bytecode") and payload["examples"]:
         lines += ["autoreparam's bytecode written first (as an installed package has it); without it, every "
                   "fresh process also compiles autoreparam's source (`--no-bytecode`).", ""]
     if payload.get("cache"):
@@ -245,13 +311,23 @@ def markdown(payload: dict) -> str:
                          f"{r['jit']:.2f} | {r['ratio']:.1f}x |")
         lines.append("")
     if payload["gradients"]:
-        lines += ["| model | per gradient, original | reparameterized | ratio (target 1.3x) |",
-                  "|---|---:|---:|---:|"]
+        lines += ["Per gradient: CPU per potential-energy + gradient evaluation inside one compiled loop "
+                  "(XLA on one thread), original and reparameterized in alternating rounds; per repeat (a "
+                  "fresh process per model) the median over the rounds and the median of the rounds' "
+                  "ratios; shown: the median over the repeats, and each repeat's ratio.", "",
+                  "| model | per gradient, original | reparameterized | ratio (target 1.3x) | ratio per repeat |",
+                  "|---|---:|---:|---:|---|"]
         for name, r in payload["gradients"].items():
-            lines.append(f"| {name} | {r['original'] * 1e6:.0f} us | {r['reparameterized'] * 1e6:.0f} us | "
-                         f"{r['ratio']:.2f}x |")
+            ok = "<=" if r["ratio"] <= GRADIENT_RATIO_TARGET else ">"
+            repeats = ", ".join(f"{x:.2f}" for x in r.get("ratios", [r["ratio"]]))
+            lines.append(f"| {name} | {_us(r['original'])} | {_us(r['reparameterized'])} | "
+                         f"{r['ratio']:.2f}x ({ok} {GRADIENT_RATIO_TARGET:g}) | {repeats} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:.3g} us"
 
 
 def _git() -> str:
@@ -271,9 +347,12 @@ def parse(argv):
                    help=f"examples whose cold analyze is timed (default: all of {', '.join(EXAMPLES)})")
     p.add_argument("--models", nargs="*", choices=list(MODELS), default=list(MODELS), metavar="MODEL",
                    help="benchmark models whose per-gradient cost is timed (default: all)")
+    p.add_argument("--no-examples", action="store_true",
+                   help="time no example's analyze (the same as --examples with no name): only the gradients")
     p.add_argument("--no-gradient", action="store_true", help="skip the per-gradient timings")
     p.add_argument("--repeats", type=int, default=1, help="fresh processes per figure (the median is shown)")
-    p.add_argument("--min-cpu", type=float, default=2.0, help="CPU seconds spent timing each gradient")
+    p.add_argument("--min-cpu", type=float, default=2.0,
+                   help="CPU seconds spent timing each model's gradients in each repeat (both models together)")
     p.add_argument("--cache", default=None,
                    help="run with AUTOREPARAM_COMPILATION_CACHE set to this directory (warmed by one "
                         "untimed run per example first)")
@@ -283,15 +362,26 @@ def parse(argv):
     p.add_argument("--alternate", nargs="+", metavar="SRC", default=None,
                    help="only compare source trees (directories holding an autoreparam package, bytecode "
                         "written by you): their analyze, one after the other, --repeats rounds; prints JSON")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "cold_start.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON results (and a .md beside it); default benchmarks/results/cold_start.json, or "
+                        "gradient.json when only the gradients are timed")
     p.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    ns = p.parse_args(argv)
+    if ns.no_examples:
+        ns.examples = []
+    if ns.out is None:
+        ns.out = HERE / "results" / ("gradient.json" if not ns.examples and not ns.no_gradient else "cold_start.json")
+    return ns
 
 
 def main(argv=None) -> int:
     ns = parse(sys.argv[1:] if argv is None else argv)
     if ns.child:
         kind, name = ns.child
+        if kind == "gradient":
+            if "jax" in sys.modules:
+                raise RuntimeError("the gradient child must set XLA_FLAGS before jax is imported")
+            os.environ["XLA_FLAGS"] = GRADIENT_XLA_FLAGS
         result = _jit_child(name) if kind == "jit" else _gradient_child(name, ns.min_cpu)
         print(json.dumps(result))
         return 0
@@ -305,14 +395,16 @@ def main(argv=None) -> int:
         env["AUTOREPARAM_COMPILATION_CACHE"] = str(Path(ns.cache).resolve())
         for name in ns.examples:
             child_cpu([sys.executable, "-c", ANALYZE_CODE.format(path=f"examples/{name}.py")], env)
+    load_at_start = os.getloadavg()[0]
     payload = {
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": _git(),
-        "machine": f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
         "command": " ".join(["python -m benchmarks.cold_start", *(sys.argv[1:] if argv is None else argv)]),
         "repeats": ns.repeats, "cache": ns.cache, "bytecode": not ns.no_bytecode,
         "examples": measure_examples(ns.examples, ns.repeats, env),
-        "gradients": {} if ns.no_gradient else measure_gradients(ns.models, ns.min_cpu, env),
+        "gradients": {} if ns.no_gradient else measure_gradients(ns.models, ns.min_cpu, ns.repeats, env),
     }
+    payload["machine"] = (f"{os.cpu_count()} CPUs, load average {load_at_start:.1f} at the start and "
+                          f"{os.getloadavg()[0]:.1f} at the end")
     text = markdown(payload)
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(payload, indent=1) + "\n")

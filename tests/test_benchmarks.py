@@ -233,8 +233,57 @@ def test_cold_start_table_marks_targets():
                                               "ratio": 5.0},
                             "crossed_logistic": {"analyze": 3.0, "import": 2.5, "beyond_import": 0.5, "jit": 0.5,
                                                  "ratio": 1.0}},
-               "gradients": {"radon_mn": {"original": 2e-5, "reparameterized": 3e-5, "ratio": 1.5}}}
+               "gradients": {"radon_mn": {"original": 2e-5, "reparameterized": 3e-5, "ratio": 1.5,
+                                          "ratios": [1.4, 1.5, 1.6]},
+                             "eight_schools": {"original": 4.1e-7, "reparameterized": 5e-7, "ratio": 1.22,
+                                               "ratios": [1.22]}}}
     text = markdown(payload)
     assert "| eight_schools | 4.00 | 2.50 | 1.50 (> 1) | 0.30 | 5.0x |" in text
     assert "| crossed_logistic | 3.00 | 2.50 | 0.50 | 0.50 | 1.0x |" in text  # no target for this example
-    assert "| radon_mn | 20 us | 30 us | 1.50x |" in text
+    assert "| radon_mn | 20 us | 30 us | 1.50x (> 1.3) | 1.40, 1.50, 1.60 |" in text
+    assert "| eight_schools | 0.41 us | 0.5 us | 1.22x (<= 1.3) | 1.22 |" in text
+
+
+def test_cold_start_gradients_only_write_their_own_file():
+    from benchmarks.cold_start import HERE, parse
+
+    assert parse(["--no-examples"]).examples == []
+    assert parse(["--no-examples"]).out == HERE / "results" / "gradient.json"
+    assert parse(["--examples"]).out == HERE / "results" / "gradient.json"
+    assert parse([]).out == HERE / "results" / "cold_start.json"
+    assert parse(["--examples", "--no-gradient"]).out == HERE / "results" / "cold_start.json"
+
+
+def test_cold_start_gradient_loop_evaluates_n_times():
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    from benchmarks.cold_start import _gradient_programs
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    y = jnp.array([0.5, 1.5])
+    loop, z = _gradient_programs(model, model, (y,), {})["original"]
+    # At z: potential 0.5 mu^2 + 0.5 sum (y - mu)^2 + const, gradient 3 mu - sum y; eps = 0 keeps z.
+    once, three = float(loop(z, 1, 0.0)), float(loop(z, 3, 0.0))
+    assert three == pytest.approx(3 * once, rel=1e-6)
+    moved = float(loop(z, 3, 0.1))  # eps != 0 moves z along the gradient: the passes differ
+    assert moved != pytest.approx(three, rel=1e-6)
+
+
+def test_cold_start_gradient_flags_reach_xla():
+    from benchmarks.cold_start import GRADIENT_XLA_FLAGS
+
+    # The small-while-loop pass would compile this loop into one function (an xla_cpu_small_call);
+    # the flags must switch it off, which they do only if XLA parses them all.
+    code = ("import jax, jax.numpy as jnp\n"
+            "f = jax.jit(lambda x, n: jax.lax.fori_loop(0, n, lambda i, c: c * 1.5 + 1, x))\n"
+            "print(f.lower(jnp.ones(3), 5).compile().as_text().count('xla_cpu_small_call'))")
+    counts = {}
+    for flags in ("", GRADIENT_XLA_FLAGS):
+        env = dict(os.environ, XLA_FLAGS=flags)
+        counts[flags] = int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                           check=True).stdout.strip())
+    assert counts[""] > 0 and counts[GRADIENT_XLA_FLAGS] == 0

@@ -14,6 +14,7 @@ check) on the model's first call, with names that do not collide with the model'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import jax.numpy as jnp
@@ -49,7 +50,8 @@ class SiteValues(dict):
         self.active = False  # True while a model runs under a handler that fills this store
         self.introduced: dict[str, str] = {}  # name a Reparam introduces -> the site it reparameterizes
         self.sample_shapes: dict[str, tuple] = {}
-        self.decentred: dict[str, tuple] = {}
+        # decentred site -> its law given (sampler, jacobian_weight=...), made by the Reparam
+        self.decentred: dict[str, Callable] = {}
         self.busy = 0  # > 0 while a Reparam draws its own sites
 
     def reset(self):
@@ -81,18 +83,13 @@ class SiteValues(dict):
         self.sample_shapes[name] = tuple(msg["kwargs"].get("sample_shape", ()))
         law = self.decentred.pop(name, None)
         if law is not None:
-            target, factor, intercept, event_ndim = law
             # The decentred value's density is the original one at a(z) times the Jacobian |da/dz|
             # once: the model's scale and mask weigh the original density only. A subsampled plate
             # stands for its whole size, so there the Jacobian is scaled like the density (an
             # unbiased estimate of the full model's log joint).
             scale = msg.get("scale")
             weight = _subsample_weight(msg["cond_indep_stack"])
-            jacobian_weight = weight if scale is None else weight / scale
-            if event_ndim == "cholesky":
-                msg["fn"] = DecentredMVNLaw(msg["fn"], target, factor, intercept, jacobian_weight)
-            else:
-                msg["fn"] = DecentredLaw(msg["fn"], target, factor, intercept, jacobian_weight, event_ndim)
+            msg["fn"] = law(msg["fn"], jacobian_weight=weight if scale is None else weight / scale)
 
     def record(self, msg):
         """After the site: its value, for the offsets of later sites."""
@@ -311,17 +308,22 @@ class ConditionalOffsetReparam(Reparam):
         c = jnp.broadcast_to(_expand_batch(centredness, event_ndim), shape)
         loc = jnp.broadcast_to(core.loc, shape)
         scale = jnp.broadcast_to(core.scale, shape)
+        # log(scale) before the broadcast: one log per distinct scale (often one per site), and
+        # scale ** (1 - c) and its log-Jacobian from it, rather than a pow and a log per element.
+        log_scale = jnp.broadcast_to(jnp.log(core.scale), shape)
         if offset is not None:
             loc = loc - offset
         others = {k: getattr(core, k) for k in core.arg_constraints if k not in ("loc", "scale")}
         decentred = type(core)(loc=c * loc, scale=scale ** c, **others)
         if event_ndim:
             decentred = decentred.to_event(event_ndim)
-        factor = scale ** (1.0 - c)
+        log_factor = (1.0 - c) * log_scale
+        factor = jnp.exp(log_factor)
         intercept = loc - factor * c * loc
         if offset is not None:
             intercept = intercept + offset
-        self.store.decentred[names.decentred] = (fn, factor, intercept, event_ndim)
+        self.store.decentred[names.decentred] = partial(DecentredLaw, target=fn, factor=factor, log_factor=log_factor,
+                                                        intercept=intercept, event_ndim=event_ndim)
         try:
             z = numpyro.sample(names.decentred, decentred)
         finally:
@@ -336,7 +338,7 @@ class ConditionalOffsetReparam(Reparam):
         # decentred law has the site's batch shape.
         standard = dist.Normal(jnp.zeros(shape, loc.dtype), 1.0).to_event(fn.event_dim)
         decentred = self.names.decentred
-        self.store.decentred[decentred] = (fn, scale_tril, loc, "cholesky")
+        self.store.decentred[decentred] = partial(DecentredMVNLaw, target=fn, scale_tril=scale_tril, loc=loc)
         try:
             z = numpyro.sample(decentred, standard)
         finally:
@@ -390,24 +392,26 @@ class DecentredMVNLaw(_DrawsFromSampler):
 class DecentredLaw(_DrawsFromSampler):
     """The law of a decentred value ``z`` whose site value is ``a = factor * z + intercept``.
 
-    ``log_prob(z) = target.log_prob(a) + jacobian_weight * sum(log factor)``: the site's own
+    ``log_prob(z) = target.log_prob(a) + jacobian_weight * sum(log_factor)``, ``log_factor = log(factor)``
+    given by the caller (``(1 - c) log(scale)``, computed before ``scale`` is broadcast): the site's own
     (possibly masked) density at ``a``, plus the log-Jacobian weighted so that, after the
     model's ``scale`` multiplies the whole, it counts once (or once per element a subsampled
     plate stands for). Samples are drawn from ``sampler``, the decentred loc-scale law.
     """
 
     arg_constraints = {}
-    pytree_data_fields = ("sampler", "target", "factor", "intercept", "jacobian_weight")
+    pytree_data_fields = ("sampler", "target", "factor", "log_factor", "intercept", "jacobian_weight")
     pytree_aux_fields = ("event_ndim",)
 
-    def __init__(self, sampler, target, factor, intercept, jacobian_weight, event_ndim, *, validate_args=None):
+    def __init__(self, sampler, target, factor, log_factor, intercept, jacobian_weight, event_ndim, *,
+                 validate_args=None):
         self.sampler, self.target = sampler, target
-        self.factor, self.intercept = factor, intercept
+        self.factor, self.log_factor, self.intercept = factor, log_factor, intercept
         self.jacobian_weight, self.event_ndim = jacobian_weight, event_ndim
         super().__init__(sampler.batch_shape, sampler.event_shape, validate_args=validate_args)
 
     def log_prob(self, value):
-        log_jacobian = jnp.log(self.factor)
+        log_jacobian = self.log_factor
         if self.event_ndim:
             log_jacobian = jnp.sum(log_jacobian, axis=tuple(range(-self.event_ndim, 0)))
         return self.target.log_prob(self.factor * value + self.intercept) + self.jacobian_weight * log_jacobian

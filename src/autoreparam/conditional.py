@@ -65,6 +65,8 @@ __all__ = ["BlockConditional", "DENSE_BELOW", "DENSE_LIMIT"]
 #: 196 on a crossed design (benchmarks/README.md); 150 lies in both intervals.
 DENSE_BELOW = 150
 #: Largest block the dense path accepts at all (a D x D float64 matrix of ~290 MB).
+# The CG path's precision_note until prepare_exact_marginal builds the sparse precision.
+_PRECISION_NOT_BUILT = "not built: CG path (see prepare_exact_marginal)"
 DENSE_LIMIT = 6000
 
 _PROBE_PERIODS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64)
@@ -252,8 +254,7 @@ class BlockConditional:
                 self.precision, self.precision_note = self._sparse_precision(seed)
             else:
                 # Built on demand (``prepare_exact_marginal``): the CG path's mean and draws never need it.
-                self.precision, self.precision_note = None, "not built: CG path (see prepare_exact_marginal)"
-        self._precision_built = self.dense
+                self.precision, self.precision_note = None, _PRECISION_NOT_BUILT
 
     # ----------------------------------------------------------------- model evaluation
 
@@ -502,10 +503,9 @@ class BlockConditional:
         here, on request, and never for the mean or the draws. Call it outside any transformation (it
         runs the model on concrete values).
         """
-        if not self._precision_built:
+        if self.precision is None and self.precision_note == _PRECISION_NOT_BUILT:
             with jax.ensure_compile_time_eval(), jax.enable_x64(True):
                 self.precision, self.precision_note = self._sparse_precision(self._seed)
-            self._precision_built = True
             self._compiled_methods.pop("log_marginal", None)  # traced before H existed: the SLQ branch
         return self.dense or self.precision is not None
 

@@ -226,8 +226,7 @@ class SparsePrecision:
         total = int(pairs.sum())
         if total > _TERM_LIMIT:
             raise Unsupported(f"H would take {total} pair products (limit {_TERM_LIMIT})")
-        entry = np.repeat(np.arange(len(q_index)), pairs)
-        within = np.arange(total) - np.repeat(np.cumsum(pairs) - pairs, pairs)
+        entry, within = _ragged(pairs)
         width_j = counts[row_j][entry]
         at_i = indptr[row_i[entry]] + within // np.maximum(width_j, 1)
         at_j = indptr[row_j[entry]] + within % np.maximum(width_j, 1)
@@ -310,9 +309,8 @@ class SparsePrecision:
         order = np.argsort(rows, kind="stable")
         counts = np.bincount(rows, minlength=self.num_rows)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        n = counts[pair_row]
-        pair = np.repeat(np.arange(len(pairs)), n)
-        at = order[starts[pair_row[pair]] + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)]
+        pair, within = _ragged(counts[pair_row])
+        at = order[starts[pair_row[pair]] + within]
         by_group = np.zeros((self.size, self.num_groups))
         np.add.at(by_group, (cols[at], pair_group[pair]), weight[pair] * vals[at])
         return by_group
@@ -527,6 +525,12 @@ class SparsePrecision:
             step_S = _group_product("bji,bj->bi", L_inv, eps_S - jnp.einsum("bir,r->bi", V, step_R))
         step = jnp.zeros(self.size + 1, m.dtype).at[self._members.ravel()].set(step_S.ravel())[:self.size]
         return m + (step if step_R is None else step.at[self._R].set(step_R))
+
+
+def _ragged(lengths):
+    """For ranges of the given lengths laid end to end: (each position's range, its index within it)."""
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    return owner, np.arange(len(owner)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 def _weighted_rows(weights, rows_t):

@@ -703,10 +703,12 @@ class ModelTrace:
         dtype = jnp.result_type(float)
         u = {n: rng.uniform(-2.0, 2.0, t.inverse_shape(self.sites[n].shape)).astype(dtype)
              for n, t in transforms.items()}
-        jitted = self.__dict__.get("_to_support")
-        if jitted is None:
-            jitted = self.__dict__["_to_support"] = jit_quick(lambda u: {n: t(u[n]) for n, t in transforms.items()})
-        return jitted(u)
+        return self._to_support(u)
+
+    @functools.cached_property
+    def _to_support(self) -> Callable:
+        transforms = self._fixed_bijections
+        return jit_quick(lambda u: {n: t(u[n]) for n, t in transforms.items()})
 
     def supports_at(self, names, values: dict[str, Any]) -> dict[str, Any]:
         """The supports of latent sites at ``values``: from the first trace where they cannot move

@@ -3,6 +3,7 @@
 import ast
 import dataclasses
 import pathlib
+import re
 import warnings
 
 import jax.numpy as jnp
@@ -50,6 +51,26 @@ def test_the_package_has_no_import_cycles():
         graph.add_node(path.stem)
         graph.add_edges_from((path.stem, m) for m in _imports(path))
     assert list(nx.simple_cycles(graph)) == []
+
+
+def _layout_order() -> list[str]:
+    """The modules the README's Layout section lists, in its order (not those named in parentheses)."""
+    text = (SRC.parent.parent / "README.md").read_text().split("\n## Layout\n")[1].split("\n## ")[0]
+    order: list[str] = []
+    for bullet in (b.split("\n\n")[0] for b in text.split("\n- ")[1:]):
+        removed = 1
+        while removed:  # innermost parentheses first
+            bullet, removed = re.subn(r"\([^()]*\)", "", bullet)
+        order += [name for name in re.findall(r"`(\w+)`", bullet) if (SRC / f"{name}.py").exists()]
+    return order
+
+
+def test_the_readme_lists_every_module_in_import_order():
+    order = _layout_order()
+    assert sorted(order) == sorted(p.stem for p in SRC.glob("*.py") if p.stem != "__init__")  # each once
+    later = {(m, i) for m in order for i in _imports(SRC / f"{m}.py")
+             if i in order and order.index(i) > order.index(m)}
+    assert later == set()
 
 
 @pytest.mark.parametrize("stage, later", [

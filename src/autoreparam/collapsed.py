@@ -34,9 +34,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro import handlers
+from numpyro import diagnostics, handlers
 from numpyro.distributions import biject_to
 from numpyro.distributions.util import sum_rightmost
+from numpyro.infer import MCMC, NUTS, HMCGibbs
 
 from .block import GaussianBlock, block_of_model
 from .conditional import DENSE_LIMIT, BlockConditional, float64_with_gradient
@@ -334,22 +335,16 @@ class CollapsedResult:
 
     def summary(self, prob: float = 0.9) -> dict:
         """``numpyro.diagnostics.summary`` of every site (mean, std, quantiles, n_eff, r_hat)."""
-        from numpyro.diagnostics import summary
-
-        return summary({k: np.asarray(v) for k, v in self._samples.items()}, prob=prob, group_by_chain=True)
+        return diagnostics.summary({k: np.asarray(v) for k, v in self._samples.items()}, prob=prob, group_by_chain=True)
 
     def print_summary(self, prob: float = 0.9) -> None:
-        from numpyro.diagnostics import print_summary
-
-        print_summary({k: np.asarray(v) for k, v in self._samples.items()}, prob=prob, group_by_chain=True)
+        diagnostics.print_summary({k: np.asarray(v) for k, v in self._samples.items()}, prob=prob, group_by_chain=True)
         print(f"Number of divergences: {self.divergences}")
 
 
 def _run_mcmc(kernel, num_warmup, num_samples, num_chains, chain_method, progress_bar, rng_key, *model_args,
               prefix="", init_params=None, **model_kwargs):
     """One MCMC run (warm-up and sampling in one compiled loop); sampling gradients and divergences."""
-    from numpyro.infer import MCMC
-
     steps, diverging = prefix + "num_steps", prefix + "diverging"
     mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
                 chain_method=chain_method, progress_bar=progress_bar)
@@ -381,8 +376,6 @@ def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, n
     >>> result = autoreparam.collapsed_mcmc(model, sigma, y=y, block=block)  # doctest: +SKIP
     >>> result.print_summary()  # doctest: +SKIP
     """
-    from numpyro.infer import NUTS
-
     _refuse_vectorized_chains("collapsed_mcmc", chain_method)
     if block is None:
         block = _find_block(model, args, kwargs, "collapsed NUTS")
@@ -438,8 +431,6 @@ def gibbs_kernel(model: Callable, block: GaussianBlock, args: tuple = (), kwargs
     """NumPyro's ``HMCGibbs``: NUTS on theta given z, z drawn exactly given theta; with the (int32) inputs
     to run it on, as ``(kernel, args, kwargs)``. Run it inside ``jax.enable_x64(True)``: the exact
     draws use float64 random bits."""
-    from numpyro.infer import NUTS, HMCGibbs
-
     _check_block(block, "Gibbs MCMC", approximate, None)
     args, kwargs = _int32_data(tuple(args)), _int32_data(dict(kwargs or {}))
     conditional = BlockConditional(model, block, args, kwargs)

@@ -29,6 +29,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import numpyro
+from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, autoguide
 
 from .api import analyze, reparameterize, unwrap_model
 from .errors import InputError
@@ -333,10 +336,6 @@ class Comparison:
 
 
 def _fit(label, model, guide_name, args, kwargs, steps, lr, seed, progress, sites) -> FitSummary:
-    import numpyro
-    from numpyro.infer import SVI, Predictive, Trace_ELBO
-    from numpyro.infer import autoguide
-
     guide = getattr(autoguide, guide_name)(model)
     svi = SVI(model, guide, numpyro.optim.Adam(lr), Trace_ELBO())
     start = time.perf_counter()
@@ -365,6 +364,7 @@ def _element_moments(draws, sites) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def _fit_hybrid(label, model, args, kwargs, steps, seed, progress, sites) -> FitSummary:
     """``fit_hybrid`` (natural gradient); its ELBO from ``HybridELBO`` where the block's marginal is exact."""
+    # Here and in compare_mcmc, not at the top: the CLI imports compare for every command (see cli).
     from .fit import fit_hybrid
     from .hybrid import HybridELBO
 
@@ -432,8 +432,6 @@ def compare(model, args=(), kwargs=None, *, steps: int = 2000, guide: str = "Aut
 
 def _prior_sd(model, args, kwargs, sites, seed) -> dict[str, float]:
     """Each latent site's prior sd (averaged over its elements); {} if the prior cannot be sampled."""
-    from numpyro.infer import Predictive
-
     try:
         draws = Predictive(model, num_samples=1000, return_sites=sites)(jax.random.PRNGKey(seed + 3), *args,
                                                                           **kwargs)
@@ -500,8 +498,6 @@ class MCMCComparison:
 
 
 def _diagnose(label, samples_by_chain, sites, seconds, gradients, divergences) -> MCMCSummary:
-    from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
-
     ess, rhat = {}, {}
     for name in sites:
         x = np.asarray(samples_by_chain[name], np.float64)
@@ -515,8 +511,6 @@ def _diagnose(label, samples_by_chain, sites, seconds, gradients, divergences) -
 
 
 def _nuts(label, model, args, kwargs, sites, warmup, samples, chains, seed, progress) -> MCMCSummary:
-    from numpyro.infer import MCMC, NUTS
-
     mcmc = MCMC(NUTS(model), num_warmup=warmup, num_samples=samples, num_chains=chains,
                 chain_method="sequential", progress_bar=progress)
     start = time.perf_counter()

@@ -31,7 +31,7 @@ the moments were taken from shrunk estimates. Both are fixed (``newton_refine``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import jax
@@ -520,8 +520,6 @@ def check_plan_sites(curv, plan_sites: list, anchors: dict, hyperparameters=(), 
     the ``SitePlan``s about to go into the plan. Returns (kept sites, one note per dropped item,
     condition numbers {"original", "plan", "kept"}).
     """
-    from dataclasses import replace
-
     mt = curv.mt
     if any(s.type == "latent" and s.is_discrete for s in mt.sites.values()):
         return plan_sites, [], {}

@@ -19,6 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 from numpyro.distributions import biject_to
 from numpyro.infer.initialization import init_to_median
+from numpyro.infer.util import helpful_support_errors
 
 from .errors import InputError
 from .trace import ModelTrace, jit_quick, log_joint, staged, untraceable_as_model_error
@@ -342,8 +343,6 @@ def _init_to_feasible(site=None):
     if site["type"] == "sample" and not site["is_observed"] and not site["fn"].support.is_discrete:
         if site["value"] is not None:
             return site["value"]
-        from numpyro.infer.util import helpful_support_errors
-
         with helpful_support_errors(site):
             transform = biject_to(site["fn"].support)
         shape = tuple(site["kwargs"].get("sample_shape", ())) + tuple(transform.inverse_shape(site["fn"].shape()))

@@ -9,6 +9,8 @@ continuous latent site is drawn uniformly in (-2, 2) of its unconstrained space.
 from __future__ import annotations
 
 import functools
+import linecache
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,13 +24,15 @@ from numpyro import handlers
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 from numpyro.infer.initialization import init_to_uniform
+from numpyro.infer.util import log_density
+from numpyro.ops.provenance import eval_provenance
 from numpyro.primitives import _PYRO_STACK, Messenger
 
 from .errors import AutoreparamError, InputError, ModelError
 from .notes import Note, NoteKind
 
 __all__ = ["Plate", "Site", "ModelTrace", "trace_model", "LOC_SCALE_FAMILIES", "unwrap_distribution",
-           "data_evaluated_eagerly", "TracedSite", "trace_sites", "trace_with_init", "log_joint"]
+           "data_evaluated_eagerly", "TracedSite", "trace_sites", "log_joint"]
 
 # The families that non-centring supports: a loc and a scale, and any other parameters kept as they are.
 LOC_SCALE_FAMILIES = (dist.Normal, dist.Cauchy, dist.Laplace, dist.Logistic, dist.StudentT, dist.Gumbel,
@@ -775,9 +779,6 @@ _LIBRARY_MODULES = ("jax", "jaxlib", "numpyro", "numpy", "autoreparam", "context
 
 def _user_line(exc: BaseException) -> str | None:
     """``file.py:12 (n = int(mu))`` for the innermost traceback frame outside the libraries."""
-    import linecache
-    import os
-
     tb, found = exc.__traceback__, None
     while tb is not None:
         module = str(tb.tb_frame.f_globals.get("__name__", ""))
@@ -957,8 +958,6 @@ def site_dependencies(mt: ModelTrace, values: dict[str, Any]) -> dict[str, set[s
     deterministic predictor depends on it rather than on the latents behind it. Returns None
     when the model cannot be traced abstractly (then callers fall back to JVP probes).
     """
-    from numpyro.ops.provenance import eval_provenance
-
     def input_values(values):
         tr = mt.run(values)
         return {
@@ -1018,7 +1017,6 @@ def trace_sites(model: Callable, args: tuple, kwargs: dict) -> dict[str, TracedS
 
     Unlike the analysis this needs no observed site: a plan is checked against sampled sites.
     """
-    from numpyro.infer.initialization import init_to_uniform
 
     def run():
         seeded = handlers.substitute(handlers.seed(model, 0), substitute_fn=init_to_uniform(radius=2))
@@ -1051,13 +1049,7 @@ def trace_sites(model: Callable, args: tuple, kwargs: dict) -> dict[str, TracedS
     return box[-1]
 
 
-# -- running the model again (the curvature and the conditioning guard run it only through these) ---
-def trace_with_init(mt: ModelTrace, init_strategy, rng_seed: int = 0):
-    """The model's trace with every latent site set by a NumPyro init strategy (``init_to_median``...)."""
-    model = handlers.substitute(handlers.seed(mt.model, rng_seed), substitute_fn=init_strategy)
-    return handlers.trace(model).get_trace(*mt.args, **mt.kwargs)
-
-
+# -- running the model again (with ModelTrace's methods, the curvature and the guard run it only through this)
 def log_joint(mt: ModelTrace, values: dict[str, Any], handler: Messenger | None = None,
               fixed: dict[str, Any] | None = None):
     """The model's log joint density at ``values``, seeded as every other run (seed 0).
@@ -1067,7 +1059,6 @@ def log_joint(mt: ModelTrace, values: dict[str, Any], handler: Messenger | None 
     staged with the latent values, or evaluated eagerly under jit when the model computes sizes
     or numpy indices from its data (``staged_if_possible``).
     """
-    from numpyro.infer.util import log_density
 
     def run():
         # Seeded here, inside: when the model needs its data's values (a numpy index by a plate's

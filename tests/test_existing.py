@@ -2,6 +2,8 @@
 analyses the model underneath a ``handlers.reparam`` / ``@autoreparam.auto`` wrapper, and a plan that
 fights the existing reparameterization is warned about."""
 
+from dataclasses import replace
+
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -10,8 +12,11 @@ from numpyro import handlers
 from numpyro.infer.reparam import LocScaleReparam
 
 import autoreparam
+from autoreparam.api import unwrap_model
 from autoreparam.cli import main
 from autoreparam.notes import NoteKind
+from autoreparam.planning import existing_conflicts
+from autoreparam.report import Existing
 
 SIGMA = np.array([15., 10., 16., 11., 9., 11., 10., 18.], dtype=np.float32)
 Y = np.array([28., 8., -3., 7., -1., 1., 18., 12.], dtype=np.float32)
@@ -117,7 +122,24 @@ def test_a_plan_that_fights_the_existing_reparameterization_is_warned_about():
     assert "which the model already non-centres (wrapper): the two stack" in fights[0]
 
 
+@pytest.mark.parametrize("centered, noncentred", [(0, True), (0.0, True), (1, False), (None, False), (0.5, False)])
+def test_a_wrapper_that_non_centres_is_marked_so(centered, noncentred):
+    wrapped = handlers.reparam(schools, config={"theta": LocScaleReparam(centered)})
+    [existing] = unwrap_model(wrapped)[1]
+    assert existing.noncentred is noncentred
+
+
+def test_the_planning_reads_whether_a_stripped_wrapper_non_centred_from_the_flag_not_its_text():
+    plan = autoreparam.Plan("model", ())
+    custom = Existing("a", "wrapper", "a: MyReparam (handlers.reparam wrapper)", reparam="MyReparam",
+                      unwrapped=True, noncentred=True)
+    assert [(n.kind, n.site) for n in existing_conflicts(plan, [custom])] == [(NoteKind.FIGHTS_EXISTING, "a")]
+    assert existing_conflicts(plan, [replace(custom, noncentred=False)]) == []
+
+
 WRAPPED_FILE = """\
+from dataclasses import replace
+
 import numpy as np
 import numpyro
 import numpyro.distributions as dist

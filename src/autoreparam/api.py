@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import copy
 import functools
+import time
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import jax
 import numpy as np
+from numpyro import handlers
+from numpyro.infer import NUTS
+from numpyro.infer.reparam import LocScaleReparam
+from numpyro.primitives import Messenger
 
 from .analysis import analyze_model
 from .errors import InputError
@@ -69,9 +74,10 @@ def _name(model) -> str:
     return getattr(model, "__name__", None) or type(model).__name__
 
 
-def _describe_reparam(r) -> str:
+def _describe_reparam(r) -> tuple[str, bool]:
+    """A NumPyro reparameterizer in words, and whether it non-centres its site."""
     name = type(r).__name__
-    if hasattr(r, "centered"):
+    if isinstance(r, LocScaleReparam):
         meaning = {0: "non-centred", 0.0: "non-centred", 1: "centred: no change", None: "centredness learned"}
         c = r.centered
         try:
@@ -79,8 +85,8 @@ def _describe_reparam(r) -> str:
         except TypeError:  # an array of centredness values
             what = "partly centred (per element)"
             c = "array"
-        return f"{name}(centered={c}): {what}"
-    return name
+        return f"{name}(centered={c}): {what}", what == "non-centred"
+    return name, False
 
 
 def unwrap_model(model: Callable) -> tuple[Callable, list[Existing]]:
@@ -89,9 +95,6 @@ def unwrap_model(model: Callable) -> tuple[Callable, list[Existing]]:
     Other NumPyro handlers around them (``condition``, ``scale``...) are kept, each copied with the
     stripped model inside. ``unwrap`` is the public form.
     """
-    from numpyro.handlers import reparam
-    from numpyro.primitives import Messenger
-
     found: list[Existing] = []
 
     def strip(m):
@@ -99,12 +102,12 @@ def unwrap_model(model: Callable) -> tuple[Callable, list[Existing]]:
             found.append(Existing("", "wrapper", f"an autoreparam wrapper (@autoreparam.auto or reparameterize) "
                                                  f"around {_name(m.model)}"))
             return strip(m.model)
-        if isinstance(m, reparam):
+        if isinstance(m, handlers.reparam):
             if isinstance(m.config, dict):
                 for site, r in m.config.items():
-                    described = _describe_reparam(r)
+                    described, noncentred = _describe_reparam(r)
                     found.append(Existing(site, "wrapper", f"{site}: {described} (handlers.reparam wrapper)",
-                                          reparam=described))
+                                          reparam=described, noncentred=noncentred))
             else:
                 found.append(Existing("", "wrapper", f"a handlers.reparam wrapper with a config function "
                                                      f"({_name(m.config)}): its sites show only when it runs"))
@@ -289,10 +292,8 @@ def auto_mcmc(model: Callable, *args, num_warmup: int = 500, num_samples: int = 
     >>> result = autoreparam.auto_mcmc(model, sigma, y=y)  # doctest: +SKIP
     >>> print(result.method, "-", result.reason)  # doctest: +SKIP
     """
-    import time
-
-    from numpyro.infer import NUTS
-
+    # Here, not at the top: only auto_mcmc needs collapsed (with conditional and precision), and
+    # every cold `autoreparam analyze` imports api.
     from .collapsed import CollapsedResult, _key, _run_mcmc, choose_mcmc, collapsed_mcmc
 
     choice = choose_mcmc(model, *args, **kwargs)

@@ -77,10 +77,10 @@ def existing_conflicts(plan: Plan, existing) -> list[Note]:
     notes = []
     for e in existing:
         if e.unwrapped:
-            if not e.site or e.site not in plan.names and not e.reparam.endswith(": non-centred"):
+            if not e.site or e.site not in plan.names and not e.noncentred:
                 continue
             planned = plan[e.site] if e.site in plan.names else None
-            if e.reparam.endswith(": non-centred") and (planned is None or not planned.noncentred):
+            if e.noncentred and (planned is None or not planned.noncentred):
                 why = "gives it offsets and keeps it centred" if planned is not None else "keeps it centred"
                 notes.append(Note(f"the stripped wrapper non-centred '{e.site}' ({e.reparam}), but the plan {why}: "
                                   "use reparameterize(model, unwrap=True) (the wrapper dropped), not the plan on top "

@@ -205,7 +205,8 @@ class Existing:
     ``{site}_decentered`` with a deterministic ``site``, as ``LocScaleReparam`` and emitted code write
     it) or ``"by hand"`` (a latent with fixed Normal parameters that enters a likelihood multiplied by
     a positive latent: ``a = mu + tau * a_raw``). ``reparam`` names the NumPyro reparameterizer of a
-    wrapper's config entry (``LocScaleReparam(centered=0)``), else "".
+    wrapper's config entry (``LocScaleReparam(centered=0)``), else ""; ``noncentred`` says that entry
+    non-centres its site (``centered=0``).
     """
 
     site: str
@@ -213,10 +214,11 @@ class Existing:
     detail: str
     reparam: str = ""
     unwrapped: bool = False
+    noncentred: bool = False
 
     def to_json(self) -> dict:
         return {"site": self.site, "how": self.how, "detail": self.detail, "reparam": self.reparam,
-                "unwrapped": self.unwrapped}
+                "unwrapped": self.unwrapped, "noncentred": self.noncentred}
 
 
 @dataclass

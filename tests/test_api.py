@@ -85,6 +85,14 @@ def test_a_stage_imports_no_later_stage(stage, later):
     assert not _imports(SRC / f"{stage}.py") & later
 
 
+def test_one_spelling_for_centring():
+    """British spellings (non-centred, centredness); NumPyro's ``centered`` only where it is NumPyro's name."""
+    texts = [p.read_text() for p in SRC.glob("*.py")] + [(SRC.parent.parent / f).read_text()
+                                                          for f in ("README.md", "docs/method.md")]
+    other = re.compile(r"centering|centeredness|non[-_]?centered|\.centers\b", re.IGNORECASE)
+    assert [m.group() for text in texts for m in other.finditer(text)] == []
+
+
 @pytest.mark.parametrize("module", ["curvature", "conditioning", "planning"])
 def test_only_trace_runs_the_model(module):
     """The curvature and the guard re-run the model through trace.py, not with handlers of their own."""

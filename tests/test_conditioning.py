@@ -130,8 +130,8 @@ def test_guard_drops_a_harmful_noncentring_and_says_so(tutorial_analysis, tutori
     """Partially non-centring the data-dominated intercepts (as the centredness estimate proposes)
     worsens the conditioning: the guard drops it, with a note naming the site (str and JSON)."""
     unguarded = build_plan(*tutorial_analysis, guard=False)
-    for centered in (None, 0.5):
-        plan = unguarded if centered is None else unguarded.with_centredness("alpha", centered)
+    for centredness in (None, 0.5):
+        plan = unguarded if centredness is None else unguarded.with_centredness("alpha", centredness)
         assert plan["alpha"].noncentred
         kept, notes, figures = conditioning.check_plan_sites(tutorial_curvature, list(plan.sites),
                                                              dict(plan.anchors))
@@ -175,7 +175,7 @@ def test_reparameterized_hessian_matches_a_hand_written_noncentred_model(schools
     """The change of variables written from the plan's data equals NumPyro's LocScaleReparam by hand."""
     geometry = schools_geometry
     c = np.linspace(0.1, 0.9, 8).astype(np.float32)
-    knobs = {"xi": {}, "centered": {"theta": jnp.asarray(c)}}
+    knobs = {"xi": {}, "centredness": {"theta": jnp.asarray(c)}}
     point = _schools_point()
     _, dense, n = geometry.operator(point, knobs)
 
@@ -198,7 +198,7 @@ def test_reparameterized_hessian_matches_a_hand_written_noncentred_model(schools
 def test_condition_number_matches_dense_eigenvalues(monkeypatch, schools_geometry):
     """Dense path: exactly the eigenvalue ratio of D^-1/2 H D^-1/2; Lanczos path (HVPs only): close to it."""
     geometry = schools_geometry
-    knobs = {"xi": {}, "centered": {"theta": jnp.full(8, 0.3)}}
+    knobs = {"xi": {}, "centredness": {"theta": jnp.full(8, 0.3)}}
     point = _schools_point()
     hvp, dense, n = geometry.operator(point, knobs)
     d = np.sqrt(np.abs(np.diag(dense)))
@@ -310,7 +310,7 @@ def test_empirical_bayes_point_finds_the_scale_the_data_say(vague_scale_analysis
     off = site.offsets[0]
     specs = {"a": (tuple(site.batch_shape), ((off.parent, off.absorb, jnp.asarray(dict(plan.anchors)["mu"])),), False)}
     geometry = conditioning.ReparamGeometry(model_trace, curv.names, specs, {})
-    knobs = {"xi": {("a", "mu"): jnp.zeros(site.batch_shape)}, "centered": {}}
+    knobs = {"xi": {("a", "mu"): jnp.zeros(site.batch_shape)}, "centredness": {}}
     centre, moved = conditioning.offset_points(geometry, curv, report.hyperparameters, knobs)
     assert float(centre["s"]) > 3.0
     assert 0.1 < float(moved["s"]) < 0.5

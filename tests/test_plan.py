@@ -235,7 +235,7 @@ def test_with_parent_restores_an_offset(crossed):
     assert "nope" in one_line(info.value)
 
 
-def test_with_centering(crossed, schools):
+def test_with_centredness(crossed, schools):
     _, plan = crossed
     nc = plan.with_centredness("a", 0.25, learn=False)
     assert nc["a"].centredness == (0.25,) * 5 and not nc["a"].learn_centredness

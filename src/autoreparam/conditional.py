@@ -65,9 +65,9 @@ __all__ = ["BlockConditional", "DENSE_BELOW", "DENSE_LIMIT"]
 #: 196 on a crossed design (benchmarks/README.md); 150 lies in both intervals.
 DENSE_BELOW = 150
 #: Largest block the dense path accepts at all (a D x D float64 matrix of ~290 MB).
+DENSE_LIMIT = 6000
 # The CG path's precision_note until prepare_exact_marginal builds the sparse precision.
 _PRECISION_NOT_BUILT = "not built: CG path (see prepare_exact_marginal)"
-DENSE_LIMIT = 6000
 
 _PROBE_PERIODS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64)
 #: Loosest CG relative residual of an inner Newton direction (Laplace blocks, CG path).

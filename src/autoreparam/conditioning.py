@@ -118,7 +118,7 @@ class _ChangeOfVariables(Messenger):
         base = unwrap_distribution(fn)
         loc = jnp.broadcast_to(base.loc, shape) - offset
         scale = jnp.broadcast_to(base.scale, shape)
-        c = expand(self.knobs["centered"][name])
+        c = expand(self.knobs["centredness"][name])
         factor = scale ** (1.0 - c)
         logdet = jnp.sum((1.0 - c) * jnp.log(scale))
         if self.inverse:
@@ -133,7 +133,7 @@ class ReparamGeometry:
 
     ``hessian_operator(theta, knobs)`` returns ``(hvp, diag, n)`` at the model point ``theta``
     (constrained site values) for the items set by ``knobs`` (``{"xi": {(site, parent): array},
-    "centered": {site: array}}``): ``hvp`` maps a flat vector to a flat vector. Everything is
+    "centredness": {site: array}}``): ``hvp`` maps a flat vector to a flat vector. Everything is
     compiled once per model and reused for every knob setting.
     """
 
@@ -293,7 +293,7 @@ def guard_items(geometry: ReparamGeometry, theta, knobs: dict, items: list[Item]
     ``theta`` is the point (a dict of site values) or a list of points, the first the centre
     (see ``condition_number``'s ``others``).
 
-    ``off_value(item)`` gives the knob values that switch an item off (xi 0, centered 1).
+    ``off_value(item)`` gives the knob values that switch an item off (xi 0, centredness 1).
     """
     points = [theta] if isinstance(theta, dict) else list(theta)
 
@@ -377,13 +377,13 @@ def _reorder(operator):
 
 def _with(knobs, off_items, off_value):
     xi = dict(knobs["xi"])
-    centered = dict(knobs["centered"])
+    centredness = dict(knobs["centredness"])
     for item in off_items:
         if item.parent is None:
-            centered[item.site] = off_value(item)
+            centredness[item.site] = off_value(item)
         else:
             xi[(item.site, item.parent)] = off_value(item)
-    return {"xi": xi, "centered": centered}
+    return {"xi": xi, "centredness": centredness}
 
 
 # The hyperparameters are moved this far (in their unconstrained space, so a scale by a factor e)
@@ -523,7 +523,7 @@ def check_plan_sites(curv, plan_sites: list, anchors: dict, hyperparameters=(), 
     mt = curv.mt
     if any(s.type == "latent" and s.is_discrete for s in mt.sites.values()):
         return plan_sites, [], {}
-    specs, xi, centered, items = {}, {}, {}, []
+    specs, xi, centredness, items = {}, {}, {}, []
     for s in plan_sites:
         offsets = []
         for off in s.offsets:
@@ -534,7 +534,7 @@ def check_plan_sites(curv, plan_sites: list, anchors: dict, hyperparameters=(), 
             xi[(s.name, off.parent)] = jax.device_put(np.reshape(off.init, s.batch_shape).astype(jnp.result_type(float)))
             items.append(Item(s.name, off.parent))
         if s.noncentred:
-            centered[s.name] = jax.device_put(np.reshape(s.centredness, s.batch_shape).astype(jnp.result_type(float)))
+            centredness[s.name] = jax.device_put(np.reshape(s.centredness, s.batch_shape).astype(jnp.result_type(float)))
             items.append(Item(s.name, None))
         specs[s.name] = (tuple(s.batch_shape), tuple(offsets), s.noncentred)
     if not items:
@@ -549,7 +549,7 @@ def check_plan_sites(curv, plan_sites: list, anchors: dict, hyperparameters=(), 
         dtype = jnp.result_type(float)
         return np.ones(shape, dtype) if item.parent is None else np.zeros(shape, dtype)
 
-    knobs = {"xi": xi, "centered": centered}
+    knobs = {"xi": xi, "centredness": centredness}
     dropped, figures = guard_items(geometry, theta, knobs, items, off_value)
     remaining = [i for i in items if i not in dropped]
     local, points = [], []

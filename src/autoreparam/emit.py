@@ -38,9 +38,8 @@ MARKER = "# autoreparam: reparameterized model"
 
 SAMPLE = frozenset({"numpyro.sample", "numpyro.primitives.sample"})
 DETERMINISTIC = frozenset({"numpyro.deterministic", "numpyro.primitives.deterministic"})
-AUTO = frozenset({"autoreparam.auto", "autoreparam.api.auto", "autoreparam.reparam.auto"})
-REPARAMETERIZE = frozenset({"autoreparam.reparameterize", "autoreparam.api.reparameterize",
-                            "autoreparam.reparam.reparameterize"})
+AUTO = frozenset({"autoreparam.auto", "autoreparam.api.auto"})
+REPARAMETERIZE = frozenset({"autoreparam.reparameterize", "autoreparam.api.reparameterize"})
 
 
 @dataclass(frozen=True)

@@ -422,3 +422,22 @@ def test_legacy_exact_transcendentals_have_the_draw_options_bits():
     draw, quick = (traced.lower().compile(compiler_options=o)(x) for o in (DRAW_COMPILE_OPTIONS, QUICK_COMPILE_OPTIONS))
     for a, b in zip(draw, quick):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_programs_bound_by_their_running_compile_with_llvm_optimisations(monkeypatch):
+    from autoreparam import trace
+
+    seen = []
+    compile_ = jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile",
+                        lambda self, compiler_options=None: seen.append(compiler_options) or compile_(self, compiler_options))
+
+    def energy(x):
+        return jnp.sum(jnp.exp(x) * x)
+
+    x = np.linspace(-1.0, 1.0, 60_000, dtype=np.float32)  # 40,000 values per equation
+    assert trace.values_per_equation(jax.make_jaxpr(energy)(x)) == pytest.approx(40_000, rel=1e-4)
+    once, often = trace.jit_quick(energy)(x), trace.jit_quick(energy, runs=10)(x)
+    quick = {**trace.SERIAL_CODEGEN, **trace.QUICK_COMPILE_OPTIONS}
+    assert seen == [quick, {**quick, **trace.RUNTIME_BOUND_OPTIONS}]
+    assert np.asarray(often) == pytest.approx(np.asarray(once), rel=1e-5)

@@ -48,6 +48,9 @@ __all__ = ["ReparamGeometry", "condition_number", "guard_items", "guard_offsets"
 # Below this many unconstrained values the Hessian is formed densely (one vmapped HVP call).
 DENSE_LIMIT = 600
 LANCZOS_STEPS = 40
+# Dense Hessians the guard forms per knob setting: at the plan's point and the funnel points, for
+# the model as written, the plan and the plan without an item.
+GUARD_RUNS = 6
 # A plan item is dropped when it makes the preconditioned condition number worse by more than
 # this factor. The figure comes from three points near where the posterior should be, not from
 # the posterior itself; a factor 3 (under 1.8 in sqrt(kappa), the leapfrog steps per independent
@@ -162,7 +165,7 @@ class ReparamGeometry:
         # against 4.4 s on the tensor example (220 values), for 15 ms a call against 6 ms.
         self._grad = jit_quick(staged(grad), size, options=None)
         self._hvp = jit_quick(hvp, size, options=None)
-        self._hvp_many = jit_quick(jax.vmap(hvp, in_axes=(None, None, 0)), size)
+        self._hvp_many = jit_quick(jax.vmap(hvp, in_axes=(None, None, 0)), size, runs=GUARD_RUNS)
 
     def operator(self, theta: dict, knobs: dict, sites=None):
         """(hvp on flat vectors, dense matrix or None, size) at ``theta`` for ``knobs``.

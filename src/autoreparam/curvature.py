@@ -28,6 +28,9 @@ __all__ = ["Curvature", "newton_refine"]
 
 
 # -- the curvature point ---------------------------------------------------------------------------
+NEWTON_RUNS = 100  # evaluations of a Newton solve (line searches and CG steps): 20-600 on the examples
+
+
 def newton_refine(loss: Callable, u0: dict, max_iter: int = 30, cg_iter: int = 50) -> tuple[dict, Callable | None]:
     """Truncated Newton (CG on Hessian-vector products, Armijo backtracking) from ``u0``.
 
@@ -48,7 +51,7 @@ def newton_refine(loss: Callable, u0: dict, max_iter: int = 30, cg_iter: int = 5
     # The quick options (a third of the compile time of XLA's defaults on radon): they sum the log
     # joint in another order, which moves the MAP point along a thin ridge by float32 rounding
     # (4e-4 on the tensor example's offsets' centres).
-    evaluate = jit_quick(staged(lambda x, v: jax.jvp(value_and_grad, (x,), (v,))))
+    evaluate = jit_quick(staged(lambda x, v: jax.jvp(value_and_grad, (x,), (v,))), runs=NEWTON_RUNS)
     dtype = flat0.dtype
     zeros = np.zeros_like(flat0)
 

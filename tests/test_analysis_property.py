@@ -278,7 +278,7 @@ def test_random_additive_models_match_oracle(spec):
     assert report.pairs() == orc.additive, note
     # these models are linear in their latent sites: nothing local-only
     assert orc.local_only == set(), note
-    assert report.pairs("multiplicative") == {}, note
+    assert report.pairs("local") == {}, note
     for inv in report.additive():
         assert inv.residual < 1e-4, (inv, note)
 

@@ -88,11 +88,11 @@ def test_nonadditive_entries_are_local_only(name):
     zm, report = analysed(name)
     orc = oracled(name)
     assert orc.local_only == zm.local
-    for key, inv in entries(report, "multiplicative").items():
+    for key, inv in entries(report, "local").items():
         assert key in orc.local_only, key
         assert inv.dim == orc.local_dims[key], key
     kinds = {i.kind for i in report.invariances}
-    assert kinds <= {"additive", "multiplicative"}
+    assert kinds <= {"additive", "local"}
 
 
 @pytest.mark.parametrize("name", CONTROLS)
@@ -105,7 +105,7 @@ def test_controls_have_no_additive_entry(name):
 def test_factor_model_local_tradeoff_is_not_additive():
     _, report = analysed("factor")
     assert report.pairs() == {}
-    assert report.pairs("multiplicative") in ({}, {("y", "u", "v"): 1})
+    assert report.pairs("local") in ({}, {("y", "u", "v"): 1})
 
 
 # -- the oracle's own directions: a finite step leaves log_prob unchanged ---------------------

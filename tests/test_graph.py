@@ -54,7 +54,7 @@ def test_invariance_edges_and_attributes():
     parents = {"a": {"tau"}, "y": {"mu", "a"}}
     invs = [
         Invariance("y", ("mu", "a"), "additive", 1, 0.0, "broadcast"),
-        Invariance("y", ("tau", "a"), "multiplicative", 1, 1e-8, "local"),
+        Invariance("y", ("tau", "a"), "local", 1, 1e-8, "local"),
         Invariance("y2", ("mu", "a"), "additive", 2, 0.0, "linear"),
     ]
     g = build_graph(make_sites(), parents, invs)
@@ -67,7 +67,7 @@ def test_invariance_edges_and_attributes():
     # A pair that also has a dependency keeps it and gains the invariance.
     assert g.edges["tau", "a"] == {
         "dependency": True,
-        "invariances": [{"observed": "y", "kind": "multiplicative", "dim": 1}],
+        "invariances": [{"observed": "y", "kind": "local", "dim": 1}],
     }
     assert set(dependency_edges(g)) == {("tau", "a"), ("mu", "y"), ("a", "y")}
     assert set(invariance_edges(g)) == {("mu", "a"), ("tau", "a")}
@@ -119,7 +119,7 @@ def test_analyze_graph_invariances(report):
                                   "invariances": [{"observed": "y", "kind": "additive", "dim": 1}]}
 
 
-def test_analyze_graph_multiplicative_invariance():
+def test_analyze_graph_local_invariance():
     def model(y=None):
         u = numpyro.sample("u", dist.Normal(0.0, 1.0))
         v = numpyro.sample("v", dist.Normal(0.0, 1.0))
@@ -129,4 +129,4 @@ def test_analyze_graph_multiplicative_invariance():
     g = analyze(model, y=jnp.zeros(4)).graph
     assert set(dependency_edges(g)) == {("u", "y"), ("v", "y")}
     assert g.edges["u", "v"] == {"dependency": False,
-                                 "invariances": [{"observed": "y", "kind": "multiplicative", "dim": 1}]}
+                                 "invariances": [{"observed": "y", "kind": "local", "dim": 1}]}

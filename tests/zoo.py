@@ -37,7 +37,7 @@ class ZooModel:
     terms: dict  # {observed: [site, ...]} in program order
     funnels: dict = field(default_factory=dict)  # {site: scale_parents}
     control: bool = False
-    local: set = field(default_factory=set)  # pairs with only a local (multiplicative) direction
+    local: set = field(default_factory=set)  # pairs with only a local (non-additive) direction
     within: dict = field(default_factory=dict)  # {(observed, site): dim} of directions inside one site
 
 

@@ -43,7 +43,7 @@ __all__ = ["analyze_model"]
 
 DENSE_MAX_SIZE = 64  # latent sites up to this size get a dense map when they are not a gather
 DENSE_MAX_ENTRIES = 20_000_000  # or when N * size stays under this many entries
-LOCAL_MAX_SIZE = 256  # pairs checked for local (multiplicative) trade-offs: both sites this small
+LOCAL_MAX_SIZE = 256  # pairs checked for local trade-offs: both sites this small
 ADDITIVE_RTOL = 1e-4
 LOC_SCALE_SUPPORTS = ("real", "real_vector")
 # The parameters of a (low-rank) multivariate normal that carry its Cholesky factor.
@@ -127,7 +127,7 @@ def _existing_in_trace(mt: ModelTrace, probe: "_Probe", invariances: list[Invari
                        terms: dict[str, list[Term]]) -> list[Existing]:
     """Sites the model already non-centres: ``x_decentered`` latents, and ``a_raw`` in ``mu + tau * a_raw``.
 
-    By hand: a latent Normal with no latent parent that has a local (multiplicative) trade-off in a
+    By hand: a latent Normal with no latent parent that has a local trade-off in a
     likelihood with a latent of positive support (its scale); its loc partners are the additive
     terms it also trades off against there.
     """
@@ -511,7 +511,7 @@ class _Probe:
                 jb = DenseMap(self.dense_jacobian(b, y)[rows])
                 sub = shared_subspace(ja, jb)
                 if sub.dim:
-                    out.append(Invariance(y, (a, b), "multiplicative", sub.dim,
+                    out.append(Invariance(y, (a, b), "local", sub.dim,
                                           self.residual(y, a, b, sub, rows), "local"))
         return out
 

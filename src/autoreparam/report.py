@@ -52,8 +52,8 @@ class Invariance:
     ``absorption`` holds the map G from A into B's coordinates (``absorption.absorb(a)``)
     and bases of the ``dim``-dimensional shared subspace; ``residual`` is the relative change
     of the observed site's parameters measured with a JVP along a random invariant direction.
-    ``kind == "multiplicative"`` marks a direction that exists only at a point (the scale
-    trade-off of ``u_i * v_j``); it has no absorption map and is never planned as additive.
+    ``kind == "local"`` marks a non-additive direction, one that exists only at a point (the scale
+    trade-off of ``u_i * v_j``); it has no absorption map and is never planned.
     """
 
     observed: str
@@ -84,7 +84,7 @@ class Invariance:
     def describe(self) -> str:
         a, b = self.sites
         if self.kind != "additive":
-            return f"{a} <-> {b}: local {self.kind} trade-off (not planned)"
+            return f"{a} <-> {b}: local trade-off (not planned)"
         how = {
             "broadcast": f"{b} absorbs {a} (broadcast)",
             "gather": f"{b} absorbs {a} (each level of {b} sits in one level of {a})",
@@ -374,8 +374,7 @@ class Report:
         if local:
             lines.append("local (non-additive) trade-offs, not planned:")
             for inv in local:
-                lines.append(f"  {{{inv.sites[0]}, {inv.sites[1]}}}  dim {inv.dim} in {inv.observed} "
-                             f"({inv.kind})")
+                lines.append(f"  {{{inv.sites[0]}, {inv.sites[1]}}}  dim {inv.dim} in {inv.observed}")
         lines.append("")
         if self.funnels:
             lines.append("funnels (candidates for non-centring):")

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 import numpyro
 from numpyro import handlers
 from numpyro.distributions import constraints
+from numpyro.distributions.util import validate_sample
 import numpyro.distributions as dist
 from numpyro.infer.reparam import Reparam
 from numpyro.primitives import _PYRO_STACK, Messenger
@@ -309,26 +310,23 @@ class ConditionalOffsetReparam(Reparam):
         loc = jnp.broadcast_to(core.loc, shape)
         scale = jnp.broadcast_to(core.scale, shape)
         # log(scale) before the broadcast: one log per distinct scale (often one per site), and
-        # scale ** (1 - c) and its log-Jacobian from it, rather than a pow and a log per element.
-        log_scale = jnp.broadcast_to(jnp.log(core.scale), shape)
-        if offset is not None:
-            loc = loc - offset
+        # scale ** -c and the log-Jacobian from it, rather than a pow and a log per element.
+        log_core_scale = jnp.log(core.scale)
+        log_scale = jnp.broadcast_to(log_core_scale, shape)
+        centre = loc if offset is None else loc - offset  # the loc of the shifted law
         others = {k: getattr(core, k) for k in core.arg_constraints if k not in ("loc", "scale")}
-        decentred = type(core)(loc=c * loc, scale=scale ** c, **others)
+        decentred = type(core)(loc=c * centre, scale=scale ** c, **others)
         if event_ndim:
             decentred = decentred.to_event(event_ndim)
-        log_factor = (1.0 - c) * log_scale
-        factor = jnp.exp(log_factor)
-        intercept = loc - factor * c * loc
-        if offset is not None:
-            intercept = intercept + offset
-        self.store.decentred[names.decentred] = partial(DecentredLaw, target=fn, factor=factor, log_factor=log_factor,
-                                                        intercept=intercept, event_ndim=event_ndim)
+        recentre = Recentring(loc=loc, scale=scale, c_centre=c * centre, inverse_scale_c=jnp.exp(-c * log_scale))
+        standard = _with_core(fn, StandardizedCore(core, log_core_scale))
+        self.store.decentred[names.decentred] = partial(DecentredLaw, standard=standard, recentre=recentre,
+                                                        log_factor=(1.0 - c) * log_scale, event_ndim=event_ndim)
         try:
             z = numpyro.sample(names.decentred, decentred)
         finally:
             self.store.decentred.pop(names.decentred, None)
-        return factor * z + intercept
+        return recentre.value(z)
 
     def _noncentre_mvn(self, name, fn, core, shape):
         """``z ~ Normal(0, 1)`` per coordinate, ``a = loc + scale_tril @ z`` (``SitePlan.check``: no offsets)."""
@@ -389,32 +387,89 @@ class DecentredMVNLaw(_DrawsFromSampler):
             + self.jacobian_weight * log_jacobian
 
 
-class DecentredLaw(_DrawsFromSampler):
-    """The law of a decentred value ``z`` whose site value is ``a = factor * z + intercept``.
+class Recentring(NamedTuple):
+    """The site value ``a = loc + scale * u`` of a decentred value ``z``, through the standardized
+    ``u = (a - loc) / scale = (z - c * centre) * scale ** -c``: the same arrays give the value (the
+    model's) and the density (``DecentredLaw``), so that XLA evaluates ``u`` once for both.
 
-    ``log_prob(z) = target.log_prob(a) + jacobian_weight * sum(log_factor)``, ``log_factor = log(factor)``
-    given by the caller (``(1 - c) log(scale)``, computed before ``scale`` is broadcast): the site's own
-    (possibly masked) density at ``a``, plus the log-Jacobian weighted so that, after the
-    model's ``scale`` multiplies the whole, it counts once (or once per element a subsampled
-    plate stands for). Samples are drawn from ``sampler``, the decentred loc-scale law.
+    ``centre`` is the loc of the law that was decentred (the site's loc minus its offset), so that
+    ``a = centre + scale ** (1 - c) * (z - c * centre) + offset``. (A tuple, so a pytree, as the
+    fields of a distribution must be.)
+    """
+
+    loc: jnp.ndarray
+    scale: jnp.ndarray
+    c_centre: jnp.ndarray  # c * centre
+    inverse_scale_c: jnp.ndarray  # scale ** -c
+
+    def standardized(self, z):
+        return (z - self.c_centre) * self.inverse_scale_c
+
+    def value(self, z):
+        return self.loc + self.scale * self.standardized(z)
+
+
+class StandardizedCore(dist.Distribution):
+    """A loc-scale law ``F(loc, scale)`` scored at the standardized ``u = (x - loc) / scale``:
+    ``log_prob(u) = F(0, 1).log_prob(u) - log(scale)``, which is ``F(loc, scale).log_prob(x)``.
+
+    It stands in for the site's law inside the site's own Independent/Expanded/Masked wrappers
+    (``_with_core``), so that masks weigh its density as they weigh the site's.
     """
 
     arg_constraints = {}
-    pytree_data_fields = ("sampler", "target", "factor", "log_factor", "intercept", "jacobian_weight")
+    support = constraints.real
+    pytree_data_fields = ("standard", "log_scale")
+
+    def __init__(self, core, log_scale, *, validate_args=None):
+        others = {k: getattr(core, k) for k in core.arg_constraints if k not in ("loc", "scale")}
+        # Unvalidated: u is a function of the decentred value, which DecentredLaw validates.
+        self.standard = type(core)(loc=0.0, scale=1.0, **others, validate_args=False)
+        self.log_scale = log_scale
+        super().__init__(core.batch_shape, core.event_shape, validate_args=validate_args)
+
+    def log_prob(self, value):
+        return self.standard.log_prob(value) - self.log_scale
+
+
+def _with_core(fn, core):
+    """``fn`` with its innermost law (under Independent/Expanded/Masked wrappers) replaced by ``core``."""
+    if isinstance(fn, dist.Independent):
+        return dist.Independent(_with_core(fn.base_dist, core), fn.reinterpreted_batch_ndims)
+    if isinstance(fn, dist.ExpandedDistribution):
+        return _with_core(fn.base_dist, core).expand(fn.batch_shape)
+    if isinstance(fn, dist.MaskedDistribution):
+        return dist.MaskedDistribution(_with_core(fn.base_dist, core), fn._mask)
+    return core
+
+
+class DecentredLaw(_DrawsFromSampler):
+    """The law of a decentred value ``z`` whose site value is ``a = recentre.value(z)``.
+
+    ``log_prob(z) = target.log_prob(a) + jacobian_weight * sum(log_factor)``, with
+    ``log_factor = log|da/dz| = (1 - c) log(scale)``: the site's own (possibly masked) density at
+    ``a``, computed as ``standard.log_prob(u)`` at the standardized ``u`` (the site's law with its
+    loc-scale core replaced by a ``StandardizedCore``), plus the log-Jacobian weighted so that,
+    after the model's ``scale`` multiplies the whole, it counts once (or once per element a
+    subsampled plate stands for). Samples are drawn from ``sampler``, the decentred loc-scale law.
+    """
+
+    arg_constraints = {}
+    pytree_data_fields = ("sampler", "standard", "recentre", "log_factor", "jacobian_weight")
     pytree_aux_fields = ("event_ndim",)
 
-    def __init__(self, sampler, target, factor, log_factor, intercept, jacobian_weight, event_ndim, *,
+    def __init__(self, sampler, standard, recentre, log_factor, jacobian_weight, event_ndim, *,
                  validate_args=None):
-        self.sampler, self.target = sampler, target
-        self.factor, self.log_factor, self.intercept = factor, log_factor, intercept
-        self.jacobian_weight, self.event_ndim = jacobian_weight, event_ndim
+        self.sampler, self.standard, self.recentre = sampler, standard, recentre
+        self.log_factor, self.jacobian_weight, self.event_ndim = log_factor, jacobian_weight, event_ndim
         super().__init__(sampler.batch_shape, sampler.event_shape, validate_args=validate_args)
 
+    @validate_sample
     def log_prob(self, value):
         log_jacobian = self.log_factor
         if self.event_ndim:
             log_jacobian = jnp.sum(log_jacobian, axis=tuple(range(-self.event_ndim, 0)))
-        return self.target.log_prob(self.factor * value + self.intercept) + self.jacobian_weight * log_jacobian
+        return self.standard.log_prob(self.recentre.standardized(value)) + self.jacobian_weight * log_jacobian
 
 
 class ShiftedDistribution(AutoreparamShifted):

@@ -138,8 +138,6 @@ def test_the_planning_reads_whether_a_stripped_wrapper_non_centred_from_the_flag
 
 
 WRAPPED_FILE = """\
-from dataclasses import replace
-
 import numpy as np
 import numpyro
 import numpyro.distributions as dist

@@ -78,14 +78,14 @@ def _describe_reparam(r) -> tuple[str, bool]:
     """A NumPyro reparameterizer in words, and whether it non-centres its site."""
     name = type(r).__name__
     if isinstance(r, LocScaleReparam):
-        meaning = {0: "non-centred", 0.0: "non-centred", 1: "centred: no change", None: "centredness learned"}
         c = r.centered
-        try:
-            what = meaning.get(c, f"partly centred ({float(c):g})")
-        except TypeError:  # an array of centredness values
-            what = "partly centred (per element)"
-            c = "array"
-        return f"{name}(centered={c}): {what}", what == "non-centred"
+        if c is None:
+            return f"{name}(centered=None): centredness learned", False
+        if np.ndim(c):
+            return f"{name}(centered=array): partly centred (per element)", False
+        c = float(c)
+        what = {0.0: "non-centred", 1.0: "centred: no change"}.get(c, f"partly centred ({c:g})")
+        return f"{name}(centered={c:g}): {what}", c == 0.0
     return name, False
 
 

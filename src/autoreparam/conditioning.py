@@ -48,8 +48,9 @@ __all__ = ["ReparamGeometry", "condition_number", "guard_items", "guard_offsets"
 # Below this many unconstrained values the Hessian is formed densely (one vmapped HVP call).
 DENSE_LIMIT = 600
 LANCZOS_STEPS = 40
-# Dense Hessians the guard forms per knob setting: at the plan's point and the funnel points, for
-# the model as written, the plan and the plan without an item.
+# How many dense Hessians the guard expects to form with one compiled program (the model as written,
+# the plan and the plan less one item, each at the plan's point and a funnel point): the ``runs``
+# that decides whether the program is worth LLVM's -O1 (trace.RUNTIME_BOUND_WORK).
 GUARD_RUNS = 6
 # A plan item is dropped when it makes the preconditioned condition number worse by more than
 # this factor. The figure comes from three points near where the posterior should be, not from

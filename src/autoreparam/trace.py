@@ -213,33 +213,25 @@ LEGACY_EXACT_PRIMITIVES = frozenset({
 })
 
 
-def primitive_names(jaxpr) -> set[str]:
-    """The names of every primitive in a (closed) jaxpr, those of the jaxprs inside it included."""
-    return _primitive_names(getattr(jaxpr, "jaxpr", jaxpr).eqns)
-
-
-def _primitive_names(eqns) -> set[str]:
-    names = set()
+def _equations(eqns):
+    """Every equation of ``eqns`` and, depth first, of the jaxprs inside them."""
     for eqn in eqns:
-        names.add(eqn.primitive.name)
+        yield eqn
         for param in eqn.params.values():
             for inner in param if isinstance(param, (tuple, list)) else (param,):
                 if isinstance(inner, (Jaxpr, ClosedJaxpr)):
-                    names |= primitive_names(inner)
-    return names
+                    yield from _equations(getattr(inner, "jaxpr", inner).eqns)
+
+
+def primitive_names(jaxpr) -> set[str]:
+    """The names of every primitive in a (closed) jaxpr, those of the jaxprs inside it included."""
+    return {eqn.primitive.name for eqn in _equations(getattr(jaxpr, "jaxpr", jaxpr).eqns)}
 
 
 def _float_dtypes(eqns) -> set:
     """The floating dtypes of every value the equations (and the jaxprs inside them) make."""
-    found = set()
-    for eqn in eqns:
-        found |= {v.aval.dtype for v in eqn.outvars
-                  if hasattr(v.aval, "dtype") and jnp.issubdtype(v.aval.dtype, jnp.floating)}
-        for param in eqn.params.values():
-            for inner in param if isinstance(param, (tuple, list)) else (param,):
-                if isinstance(inner, (Jaxpr, ClosedJaxpr)):
-                    found |= _float_dtypes(getattr(inner, "jaxpr", inner).eqns)
-    return found
+    return {v.aval.dtype for eqn in _equations(eqns) for v in eqn.outvars
+            if hasattr(v.aval, "dtype") and jnp.issubdtype(v.aval.dtype, jnp.floating)}
 
 
 def draw_compile_options(jaxpr) -> dict:
@@ -283,7 +275,7 @@ def _prng_part(closed) -> tuple[list, list, list] | None:
             todo.extend(made_by[v] for v in eqn.invars if not isinstance(v, Literal) and v in made_by)
     first = [eqn for eqn in jaxpr.eqns if id(eqn) in prng]
     rest = [eqn for eqn in jaxpr.eqns if id(eqn) not in prng]
-    if not first or not _primitive_names(first) <= LEGACY_EXACT_PRIMITIVES:
+    if not first or not {eqn.primitive.name for eqn in _equations(first)} <= LEGACY_EXACT_PRIMITIVES:
         return None
     read = {v for eqn in rest for v in eqn.invars if not isinstance(v, Literal)} | \
         {v for v in jaxpr.outvars if not isinstance(v, Literal)}
@@ -355,21 +347,10 @@ def values_per_equation(jaxpr) -> float:
     >>> values_per_equation(jax.make_jaxpr(lambda x: jnp.sum(x * 2.0))(jnp.ones(1000)))
     500.5
     """
-    equations, values = _count_values(getattr(jaxpr, "jaxpr", jaxpr).eqns)
-    return values / max(equations, 1)
-
-
-def _count_values(eqns) -> tuple[int, int]:
-    equations = values = 0
-    for eqn in eqns:
-        equations += 1
-        values += sum(int(np.prod(v.aval.shape, dtype=np.int64)) for v in eqn.outvars if hasattr(v.aval, "shape"))
-        for param in eqn.params.values():
-            for inner in param if isinstance(param, (tuple, list)) else (param,):
-                if isinstance(inner, (Jaxpr, ClosedJaxpr)):
-                    more = _count_values(getattr(inner, "jaxpr", inner).eqns)
-                    equations, values = equations + more[0], values + more[1]
-    return equations, values
+    equations = list(_equations(getattr(jaxpr, "jaxpr", jaxpr).eqns))
+    values = sum(int(np.prod(v.aval.shape, dtype=np.int64))
+                 for eqn in equations for v in eqn.outvars if hasattr(v.aval, "shape"))
+    return values / max(len(equations), 1)
 
 
 def _compile(traced, options: dict | None, size: int, runs: int = 1):

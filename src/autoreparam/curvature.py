@@ -18,6 +18,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from numpyro.distributions import biject_to
+from numpyro.distributions.transforms import IdentityTransform, IndependentTransform
 from numpyro.infer.initialization import init_to_median
 from numpyro.infer.util import helpful_support_errors
 
@@ -388,23 +389,34 @@ def _map_point(neg_log_joint, theta: dict, supports: dict, u0: dict | None = Non
     from ``u0`` (by default those of ``theta``): (the point, the Hessian-vector product there in
     those unconstrained values, or ({}, None) if the steps diverged)."""
     transforms = {n: biject_to(c) for n, c in supports.items()}
+    # The sites on the real line need no program to map them (a program costs 10-20 ms to trace and
+    # compile, a third of what eight schools' MAP costs).
+    mapped = {n: t for n, t in transforms.items() if not _is_identity(t)}
     # numpy: NumPyro's argument validation (on by default) then checks them in numpy rather than by
     # compiled JAX operations of their own.
     fixed = {n: np.asarray(v) for n, v in theta.items() if n not in transforms}
     if u0 is None:
-        u0 = jit_quick(lambda th: {n: t.inv(th[n]) for n, t in transforms.items()})(theta)
+        u0 = {n: theta[n] for n in transforms}
+        if mapped:
+            u0.update(jit_quick(lambda th: {n: t.inv(th[n]) for n, t in mapped.items()})(theta))
 
     def constrained(u):
-        return {n: t(u[n]) for n, t in transforms.items()}
+        return {n: mapped[n](v) if n in mapped else v for n, v in u.items()}
 
     def loss(u):
         return neg_log_joint({**fixed, **constrained(u)})
 
     u, hvp = newton_refine(loss, u0)
-    out = jit_quick(constrained)(u)
+    out = jit_quick(constrained)(u) if mapped else u
     if not all(np.all(np.isfinite(np.asarray(v))) for v in out.values()):
         return {}, None  # keep the prior median rather than a diverged point
     return out, hvp
+
+
+def _is_identity(transform) -> bool:
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, IdentityTransform)
 
 
 def _pcg(op, rhs: dict, diag: dict, maxiter: int = 200, rtol: float = 1e-6) -> dict:

@@ -404,10 +404,16 @@ def test_jit_draws_splits_off_the_prng_and_keeps_the_bits(monkeypatch):
     compile_ = trace._compile
     monkeypatch.setattr(trace, "_compile", lambda traced, opts, size: options.append(opts) or compile_(traced, opts, size))
     split = jit_draws(program)(np.int32(5))
-    assert options == [trace.QUICK_COMPILE_OPTIONS, DRAW_COMPILE_OPTIONS]  # the PRNG's part, then the rest
+    assert options == [DRAW_COMPILE_OPTIONS]  # the PRNG's part runs in numpy (host_prng); the rest compiles
+    options.clear()
+    monkeypatch.setattr(trace.host_prng, "evaluate", lambda eqns, env: (_ for _ in ()).throw(
+        trace.host_prng.HostUnsupported("not here")))
+    compiled_split = jit_draws(program)(np.int32(5))
+    assert options == [trace.QUICK_COMPILE_OPTIONS, DRAW_COMPILE_OPTIONS]  # else the PRNG's part compiles too
     whole = jax.jit(program).trace(np.int32(5)).lower().compile(compiler_options=DRAW_COMPILE_OPTIONS)(np.int32(5))
     for name in ("m", "t"):
         assert np.asarray(split[name]).tobytes() == np.asarray(whole[name]).tobytes()
+        assert np.asarray(compiled_split[name]).tobytes() == np.asarray(whole[name]).tobytes()
 
 
 def test_legacy_exact_transcendentals_have_the_draw_options_bits():

@@ -28,6 +28,7 @@ from numpyro.infer.util import log_density
 from numpyro.ops.provenance import eval_provenance
 from numpyro.primitives import _PYRO_STACK, Messenger
 
+from . import host_prng
 from .errors import AutoreparamError, InputError, ModelError
 from .notes import Note, NoteKind
 
@@ -284,19 +285,21 @@ def _prng_part(closed) -> tuple[list, list, list] | None:
 
 def jit_draws(fn: Callable, size: int = 0) -> Callable:
     """``jax.jit(fn)`` for a program of prior draws, compiled so that it gives the bits of
-    ``DRAW_COMPILE_OPTIONS``, as quickly as that allows: with the quick options where every
-    primitive keeps its bits there (``draw_compile_options``); else, when the PRNG's part of the
-    program is all exact integer work, as two programs, that part with the quick options (the fusion
-    emitters compile its hashes slowly) and the rest with ``DRAW_COMPILE_OPTIONS`` (a HalfCauchy's
-    draws: 0.3 s instead of 0.6 s on eight schools); else as one program with those options.
+    ``DRAW_COMPILE_OPTIONS``, as quickly as that allows. When the PRNG's part of the program (the
+    equations that make its random bits) is all exact integer work, it is cut off: evaluated in numpy
+    (``host_prng``: 50-70 ms of lowering and compiling saved), or, where that evaluator does not
+    cover it, compiled with the quick options (the fusion emitters compile its hashes slowly). The
+    rest, or else the whole program, compiles with the quick options where every primitive keeps
+    its bits there (``draw_compile_options``), else with ``DRAW_COMPILE_OPTIONS``.
     """
     compiled = {}
 
     def build(args):
         traced = jax.jit(fn).trace(*args)
         closed = traced.jaxpr
-        if draw_compile_options(closed) == QUICK_COMPILE_OPTIONS or size > QUICK_COMPILE_MAX_SIZE:
-            return _compile(traced, draw_compile_options(closed), size)
+        options = draw_compile_options(closed)
+        if size > QUICK_COMPILE_MAX_SIZE:
+            return _compile(traced, options, size)
 
         def inlined(*args):
             env = {**dict(zip(closed.jaxpr.constvars, closed.consts)), **dict(zip(closed.jaxpr.invars, args))}
@@ -307,14 +310,24 @@ def jit_draws(fn: Callable, size: int = 0) -> Callable:
             flat = jax.make_jaxpr(inlined)(*args)
         parts = _prng_part(flat)
         if parts is None:
-            return _compile(traced, DRAW_COMPILE_OPTIONS, size)
+            return _compile(traced, options, size)
         first, shared, rest = parts
         jaxpr, out_tree = flat.jaxpr, jax.tree.structure(traced.out_info)
 
-        def prng(*args):
+        def compiled_prng(*args):
             env = {**dict(zip(jaxpr.constvars, flat.consts)), **dict(zip(jaxpr.invars, args))}
             _evaluate(first, env)
             return [env[v] for v in shared]
+
+        prng = host_prng.evaluator(flat, first, shared)
+        try:
+            bits = prng(*args)
+        except host_prng.HostUnsupported:
+            if options == QUICK_COMPILE_OPTIONS:
+                return _compile(traced, options, size)  # one program
+            with data_staged():
+                prng = _compile(jax.jit(compiled_prng).trace(*args), QUICK_COMPILE_OPTIONS, size)
+            bits = prng(*args)
 
         def remainder(args, bits):
             env = {**dict(zip(jaxpr.constvars, flat.consts)), **dict(zip(jaxpr.invars, args)),
@@ -323,8 +336,8 @@ def jit_draws(fn: Callable, size: int = 0) -> Callable:
             return [v.val if isinstance(v, Literal) else env[v] for v in jaxpr.outvars]
 
         with data_staged():  # the constants of the equations stay staged, not folded op by op
-            prng = _compile(jax.jit(prng).trace(*args), QUICK_COMPILE_OPTIONS, size)
-            remainder = _compile(jax.jit(remainder).trace(args, prng(*args)), DRAW_COMPILE_OPTIONS, size)
+            remainder = jax.jit(remainder).trace(args, bits)
+            remainder = _compile(remainder, draw_compile_options(remainder.jaxpr), size)
         return lambda *args: jax.tree.unflatten(out_tree, remainder(args, prng(*args)))
 
     @functools.wraps(fn)

@@ -1,0 +1,70 @@
+"""host_prng: the random bits of JAX's threefry computed in numpy, bit for bit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from autoreparam import host_prng
+from autoreparam.trace import jit_draws
+
+SEEDS = [0, 1, 7, -3, 2**31 - 1, -(2**31)]
+
+PROGRAMS = {
+    "key": lambda s: jax.random.PRNGKey(s),
+    "split": lambda s: jax.random.split(jax.random.PRNGKey(s), 5),
+    "split 2-d": lambda s: jax.random.split(jax.random.split(jax.random.key(s))[1], (2, 3)),
+    "bits 32": lambda s: jax.random.bits(jax.random.PRNGKey(s), (3, 4)),
+    "bits 8": lambda s: jax.random.bits(jax.random.PRNGKey(s), (7,), jnp.uint8),
+    "bits 16 scalar": lambda s: jax.random.bits(jax.random.PRNGKey(s), (), jnp.uint16),
+    "fold_in constant": lambda s: jax.random.fold_in(jax.random.PRNGKey(s), 12345),
+    "fold_in traced": lambda s: jax.random.fold_in(jax.random.key(s), s),
+    "vmapped split": lambda s: jax.vmap(lambda k: jax.random.split(k, 3))(jax.random.split(jax.random.key(s), 4)),
+    "vmapped bits": lambda s: jax.vmap(lambda k: jax.random.bits(k, (2,)))(jax.random.split(jax.random.key(s), 4)),
+    "vmapped fold_in": lambda s: jax.vmap(jax.random.fold_in)(jax.random.split(jax.random.key(s), 3),
+                                                              jnp.arange(3, dtype=jnp.uint32)),
+}
+
+
+def _host(value):
+    return np.asarray(jax.random.key_data(value) if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
+                      else value)
+
+
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_bits_equal_jax(name):
+    program = PROGRAMS[name]
+    for seed in SEEDS:
+        seed = np.int32(seed)
+        got = host_prng.evaluate_jaxpr(jax.make_jaxpr(program)(seed), seed)
+        want = [_host(w) for w in jax.tree.leaves(jax.jit(program)(seed))]
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_array_equal(g, w, err_msg=f"{name}, seed {seed}")
+
+
+def test_floating_point_and_other_prngs_are_left_to_xla():
+    floats = jax.make_jaxpr(lambda x: x + 1.0)(np.float32(1.0))
+    with pytest.raises(host_prng.HostUnsupported, match="add"):
+        host_prng.evaluate_jaxpr(floats, np.float32(1.0))
+    rbg = jax.make_jaxpr(lambda s: jax.random.bits(jax.random.key(s, impl="rbg"), (2,)))(np.int32(0))
+    with pytest.raises(host_prng.HostUnsupported, match="rbg"):
+        host_prng.evaluate_jaxpr(rbg, np.int32(0))
+
+
+def test_draws_program_gives_the_compiled_bits():
+    """jit_draws cuts the hashes off into numpy; its draws equal one compiled program's, also when a
+    part it cannot evaluate (another PRNG) makes it compile that part instead."""
+
+    def draws(seed):
+        key = jax.random.PRNGKey(seed)
+        a, b = jax.random.split(key)
+        return {"normal": jax.random.normal(a, (5,)), "cauchy": jax.random.cauchy(b, (3,)),
+                "rbg": jax.random.normal(jax.random.key(seed, impl="rbg"), (2,))}
+
+    for seed in (0, 11):
+        got = jit_draws(draws)(np.int32(seed))
+        want = jax.jit(draws)(np.int32(seed))
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=k)

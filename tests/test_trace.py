@@ -352,44 +352,11 @@ def test_model_trace_is_a_dataclass_with_inputs(rich):
     assert rich.args[0] is X6 and set(rich.kwargs) == {"y"}
 
 
-def test_draw_programs_compile_quick_only_where_the_bits_agree():
-    from numpyro.infer.initialization import init_to_median
-
-    from autoreparam.trace import DRAW_COMPILE_OPTIONS, QUICK_COMPILE_OPTIONS, draw_compile_options
-
-    def medians(prior):
-        def model():
-            numpyro.sample("s", prior)
-
-        def program(seed):
-            tr = numpyro.handlers.trace(numpyro.handlers.substitute(
-                numpyro.handlers.seed(model, seed), substitute_fn=init_to_median(num_samples=101))).get_trace()
-            return tr["s"]["value"]
-
-        jitted = jax.jit(program)
-        traced = jitted.trace(np.int32(3))
-        out = {tag: np.asarray(traced.lower().compile(compiler_options=opts)(np.int32(3)))
-               for tag, opts in (("draw", DRAW_COMPILE_OPTIONS), ("quick", QUICK_COMPILE_OPTIONS))}
-        return draw_compile_options(traced.jaxpr), out
-
-    # HalfNormal's draws (erf_inv, log, exp) qualify and give the same bits either way
-    chosen, out = medians(dist.HalfNormal(2.0).expand([5]))
-    assert chosen == QUICK_COMPILE_OPTIONS
-    assert out["quick"].tobytes() == out["draw"].tobytes()
-    # a HalfCauchy's draws use tan, which the legacy emitters round differently: they keep the draw options
-    chosen, _ = medians(dist.HalfCauchy(5.0))
-    assert chosen == DRAW_COMPILE_OPTIONS
-    # the bits were compared in float32 only: the same HalfNormal draws in float64 keep the draw options
-    with jax.enable_x64(True):
-        chosen, _ = medians(dist.HalfNormal(np.float64(2.0)).expand([5]))
-    assert chosen == DRAW_COMPILE_OPTIONS
-
-
-def test_jit_draws_splits_off_the_prng_and_keeps_the_bits(monkeypatch):
+def test_jit_draws_computes_the_prng_in_numpy_and_keeps_the_bits(monkeypatch):
     from numpyro.infer.initialization import init_to_median
 
     from autoreparam import trace
-    from autoreparam.trace import DRAW_COMPILE_OPTIONS, jit_draws
+    from autoreparam.trace import QUICK_COMPILE_OPTIONS, jit_draws
 
     def model():
         numpyro.sample("m", dist.Normal(0.0, 1.0))
@@ -400,34 +367,20 @@ def test_jit_draws_splits_off_the_prng_and_keeps_the_bits(monkeypatch):
             numpyro.handlers.seed(model, seed), substitute_fn=init_to_median(num_samples=101))).get_trace()
         return {n: tr[n]["value"] for n in ("m", "t")}
 
-    options = []
+    names = []
     compile_ = trace._compile
-    monkeypatch.setattr(trace, "_compile", lambda traced, opts, size: options.append(opts) or compile_(traced, opts, size))
+    monkeypatch.setattr(trace, "_compile", lambda traced, opts, size: names.append(traced.fun_name) or compile_(traced, opts, size))
     split = jit_draws(program)(np.int32(5))
-    assert options == [DRAW_COMPILE_OPTIONS]  # the PRNG's part runs in numpy (host_prng); the rest compiles
-    options.clear()
+    assert names == ["remainder"]  # the PRNG's part ran in numpy (host_prng): one program, for the rest
+    names.clear()
     monkeypatch.setattr(trace.host_prng, "evaluate", lambda eqns, env: (_ for _ in ()).throw(
         trace.host_prng.HostUnsupported("not here")))
-    compiled_split = jit_draws(program)(np.int32(5))
-    assert options == [trace.QUICK_COMPILE_OPTIONS, DRAW_COMPILE_OPTIONS]  # else the PRNG's part compiles too
-    whole = jax.jit(program).trace(np.int32(5)).lower().compile(compiler_options=DRAW_COMPILE_OPTIONS)(np.int32(5))
+    fallback = jit_draws(program)(np.int32(5))
+    assert names == ["program"]  # else the whole program compiles
+    whole = jax.jit(program).trace(np.int32(5)).lower().compile(compiler_options=QUICK_COMPILE_OPTIONS)(np.int32(5))
     for name in ("m", "t"):
         assert np.asarray(split[name]).tobytes() == np.asarray(whole[name]).tobytes()
-        assert np.asarray(compiled_split[name]).tobytes() == np.asarray(whole[name]).tobytes()
-
-
-def test_legacy_exact_transcendentals_have_the_draw_options_bits():
-    from jax import lax
-
-    from autoreparam.trace import DRAW_COMPILE_OPTIONS, QUICK_COMPILE_OPTIONS
-
-    x = np.random.default_rng(0).standard_normal(20_000).astype(np.float32) * 30
-    ops = lambda v: (jnp.exp(v), jnp.log(jnp.abs(v)), jnp.expm1(v), jnp.sin(v), jnp.cos(v), lax.erf(v),  # noqa: E731
-                     lax.erf_inv(jnp.clip(v / 100, -1, 1)), jax.nn.sigmoid(v), jnp.abs(v) ** 1.7)
-    traced = jax.jit(ops).trace(x)
-    draw, quick = (traced.lower().compile(compiler_options=o)(x) for o in (DRAW_COMPILE_OPTIONS, QUICK_COMPILE_OPTIONS))
-    for a, b in zip(draw, quick):
-        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+        assert np.asarray(fallback[name]).tobytes() == np.asarray(whole[name]).tobytes()
 
 
 def test_programs_bound_by_their_running_compile_with_llvm_optimisations(monkeypatch):

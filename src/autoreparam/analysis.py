@@ -29,6 +29,7 @@ from .trace import (
     ModelTrace,
     _SiteRecorder,
     data_evaluated_eagerly,
+    data_staged,
     staged_if_possible,
     describe_exception,
     isolated_from_handlers,
@@ -318,9 +319,10 @@ class _Probe:
             if not transforms:
                 return (jax.jvp(flat_outputs, (theta1,), (tangent,))[1],
                         jax.jvp(flat_outputs, (theta2,), (tangent,))[1])
-            u1, u2 = self._unconstrained(theta1, 0), self._unconstrained(theta2, 1)
-            return (jax.jvp(flat_outputs, (theta1,), (constrained_tangent(u1, tangent, 0),))[1],
-                    jax.jvp(flat_outputs, (theta2,), (constrained_tangent(u2, tangent, 1),))[1])
+            with data_staged():  # the transforms' constants staged, not each compiled on its own
+                u1, u2 = self._unconstrained(theta1, 0), self._unconstrained(theta2, 1)
+                t1, t2 = constrained_tangent(u1, tangent, 0), constrained_tangent(u2, tangent, 1)
+            return (jax.jvp(flat_outputs, (theta1,), (t1,))[1], jax.jvp(flat_outputs, (theta2,), (t2,))[1])
 
         return jit_quick(jax.vmap(both, in_axes=(None, None, 0)), self.batch * (self._n_out + self._size))
 

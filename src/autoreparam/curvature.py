@@ -407,7 +407,8 @@ def _map_point(neg_log_joint, theta: dict, supports: dict, u0: dict | None = Non
         return neg_log_joint({**fixed, **constrained(u)})
 
     u, hvp = newton_refine(loss, u0)
-    out = jit_quick(constrained)(u) if mapped else u
+    # device_put, not jnp.asarray: that compiles a program per shape (JAX 0.10)
+    out = jit_quick(constrained)(u) if mapped else {n: jax.device_put(v) for n, v in u.items()}
     if not all(np.all(np.isfinite(np.asarray(v))) for v in out.values()):
         return {}, None  # keep the prior median rather than a diverged point
     return out, hvp

@@ -10,7 +10,7 @@ followed, not copied), and those integer operations and the ``threefry2x32`` has
 unsigned arithmetic, which wraps as XLA's does. The bits are the same (tests/test_host_prng.py).
 
 Only exact integer work is evaluated: anything else (floating point, another PRNG implementation,
-a primitive not listed here) raises ``HostUnsupported`` and the caller compiles the part instead.
+a primitive not listed here) raises ``HostUnsupported`` and the caller compiles the program as it is.
 
 >>> import jax, numpy as np
 >>> closed = jax.make_jaxpr(lambda seed: jax.random.bits(jax.random.PRNGKey(seed), (3,)))(np.int32(0))

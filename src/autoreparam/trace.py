@@ -178,10 +178,6 @@ def staged_if_possible(fn: Callable) -> Callable:
 # the tensor example) costs more than running. Elementwise IEEE arithmetic is the same either way.
 QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 QUICK_COMPILE_MAX_SIZE = 200_000  # programs on more values than this compile with XLA's defaults
-# For the prior draws: without LLVM's optimisations but with the new fusion emitters, the prior
-# medians of every example's hyperparameters have the bits of an op-by-op run (with the legacy
-# emitters a HalfCauchy's did not), and compile twice as fast as with XLA's defaults.
-DRAW_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 # Added to every helper program's options: XLA splits a program's LLVM module into parts compiled on
 # a thread pool, which on programs this small costs more CPU than one piece (the draws compile in
 # 0.14 s against 0.24 s on county_covariate). Every report and plan keeps its bits; the guard's dense
@@ -195,25 +191,6 @@ SERIAL_CODEGEN = {"xla_cpu_parallel_codegen_split_count": 1}
 # whose programs would compile 0.3-1.5 s slower for a few milliseconds of running.
 RUNTIME_BOUND_OPTIONS = {"xla_backend_optimization_level": 1}
 RUNTIME_BOUND_WORK = 200_000
-# The primitives whose results have the same bits under the quick options (the legacy emitters) as
-# under DRAW_COMPILE_OPTIONS: exact operations (integers, comparisons, IEEE + - * / and sqrt, data
-# movement, the PRNG, sorting) and the transcendentals that the legacy emitters compute as the
-# fusion emitters do (the same bits on 6e6 points over float32's range: exp, log, expm1, sin, cos,
-# erf, erf_inv, logistic, pow). tan, tanh, log1p, atan and rsqrt differ in the last bit (a
-# HalfCauchy's draws use tan), and sums may be added in another order.
-LEGACY_EXACT_PRIMITIVES = frozenset({
-    "abs", "add", "and", "or", "xor", "not", "neg", "sign", "sub", "mul", "div", "rem", "max", "min", "sqrt",
-    "floor", "ceil", "round", "clamp", "select_n", "eq", "ne", "lt", "le", "gt", "ge", "is_finite", "integer_pow",
-    "shift_left", "shift_right_logical", "shift_right_arithmetic", "bitcast_convert_type", "convert_element_type",
-    "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "slice", "dynamic_slice", "dynamic_update_slice",
-    "concatenate", "transpose", "rev", "gather", "iota", "copy", "copy_p", "sort", "reduce_or", "reduce_and",
-    "reduce_max", "reduce_min", "argmax", "argmin", "stop_gradient", "jit", "pjit", "custom_jvp_call",
-    "custom_vjp_call", "random_seed", "random_split", "random_fold_in", "random_bits", "random_wrap",
-    "random_unwrap", "threefry2x32",
-    "exp", "log", "expm1", "sin", "cos", "erf", "erf_inv", "logistic", "pow",
-})
-
-
 def _equations(eqns):
     """Every equation of ``eqns`` and, depth first, of the jaxprs inside them."""
     for eqn in eqns:
@@ -222,27 +199,6 @@ def _equations(eqns):
             for inner in param if isinstance(param, (tuple, list)) else (param,):
                 if isinstance(inner, (Jaxpr, ClosedJaxpr)):
                     yield from _equations(getattr(inner, "jaxpr", inner).eqns)
-
-
-def primitive_names(jaxpr) -> set[str]:
-    """The names of every primitive in a (closed) jaxpr, those of the jaxprs inside it included."""
-    return {eqn.primitive.name for eqn in _equations(getattr(jaxpr, "jaxpr", jaxpr).eqns)}
-
-
-def _float_dtypes(eqns) -> set:
-    """The floating dtypes of every value the equations (and the jaxprs inside them) make."""
-    return {v.aval.dtype for eqn in _equations(eqns) for v in eqn.outvars
-            if hasattr(v.aval, "dtype") and jnp.issubdtype(v.aval.dtype, jnp.floating)}
-
-
-def draw_compile_options(jaxpr) -> dict:
-    """The options for a program of prior draws: ``QUICK_COMPILE_OPTIONS`` when every primitive in it
-    is in ``LEGACY_EXACT_PRIMITIVES`` and every floating value is float32 (the same bits, compiled 2-3x
-    faster: the fusion emitters are slow on the PRNG's hashes), else ``DRAW_COMPILE_OPTIONS``."""
-    # The bits were compared in float32 only (tests/test_trace.py).
-    quick = (primitive_names(jaxpr) <= LEGACY_EXACT_PRIMITIVES
-             and _float_dtypes(getattr(jaxpr, "jaxpr", jaxpr).eqns) <= {np.dtype(np.float32)})
-    return QUICK_COMPILE_OPTIONS if quick else DRAW_COMPILE_OPTIONS
 
 
 def _evaluate(eqns, env: dict) -> None:
@@ -263,8 +219,8 @@ def _evaluate(eqns, env: dict) -> None:
 
 def _prng_part(closed) -> tuple[list, list, list] | None:
     """The program ``closed`` (nested jits inlined) cut in two: (the equations that make its random
-    bits, the variables of theirs that the rest reads, the rest), or None when that first part is not
-    all in ``LEGACY_EXACT_PRIMITIVES`` or there are no random bits."""
+    bits, the variables of theirs that the rest reads, the rest), or None when there are no random
+    bits."""
     jaxpr = closed.jaxpr
     made_by = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
     todo = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "random_bits"]
@@ -276,7 +232,7 @@ def _prng_part(closed) -> tuple[list, list, list] | None:
             todo.extend(made_by[v] for v in eqn.invars if not isinstance(v, Literal) and v in made_by)
     first = [eqn for eqn in jaxpr.eqns if id(eqn) in prng]
     rest = [eqn for eqn in jaxpr.eqns if id(eqn) not in prng]
-    if not first or not {eqn.primitive.name for eqn in _equations(first)} <= LEGACY_EXACT_PRIMITIVES:
+    if not first:
         return None
     read = {v for eqn in rest for v in eqn.invars if not isinstance(v, Literal)} | \
         {v for v in jaxpr.outvars if not isinstance(v, Literal)}
@@ -284,22 +240,17 @@ def _prng_part(closed) -> tuple[list, list, list] | None:
 
 
 def jit_draws(fn: Callable, size: int = 0) -> Callable:
-    """``jax.jit(fn)`` for a program of prior draws, compiled so that it gives the bits of
-    ``DRAW_COMPILE_OPTIONS``, as quickly as that allows. When the PRNG's part of the program (the
-    equations that make its random bits) is all exact integer work, it is cut off: evaluated in numpy
-    (``host_prng``: 50-70 ms of lowering and compiling saved), or, where that evaluator does not
-    cover it, compiled with the quick options (the fusion emitters compile its hashes slowly). The
-    rest, or else the whole program, compiles with the quick options where every primitive keeps
-    its bits there (``draw_compile_options``), else with ``DRAW_COMPILE_OPTIONS``.
-    """
+    """``jit_quick(fn)`` for a program of prior draws, with the part that makes its random bits (the
+    seed's keys, their splits and JAX's threefry hashes) evaluated in numpy (``host_prng``) instead
+    of compiled: that part cost 50-70 ms of lowering and compiling, a tenth of a small model's cold
+    analysis, to run once. Where the evaluator does not cover it, the whole program compiles."""
     compiled = {}
 
     def build(args):
         traced = jax.jit(fn).trace(*args)
         closed = traced.jaxpr
-        options = draw_compile_options(closed)
         if size > QUICK_COMPILE_MAX_SIZE:
-            return _compile(traced, options, size)
+            return _compile(traced, QUICK_COMPILE_OPTIONS, size)
 
         def inlined(*args):
             env = {**dict(zip(closed.jaxpr.constvars, closed.consts)), **dict(zip(closed.jaxpr.invars, args))}
@@ -310,24 +261,14 @@ def jit_draws(fn: Callable, size: int = 0) -> Callable:
             flat = jax.make_jaxpr(inlined)(*args)
         parts = _prng_part(flat)
         if parts is None:
-            return _compile(traced, options, size)
+            return _compile(traced, QUICK_COMPILE_OPTIONS, size)
         first, shared, rest = parts
         jaxpr, out_tree = flat.jaxpr, jax.tree.structure(traced.out_info)
-
-        def compiled_prng(*args):
-            env = {**dict(zip(jaxpr.constvars, flat.consts)), **dict(zip(jaxpr.invars, args))}
-            _evaluate(first, env)
-            return [env[v] for v in shared]
-
         prng = host_prng.evaluator(flat, first, shared)
         try:
             bits = prng(*args)
         except host_prng.HostUnsupported:
-            if options == QUICK_COMPILE_OPTIONS:
-                return _compile(traced, options, size)  # one program
-            with data_staged():
-                prng = _compile(jax.jit(compiled_prng).trace(*args), QUICK_COMPILE_OPTIONS, size)
-            bits = prng(*args)
+            return _compile(traced, QUICK_COMPILE_OPTIONS, size)
 
         def remainder(args, bits):
             env = {**dict(zip(jaxpr.constvars, flat.consts)), **dict(zip(jaxpr.invars, args)),
@@ -336,8 +277,7 @@ def jit_draws(fn: Callable, size: int = 0) -> Callable:
             return [v.val if isinstance(v, Literal) else env[v] for v in jaxpr.outvars]
 
         with data_staged():  # the constants of the equations stay staged, not folded op by op
-            remainder = jax.jit(remainder).trace(args, bits)
-            remainder = _compile(remainder, draw_compile_options(remainder.jaxpr), size)
+            remainder = _compile(jax.jit(remainder).trace(args, bits), QUICK_COMPILE_OPTIONS, size)
         return lambda *args: jax.tree.unflatten(out_tree, remainder(args, prng(*args)))
 
     @functools.wraps(fn)
@@ -734,6 +674,14 @@ class ModelTrace:
         # trace_model's own run (init_to_uniform) already mapped every latent site through its bijection
         return {n: dist.biject_to(self.supports[n]) for n in self.latent_names}
 
+    def unconstrained_size(self, names) -> int | None:
+        """How many unconstrained values the latent sites ``names`` have (an LKJCholesky's fewer than
+        its matrix), or None when a support can move with the model's values."""
+        transforms = self._fixed_bijections
+        if transforms is None:
+            return None
+        return sum(int(np.prod(transforms[n].inverse_shape(self.sites[n].shape), dtype=np.int64)) for n in names)
+
     def _uniform_point(self, rng: np.random.Generator) -> dict[str, jax.Array]:
         transforms = self._fixed_bijections
         dtype = jnp.result_type(float)
@@ -760,10 +708,9 @@ class ModelTrace:
         """``read(traces)``: one trace of the model per NumPyro init strategy (``init_to_median``...),
         run and read by one compiled program (compiled once per ``key``).
 
-        ``read`` returns arrays. ``DRAW_COMPILE_OPTIONS``: the draws are those of an op-by-op run
-        (the legacy emitters round some differently, and a MAP point started from them moves), or the
-        quick options where they give the same bits (``draw_compile_options``).
-        Falls back to running op by op when the model needs a seeded value in Python.
+        ``read`` returns arrays. Compiled with the quick options (``jit_draws``): the draws can differ
+        from an op-by-op run in the last bit where the legacy emitters round a transcendental
+        differently (tan for a Cauchy, log1p, tanh, atan, rsqrt). Falls back to running op by op when the model needs a seeded value in Python.
         """
         @staged_if_possible
         def program(seed):

@@ -710,7 +710,8 @@ class ModelTrace:
 
         ``read`` returns arrays. Compiled with the quick options (``jit_draws``): the draws can differ
         from an op-by-op run in the last bit where the legacy emitters round a transcendental
-        differently (tan for a Cauchy, log1p, tanh, atan, rsqrt). Falls back to running op by op when the model needs a seeded value in Python.
+        differently (tan for a Cauchy, log1p, tanh, atan, rsqrt). Falls back to running op by op when
+        the model needs a seeded value in Python.
         """
         @staged_if_possible
         def program(seed):

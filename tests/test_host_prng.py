@@ -68,3 +68,44 @@ def test_draws_program_gives_the_compiled_bits():
         want = jax.jit(draws)(np.int32(seed))
         for k in want:
             np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=k)
+
+
+def test_arguments_take_the_jaxprs_dtypes():
+    """A Python int or an int64 seed where the jaxpr has int32 (x64 off): the seed's shift by 32 is 0."""
+    bits = lambda s: jax.random.bits(jax.random.PRNGKey(s), (2,))  # noqa: E731
+    for seed in (np.int64(-3), -3):
+        got = host_prng.evaluate_jaxpr(jax.make_jaxpr(bits)(seed), seed)[0]
+        np.testing.assert_array_equal(got, np.asarray(jax.jit(bits)(seed)))
+
+
+def test_unsigned_arithmetic_shift_fills_with_the_top_bit():
+    from jax import lax
+
+    shift = lambda x, s: lax.shift_right_arithmetic(x, s)  # noqa: E731
+    x, s = np.array([200, 3, 255], np.uint8), np.array([2, 1, 9], np.uint8)
+    got = host_prng.evaluate_jaxpr(jax.make_jaxpr(shift)(x, s), x, s)[0]
+    np.testing.assert_array_equal(got, np.asarray(jax.jit(shift)(x, s)))
+
+
+def test_what_it_cannot_compute_exactly_raises():
+    # a float comparison (XLA flushes denormals, numpy does not)
+    compare = jax.make_jaxpr(lambda x: jax.random.fold_in(jax.random.key(0), (x > 0).astype(jnp.uint32)))
+    with pytest.raises(host_prng.HostUnsupported, match="float32"):
+        host_prng.evaluate_jaxpr(compare(np.float32(1e-45)), np.float32(1e-45))
+    # an empty batch of keys
+    empty = jax.make_jaxpr(lambda s: jax.vmap(lambda k: jax.random.bits(k, (2,)))(jax.random.split(jax.random.key(s), 0)))
+    with pytest.raises(host_prng.HostUnsupported, match="0 keys"):
+        host_prng.evaluate_jaxpr(empty(np.int32(1)), np.int32(1))
+
+
+def test_the_threefry_flag_is_followed():
+    bits = lambda s: jax.random.bits(jax.random.split(jax.random.key(s), 3)[2], (4,))  # noqa: E731
+    seed = np.int32(2)
+    host_prng.evaluate_jaxpr(jax.make_jaxpr(bits)(seed), seed)  # cached under the default flag
+    flag = jax.config.jax_threefry_partitionable
+    try:
+        jax.config.update("jax_threefry_partitionable", not flag)
+        got = host_prng.evaluate_jaxpr(jax.make_jaxpr(bits)(seed), seed)[0]
+        np.testing.assert_array_equal(got, np.asarray(jax.jit(bits)(seed)))
+    finally:
+        jax.config.update("jax_threefry_partitionable", flag)

@@ -32,6 +32,7 @@ from jax.extend.core import Literal
 __all__ = ["HostUnsupported", "evaluate", "evaluate_jaxpr", "evaluator", "is_key", "to_device"]
 
 THREEFRY = "threefry2x32"
+MAX_KEYS = 256  # key batches up to this size are hashed one key at a time here
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
 
@@ -58,16 +59,23 @@ def to_device(value, aval):
     return value
 
 
-def _to_host(value):
-    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(value))
-    return np.asarray(value)
+def _to_host(value, aval):
+    """A value as this evaluator holds it: typed keys as their data, else in the dtype the jaxpr says
+    (a Python int or an int64 seed where the jaxpr has int32: shifts then differ)."""
+    if is_key(aval):
+        return np.asarray(jax.random.key_data(value) if isinstance(value, jax.Array) else value)
+    return np.asarray(value, dtype=aval.dtype)
+
+
+def _bind(jaxpr, consts, args) -> dict:
+    return {**{v: _to_host(c, v.aval) for v, c in zip(jaxpr.constvars, consts)},
+            **{v: _to_host(a, v.aval) for v, a in zip(jaxpr.invars, args)}}
 
 
 def evaluate_jaxpr(closed, *args) -> list:
     """The outputs of a closed jaxpr on ``args``, in numpy (typed keys as their raw data)."""
     jaxpr = closed.jaxpr
-    env = {**dict(zip(jaxpr.constvars, map(_to_host, closed.consts))), **dict(zip(jaxpr.invars, map(_to_host, args)))}
+    env = _bind(jaxpr, closed.consts, args)
     evaluate(jaxpr.eqns, env)
     return [_read(v, env) for v in jaxpr.outvars]
 
@@ -76,10 +84,9 @@ def evaluator(closed, eqns, outvars) -> Callable:
     """A function of ``closed``'s arguments that evaluates ``eqns`` (some of its equations, in order)
     here and returns the values of ``outvars`` as JAX takes them (typed keys wrapped)."""
     jaxpr = closed.jaxpr
-    consts = list(map(_to_host, closed.consts))
 
     def run(*args):
-        env = {**dict(zip(jaxpr.constvars, consts)), **dict(zip(jaxpr.invars, map(_to_host, args)))}
+        env = _bind(jaxpr, closed.consts, args)
         evaluate(eqns, env)
         return [to_device(env[v], v.aval) for v in outvars]
 
@@ -116,16 +123,17 @@ def _apply(eqn, args) -> list:
         if name not in _STRUCTURAL:
             raise HostUnsupported(f"{name} on PRNG keys")
         return [_STRUCTURAL[name](args, params, trailing)]
+    for var in (*eqn.invars, *eqn.outvars):  # integers and booleans only: XLA flushes float denormals
+        dtype = np.dtype(var.aval.dtype)
+        if not (np.issubdtype(dtype, np.integer) or dtype == np.bool_):
+            raise HostUnsupported(f"{name} on {dtype}")
     if name in _STRUCTURAL:
         return [_STRUCTURAL[name](args, params, 0)]
     if name in _MULTIPLE:
         return list(_MULTIPLE[name](args, params))
     if name not in _ELEMENTWISE:
         raise HostUnsupported(name)
-    dtype = eqn.outvars[0].aval.dtype
-    if not (np.issubdtype(dtype, np.integer) or dtype == np.bool_):
-        raise HostUnsupported(f"{name} to {dtype}")
-    return [np.asarray(_ELEMENTWISE[name](args, params), dtype=dtype)]
+    return [np.asarray(_ELEMENTWISE[name](args, params), dtype=eqn.outvars[0].aval.dtype)]
 
 
 # -- integer operations, as XLA defines them -------------------------------------------------------------
@@ -146,7 +154,9 @@ def _shift(args, kind):
     if kind == "logical":
         out = np.where(big, 0, _unsigned(x) >> amount).astype(_unsigned(x).dtype)
         return out.view(x.dtype) if out.dtype != x.dtype else out
-    return np.where(big, np.where(x < 0, -1, 0), x >> amount.astype(x.dtype)).astype(x.dtype)
+    signed = x.view(np.dtype(f"int{8 * x.dtype.itemsize}"))  # the top bit fills, unsigned types too
+    out = np.where(big, np.where(signed < 0, -1, 0), signed >> amount.astype(signed.dtype)).astype(signed.dtype)
+    return out.view(x.dtype)
 
 
 def _convert(args, params):
@@ -262,8 +272,14 @@ _MULTIPLE: dict[str, Callable] = {"threefry2x32": _threefry2x32, "iota_2x32_shap
 
 
 # -- the key-level primitives, by the implementation's own functions ------------------------------------
-@functools.lru_cache(maxsize=256)
 def _impl_jaxpr(impl, function: str, static: tuple, in_avals: tuple):
+    # JAX's flags that change the PRNG's functions are part of the key
+    flags = (jax.config.jax_threefry_partitionable, jax.config.jax_enable_x64)
+    return _impl_jaxpr_cached(impl, function, static, in_avals, flags)
+
+
+@functools.lru_cache(maxsize=256)
+def _impl_jaxpr_cached(impl, function: str, static: tuple, in_avals: tuple, flags: tuple):
     from jax._src.config import eager_constant_folding
 
     fn = getattr(impl, function)
@@ -275,6 +291,8 @@ def _impl_jaxpr(impl, function: str, static: tuple, in_avals: tuple):
 def _per_key(impl, function: str, static: tuple, batch: tuple, operands: list, per_element: list[bool]):
     """``impl.<function>`` on every element of the key batch; ``per_element[i]``: operand ``i`` has the
     batch dimensions in front (keys, messages), else it is passed whole."""
+    if not 0 < math.prod(batch) <= MAX_KEYS:  # an empty batch; or many keys, which compile cheaper than
+        raise HostUnsupported(f"{math.prod(batch)} keys")  # a Python loop over them runs
     outs = []
     for index in np.ndindex(*batch):
         ops = [np.asarray(op[index]) if each else op for op, each in zip(operands, per_element)]

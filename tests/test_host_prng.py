@@ -96,6 +96,10 @@ def test_what_it_cannot_compute_exactly_raises():
     empty = jax.make_jaxpr(lambda s: jax.vmap(lambda k: jax.random.bits(k, (2,)))(jax.random.split(jax.random.key(s), 0)))
     with pytest.raises(host_prng.HostUnsupported, match="0 keys"):
         host_prng.evaluate_jaxpr(empty(np.int32(1)), np.int32(1))
+    # more hashes than compiling them costs
+    many = jax.make_jaxpr(lambda s: jax.random.bits(jax.random.key(s), (host_prng.MAX_VALUES + 1,)))
+    with pytest.raises(host_prng.HostUnsupported, match="hashes"):
+        host_prng.evaluate_jaxpr(many(np.int32(1)), np.int32(1))
 
 
 def test_the_threefry_flag_is_followed():

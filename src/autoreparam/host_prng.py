@@ -33,6 +33,9 @@ __all__ = ["HostUnsupported", "evaluate", "evaluate_jaxpr", "evaluator", "is_key
 
 THREEFRY = "threefry2x32"
 MAX_KEYS = 256  # key batches up to this size are hashed one key at a time here
+# Hashes per primitive up to this many: numpy's threefry takes 70 ms for a million, about what compiling
+# the hashes costs; beyond that the compiled program is cheaper.
+MAX_VALUES = 1_000_000
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
 
@@ -312,6 +315,7 @@ def _random_split(eqn, args):
     (keys,) = args
     impl = _impl(eqn.invars[0].aval)
     batch = keys.shape[:keys.ndim - len(impl.key_shape)]
+    _check_size(batch, eqn.params["shape"])
     return [_per_key(impl, "split", (tuple(eqn.params["shape"]),), batch, [keys], [True])]
 
 
@@ -330,7 +334,13 @@ def _random_bits(eqn, args):
     impl = _impl(eqn.invars[0].aval)
     batch = keys.shape[:keys.ndim - len(impl.key_shape)]
     static = (eqn.params["bit_width"], tuple(eqn.params["shape"]))
+    _check_size(batch, eqn.params["shape"])
     return [_per_key(impl, "random_bits", static, batch, [keys], [True])]
+
+
+def _check_size(batch, shape):
+    if math.prod(batch) * math.prod(shape) > MAX_VALUES:
+        raise HostUnsupported(f"{math.prod(batch) * math.prod(shape)} hashes")
 
 
 def _random_wrap(eqn, args):

@@ -168,12 +168,12 @@ class ReparamGeometry:
         self._hvp = jit_quick(hvp, size, options=None)
         self._hvp_many = jit_quick(jax.vmap(hvp, in_axes=(None, None, 0)), size, runs=GUARD_RUNS)
 
-        def dense(theta, knobs):
+        def dense(theta, knobs, rows):
             # The whole Hessian and the point's unconstrained values by one program: a second one for
-            # the values alone costs more to compile (10-20 ms) than eight schools' Hessian.
+            # the values alone costs more to compile (10-20 ms) than eight schools' Hessian. The
+            # identity comes in as an argument: built inside, XLA folds it into a larger program.
             u = to_unconstrained(theta, knobs)
-            flat, unravel = ravel_pytree(u)
-            rows = jnp.eye(flat.size, dtype=flat.dtype)
+            unravel = ravel_pytree(u)[1]
             return u, jax.vmap(lambda t: ravel_pytree(hvp(u, knobs, unravel(t)))[0])(rows)
 
         self._dense = jit_quick(staged(dense), size, runs=GUARD_RUNS)
@@ -186,7 +186,8 @@ class ReparamGeometry:
         their conditional given every other site).
         """
         if sites is None and self._size is not None and self._size <= DENSE_LIMIT:
-            _, h = self._dense(theta, knobs)
+            dtype = jnp.result_type(*jax.tree.leaves(theta))
+            _, h = self._dense(theta, knobs, np.eye(self._size, dtype=dtype))
             h = np.asarray(h, np.float64)
             h = 0.5 * (h + h.T)
             return (lambda v: h @ v), h, h.shape[0]

@@ -240,6 +240,34 @@ def test_guard_runs_on_sites_sampled_with_sample_shape():
     assert not any("could not run" in note for note in plan.notes), plan.notes
 
 
+def _with_prng_key(g, y=None):
+    jitter = jax.random.normal(numpyro.prng_key(), (len(g),)) * 0.1  # a prng_key message has no name
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    with numpyro.plate("groups", 6):
+        a = numpyro.sample("a", dist.Normal(0.0, tau))
+    numpyro.sample("y", dist.Normal(a[g] + jitter, 2.0), obs=y)
+
+
+def _numpy_indexed_subsample(g, x, y=None):
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    with numpyro.plate("groups", 6):
+        a = numpyro.sample("a", dist.Normal(0.0, tau))
+    with numpyro.plate("n", len(g), subsample_size=8) as idx:
+        # numpy indexing by the traced subsample: the staged run fails and the eager one reruns the
+        # guard's change of variables, which must start afresh
+        numpyro.sample("y", dist.Normal(a[g[idx]] + x[idx], 2.0), obs=y[idx])
+
+
+@pytest.mark.parametrize("model", [_with_prng_key, _numpy_indexed_subsample])
+def test_guard_runs_on_models_that_draw_keys_or_index_in_numpy(model):
+    g = np.repeat(np.arange(6), 4)
+    data = np.random.default_rng(1).normal(size=24).astype(np.float32)
+    args = (g,) if model is _with_prng_key else (g, data)
+    plan = autoreparam.analyze(model, *args, y=data).plan
+    assert plan["a"].noncentred
+    assert not any("could not run" in note for note in plan.notes), plan.notes
+
+
 def _asymmetric_funnel(g, y=None):
     mu = numpyro.sample("mu", dist.Normal(0, 1.5))
     s = numpyro.sample("s", dist.Exponential(1))

@@ -85,8 +85,14 @@ class _ChangeOfVariables(Messenger):
         self.u: dict[str, Any] = {}
         self.log_jacobian = 0.0
 
+    def __enter__(self):
+        # The state of one run of the model: a staged run that failed (numpy indexing by a traced
+        # subsample) is run again eagerly with this handler, and must not add to what it left.
+        self.values, self.u, self.log_jacobian = {}, {}, 0.0
+        return super().__enter__()
+
     def process_message(self, msg):
-        name = msg["name"]
+        name = msg.get("name")  # a numpyro.prng_key() message has none
         if msg["type"] != "sample" or msg.get("is_observed") or name not in self.names:
             return
         fn = msg["fn"]

@@ -1047,7 +1047,10 @@ def log_joint(mt: ModelTrace, values: dict[str, Any], handler: Messenger | None 
         if fixed is not None:
             model = handlers.substitute(model, data=fixed)
         if handler is not None:
-            model = handler(model)
+            # Set, not handler(model): a Messenger takes its function only once, and the eager
+            # fallback runs this again with the same handler.
+            handler.fn = model
+            model = handler
         return log_density(model, mt.args, mt.kwargs, values)[0]
 
     return staged_if_possible(run)()

@@ -400,3 +400,29 @@ def test_programs_bound_by_their_running_compile_with_llvm_optimisations(monkeyp
     quick = {**trace.SERIAL_CODEGEN, **trace.QUICK_COMPILE_OPTIONS}
     assert seen == [quick, {**quick, **trace.RUNTIME_BOUND_OPTIONS}]
     assert np.asarray(often) == pytest.approx(np.asarray(once), rel=1e-5)
+
+
+def _numpy_indexed_minibatch(x, y):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("n", len(x), subsample_size=5) as idx:
+        numpyro.sample("y", dist.Normal(mu * x[idx], 1.0), obs=y[idx])  # numpy indexed by the subsample
+
+
+def test_subsample_indices_of_the_first_run_make_later_runs_traceable():
+    from numpyro.infer.util import log_density
+
+    from autoreparam.trace import log_joint
+
+    x = np.linspace(-1.0, 1.0, 20).astype(np.float32)
+    y = (2.0 * x).astype(np.float32)
+    mt = trace_model(_numpy_indexed_minibatch, (x, y))
+    assert not mt.shape_only and set(mt.subsamples) == {"n"}
+    eager = numpyro.handlers.trace(numpyro.handlers.seed(_numpy_indexed_minibatch, 0)).get_trace(x, y)
+    np.testing.assert_array_equal(mt.subsamples["n"], eager["n"]["value"])  # seed 0's indices
+    # staged, which the traced indices made impossible: one compiled program, not op by op
+    staged = jax.jit(lambda mu: log_joint(mt, {"mu": mu}))
+    want = log_density(numpyro.handlers.seed(_numpy_indexed_minibatch, 0), (x, y), {}, {"mu": 0.5})[0]
+    np.testing.assert_allclose(staged(np.float32(0.5)), want, rtol=1e-6)
+    with pytest.raises(jax.errors.TracerArrayConversionError):  # what the model does without them
+        jax.jit(lambda mu: log_density(numpyro.handlers.seed(_numpy_indexed_minibatch, 0), (x, y), {},
+                                       {"mu": mu})[0])(np.float32(0.5))

@@ -407,6 +407,7 @@ class _SiteRecorder(Messenger):
         super().__init__(fn)
         self.records: list[dict] = []
         self.plate_sizes: dict[str, tuple[int, int]] = {}
+        self.subsamples: dict[str, jax.Array] = {}  # subsampled plates' indices, where concrete
         self.scan_sites: list[str] = []
         self.last_site: str | None = None
         self.unchecked_observed: list[str] = []  # traced values: checked by an eager run
@@ -420,6 +421,8 @@ class _SiteRecorder(Messenger):
         if kind == "plate":
             size, subsample_size = msg["args"][:2]
             self.plate_sizes[msg["name"]] = (int(size), int(subsample_size or size))
+            if subsample_size is not None and subsample_size != size and not isinstance(msg["value"], jax.core.Tracer):
+                self.subsamples[msg["name"]] = msg["value"]  # a JAX array: NumPyro's plate asserts one
             return
         if kind == "control_flow":
             inner = msg["value"][1][0].trace
@@ -621,6 +624,19 @@ class ModelTrace:
     notes: list[str] = field(default_factory=list)
     # Latent site -> its support, where that has no array bounds (so cannot move with the values).
     supports: dict[str, Any] = field(default_factory=dict)
+    # Subsampled plate -> its indices in the first run (seed 0), when that run had to be eager.
+    subsamples: dict[str, jax.Array] = field(default_factory=dict)
+
+    def seeded(self, rng_seed=0) -> Callable:
+        """The model seeded with ``rng_seed``, and its subsampled plates given ``subsamples``.
+
+        A model that indexes numpy data by a plate's subsample (``x[idx]``) cannot be traced with
+        the indices traced; given as constants, every later run traces (compiled once, not op by
+        op). The seed handler is innermost, so it still draws a key for each plate and every
+        other draw keeps its key.
+        """
+        model = handlers.seed(self.model, rng_seed)
+        return handlers.substitute(model, data=self.subsamples) if self.subsamples else model
 
     @property
     def latent_names(self) -> list[str]:
@@ -636,7 +652,7 @@ class ModelTrace:
 
         The seed is fixed so that plate subsamples and unset sites are the same on every run.
         """
-        model = handlers.substitute(handlers.seed(self.model, rng_seed), data=values)
+        model = handlers.substitute(self.seeded(rng_seed), data=values)
         return handlers.trace(model).get_trace(*self.args, **self.kwargs)
 
     def point(self, rng_seed: int) -> dict[str, jax.Array]:
@@ -649,7 +665,7 @@ class ModelTrace:
         def draw(seed):
             # One compiled program (the seed is an argument, so nothing is folded at compile time)
             # rather than one compiled operation per sampling step.
-            model = handlers.substitute(handlers.seed(self.model, seed), substitute_fn=init_to_uniform(radius=2))
+            model = handlers.substitute(self.seeded(seed), substitute_fn=init_to_uniform(radius=2))
             tr = _run_guarded(lambda: handlers.trace(model).get_trace(*self.args, **self.kwargs))
             return {
                 n: s["value"]
@@ -717,7 +733,7 @@ class ModelTrace:
         def program(seed):
             traces = []
             for strategy in strategies:
-                model = handlers.substitute(handlers.seed(self.model, seed), substitute_fn=strategy)
+                model = handlers.substitute(self.seeded(seed), substitute_fn=strategy)
                 traces.append(_run_guarded(lambda: handlers.trace(model).get_trace(*self.args, **self.kwargs)))
             return read(traces)
 
@@ -906,7 +922,7 @@ def trace_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -
             params=rec.get("params", ()),
         )
     supports = {rec["name"]: rec["constraint"] for rec in recorder.records if rec.get("constraint") is not None}
-    mt = ModelTrace(model, tuple(args), kwargs, sites, shape_only, supports=supports)
+    mt = ModelTrace(model, tuple(args), kwargs, sites, shape_only, supports=supports, subsamples=recorder.subsamples)
     if not mt.observed_names:
         # A prior (Neal's funnel with no data) still has funnels to non-centre.
         mt.notes.append(Note(NO_OBSERVED_SITE_NOTE, NoteKind.NO_OBSERVED_SITE))
@@ -949,7 +965,8 @@ def site_dependencies(mt: ModelTrace, values: dict[str, Any]) -> dict[str, set[s
     @staged_if_possible
     def outputs(**inp):
         keep = _KeepComputedDeterministic()
-        with handlers.trace() as tr2, handlers.seed(rng_seed=0), handlers.substitute(data=inp), keep:
+        with handlers.trace() as tr2, handlers.seed(rng_seed=0), handlers.substitute(data={**mt.subsamples, **inp}), \
+                keep:
             mt.model(*mt.args, **mt.kwargs)
         out = {}
         for name, site in tr2.items():
@@ -1043,7 +1060,7 @@ def log_joint(mt: ModelTrace, values: dict[str, Any], handler: Messenger | None 
     def run():
         # Seeded here, inside: when the model needs its data's values (a numpy index by a plate's
         # random subsample), the fallback evaluates the key eagerly too.
-        model = handlers.seed(mt.model, 0)
+        model = mt.seeded(0)
         if fixed is not None:
             model = handlers.substitute(model, data=fixed)
         if handler is not None:

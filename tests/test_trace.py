@@ -426,3 +426,14 @@ def test_subsample_indices_of_the_first_run_make_later_runs_traceable():
     with pytest.raises(jax.errors.TracerArrayConversionError):  # what the model does without them
         jax.jit(lambda mu: log_density(numpyro.handlers.seed(_numpy_indexed_minibatch, 0), (x, y), {},
                                        {"mu": mu})[0])(np.float32(0.5))
+
+
+def test_compiled_draws_follow_x64():
+    """One ModelTrace, its prior medians drawn without x64 and then with it: a program each."""
+    mt = trace_model(_numpy_indexed_minibatch, (np.zeros(20, np.float32), np.zeros(20, np.float32)))
+    read = lambda traces: traces[0]["mu"]["value"]  # noqa: E731
+    from numpyro.infer.initialization import init_to_median
+
+    assert mt.run_with_init("median", (init_to_median(num_samples=15),), read).dtype == np.float32
+    with jax.enable_x64(True):
+        assert mt.run_with_init("median", (init_to_median(num_samples=15),), read).dtype == np.float64

@@ -239,6 +239,12 @@ def _prng_part(closed) -> tuple[list, list, list] | None:
     return first, [v for eqn in first for v in eqn.outvars if v in read], rest
 
 
+def _program_key(tree, leaves) -> tuple:
+    """What a compiled program depends on besides its function: the arguments' structure, shapes and
+    dtypes, and x64 (an int32 seed gives a float32 or a float64 program)."""
+    return tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves), bool(jax.config.jax_enable_x64)
+
+
 def jit_draws(fn: Callable, size: int = 0) -> Callable:
     """``jit_quick(fn)`` for a program of prior draws, with the part that makes its random bits (the
     seed's keys, their splits and JAX's threefry hashes) evaluated in numpy (``host_prng``) instead
@@ -285,7 +291,7 @@ def jit_draws(fn: Callable, size: int = 0) -> Callable:
         leaves, tree = jax.tree.flatten(args)
         if any(isinstance(x, jax.core.Tracer) for x in leaves):
             return jax.jit(fn)(*args)  # inside a transformation: an ordinary jit
-        key = (tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+        key = _program_key(tree, leaves)
         if key not in compiled:
             compiled[key] = build(args)
         return compiled[key](*args)
@@ -346,7 +352,7 @@ def jit_quick(fn: Callable, size: int = 0, options: dict | None = QUICK_COMPILE_
         leaves, tree = jax.tree.flatten(args)
         if any(isinstance(x, jax.core.Tracer) for x in leaves):
             return jitted(*args)  # inside a transformation: an ordinary jit
-        key = (tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+        key = _program_key(tree, leaves)
         if key not in compiled:
             compiled[key] = _compile(jitted.trace(*args), options, size, runs)
         return compiled[key](*args)

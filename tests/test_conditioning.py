@@ -253,12 +253,19 @@ def _numpy_indexed_subsample(g, x, y=None):
     with numpyro.plate("groups", 6):
         a = numpyro.sample("a", dist.Normal(0.0, tau))
     with numpyro.plate("n", len(g), subsample_size=8) as idx:
-        # numpy indexing by the traced subsample: the staged run fails and the eager one reruns the
-        # guard's change of variables, which must start afresh
+        # numpy indexing by the subsample: traced, it cannot be; given (ModelTrace.subsamples) it is
         numpyro.sample("y", dist.Normal(a[g[idx]] + x[idx], 2.0), obs=y[idx])
 
 
-@pytest.mark.parametrize("model", [_with_prng_key, _numpy_indexed_subsample])
+def _size_from_data(g, x, y=None):
+    n_groups = int(jnp.max(jnp.asarray(g))) + 1  # staged, this fails: the eager rerun must start afresh
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    with numpyro.plate("groups", n_groups):
+        a = numpyro.sample("a", dist.Normal(0.0, tau))
+    numpyro.sample("y", dist.Normal(a[g] + x, 2.0), obs=y)
+
+
+@pytest.mark.parametrize("model", [_with_prng_key, _numpy_indexed_subsample, _size_from_data])
 def test_guard_runs_on_models_that_draw_keys_or_index_in_numpy(model):
     g = np.repeat(np.arange(6), 4)
     data = np.random.default_rng(1).normal(size=24).astype(np.float32)

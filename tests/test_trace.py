@@ -437,3 +437,32 @@ def test_compiled_draws_follow_x64():
     assert mt.run_with_init("median", (init_to_median(num_samples=15),), read).dtype == np.float32
     with jax.enable_x64(True):
         assert mt.run_with_init("median", (init_to_median(num_samples=15),), read).dtype == np.float64
+
+
+def _plate_named_twice(x, y):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    with numpyro.plate("n", len(x), subsample_size=5) as idx:
+        numpyro.sample("y", dist.Normal(mu * x[idx], 1.0), obs=y[idx])
+    with numpyro.plate("n", len(x)):  # the same name again, whole
+        numpyro.sample("z", dist.Normal(mu * x, 1.0), obs=y)
+
+
+def _subsampled_twice(x, y):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    for site in ("y", "z"):
+        with numpyro.plate("n", len(x), subsample_size=5) as idx:  # each use draws its own indices
+            numpyro.sample(site, dist.Normal(mu * x[idx], 1.0), obs=y[idx])
+
+
+@pytest.mark.parametrize("model", [_plate_named_twice, _subsampled_twice])
+def test_a_plate_name_used_twice_keeps_its_own_indices(model):
+    from numpyro.infer.util import log_density
+
+    from autoreparam.trace import log_joint
+
+    x = np.linspace(-1.0, 1.0, 20).astype(np.float32)
+    y = (2.0 * x).astype(np.float32)
+    mt = trace_model(model, (x, y))
+    assert mt.subsamples == {}  # which indices belong to which use is not recorded: runs stay eager
+    want = log_density(numpyro.handlers.seed(model, 0), (x, y), {}, {"mu": 0.5})[0]
+    np.testing.assert_allclose(jax.jit(lambda mu: log_joint(mt, {"mu": mu}))(np.float32(0.5)), want, rtol=1e-6)

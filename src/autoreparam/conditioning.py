@@ -86,8 +86,9 @@ class _ChangeOfVariables(Messenger):
         self.log_jacobian = 0.0
 
     def __enter__(self):
-        # The state of one run of the model: a staged run that failed (numpy indexing by a traced
-        # subsample) is run again eagerly with this handler, and must not add to what it left.
+        # The state of one run of the model: a staged run that failed (Python code on the data's
+        # values, int(jnp.max(g))) is run again eagerly with this handler, and must not add to what
+        # it left.
         self.values, self.u, self.log_jacobian = {}, {}, 0.0
         return super().__enter__()
 
@@ -175,12 +176,13 @@ class ReparamGeometry:
         self._hvp_many = jit_quick(jax.vmap(hvp, in_axes=(None, None, 0)), size, runs=GUARD_RUNS)
 
         def dense(theta, knobs, rows):
-            # The whole Hessian and the point's unconstrained values by one program: a second one for
-            # the values alone costs more to compile (10-20 ms) than eight schools' Hessian. The
-            # identity comes in as an argument: built inside, XLA folds it into a larger program.
+            # The whole Hessian from the point's site values, by one program: a second one mapping
+            # them to unconstrained values costs more to compile (10-20 ms) than eight schools'
+            # Hessian. The identity comes in as an argument: built inside, XLA folds it into a
+            # larger program.
             u = to_unconstrained(theta, knobs)
             unravel = ravel_pytree(u)[1]
-            return u, jax.vmap(lambda t: ravel_pytree(hvp(u, knobs, unravel(t)))[0])(rows)
+            return jax.vmap(lambda t: ravel_pytree(hvp(u, knobs, unravel(t)))[0])(rows)
 
         self._dense = jit_quick(staged(dense), size, runs=GUARD_RUNS)
         self._size = mt.unconstrained_size(self.names)
@@ -193,7 +195,7 @@ class ReparamGeometry:
         """
         if sites is None and self._size is not None and self._size <= DENSE_LIMIT:
             dtype = jnp.result_type(*jax.tree.leaves(theta))
-            _, h = self._dense(theta, knobs, np.eye(self._size, dtype=dtype))
+            h = self._dense(theta, knobs, np.eye(self._size, dtype=dtype))
             h = np.asarray(h, np.float64)
             h = 0.5 * (h + h.T)
             return (lambda v: h @ v), h, h.shape[0]

@@ -87,9 +87,11 @@ def evaluator(closed, eqns, outvars) -> Callable:
     """A function of ``closed``'s arguments that evaluates ``eqns`` (some of its equations, in order)
     here and returns the values of ``outvars`` as JAX takes them (typed keys wrapped)."""
     jaxpr = closed.jaxpr
+    read = {v for eqn in eqns for v in eqn.invars if not isinstance(v, Literal)}
+    consts = {v: _to_host(c, v.aval) for v, c in zip(jaxpr.constvars, closed.consts) if v in read}
 
-    def run(*args):
-        env = _bind(jaxpr, closed.consts, args)
+    def run(*args):  # only what the equations read goes to numpy (not the model's data)
+        env = {**consts, **{v: _to_host(a, v.aval) for v, a in zip(jaxpr.invars, args) if v in read}}
         evaluate(eqns, env)
         return [to_device(env[v], v.aval) for v in outvars]
 
@@ -202,8 +204,6 @@ _ELEMENTWISE: dict[str, Callable] = {
     "convert_element_type": _convert,
     "select_n": _select_n,
     "iota": _iota,
-    "copy": lambda a, p: a[0],
-    "copy_p": lambda a, p: a[0],
 }
 
 

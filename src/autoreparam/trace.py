@@ -191,6 +191,8 @@ SERIAL_CODEGEN = {"xla_cpu_parallel_codegen_split_count": 1}
 # whose programs would compile 0.3-1.5 s slower for a few milliseconds of running.
 RUNTIME_BOUND_OPTIONS = {"xla_backend_optimization_level": 1}
 RUNTIME_BOUND_WORK = 200_000
+
+
 def _equations(eqns):
     """Every equation of ``eqns`` and, depth first, of the jaxprs inside them."""
     for eqn in eqns:
@@ -414,6 +416,7 @@ class _SiteRecorder(Messenger):
         self.records: list[dict] = []
         self.plate_sizes: dict[str, tuple[int, int]] = {}
         self.subsamples: dict[str, jax.Array] = {}  # subsampled plates' indices, where concrete
+        self.plates_seen: dict[str, int] = {}  # plate messages per name (a name can be used twice)
         self.scan_sites: list[str] = []
         self.last_site: str | None = None
         self.unchecked_observed: list[str] = []  # traced values: checked by an eager run
@@ -425,10 +428,13 @@ class _SiteRecorder(Messenger):
     def postprocess_message(self, msg):
         kind = msg["type"]
         if kind == "plate":
-            size, subsample_size = msg["args"][:2]
-            self.plate_sizes[msg["name"]] = (int(size), int(subsample_size or size))
-            if subsample_size is not None and subsample_size != size and not isinstance(msg["value"], jax.core.Tracer):
-                self.subsamples[msg["name"]] = msg["value"]  # a JAX array: NumPyro's plate asserts one
+            name, (size, subsample_size) = msg["name"], msg["args"][:2]
+            self.plate_sizes[name] = (int(size), int(subsample_size or size))
+            self.plates_seen[name] = self.plates_seen.get(name, 0) + 1
+            if self.plates_seen[name] > 1:  # which indices belong to which use is not recorded
+                self.subsamples.pop(name, None)
+            elif subsample_size not in (None, size) and not isinstance(msg["value"], jax.core.Tracer):
+                self.subsamples[name] = msg["value"]  # a JAX array: NumPyro's plate asserts one
             return
         if kind == "control_flow":
             inner = msg["value"][1][0].trace
@@ -630,7 +636,8 @@ class ModelTrace:
     notes: list[str] = field(default_factory=list)
     # Latent site -> its support, where that has no array bounds (so cannot move with the values).
     supports: dict[str, Any] = field(default_factory=dict)
-    # Subsampled plate -> its indices in the first run (seed 0), when that run had to be eager.
+    # Subsampled plate -> its indices in the recording run (seed 0), where they were concrete there
+    # (an eager run) and the plate's name is used once.
     subsamples: dict[str, jax.Array] = field(default_factory=dict)
 
     def seeded(self, rng_seed=0) -> Callable:
@@ -639,10 +646,10 @@ class ModelTrace:
         A model that indexes numpy data by a plate's subsample (``x[idx]``) cannot be traced with
         the indices traced; given as constants, every later run traces (compiled once, not op by
         op). The seed handler is innermost, so it still draws a key for each plate and every
-        other draw keeps its key.
+        other draw keeps its key. Every seed gets seed 0's indices.
         """
         model = handlers.seed(self.model, rng_seed)
-        return handlers.substitute(model, data=self.subsamples) if self.subsamples else model
+        return _GivenSubsamples(model, self.subsamples) if self.subsamples else model
 
     @property
     def latent_names(self) -> list[str]:
@@ -684,7 +691,7 @@ class ModelTrace:
             jitted = self.__dict__["_draw"] = jit_quick(draw, sum(s.size for s in self.sites.values()))
         try:
             return jitted(np.int32(rng_seed))
-        except _TRACER_ERRORS:  # the model needs a seeded value (a numpy index by a random subsample)
+        except _TRACER_ERRORS:  # the model needs a seeded value in Python (a plate's subsample as an int)
             return draw(rng_seed)
 
     @functools.cached_property
@@ -941,6 +948,21 @@ def trace_model(model: Callable, args: tuple = (), kwargs: dict | None = None) -
     return mt
 
 
+class _GivenSubsamples(Messenger):
+    """Gives subsampled plates the recorded indices (``ModelTrace.subsamples``), where the
+    subsample size matches; sample sites of the same name are left alone."""
+
+    def __init__(self, fn, subsamples: dict):
+        super().__init__(fn)
+        self.subsamples = subsamples
+
+    def process_message(self, msg):
+        given = self.subsamples.get(msg.get("name"))
+        if msg["type"] == "plate" and given is not None and msg["value"] is None \
+                and msg["args"][1] == np.shape(given)[0]:
+            msg["value"] = given
+
+
 class _KeepComputedDeterministic(Messenger):
     """Innermost handler: keeps a deterministic site's computed value before substitution."""
 
@@ -971,8 +993,8 @@ def site_dependencies(mt: ModelTrace, values: dict[str, Any]) -> dict[str, set[s
     @staged_if_possible
     def outputs(**inp):
         keep = _KeepComputedDeterministic()
-        with handlers.trace() as tr2, handlers.seed(rng_seed=0), handlers.substitute(data={**mt.subsamples, **inp}), \
-                keep:
+        with handlers.trace() as tr2, handlers.seed(rng_seed=0), _GivenSubsamples(None, mt.subsamples), \
+                handlers.substitute(data=inp), keep:
             mt.model(*mt.args, **mt.kwargs)
         out = {}
         for name, site in tr2.items():
@@ -1064,8 +1086,9 @@ def log_joint(mt: ModelTrace, values: dict[str, Any], handler: Messenger | None 
     """
 
     def run():
-        # Seeded here, inside: when the model needs its data's values (a numpy index by a plate's
-        # random subsample), the fallback evaluates the key eagerly too.
+        # Seeded here, inside: when the model needs concrete values in Python (its data's, or a
+        # plate's subsample not recorded in ModelTrace.subsamples), the fallback evaluates the key
+        # eagerly too.
         model = mt.seeded(0)
         if fixed is not None:
             model = handlers.substitute(model, data=fixed)

@@ -49,6 +49,7 @@ reparameterized / original per-gradient cost at most 1.3x.
     python -m benchmarks.cold_start --repeats 3             # median of 3 fresh processes per figure
     python -m benchmarks.cold_start --no-examples --repeats 3   # only the gradients (gradient.md)
     python -m benchmarks.cold_start --alternate OLD/src NEW/src --repeats 3 --examples eight_schools
+    python -m benchmarks.cold_start --alternate OLD/src NEW/src --examples --files docs/models/minibatch_numpy_index.py
 """
 
 from __future__ import annotations
@@ -260,11 +261,12 @@ def alternate(names, trees: list[str], repeats: int, env: dict) -> dict:
     results = {}
     for name in names:
         imports, runs = [], {tree: [] for tree in trees}
+        path = name if name.endswith(".py") else f"examples/{name}.py"
         for _ in range(repeats):
             imports.append(child_cpu([sys.executable, "-c", IMPORT_CODE], env)[0])
             for tree in trees:
                 tree_env = dict(env, PYTHONPATH=os.pathsep.join([tree, str(ROOT)]))
-                code = ANALYZE_CODE.format(path=f"examples/{name}.py")
+                code = ANALYZE_CODE.format(path=path)
                 runs[tree].append(child_cpu([sys.executable, "-c", code], tree_env)[0])
         results[name] = {tree: min(r) - min(imports) for tree, r in runs.items()}
         print(f"{name}: " + ", ".join(f"{tree} {v:.2f} s" for tree, v in results[name].items()),
@@ -359,6 +361,9 @@ def parse(argv):
     p.add_argument("--no-bytecode", action="store_true",
                    help="do not write autoreparam's bytecode first (under PYTHONDONTWRITEBYTECODE=1 every "
                         "child then compiles its source, as the figures before this option did)")
+    p.add_argument("--files", nargs="*", default=[], metavar="FILE",
+                   help="with --alternate: model files (.py, as `autoreparam analyze` takes them) timed "
+                        "after the examples")
     p.add_argument("--alternate", nargs="+", metavar="SRC", default=None,
                    help="only compare source trees (directories holding an autoreparam package, bytecode "
                         "written by you): their analyze, one after the other, --repeats rounds; prints JSON")
@@ -387,7 +392,7 @@ def main(argv=None) -> int:
         return 0
     env = dict(os.environ, OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"))
     if ns.alternate:
-        print(json.dumps(alternate(ns.examples, ns.alternate, ns.repeats, env)))
+        print(json.dumps(alternate([*ns.examples, *ns.files], ns.alternate, ns.repeats, env)))
         return 0
     if not ns.no_bytecode:
         child_cpu([sys.executable, "-c", BYTECODE_CODE], env)

@@ -53,21 +53,33 @@ def test_floating_point_and_other_prngs_are_left_to_xla():
         host_prng.evaluate_jaxpr(rbg, np.int32(0))
 
 
-def test_draws_program_gives_the_compiled_bits():
-    """jit_draws cuts the hashes off into numpy; its draws equal one compiled program's, also when a
-    part it cannot evaluate (another PRNG) makes it compile that part instead."""
+def _threefry_draws(seed):
+    a, b = jax.random.split(jax.random.PRNGKey(seed))
+    return {"normal": jax.random.normal(a, (5,)), "cauchy": jax.random.cauchy(b, (3,))}
 
-    def draws(seed):
-        key = jax.random.PRNGKey(seed)
-        a, b = jax.random.split(key)
-        return {"normal": jax.random.normal(a, (5,)), "cauchy": jax.random.cauchy(b, (3,)),
-                "rbg": jax.random.normal(jax.random.key(seed, impl="rbg"), (2,))}
 
+def _with_rbg_draws(seed):
+    return {**_threefry_draws(seed), "rbg": jax.random.normal(jax.random.key(seed, impl="rbg"), (2,))}
+
+
+@pytest.mark.parametrize("program, compiled", [(_threefry_draws, ["remainder"]), (_with_rbg_draws, ["_with_rbg_draws"])])
+def test_draws_program_gives_the_compiled_bits(monkeypatch, program, compiled):
+    """jit_draws computes the hashes in numpy and compiles the rest; with a part it cannot evaluate
+    (another PRNG) it compiles the whole program. Either way the draws are those of one compiled
+    program with the same options."""
+    from autoreparam import trace
+
+    names = []
+    compile_ = trace._compile
+    monkeypatch.setattr(trace, "_compile", lambda traced, opts, size: names.append(traced.fun_name) or compile_(traced, opts, size))
+    draws = jit_draws(program)
     for seed in (0, 11):
-        got = jit_draws(draws)(np.int32(seed))
-        want = jax.jit(draws)(np.int32(seed))
+        got = draws(np.int32(seed))
+        want = jax.jit(program).trace(np.int32(seed)).lower().compile(
+            compiler_options=trace.QUICK_COMPILE_OPTIONS)(np.int32(seed))
         for k in want:
-            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=k)
+            assert np.asarray(got[k]).tobytes() == np.asarray(want[k]).tobytes(), k
+    assert names == compiled  # once, for both seeds: the remainder, or the whole program
 
 
 def test_arguments_take_the_jaxprs_dtypes():

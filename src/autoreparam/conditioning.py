@@ -173,7 +173,6 @@ class ReparamGeometry:
         # against 4.4 s on the tensor example (220 values), for 15 ms a call against 6 ms.
         self._grad = jit_quick(staged(grad), size, options=None)
         self._hvp = jit_quick(hvp, size, options=None)
-        self._hvp_many = jit_quick(jax.vmap(hvp, in_axes=(None, None, 0)), size, runs=GUARD_RUNS)
 
         def dense(theta, knobs, rows):
             # The whole Hessian from the point's site values, by one program: a second one mapping
@@ -185,7 +184,7 @@ class ReparamGeometry:
             return jax.vmap(lambda t: ravel_pytree(hvp(u, knobs, unravel(t)))[0])(rows)
 
         self._dense = jit_quick(staged(dense), size, runs=GUARD_RUNS)
-        self._size = mt.unconstrained_size(self.names)
+        self._shapes = mt.unconstrained_shapes(self.names)
 
     def operator(self, theta: dict, knobs: dict, sites=None):
         """(hvp on flat vectors, dense matrix or None, size) at ``theta`` for ``knobs``.
@@ -193,40 +192,36 @@ class ReparamGeometry:
         With ``sites``, the Hessian restricted to those sites' coordinates (the curvature of
         their conditional given every other site).
         """
-        if sites is None and self._size is not None and self._size <= DENSE_LIMIT:
-            dtype = jnp.result_type(*jax.tree.leaves(theta))
-            h = self._dense(theta, knobs, np.eye(self._size, dtype=dtype))
-            h = np.asarray(h, np.float64)
-            h = 0.5 * (h + h.T)
-            return (lambda v: h @ v), h, h.shape[0]
-        u = self._to_u(theta, knobs)
+        u = None
+        shapes = self._shapes
+        if shapes is None:  # a support moves with the values: the shapes from the values themselves
+            u = self._to_u(theta, knobs)
+            shapes = {name: np.shape(v) for name, v in u.items()}
         # Flat vectors in ravel_pytree's order (sorted names), assembled in numpy rather than op by op.
-        names = sorted(u)
-        shapes = {name: np.shape(u[name]) for name in names}
+        names = sorted(shapes)
         sizes = {name: int(np.prod(shapes[name], dtype=np.int64)) for name in names}
         starts = dict(zip(names, np.cumsum([0, *sizes.values()])[:-1].tolist()))
-        dtype = np.dtype(jnp.result_type(*u.values()))
         n = sum(sizes.values())
-
-        def unravel(flat):  # rows of flat vectors -> {name: rows of values}
-            lead = flat.shape[:-1]
-            return {name: flat[..., starts[name]:starts[name] + sizes[name]].reshape(lead + shapes[name])
-                    .astype(np.asarray(u[name]).dtype) for name in names}
-
-        def ravel(values, lead=()):
-            return np.concatenate([np.asarray(values[name], np.float64).reshape(lead + (sizes[name],))
-                                   for name in names], axis=-1)
-
         keep = None
         if sites is not None:
             keep = np.concatenate([np.arange(starts[s], starts[s] + sizes[s]) for s in sorted(sites)])
         if n <= DENSE_LIMIT:
-            eye = np.eye(n, dtype=dtype) if keep is None else np.eye(n, dtype=dtype)[keep]
-            cols = self._hvp_many(u, knobs, unravel(eye))
-            h = ravel(cols, (eye.shape[0],))
-            h = h if keep is None else h[:, keep]
+            # Every column, also for a restriction: one compiled program for all of them.
+            h = np.asarray(self._dense(theta, knobs, np.eye(n, dtype=jnp.result_type(*jax.tree.leaves(theta)))),
+                           np.float64)
+            h = h if keep is None else h[np.ix_(keep, keep)]
             h = 0.5 * (h + h.T)
             return (lambda v: h @ v), h, h.shape[0]
+        if u is None:
+            u = self._to_u(theta, knobs)
+        dtype = np.dtype(jnp.result_type(*u.values()))
+
+        def unravel(flat):  # a flat vector -> {name: values}
+            return {name: flat[starts[name]:starts[name] + sizes[name]].reshape(shapes[name])
+                    .astype(np.asarray(u[name]).dtype) for name in names}
+
+        def ravel(values):
+            return np.concatenate([np.asarray(values[name], np.float64).reshape(sizes[name]) for name in names])
 
         def hvp(v):
             if keep is not None:

@@ -703,19 +703,18 @@ class ModelTrace:
         # trace_model's own run (init_to_uniform) already mapped every latent site through its bijection
         return {n: dist.biject_to(self.supports[n]) for n in self.latent_names}
 
-    def unconstrained_size(self, names) -> int | None:
-        """How many unconstrained values the latent sites ``names`` have (an LKJCholesky's fewer than
-        its matrix), or None when a support can move with the model's values."""
+    def unconstrained_shapes(self, names) -> dict[str, tuple] | None:
+        """The shapes of the latent sites' unconstrained values (an LKJCholesky's are smaller than its
+        matrix), or None when a support can move with the model's values."""
         transforms = self._fixed_bijections
         if transforms is None:
             return None
-        return sum(int(np.prod(transforms[n].inverse_shape(self.sites[n].shape), dtype=np.int64)) for n in names)
+        return {n: tuple(transforms[n].inverse_shape(self.sites[n].shape)) for n in names}
 
     def _uniform_point(self, rng: np.random.Generator) -> dict[str, jax.Array]:
-        transforms = self._fixed_bijections
         dtype = jnp.result_type(float)
-        u = {n: rng.uniform(-2.0, 2.0, t.inverse_shape(self.sites[n].shape)).astype(dtype)
-             for n, t in transforms.items()}
+        u = {n: rng.uniform(-2.0, 2.0, shape).astype(dtype)
+             for n, shape in self.unconstrained_shapes(self.latent_names).items()}
         return self._to_support(u)
 
     @functools.cached_property

@@ -265,11 +265,8 @@ def _size_from_data(g, x, y=None):
     numpyro.sample("y", dist.Normal(a[g] + x, 2.0), obs=y)
 
 
-@pytest.mark.parametrize("chain_rule", [False, True])
 @pytest.mark.parametrize("model", [_with_prng_key, _numpy_indexed_subsample, _size_from_data])
-def test_guard_runs_on_models_that_draw_keys_or_index_in_numpy(model, chain_rule, monkeypatch):
-    """Both ways of forming the dense Hessian (the chain rule traces the change of variables alone)."""
-    monkeypatch.setattr(conditioning, "CHAIN_RULE_WORK", 0 if chain_rule else np.inf)
+def test_guard_runs_on_models_that_draw_keys_or_index_in_numpy(model):
     g = np.repeat(np.arange(6), 4)
     data = np.random.default_rng(1).normal(size=24).astype(np.float32)
     args = (g,) if model is _with_prng_key else (g, data)
@@ -352,50 +349,3 @@ def test_empirical_bayes_point_finds_the_scale_the_data_say(vague_scale_analysis
     centre, moved = conditioning.offset_points(geometry, curv, report.hyperparameters, knobs)
     assert float(centre["s"]) > 3.0
     assert 0.1 < float(moved["s"]) < 0.5
-
-
-# -- the dense Hessian by the chain rule -------------------------------------------------------------
-def _shared_mean(g, y=None):
-    """mu against every a (an offset), a funnel in s (a non-centring, whose log-Jacobian is not linear
-    in log s), and a positive sigma that no item touches."""
-    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
-    s = numpyro.sample("s", dist.HalfNormal(1.0))
-    with numpyro.plate("groups", 6):
-        a = numpyro.sample("a", dist.Normal(0.0, 0.2 + s))
-    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
-    with numpyro.plate("obs", len(g)):
-        numpyro.sample("y", dist.Normal(mu + a[g], sigma), obs=y)
-
-
-def test_chain_rule_hessian_equals_the_direct_one(monkeypatch):
-    """The Hessian assembled from the model as written's (J'HJ + the change of variables' second
-    derivatives) equals the reparameterized log joint's own, for every subset of the plan's items,
-    at points that differ in the hyperparameters only and in everything, and restricted to sites."""
-    rng = np.random.default_rng(1)
-    g = np.repeat(np.arange(6), 3).astype(np.int32)
-    y = (0.5 + rng.normal(0.0, 0.7, 6)[g] + rng.normal(0.0, 1.0, g.size)).astype(np.float32)
-    report, mt = analyze_model(_shared_mean, (g,), {"y": y})
-    plan = build_plan(report, mt, guard=False)
-    assert plan["a"].offsets and plan["a"].noncentred
-    specs, knobs, items = conditioning.plan_items(list(plan.sites), dict(plan.anchors))
-    by_rule = {}
-    for work in (0, np.inf):
-        monkeypatch.setattr(conditioning, "CHAIN_RULE_WORK", work)
-        by_rule[work] = conditioning.ReparamGeometry(mt, mt.latent_names, specs, {})
-    chained, direct = by_rule[0], by_rule[np.inf]
-    assert chained.chain_rule and not direct.chain_rule
-    off = {"xi": {k: jnp.zeros_like(v) for k, v in knobs["xi"].items()},
-           "centredness": {k: jnp.ones_like(v) for k, v in knobs["centredness"].items()}}
-    half = {"xi": knobs["xi"], "centredness": {k: jnp.full_like(v, 0.3) for k, v in knobs["centredness"].items()}}
-    centre = {"mu": jnp.asarray(0.4), "s": jnp.asarray(0.8), "sigma": jnp.asarray(1.1),
-              "a": jnp.asarray(rng.normal(0.0, 0.8, 6), dtype=jnp.float32)}
-    points = [centre, {**centre, "s": jnp.asarray(2.2)},
-              {"mu": jnp.asarray(-1.0), "s": jnp.asarray(0.3), "sigma": jnp.asarray(0.6), "a": centre["a"] * 0.2}]
-    for point in points:
-        for k in (knobs, off, half):
-            for sites in (None, {"a", "mu"}):
-                _, expected, n = direct.operator(point, k, sites)
-                _, got, m = chained.operator(point, k, sites)
-                assert m == n
-                np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
-    assert len(chained._written) == len(points)  # the model as written: once per point, for all knobs

@@ -15,8 +15,6 @@ from autoreparam.trace import (
     ModelTrace,
     check_model_inputs,
     describe_exception,
-    live_equations,
-    pruned,
     site_dependencies,
     support_name,
     trace_model,
@@ -468,25 +466,3 @@ def test_a_plate_name_used_twice_keeps_its_own_indices(model):
     assert mt.subsamples == {}  # which indices belong to which use is not recorded: runs stay eager
     want = log_density(numpyro.handlers.seed(model, 0), (x, y), {}, {"mu": 0.5})[0]
     np.testing.assert_allclose(jax.jit(lambda mu: log_joint(mt, {"mu": mu}))(np.float32(0.5)), want, rtol=1e-6)
-
-
-def test_pruned_runs_only_what_its_outputs_read():
-    """A model run whose log density is not returned: the pruned function's program has no logs, gives
-    the same values and derivatives, and refuses arguments structured otherwise."""
-
-    def values(x):
-        with numpyro.handlers.trace() as tr, numpyro.handlers.substitute(data={"b": x["b"]}), \
-                numpyro.handlers.seed(rng_seed=0):
-            b = numpyro.sample("b", dist.Normal(0.0, 1.0))
-            numpyro.sample("y", dist.Normal(b, 2.0), obs=jnp.arange(5.0))
-        log_prob = tr["y"]["fn"].log_prob(tr["y"]["value"]).sum()  # computed, never returned
-        return {"twice": 2.0 * b, "unused": log_prob}["twice"]
-
-    closed = jax.make_jaxpr(values)({"b": 1.0})
-    assert "log" in {eqn.primitive.name for eqn in closed.jaxpr.eqns}
-    assert "log" not in {eqn.primitive.name for eqn in live_equations(closed.jaxpr)}
-    fn = pruned(values, {"b": jnp.asarray(1.0)})
-    assert float(fn({"b": jnp.asarray(3.0)})) == 6.0
-    assert float(jax.grad(lambda b: fn({"b": b}))(jnp.asarray(3.0))) == 2.0
-    with pytest.raises(TypeError, match="arguments structured as"):
-        fn(jnp.asarray(3.0))

@@ -41,27 +41,17 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions import biject_to
 from numpyro.primitives import Messenger
 
-from .trace import jit_quick, log_joint, pruned, staged, unwrap_distribution
+from .trace import jit_quick, log_joint, staged, unwrap_distribution
 
-__all__ = ["ReparamGeometry", "condition_number", "guard_items", "guard_offsets", "plan_items", "check_plan_sites"]
+__all__ = ["ReparamGeometry", "condition_number", "guard_items", "guard_offsets", "check_plan_sites"]
 
 # Below this many unconstrained values the Hessian is formed densely (one vmapped HVP call).
 DENSE_LIMIT = 600
 LANCZOS_STEPS = 40
-# How often the guard expects to run its two dense programs: the model as written's Hessian once per
-# point (the centre and two funnel points), and the chain rule for the model as written and the plan
-# at each: the ``runs`` that decide whether a program is worth LLVM's -O1 (trace.RUNTIME_BOUND_WORK).
-GUARD_POINTS = 3
+# How many dense Hessians the guard expects to form with one compiled program (the model as written,
+# the plan and the plan less one item, each at the plan's point and a funnel point): the ``runs``
+# that decides whether the program is worth LLVM's -O1 (trace.RUNTIME_BOUND_WORK).
 GUARD_RUNS = 6
-# The model as written's Hessians kept (by point): the guard's three points and an offsets check's.
-WRITTEN_KEPT = 4
-# The dense Hessian goes by the chain rule (``ReparamGeometry``) when the latent values times all the
-# model's values reach this: a run over the data is then costly enough that running it once per point,
-# not once per knob setting, outweighs tracing and compiling a second program. Measured on fresh
-# processes (benchmarks.cold_start --alternate): the crossed logistic example (403 x 15,403) 0.17-0.24 s
-# faster, a 150-patient version of the tutorial shape (305 x 4,805) 0.19-0.21 s; the tensor example
-# (1.5e5) no faster, county_covariate (3.5e3) 0.1 s slower.
-CHAIN_RULE_WORK = 1_000_000
 # A plan item is dropped when it makes the preconditioned condition number worse by more than
 # this factor. The figure comes from three points near where the posterior should be, not from
 # the posterior itself; a factor 3 (under 1.8 in sqrt(kappa), the leapfrog steps per independent
@@ -94,19 +84,13 @@ class _ChangeOfVariables(Messenger):
         self.values: dict[str, Any] = {}
         self.u: dict[str, Any] = {}
         self.log_jacobian = 0.0
-        self.planned_log_jacobian = 0.0  # the part from the plan's items (non-centrings; offsets have 0)
 
     def __enter__(self):
         # The state of one run of the model: a staged run that failed (Python code on the data's
         # values, int(jnp.max(g))) is run again eagerly with this handler, and must not add to what
         # it left.
-        self.values, self.u, self.log_jacobian, self.planned_log_jacobian = {}, {}, 0.0, 0.0
+        self.values, self.u, self.log_jacobian = {}, {}, 0.0
         return super().__enter__()
-
-    def model_coordinates(self) -> dict:
-        """After a forward run: every site in the coordinates of the model as written, as NUTS would
-        sample it (a planned site's are its values: the plan's items apply to real sites)."""
-        return {name: self.values[name] if name in self.specs else self.u[name] for name in self.u}
 
     def process_message(self, msg):
         name = msg.get("name")  # a numpyro.prng_key() message has none
@@ -126,7 +110,6 @@ class _ChangeOfVariables(Messenger):
         else:
             theta, u, logdet = self._planned(name, fn, shape, spec, jnp.reshape(given, shape))
             self.log_jacobian = self.log_jacobian + logdet
-            self.planned_log_jacobian = self.planned_log_jacobian + logdet
         self.values[name] = theta
         self.u[name] = u
         msg["value"] = theta
@@ -159,102 +142,49 @@ class _ChangeOfVariables(Messenger):
 class ReparamGeometry:
     """The negative log joint of a model after a plan's items, in NUTS's unconstrained coordinates.
 
-    ``operator(theta, knobs)`` returns ``(hvp, dense, n)`` at the model point ``theta``
+    ``hessian_operator(theta, knobs)`` returns ``(hvp, diag, n)`` at the model point ``theta``
     (constrained site values) for the items set by ``knobs`` (``{"xi": {(site, parent): array},
     "centredness": {site: array}}``): ``hvp`` maps a flat vector to a flat vector. Everything is
     compiled once per model and reused for every knob setting.
-
-    Below ``DENSE_LIMIT`` values the Hessian is formed densely, by one of two programs:
-
-    - directly: the Hessian-vector products of the reparameterized log joint against every unit
-      vector, one run over the model's data for each point and knob setting;
-    - by the chain rule, where the data make a run costly (``CHAIN_RULE_WORK``). The model as
-      written gives its gradient ``g`` and Hessian ``H`` in its own unconstrained coordinates ``z``
-      once per point: the one program that runs over the data. The plan's coordinates ``u`` map to
-      them by ``z = T(u)`` (the planned sites' values; every other site's ``u`` is its ``z``), so for
-      each knob setting the Hessian is that of ``g.d + d'Hd/2 - log|det T'(u)|`` with
-      ``d = T(u) - z``, at ``u``: ``J'HJ + sum_k g_k T_k'' - (log|det T'|)''``, exactly the
-      reparameterized log joint's, from a program on the sites' values alone.
     """
 
     def __init__(self, mt, names, specs, fixed):
         self.mt, self.names, self.specs = mt, list(names), specs
-        as_written = {name: (spec[0], (), False) for name, spec in specs.items()}  # z = the sites' values
 
-        def run(coords, knobs, inverse, plan=specs):
-            cov = _ChangeOfVariables(None, set(self.names), plan, coords, knobs, inverse)
+        def run(coords, knobs, inverse):
+            cov = _ChangeOfVariables(None, set(self.names), specs, coords, knobs, inverse)
             return log_joint(mt, {}, handler=cov, fixed=fixed), cov
 
-        def to_unconstrained(theta, knobs, plan=specs):
-            _, cov = run(theta, knobs, True, plan)
+        def to_unconstrained(theta, knobs):
+            _, cov = run(theta, knobs, True)
             return {n: cov.u[n] for n in self.names}
 
-        def neg_log_joint(u, knobs, plan=specs):
-            logp, cov = run(u, knobs, False, plan)
+        def neg_log_joint(u, knobs):
+            logp, cov = run(u, knobs, False)
             return -(logp + cov.log_jacobian)
-
-        def to_model_coordinates(u, knobs):
-            _, cov = run(u, knobs, False)
-            return cov.model_coordinates(), cov.planned_log_jacobian
 
         size = sum(s.size for s in mt.sites.values())
         self._to_u = jit_quick(to_unconstrained, size)
         self._value = jit_quick(neg_log_joint, size)
         grad = jax.grad(neg_log_joint)
         hvp = staged(lambda u, knobs, t: jax.jvp(lambda x: grad(x, knobs), (u,), (t,))[1])
-        # XLA's defaults for the single HVP: the Lanczos iterations call it hundreds of times.
+        # XLA's defaults for the single HVP: the Lanczos iterations call it hundreds of times. The
+        # dense Hessian (one call per point and plan subset) compiles with the quick options: 1.0 s
+        # against 4.4 s on the tensor example (220 values), for 15 ms a call against 6 ms.
         self._grad = jit_quick(staged(grad), size, options=None)
         self._hvp = jit_quick(hvp, size, options=None)
 
-        # The dense programs compile with the quick options (1.0 s against 4.4 s on the tensor example,
-        # for 15 ms a call against 6 ms). The point's site values go into them, not unconstrained
-        # values: a second program mapping them costs more to compile (10-20 ms) than eight schools'
-        # Hessian. The identity comes in as an argument: built inside, XLA folds it into a larger program.
         def dense(theta, knobs, rows):
+            # The whole Hessian from the point's site values, by one program: a second one mapping
+            # them to unconstrained values costs more to compile (10-20 ms) than eight schools'
+            # Hessian. The identity comes in as an argument: built inside, XLA folds it into a
+            # larger program.
             u = to_unconstrained(theta, knobs)
             unravel = ravel_pytree(u)[1]
             return jax.vmap(lambda t: ravel_pytree(hvp(u, knobs, unravel(t)))[0])(rows)
 
-        def as_written_at(theta, rows):
-            # The model as written at the point: (z, g, H), flat.
-            z, unravel = ravel_pytree(to_unconstrained(theta, {}, as_written))
-            gradient = jax.grad(lambda x: neg_log_joint(unravel(x), {}, as_written))
-            g, h = jax.vmap(lambda t: jax.jvp(gradient, (z,), (t,)), out_axes=(None, 0))(rows)
-            return z, g, h
-
-        def chained(theta, knobs, written, rows):
-            z0, g0, h0 = written
-            u = to_unconstrained(theta, knobs)
-            # T traced once without the likelihood: vmap of jvp of grad would trace that at every
-            # level, for XLA to drop.
-            to_z = pruned(to_model_coordinates, u, knobs)
-            u, unravel = ravel_pytree(u)
-
-            def local(x):
-                z, log_det = to_z(unravel(x), knobs)
-                d = ravel_pytree(z)[0] - z0
-                return g0 @ d + 0.5 * d @ (h0 @ d) - log_det
-
-            gradient = jax.grad(local)
-            return jax.vmap(lambda t: jax.jvp(gradient, (u,), (t,))[1])(rows)
-
+        self._dense = jit_quick(staged(dense), size, runs=GUARD_RUNS)
         self._shapes = mt.unconstrained_shapes(self.names)
-        latent_size = sum(mt.sites[name].size for name in self.names)
-        self.chain_rule = latent_size * size >= CHAIN_RULE_WORK
-        if not self.chain_rule:
-            self._dense = jit_quick(staged(dense), size, runs=GUARD_RUNS)
-            return
-        self._as_written = jit_quick(staged(as_written_at), size, runs=GUARD_POINTS)
-        self._chained = jit_quick(staged(chained), size, runs=GUARD_RUNS)
-        self._written: dict[int, tuple] = {}  # id(theta) -> (theta, its (z, g, H)); the last few points
-
-    def _written_at(self, theta: dict, rows):
-        key = id(theta)
-        if key not in self._written:
-            if len(self._written) >= WRITTEN_KEPT:
-                self._written.pop(next(iter(self._written)))
-            self._written[key] = (theta, self._as_written(theta, rows))
-        return self._written[key][1]
 
     def operator(self, theta: dict, knobs: dict, sites=None):
         """(hvp on flat vectors, dense matrix or None, size) at ``theta`` for ``knobs``.
@@ -277,12 +207,8 @@ class ReparamGeometry:
             keep = np.concatenate([np.arange(starts[s], starts[s] + sizes[s]) for s in sorted(sites)])
         if n <= DENSE_LIMIT:
             # Every column, also for a restriction: one compiled program for all of them.
-            rows = np.eye(n, dtype=jnp.result_type(*jax.tree.leaves(theta)))
-            if self.chain_rule:
-                h = self._chained(theta, knobs, self._written_at(theta, rows), rows)
-            else:
-                h = self._dense(theta, knobs, rows)
-            h = np.asarray(h, np.float64)
+            h = np.asarray(self._dense(theta, knobs, np.eye(n, dtype=jnp.result_type(*jax.tree.leaves(theta)))),
+                           np.float64)
             h = h if keep is None else h[np.ix_(keep, keep)]
             h = 0.5 * (h + h.T)
             return (lambda v: h @ v), h, h.shape[0]
@@ -611,26 +537,6 @@ def _summary(value) -> str:
     return f"{v[0]:.2g}" if v.size == 1 else f"{v.min():.2g}..{v.max():.2g}"
 
 
-def plan_items(plan_sites: list, anchors: dict) -> tuple[dict, dict, list[Item]]:
-    """(``ReparamGeometry``'s specs, the knobs of the plan, its items) for a plan's ``SitePlan``s."""
-    specs, xi, centredness, items = {}, {}, {}, []
-    dtype = jnp.result_type(float)
-    for s in plan_sites:
-        offsets = []
-        for off in s.offsets:
-            # Converted in numpy and put on the device: as JAX operations (jnp.asarray's conversion or
-            # lax.stage), each would compile on its own.
-            center = jax.device_put(np.asarray(anchors.get(off.parent, 0.0), dtype=dtype))
-            offsets.append((off.parent, off.absorb, center))
-            xi[(s.name, off.parent)] = jax.device_put(np.reshape(off.init, s.batch_shape).astype(dtype))
-            items.append(Item(s.name, off.parent))
-        if s.noncentred:
-            centredness[s.name] = jax.device_put(np.reshape(s.centredness, s.batch_shape).astype(dtype))
-            items.append(Item(s.name, None))
-        specs[s.name] = (tuple(s.batch_shape), tuple(offsets), s.noncentred)
-    return specs, {"xi": xi, "centredness": centredness}, items
-
-
 def check_plan_sites(curv, plan_sites: list, anchors: dict, hyperparameters=(), funnels=()) -> tuple[list, list[str], dict]:
     """The plan's sites without the items that make the log joint worse conditioned than the model's.
 
@@ -641,7 +547,20 @@ def check_plan_sites(curv, plan_sites: list, anchors: dict, hyperparameters=(), 
     mt = curv.mt
     if any(s.type == "latent" and s.is_discrete for s in mt.sites.values()):
         return plan_sites, [], {}
-    specs, knobs, items = plan_items(plan_sites, anchors)
+    specs, xi, centredness, items = {}, {}, {}, []
+    for s in plan_sites:
+        offsets = []
+        for off in s.offsets:
+            # Converted in numpy and put on the device: as JAX operations (jnp.asarray's conversion or
+            # lax.stage), each would compile on its own.
+            center = jax.device_put(np.asarray(anchors.get(off.parent, 0.0), dtype=jnp.result_type(float)))
+            offsets.append((off.parent, off.absorb, center))
+            xi[(s.name, off.parent)] = jax.device_put(np.reshape(off.init, s.batch_shape).astype(jnp.result_type(float)))
+            items.append(Item(s.name, off.parent))
+        if s.noncentred:
+            centredness[s.name] = jax.device_put(np.reshape(s.centredness, s.batch_shape).astype(jnp.result_type(float)))
+            items.append(Item(s.name, None))
+        specs[s.name] = (tuple(s.batch_shape), tuple(offsets), s.noncentred)
     if not items:
         return plan_sites, [], {}
     theta = funnel_points(curv, hyperparameters, funnels)
@@ -654,6 +573,7 @@ def check_plan_sites(curv, plan_sites: list, anchors: dict, hyperparameters=(), 
         dtype = jnp.result_type(float)
         return np.ones(shape, dtype) if item.parent is None else np.zeros(shape, dtype)
 
+    knobs = {"xi": xi, "centredness": centredness}
     dropped, figures = guard_items(geometry, theta, knobs, items, off_value)
     remaining = [i for i in items if i not in dropped]
     local, points = [], []

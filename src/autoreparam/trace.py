@@ -219,51 +219,6 @@ def _evaluate(eqns, env: dict) -> None:
         env.update(zip(eqn.outvars, outs))
 
 
-def live_equations(jaxpr) -> list:
-    """The equations of ``jaxpr`` that its outputs read, directly or through other equations, and
-    those with effects; in order.
-
-    >>> closed = jax.make_jaxpr(lambda x: (jnp.exp(x), x + 1.0)[1])(1.0)
-    >>> [eqn.primitive.name for eqn in live_equations(closed.jaxpr)]
-    ['add']
-    """
-    needed = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
-    kept = []
-    for eqn in reversed(jaxpr.eqns):
-        if eqn.effects or any(v in needed for v in eqn.outvars):
-            kept.append(eqn)
-            needed.update(v for v in eqn.invars if not isinstance(v, Literal))
-    return kept[::-1]
-
-
-def pruned(fn: Callable, *args) -> Callable:
-    """``fn`` traced once (with the data staged) at ``args``' shapes and dtypes, as a function of
-    arrays shaped like them that runs only the equations its outputs read (``live_equations``).
-
-    For a part of a model run, such as a change of variables, that a transformation (vmap of jvp
-    of grad) would otherwise trace through the whole likelihood at every level, for XLA to drop.
-
-    >>> double = pruned(lambda x: (jnp.exp(x), 2.0 * x)[1], jnp.ones(2))
-    >>> jax.jacfwd(double)(jnp.ones(2))
-    Array([[2., 0.],
-           [0., 2.]], dtype=float32)
-    """
-    with data_staged():
-        closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
-    jaxpr, out_tree, in_tree = closed.jaxpr, jax.tree.structure(shapes), jax.tree.structure(args)
-    equations = live_equations(jaxpr)
-
-    def run(*args):
-        if jax.tree.structure(args) != in_tree:
-            raise TypeError(f"pruned {getattr(fn, '__name__', 'function')}: arguments structured as {in_tree} "
-                            f"expected, got {jax.tree.structure(args)}")
-        env = {**dict(zip(jaxpr.constvars, closed.consts)), **dict(zip(jaxpr.invars, jax.tree.leaves(args)))}
-        _evaluate(equations, env)
-        return jax.tree.unflatten(out_tree, [v.val if isinstance(v, Literal) else env[v] for v in jaxpr.outvars])
-
-    return run
-
-
 def _prng_part(closed) -> tuple[list, list, list] | None:
     """The program ``closed`` (nested jits inlined) cut in two: (the equations that make its random
     bits, the variables of theirs that the rest reads, the rest), or None when there are no random

@@ -116,7 +116,8 @@ class _ChangeOfVariables(Messenger):
 
     def _planned(self, name, fn, shape, spec, given):
         batch_shape, offsets, noncentred = spec
-        expand = lambda x: jnp.reshape(x, tuple(batch_shape) + (1,) * (len(shape) - len(batch_shape)))  # noqa: E731
+        # Unit event dims only: a sample_shape's dims come before the batch's, and broadcast.
+        expand = lambda x: jnp.reshape(x, tuple(batch_shape) + (1,) * len(fn.event_shape))  # noqa: E731
         offset = jnp.zeros(shape)
         for parent, absorb, center in offsets:
             xi = self.knobs["xi"][(name, parent)]

@@ -217,3 +217,37 @@ def test_parent_variable_rebound_before_the_child(tmp_path):
     xi = module._AUTOREPARAM_XI["a|mu"]
     want = xi * (tr["mu"]["value"] - module._AUTOREPARAM_CENTER["mu"])  # G for 'a|mu' copies mu to every row
     np.testing.assert_allclose(tr["a"]["value"] - tr["a_base"]["value"], want, rtol=1e-5, atol=1e-5)
+
+
+SAMPLE_SHAPED_BATCH = '''import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+
+
+def model(g, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0, 5))
+    tau = numpyro.sample("tau", dist.HalfNormal(1))
+    a = numpyro.sample("a", dist.Normal(mu * jnp.ones(2), tau), sample_shape=(6,))
+    numpyro.sample("y", dist.Normal(a[g, 0] + a[g, 1], 1.0), obs=y)
+'''
+
+
+def test_sample_shape_over_a_batch_is_left_unchanged_with_a_warning(tmp_path):
+    """A site drawn with sample_shape= from a batched distribution: the plan does not say which leading
+    dims are sample dims, and the emitted reshapes would not broadcast (the model raised at its first
+    run). It is left as written, with a warning naming it and the ways that do reparameterize it."""
+    g = np.repeat(np.arange(6), 2)
+    y = np.random.default_rng(0).normal(size=12).astype(np.float32)
+    module = import_source(SAMPLE_SHAPED_BATCH, tmp_path)
+    plan = autoreparam.analyze(module.model, g, y=y).plan
+    assert plan["a"].noncentred and plan["a"].batch_shape == (2,)
+    result = autoreparam.emit_source(SAMPLE_SHAPED_BATCH, "model", plan)
+    line = SAMPLE_SHAPED_BATCH.splitlines().index('    a = numpyro.sample("a", dist.Normal(mu * jnp.ones(2), tau), '
+                                                  'sample_shape=(6,))') + 1
+    assert result.rewritten == ()
+    assert result.warnings == [f"line {line}: site 'a' is drawn with sample_shape= from a distribution with batch "
+                               "shape (2,), which emitted source does not reparameterize yet (--emit config and "
+                               "autoreparam.reparameterize do); left unchanged"]
+    assert trace(import_source(result.source, tmp_path).model, (g,), {"y": y})["a"]["type"] == "sample"
+    reparameterized = trace(autoreparam.reparameterize(module.model, plan), (g,), {"y": y})
+    assert reparameterized["a"]["type"] == "deterministic"

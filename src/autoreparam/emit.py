@@ -378,6 +378,14 @@ class _SiteRewriter(cst.CSTTransformer):
                                  f"'{missing[0]}', whose value is not bound to a simple name earlier in "
                                  f"'{self.function}'; left unchanged")
             return updated
+        if site.batch_shape and any(a.keyword is not None and a.keyword.value == "sample_shape" for a in call.args):
+            # The plan does not say how many of the site's leading dims are sample dims, and the
+            # emitted reshapes put the batch first: the rewritten model would not broadcast.
+            self.warnings.append(f"line {self._line(original)}: site '{site_name}' is drawn with sample_shape= "
+                                 f"from a distribution with batch shape {tuple(site.batch_shape)}, which emitted "
+                                 "source does not reparameterize yet (--emit config and "
+                                 "autoreparam.reparameterize do); left unchanged")
+            return updated
         fn_code = self.module.code_for_node(_dist_arg(call))
         lines = _site_code(self.plan, site, var, fn_code, self.variables, self.names)
         statements = [cst.parse_statement(line) for line in lines]

@@ -232,22 +232,38 @@ def model(g, y=None):
 '''
 
 
-def test_sample_shape_over_a_batch_is_left_unchanged_with_a_warning(tmp_path):
-    """A site drawn with sample_shape= from a batched distribution: the plan does not say which leading
-    dims are sample dims, and the emitted reshapes would not broadcast (the model raised at its first
-    run). It is left as written, with a warning naming it and the ways that do reparameterize it."""
+def test_sample_shape_over_a_batch(tmp_path):
+    """A site drawn with sample_shape= from a batched distribution (6 x 2, batch (2,)): the plan says
+    which leading dims are sample dims, and the emitted model's log density equals that of
+    reparameterize(model, plan) (the emitted reshapes had put the batch first: the model raised at its
+    first run). A plan without that (saved before it existed) leaves the site as written, with a
+    warning naming it."""
+    from numpyro.infer.util import log_density
+
     g = np.repeat(np.arange(6), 2)
     y = np.random.default_rng(0).normal(size=12).astype(np.float32)
     module = import_source(SAMPLE_SHAPED_BATCH, tmp_path)
     plan = autoreparam.analyze(module.model, g, y=y).plan
-    assert plan["a"].noncentred and plan["a"].batch_shape == (2,)
+    assert plan["a"].noncentred and plan["a"].batch_shape == (2,) and plan["a"].sample_ndim == 1
+    assert autoreparam.Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
     result = autoreparam.emit_source(SAMPLE_SHAPED_BATCH, "model", plan)
+    assert result.rewritten == ("a",) and result.warnings == []
+    emitted = import_source(result.source, tmp_path).model
+    values = {"mu": 0.3, "tau": 0.7, "a_decentered": np.linspace(-1.0, 1.0, 12).reshape(6, 2).astype(np.float32),
+              "a_centered": np.array([0.2, 0.9], np.float32)}
+    got = log_density(emitted, (g,), {"y": y}, values)[0]
+    want = log_density(autoreparam.reparameterize(module.model, plan), (g,), {"y": y}, values)[0]
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+    saved = plan.to_json()
+    for site in saved["sites"]:
+        site.pop("sample_ndim", None)
+    old = autoreparam.Plan.from_json(saved)
+    result = autoreparam.emit_source(SAMPLE_SHAPED_BATCH, "model", old)
     line = SAMPLE_SHAPED_BATCH.splitlines().index('    a = numpyro.sample("a", dist.Normal(mu * jnp.ones(2), tau), '
                                                   'sample_shape=(6,))') + 1
     assert result.rewritten == ()
     assert result.warnings == [f"line {line}: site 'a' is drawn with sample_shape= from a distribution with batch "
-                               "shape (2,), which emitted source does not reparameterize yet (--emit config and "
-                               "autoreparam.reparameterize do); left unchanged"]
+                               "shape (2,), and the plan does not give its sample_ndim (re-run the analysis); "
+                               "left unchanged"]
     assert trace(import_source(result.source, tmp_path).model, (g,), {"y": y})["a"]["type"] == "sample"
-    reparameterized = trace(autoreparam.reparameterize(module.model, plan), (g,), {"y": y})
-    assert reparameterized["a"]["type"] == "deterministic"

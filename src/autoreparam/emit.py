@@ -378,13 +378,13 @@ class _SiteRewriter(cst.CSTTransformer):
                                  f"'{missing[0]}', whose value is not bound to a simple name earlier in "
                                  f"'{self.function}'; left unchanged")
             return updated
-        if site.batch_shape and any(a.keyword is not None and a.keyword.value == "sample_shape" for a in call.args):
-            # The plan does not say how many of the site's leading dims are sample dims, and the
-            # emitted reshapes put the batch first: the rewritten model would not broadcast.
+        if site.batch_shape and not site.sample_ndim and any(
+                a.keyword is not None and a.keyword.value == "sample_shape" for a in call.args):
+            # A plan without sample_ndim (written by hand, or before it existed) does not say which
+            # leading dims are sample dims; with the batch first, the rewritten model would not broadcast.
             self.warnings.append(f"line {self._line(original)}: site '{site_name}' is drawn with sample_shape= "
-                                 f"from a distribution with batch shape {tuple(site.batch_shape)}, which emitted "
-                                 "source does not reparameterize yet (--emit config and "
-                                 "autoreparam.reparameterize do); left unchanged")
+                                 f"from a distribution with batch shape {tuple(site.batch_shape)}, and the plan "
+                                 "does not give its sample_ndim (re-run the analysis); left unchanged")
             return updated
         fn_code = self.module.code_for_node(_dist_arg(call))
         lines = _site_code(self.plan, site, var, fn_code, self.variables, self.names)
@@ -455,7 +455,7 @@ def _site_code(plan: Plan, site, var: str, fn_code: str, variables: dict[str, st
     name = site.name
     batch = tuple(site.batch_shape)
     shape = _shape_literal(site.shape)
-    expand = _shape_literal(batch + (1,) * (len(site.shape) - len(batch)))
+    expand = _shape_literal(batch + (1,) * (len(site.shape) - site.sample_ndim - len(batch)))
     lines = []
     offset_terms = []
     for off in site.offsets:

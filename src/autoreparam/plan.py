@@ -358,6 +358,8 @@ class SitePlan:
     ``learn_centredness`` is True. (NumPyro's ``LocScaleReparam`` calls it ``centered``.)
     ``cholesky`` marks a MultivariateNormal site non-centred by its Cholesky factor
     (``a = loc + scale_tril @ z``): fully (centredness 0, not learned) and without offsets.
+    ``sample_ndim`` counts the leading dims of ``shape`` that come from ``sample_shape=`` (before the
+    batch dims; those after the batch are event dims).
     """
 
     name: str
@@ -367,6 +369,7 @@ class SitePlan:
     centredness: tuple[float, ...] | None = None
     learn_centredness: bool = True
     cholesky: bool = False
+    sample_ndim: int = 0
 
     @property
     def parents(self) -> tuple[str, ...]:
@@ -380,7 +383,8 @@ class SitePlan:
         return {"name": self.name, "shape": list(self.shape), "batch_shape": list(self.batch_shape),
                 "offsets": [o.to_json() for o in self.offsets],
                 "centredness": None if self.centredness is None else list(self.centredness),
-                "learn_centredness": self.learn_centredness, **({"cholesky": True} if self.cholesky else {})}
+                "learn_centredness": self.learn_centredness, **({"cholesky": True} if self.cholesky else {}),
+                **({"sample_ndim": self.sample_ndim} if self.sample_ndim else {})}
 
     @classmethod
     def from_json(cls, d: dict, where: str = "site") -> "SitePlan":
@@ -396,15 +400,20 @@ class SitePlan:
                    tuple(Offset.from_json(o, f"{where}, offset") for o in offsets),
                    None if centredness is None else _numbers(centredness, where, "centredness"),
                    _get(d, "learn_centredness", where, _get(d, "learn_centered", where, True)),
-                   _get(d, "cholesky", where, False))
+                   _get(d, "cholesky", where, False), _get(d, "sample_ndim", where, 0))
 
     def check(self) -> None:
         """Raise PlanError naming the site and field unless every field is well-formed."""
         where = f"site '{_text(self.name, 'site', 'name')}'"
         shape = _ints(self.shape, where, "shape")
         batch_shape = _ints(self.batch_shape, where, "batch_shape")
+        sample_ndim = self.sample_ndim
+        if isinstance(sample_ndim, bool) or not isinstance(sample_ndim, int) or sample_ndim < 0:
+            _fail(where, f"'sample_ndim' must be a non-negative integer, got {sample_ndim!r}")
         if not any(shape[i:i + len(batch_shape)] == batch_shape for i in range(len(shape) - len(batch_shape) + 1)):
             _fail(where, f"'batch_shape' {batch_shape} is not part of 'shape' {shape}")
+        if sample_ndim and shape[sample_ndim:sample_ndim + len(batch_shape)] != batch_shape:
+            _fail(where, f"'batch_shape' {batch_shape} does not follow the {sample_ndim} sample dims of 'shape' {shape}")
         size, n_batch = _prod(shape), _prod(batch_shape)
         if not isinstance(self.offsets, tuple) or not all(isinstance(o, Offset) for o in self.offsets):
             _fail(where, "'offsets' must be a tuple of Offset")

@@ -172,7 +172,9 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
             mvn_sites.append(SitePlan(name, tuple(site.shape), tuple(site.batch_shape), (), (0.0,) * n_batch,
                                       learn_centredness=False, cholesky=True))
         elif offs or cen is not None:
-            plan_sites.append(SitePlan(name, tuple(site.shape), tuple(site.batch_shape), offs, cen))
+            sample_ndim = len(site.shape) - len(site.event_shape) - len(site.batch_shape)  # sample_shape= dims
+            plan_sites.append(SitePlan(name, tuple(site.shape), tuple(site.batch_shape), offs, cen,
+                                       sample_ndim=sample_ndim))
     notes: list[Note] = []
     if curv is not None and plan_sites and guard:
         # Never make the geometry worse: drop what worsens the conditioning at the curvature point.

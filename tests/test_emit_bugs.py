@@ -249,15 +249,24 @@ def test_sample_shape_over_a_batch(tmp_path):
     result = autoreparam.emit_source(SAMPLE_SHAPED_BATCH, "model", plan)
     assert result.rewritten == ("a",) and result.warnings == []
     emitted = import_source(result.source, tmp_path).model
+    assert trace(emitted, (g,), {"y": y})["a"]["value"].shape == (6, 2)  # its own params' defaults broadcast
     values = {"mu": 0.3, "tau": 0.7, "a_decentered": np.linspace(-1.0, 1.0, 12).reshape(6, 2).astype(np.float32),
               "a_centered": np.array([0.2, 0.9], np.float32)}
     got = log_density(emitted, (g,), {"y": y}, values)[0]
     want = log_density(autoreparam.reparameterize(module.model, plan), (g,), {"y": y}, values)[0]
     assert float(got) == pytest.approx(float(want), rel=1e-6)
 
+    # A plan edit that adds the site afresh keeps its sample dims.
+    edited = plan.without_site("a").with_centredness("a", 0.0)
+    assert edited["a"].sample_ndim == 1
+    result = autoreparam.emit_source(SAMPLE_SHAPED_BATCH, "model", edited)
+    assert result.rewritten == ("a",) and result.warnings == []
+    assert trace(import_source(result.source, tmp_path).model, (g,), {"y": y})["a"]["type"] == "deterministic"
+
     saved = plan.to_json()
+    saved.pop("sample_ndims")
     for site in saved["sites"]:
-        site.pop("sample_ndim", None)
+        site.pop("sample_ndim")
     old = autoreparam.Plan.from_json(saved)
     result = autoreparam.emit_source(SAMPLE_SHAPED_BATCH, "model", old)
     line = SAMPLE_SHAPED_BATCH.splitlines().index('    a = numpyro.sample("a", dist.Normal(mu * jnp.ones(2), tau), '
@@ -267,3 +276,27 @@ def test_sample_shape_over_a_batch(tmp_path):
                                "shape (2,), and the plan does not give its sample_ndim (re-run the analysis); "
                                "left unchanged"]
     assert trace(import_source(result.source, tmp_path).model, (g,), {"y": y})["a"]["type"] == "sample"
+
+
+def test_sample_shape_inside_a_plate_is_emitted(tmp_path):
+    """Inside a plate NumPyro folds sample_shape into the batch (batch (6, 2), no sample dims): the site
+    is rewritten, and its emitted log density is reparameterize's."""
+    from numpyro.infer.util import log_density
+
+    source = SAMPLE_SHAPED_BATCH.replace(
+        '    a = numpyro.sample("a", dist.Normal(mu * jnp.ones(2), tau), sample_shape=(6,))',
+        '    with numpyro.plate("cols", 2):\n        a = numpyro.sample("a", dist.Normal(mu, tau), sample_shape=(6, 1))')
+    assert source != SAMPLE_SHAPED_BATCH
+    g = np.repeat(np.arange(6), 2)
+    y = np.random.default_rng(0).normal(size=12).astype(np.float32)
+    module = import_source(source, tmp_path)
+    plan = autoreparam.analyze(module.model, g, y=y).plan
+    assert plan["a"].batch_shape == (6, 2) and plan["a"].sample_ndim == 0
+    result = autoreparam.emit_source(source, "model", plan)
+    assert result.rewritten == ("a",) and result.warnings == []
+    emitted = import_source(result.source, tmp_path).model
+    values = {k: v["value"] for k, v in trace(autoreparam.reparameterize(module.model, plan), (g,), {"y": y}).items()
+              if v["type"] in ("sample", "param") and not v.get("is_observed")}
+    got = log_density(emitted, (g,), {"y": y}, values)[0]
+    want = log_density(autoreparam.reparameterize(module.model, plan), (g,), {"y": y}, values)[0]
+    assert float(got) == pytest.approx(float(want), rel=1e-6)

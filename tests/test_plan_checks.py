@@ -96,6 +96,8 @@ CORRUPTIONS = {
     "sample_ndim negative": (edit(lambda d: _site(d).update(sample_ndim=-1)), ["'a'", "sample_ndim"]),
     "sample_ndim a string": (edit(lambda d: _site(d).update(sample_ndim="1")), ["'a'", "sample_ndim"]),
     "batch not after sample dims": (edit(lambda d: _site(d).update(sample_ndim=1)), ["'a'", "sample dims"]),
+    "sample_ndims negative": (edit(lambda d: d.update(sample_ndims={"a": -1})), ["sample_ndims['a']"]),
+    "sample_ndims a list": (edit(lambda d: d.update(sample_ndims=[1])), ["sample_ndims", "JSON object"]),
     "name missing": (edit(lambda d: _site(d).pop("name")), ["sites[0]", "name"]),
     "name empty": (edit(lambda d: _site(d).update(name="")), ["name", "empty"]),
     "learn_centredness a string": (edit(lambda d: _site(d).update(learn_centredness="yes")), ["'a'", "learn_centredness"]),

@@ -378,10 +378,12 @@ class _SiteRewriter(cst.CSTTransformer):
                                  f"'{missing[0]}', whose value is not bound to a simple name earlier in "
                                  f"'{self.function}'; left unchanged")
             return updated
-        if site.batch_shape and not site.sample_ndim and any(
+        batch, shape = tuple(site.batch_shape), tuple(site.shape)
+        if not site.cholesky and batch and not site.sample_ndim and shape[:len(batch)] != batch and any(
                 a.keyword is not None and a.keyword.value == "sample_shape" for a in call.args):
-            # A plan without sample_ndim (written by hand, or before it existed) does not say which
-            # leading dims are sample dims; with the batch first, the rewritten model would not broadcast.
+            # A plan without sample_ndim (written by hand, or before it existed) whose batch is not the
+            # leading part of the shape: sample dims come first, and the reshapes would not broadcast.
+            # (Inside a plate, NumPyro folds the sample dims into the batch.)
             self.warnings.append(f"line {self._line(original)}: site '{site_name}' is drawn with sample_shape= "
                                  f"from a distribution with batch shape {tuple(site.batch_shape)}, and the plan "
                                  "does not give its sample_ndim (re-run the analysis); left unchanged")

@@ -476,6 +476,8 @@ class Plan:
     xi_step: float = 1.0
     # What the planning left out and why (e.g. an item that made the geometry worse).
     notes: tuple[str, ...] = field(default=(), compare=False)
+    # Latent sites drawn with sample_shape=: how many leading dims that adds (SitePlan.sample_ndim).
+    sample_ndims: tuple[tuple[str, int], ...] = ()
 
     def anchor_of(self, name: str):
         for n, values in self.anchors:
@@ -544,7 +546,7 @@ class Plan:
             return self[name]
         for n, shape, batch_shape in self.latent:
             if n == name:
-                return SitePlan(name, shape, batch_shape)
+                return SitePlan(name, shape, batch_shape, sample_ndim=dict(self.sample_ndims).get(name, 0))
         raise PlanError(f"site '{name}' is not a latent site of {self.model} "
                         f"(latent sites: {', '.join(self.order) or 'none'})")
 
@@ -564,7 +566,8 @@ class Plan:
                 "anchors": {n: list(v) for n, v in self.anchors}, "xi_step": self.xi_step,
                 "latent": [{"name": n, "shape": list(s), "batch_shape": list(b)} for n, s, b in self.latent],
                 "sites": [s.to_json() for s in self.sites], "notes": [str(note) for note in self.notes],
-                "candidates": [{"site": c, **o.to_json()} for c, o in self.candidates]}
+                "candidates": [{"site": c, **o.to_json()} for c, o in self.candidates],
+                **({"sample_ndims": dict(self.sample_ndims)} if self.sample_ndims else {})}
 
     @classmethod
     def from_json(cls, d: dict) -> "Plan":
@@ -575,8 +578,10 @@ class Plan:
         sites, candidates = _get(d, "sites", where), _get(d, "candidates", where, [])
         # Plans saved before the names were settled have "centers".
         latent, anchors = _get(d, "latent", where, []), _get(d, "anchors", where, _get(d, "centers", where, {}))
+        sample_ndims = _get(d, "sample_ndims", where, {})
         for field_name, value, kind in (("sites", sites, list), ("candidates", candidates, list),
-                                        ("latent", latent, list), ("anchors", anchors, dict)):
+                                        ("latent", latent, list), ("anchors", anchors, dict),
+                                        ("sample_ndims", sample_ndims, dict)):
             if not isinstance(value, kind):
                 _fail(where, f"'{field_name}' must be a {'list' if kind is list else 'JSON object'}, "
                              f"got {_kind(value)}")
@@ -593,7 +598,8 @@ class Plan:
                    _get(d, "init", where, "analytic"),
                    tuple((n, _numbers(v, f"anchors['{n}']", "values")) for n, v in anchors.items()),
                    float(xi_step),
-                   _notes(_get(d, "notes", where, []), where))
+                   _notes(_get(d, "notes", where, []), where),
+                   tuple(sample_ndims.items()))
         plan.check()
         return plan
 
@@ -621,6 +627,9 @@ class Plan:
             _ints(entry[2], f"latent site '{entry[0]}'", "batch_shape")
         if not isinstance(self.notes, tuple) or not all(isinstance(n, str) for n in self.notes):
             _fail(where, "'notes' must be a tuple of strings")
+        for name, ndim in self.sample_ndims:
+            if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 0:
+                _fail(f"sample_ndims['{name}']", f"must be a non-negative integer, got {ndim!r}")
         sizes = {n: _prod(shape) for n, shape, _ in self.latent}
         batches = {n: batch for n, _, batch in self.latent}
         for i, entry in enumerate(self.candidates):

@@ -102,6 +102,13 @@ def _ints(x, where: str, field_name: str) -> tuple[int, ...]:
     return tuple(int(v) for v in x)
 
 
+def _count(x, where: str, field_name: str) -> int:
+    """A non-negative integer."""
+    if not _is_int(x) or x < 0:
+        _fail(where, f"'{field_name}' must be a non-negative integer, got {x!r}")
+    return int(x)
+
+
 def _numbers(x, where: str, field_name: str) -> tuple[float, ...]:
     """A tuple of finite floats."""
     if not isinstance(x, (list, tuple)):
@@ -407,9 +414,7 @@ class SitePlan:
         where = f"site '{_text(self.name, 'site', 'name')}'"
         shape = _ints(self.shape, where, "shape")
         batch_shape = _ints(self.batch_shape, where, "batch_shape")
-        sample_ndim = self.sample_ndim
-        if isinstance(sample_ndim, bool) or not isinstance(sample_ndim, int) or sample_ndim < 0:
-            _fail(where, f"'sample_ndim' must be a non-negative integer, got {sample_ndim!r}")
+        sample_ndim = _count(self.sample_ndim, where, "sample_ndim")
         if not any(shape[i:i + len(batch_shape)] == batch_shape for i in range(len(shape) - len(batch_shape) + 1)):
             _fail(where, f"'batch_shape' {batch_shape} is not part of 'shape' {shape}")
         if sample_ndim and shape[sample_ndim:sample_ndim + len(batch_shape)] != batch_shape:
@@ -628,8 +633,7 @@ class Plan:
         if not isinstance(self.notes, tuple) or not all(isinstance(n, str) for n in self.notes):
             _fail(where, "'notes' must be a tuple of strings")
         for name, ndim in self.sample_ndims:
-            if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 0:
-                _fail(f"sample_ndims['{name}']", f"must be a non-negative integer, got {ndim!r}")
+            _count(ndim, where, f"sample_ndims['{name}']")
         sizes = {n: _prod(shape) for n, shape, _ in self.latent}
         batches = {n: batch for n, _, batch in self.latent}
         for i, entry in enumerate(self.candidates):

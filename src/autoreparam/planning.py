@@ -156,12 +156,13 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
     order = tuple(latent)
     candidates.sort(key=lambda co: (order.index(co[0]), order.index(co[1].parent)))
 
+    # Leading dims that sample_shape= adds before the batch (the rest after the batch are event dims).
+    sample_ndims = {n: len(sites[n].shape) - len(sites[n].event_shape) - len(sites[n].batch_shape) for n in latent}
     plan_sites, mvn_sites = [], []
     for name in latent:
         offs = tuple(o for c, o in candidates if c == name)
         site = sites[name]
         n_batch = int(np.prod(site.batch_shape, dtype=np.int64))
-        sample_ndim = len(site.shape) - len(site.event_shape) - len(site.batch_shape)  # sample_shape= dims
         cen = None
         if name in funnel_sites:
             # Analytic centredness near 1 means the data dominate: the centred form is right.
@@ -171,10 +172,10 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
         if name in mvn_funnels and not np.median(centredness.get(name, 0.0)) >= MVN_CENTRED_ENOUGH:
             # value = loc + scale_tril @ z: the offsets cancel, so none are planned.
             mvn_sites.append(SitePlan(name, tuple(site.shape), tuple(site.batch_shape), (), (0.0,) * n_batch,
-                                      learn_centredness=False, cholesky=True, sample_ndim=sample_ndim))
+                                      learn_centredness=False, cholesky=True, sample_ndim=sample_ndims[name]))
         elif offs or cen is not None:
             plan_sites.append(SitePlan(name, tuple(site.shape), tuple(site.batch_shape), offs, cen,
-                                       sample_ndim=sample_ndim))
+                                       sample_ndim=sample_ndims[name]))
     notes: list[Note] = []
     if curv is not None and plan_sites and guard:
         # Never make the geometry worse: drop what worsens the conditioning at the curvature point.
@@ -189,9 +190,7 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
     if mvn_sites:
         plan_sites = sorted(plan_sites + mvn_sites, key=lambda s: order.index(s.name))
     shapes = tuple((n, tuple(sites[n].shape), tuple(sites[n].batch_shape)) for n in latent)
-    sample_ndims = tuple((n, k) for n in latent
-                         if (k := len(sites[n].shape) - len(sites[n].event_shape) - len(sites[n].batch_shape)))
     return Plan(report.model_name, tuple(plan_sites), tuple(candidates), shapes, init,
                 tuple(sorted(anchors.items(), key=lambda kv: order.index(kv[0]))),
                 ANALYTIC_XI_STEP if init == "analytic" else 1.0, notes=tuple(notes),
-                sample_ndims=sample_ndims), report_notes
+                sample_ndims=tuple((n, k) for n, k in sample_ndims.items() if k)), report_notes

@@ -992,7 +992,9 @@ def site_dependencies(mt: ModelTrace, values: dict[str, Any]) -> dict[str, set[s
     @staged_if_possible
     def outputs(**inp):
         keep = _KeepComputedDeterministic()
-        with handlers.trace() as tr2, handlers.seed(rng_seed=0), _GivenSubsamples(None, mt.subsamples), \
+        # The seed inside the given subsamples, as in ModelTrace.seeded: it still draws a key for each
+        # plate, so every other draw keeps the key it had in the recording run.
+        with handlers.trace() as tr2, _GivenSubsamples(None, mt.subsamples), handlers.seed(rng_seed=0), \
                 handlers.substitute(data=inp), keep:
             mt.model(*mt.args, **mt.kwargs)
         out = {}

@@ -34,6 +34,7 @@ from .trace import (
     describe_exception,
     isolated_from_handlers,
     jit_quick,
+    replayed,
     site_dependencies,
     trace_model,
     untraceable_error,
@@ -308,6 +309,7 @@ class _Probe:
                     for n, t in tangent.items()}
         order = [(s, p) for s, (slices, _) in self.layout.items() for p in slices]
 
+        @replayed  # the model traced once, not once under each point's JVP
         @staged_if_possible
         def flat_outputs(theta):
             out = self._outputs(theta)

@@ -38,6 +38,7 @@ from .trace import (
     ModelTrace,
     data_evaluated_eagerly,
     describe_exception,
+    inlined,
     isolated_from_handlers,
     trace_model,
     untraceable_error,
@@ -670,7 +671,8 @@ def _check(mt, structure: _Structure, block, likelihoods, flows, points) -> tupl
         v = {n: rng.standard_normal(np.shape(zs[0][n])).astype(zs[0][n].dtype) for n in z_names}
 
         def parts(z, theta, consts):
-            outs = jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(structure.jaxpr.jaxpr, consts))(
+            # Nested jits inlined: differentiated twice, each would be traced and transformed on its own.
+            outs = inlined(jax_core.ClosedJaxpr(structure.jaxpr.jaxpr, consts))(
                 *[z[n] if n in z else theta[n] for n in structure.inputs])
             return sum(outs[i] for i in quadratic), {y: outs[structure.eta_at[y]] for y in laplace}
 

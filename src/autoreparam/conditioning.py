@@ -41,7 +41,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.distributions import biject_to
 from numpyro.primitives import Messenger
 
-from .trace import jit_quick, log_joint, staged, unwrap_distribution
+from .trace import jit_quick, log_joint, replayed, staged, unwrap_distribution
 
 __all__ = ["ReparamGeometry", "condition_number", "guard_items", "guard_offsets", "check_plan_sites"]
 
@@ -167,7 +167,7 @@ class ReparamGeometry:
         size = sum(s.size for s in mt.sites.values())
         self._to_u = jit_quick(to_unconstrained, size)
         self._value = jit_quick(neg_log_joint, size)
-        grad = jax.grad(neg_log_joint)
+        grad = jax.grad(replayed(neg_log_joint))
         hvp = staged(lambda u, knobs, t: jax.jvp(lambda x: grad(x, knobs), (u,), (t,))[1])
         # XLA's defaults for the single HVP: the Lanczos iterations call it hundreds of times. The
         # dense Hessian (one call per point and plan subset) compiles with the quick options: 1.0 s

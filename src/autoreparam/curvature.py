@@ -23,7 +23,7 @@ from numpyro.infer.initialization import init_to_median
 from numpyro.infer.util import helpful_support_errors
 
 from .errors import InputError
-from .trace import ModelTrace, jit_quick, log_joint, staged, untraceable_as_model_error
+from .trace import ModelTrace, jit_quick, log_joint, replayed, staged, untraceable_as_model_error
 
 __all__ = ["Curvature", "newton_refine"]
 
@@ -48,7 +48,7 @@ def newton_refine(loss: Callable, u0: dict, max_iter: int = 30, cg_iter: int = 5
     flat0, unravel, split = _flattening(u0)
     if flat0.size == 0:
         return u0, None
-    value_and_grad = jax.value_and_grad(lambda x: loss(unravel(x)))
+    value_and_grad = jax.value_and_grad(replayed(lambda x: loss(unravel(x))))
     # The quick options (a third of the compile time of XLA's defaults on radon): they sum the log
     # joint in another order, which moves the MAP point along a thin ridge by float32 rounding
     # (4e-4 on the tensor example's offsets' centres).

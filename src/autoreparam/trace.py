@@ -219,6 +219,49 @@ def _evaluate(eqns, env: dict) -> None:
         env.update(zip(eqn.outvars, outs))
 
 
+def inlined(closed) -> Callable:
+    """A closed jaxpr as a function of its inputs (returning the list of its outputs) that binds its
+    equations in order, the equations of nested jits in their place; under jit, also the equations
+    on its constants alone are staged (``data_staged``), not run and compiled one by one."""
+
+    def call(*args):
+        env = {**dict(zip(closed.jaxpr.constvars, closed.consts)), **dict(zip(closed.jaxpr.invars, args))}
+        with data_staged():
+            _evaluate(closed.jaxpr.eqns, env)
+        return [v.val if isinstance(v, Literal) else env[v] for v in closed.jaxpr.outvars]
+
+    return call
+
+
+def replayed(fn: Callable) -> Callable:
+    """``fn`` traced once (with the data staged) per structure, shape and dtype of its arguments, and
+    then replayed primitive by primitive with nested jits inlined.
+
+    Wrap a log joint before differentiating it: grad, jvp and vmap then transform primitives alone,
+    not the model's Python code with its numpyro handlers and the hundreds of nested jits of
+    ``jax.numpy``, each of which they would otherwise trace, differentiate and batch on its own.
+    The primitives, and so the compiled program's arithmetic, are the same.
+
+    >>> f = replayed(lambda x: jnp.sum(jnp.sin(x) ** 2))
+    >>> jax.grad(f)(jnp.zeros(2))
+    Array([0., 0.], dtype=float32)
+    """
+    programs = {}
+
+    @functools.wraps(fn)
+    def call(*args):
+        leaves, tree = jax.tree.flatten(args)
+        key = tree, tuple(jax.typeof(x) for x in leaves), bool(jax.config.jax_enable_x64)
+        if key not in programs:
+            with data_staged():
+                closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+            programs[key] = closed, jax.tree.structure(out_shape)
+        closed, out_tree = programs[key]
+        return jax.tree.unflatten(out_tree, inlined(closed)(*leaves))
+
+    return call
+
+
 def _prng_part(closed) -> tuple[list, list, list] | None:
     """The program ``closed`` (nested jits inlined) cut in two: (the equations that make its random
     bits, the variables of theirs that the rest reads, the rest), or None when there are no random
@@ -260,13 +303,8 @@ def jit_draws(fn: Callable, size: int = 0) -> Callable:
         if size > QUICK_COMPILE_MAX_SIZE:
             return _compile(traced, QUICK_COMPILE_OPTIONS, size)
 
-        def inlined(*args):
-            env = {**dict(zip(closed.jaxpr.constvars, closed.consts)), **dict(zip(closed.jaxpr.invars, args))}
-            _evaluate(closed.jaxpr.eqns, env)
-            return [v.val if isinstance(v, Literal) else env[v] for v in closed.jaxpr.outvars]
-
         with data_staged():
-            flat = jax.make_jaxpr(inlined)(*args)
+            flat = jax.make_jaxpr(inlined(closed))(*args)
         parts = _prng_part(flat)
         if parts is None:
             return _compile(traced, QUICK_COMPILE_OPTIONS, size)

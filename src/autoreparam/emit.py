@@ -483,8 +483,14 @@ def _site_code(plan: Plan, site, var: str, fn_code: str, variables: dict[str, st
         centered = names.local(f"{_ident(name)}_centered")
         init = f"{g['jnp']}.reshape({g['CENTERED']}[{name!r}], {expand})"
         if site.learn_centredness:
-            lines.append(f"{centered} = {g['numpyro']}.param({names.site(name + '_centered')!r}, {init}, "
-                         f"constraint={g['numpyro']}.distributions.constraints.unit_interval)")
+            # The param has the batch shape, as reparameterize's, so that params carry over between
+            # them; event dims (.to_event) are unit dims added after it.
+            param = (f"{g['numpyro']}.param({names.site(name + '_centered')!r}, "
+                     f"{g['jnp']}.reshape({g['CENTERED']}[{name!r}], {_shape_literal(batch)}), "
+                     f"constraint={g['numpyro']}.distributions.constraints.unit_interval)")
+            if _shape_literal(batch) != expand:
+                param = f"{g['jnp']}.reshape({param}, {expand})"
+            lines.append(f"{centered} = {param}")
         else:
             lines.append(f"{centered} = {init}")
         # x = loc + scale ** (1 - c) * (d - c * loc) with d the site {name}_decentered; the log-Jacobian is

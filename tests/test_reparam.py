@@ -455,6 +455,29 @@ def test_plan_made_for_other_input_shapes(crossed_plan):
     assert "shape" in msg
 
 
+def sample_shaped(y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    a = numpyro.sample("a", dist.Normal(mu * jnp.ones(2), 1.0), sample_shape=(2,))  # shape (2, 2), batch (2,)
+    numpyro.sample("y", dist.Normal(a.sum(), 1.0), obs=y)
+
+
+def test_plan_with_a_wrong_sample_ndim():
+    """sample_ndim 1 where the model has no sample dims (batch (2, 2)): the shapes coincide, so
+    SitePlan.check cannot tell, and the emitter would place the batch wrongly; reparameterize names it."""
+    plan = autoreparam.Plan("model", (SitePlan("a", (2, 2), (2,), centredness=(0.5, 0.5), sample_ndim=1),))
+    right = dataclasses.replace(plan, sites=(dataclasses.replace(plan["a"], sample_ndim=0),))
+    msg = _expect_plan_error(batched, plan, (), {"y": 0.5}, "'a'", "sample_ndim is 1", "0 sample dims")
+    assert "re-run the analysis" in msg
+    handlers.seed(autoreparam.reparameterize(batched, right), 0)(y=0.5)
+    handlers.seed(autoreparam.reparameterize(sample_shaped, plan), 0)(y=0.5)
+
+
+def batched(y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    a = numpyro.sample("a", dist.Normal(mu * jnp.ones((2, 2)), 1.0))  # shape (2, 2), batch (2, 2)
+    numpyro.sample("y", dist.Normal(a.sum(), 1.0), obs=y)
+
+
 def test_stale_plan_is_recomputed_for_new_input_shapes():
     model, (ia, ib, n_a, n_b), kwargs = CASES["crossed"]
     rmodel = autoreparam.reparameterize(model)

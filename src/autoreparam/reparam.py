@@ -258,6 +258,12 @@ class ConditionalOffsetReparam(Reparam):
         if shape != tuple(site.shape) or batch[len(batch) - len(site.batch_shape):] != tuple(site.batch_shape):
             raise PlanError(f"{type(self).__name__}: site '{name}' has shape {shape} in the model but "
                             f"{tuple(site.shape)} in the plan; re-run the analysis on these inputs")
+        if site.sample_ndim and site.sample_ndim != len(sample_shape):
+            # Not read here, but the emitter places the batch after these dims: a wrong value (sizes that
+            # coincide pass SitePlan.check) would emit another model. 0 is also what older plans say.
+            raise PlanError(f"{type(self).__name__}: site '{name}' is drawn with sample_shape {tuple(sample_shape)} "
+                            f"in the model ({len(sample_shape)} sample dims) but the plan's sample_ndim is "
+                            f"{site.sample_ndim}; re-run the analysis on these inputs")
         self.store.busy += 1
         try:
             return None, self._value(name, fn, shape, event_ndim)

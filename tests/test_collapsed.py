@@ -19,7 +19,7 @@ from numpyro.infer.reparam import LocScaleReparam
 import autoreparam
 from autoreparam.block import BlockLikelihood, BlockSite, GaussianBlock
 from autoreparam.collapsed import AUTO_COLLAPSED_LIMIT, COLLAPSED_LIMIT, CollapsedPosterior, collapsed_mcmc
-from autoreparam.errors import InputError
+from autoreparam.errors import InputError, ModelError
 from helpers import linear_algebra_operands
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -308,6 +308,26 @@ def test_laplace_block_needs_approximate_true():
                              CROSSED_BLOCK.theta)
     with pytest.raises(InputError, match=r"y \(Bernoulli\) is not Normal.*Laplace approximation.*approximate=True"):
         CollapsedPosterior(crossed, logistic, (II, JJ, Y))
+
+
+def _with_a_switch(ii, jj, y):
+    k = numpyro.sample("k", dist.Bernoulli(0.5))
+    s_a = numpyro.sample("s_a", dist.HalfNormal(1.0))
+    with numpyro.plate("i", I):
+        a = numpyro.sample("a", dist.Normal(0.0, s_a))
+    numpyro.sample("y", dist.Normal(a[ii] + k, 1.0), obs=y)
+
+
+def test_a_discrete_latent_site_outside_the_block_is_named_not_held_fixed():
+    # The block search leaves k out (it is not Gaussian) and theta has only continuous sites, so without
+    # the check collapsed NUTS held k at its first draw and answered for the wrong model.
+    with pytest.raises(ModelError, match=r"collapsed NUTS: latent site 'k' is discrete \(BernoulliProbs\)") as info:
+        collapsed_mcmc(_with_a_switch, II, JJ, Y, num_warmup=5, num_samples=5)
+    assert "\n" not in str(info.value)
+    choice = autoreparam.choose_mcmc(_with_a_switch, II, JJ, Y)
+    assert choice.method == "offsets" and choice.reason.startswith("discrete latent site 'k'")
+    with pytest.raises(ModelError, match="AutoHybrid: latent site 'k' is discrete"):
+        autoreparam.fit_hybrid(_with_a_switch, II, JJ, Y, steps=2)
 
 
 # ------------------------------------------------------------------ the automatic choice

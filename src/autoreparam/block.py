@@ -46,7 +46,8 @@ from .trace import (
 )
 
 __all__ = ["LIKELIHOOD_LINKS", "BlockSite", "BlockLikelihood", "GaussianBlock", "find_block", "search_block",
-           "block_for_report", "block_of_model", "natural_parameter"]
+           "block_for_report", "block_of_model", "natural_parameter", "refuse_discrete_latent",
+           "discrete_latent_sites"]
 
 #: How each supported likelihood family enters: the natural parameter that must be affine in z.
 LIKELIHOOD_LINKS = {
@@ -215,6 +216,31 @@ def describe_left_out(left_out: dict[str, str]) -> list[str]:
         return []
     width = max(len(n) for n in left_out)
     return ["  left out:"] + [f"    {n:<{width}}  {why}" for n, why in left_out.items()]
+
+
+def refuse_discrete_latent(trace: dict, where: str) -> None:
+    """A ModelError naming the first discrete latent site of a NumPyro trace: the block's methods hold
+    nothing fixed, so each continuous latent site is in the block or in theta and a discrete one has no place.
+
+    >>> import numpyro, numpyro.distributions as dist
+    >>> from numpyro import handlers
+    >>> def model():
+    ...     numpyro.sample("k", dist.Bernoulli(0.5))
+    >>> refuse_discrete_latent(handlers.trace(handlers.seed(model, 0)).get_trace(), "collapsed NUTS")
+    Traceback (most recent call last):
+    ...
+    autoreparam.errors.ModelError: collapsed NUTS: latent site 'k' is discrete (Bernoulli...); ...
+    """
+    for name in discrete_latent_sites(trace):
+        raise ModelError(f"{where}: latent site '{name}' is discrete ({type(trace[name]['fn']).__name__}); the "
+                         "block's methods need every latent site outside the block continuous: marginalise "
+                         "it out of the model (e.g. a mixture), or condition on it")
+
+
+def discrete_latent_sites(trace: dict) -> list[str]:
+    """The discrete latent sample sites of a NumPyro trace, in program order."""
+    return [name for name, site in trace.items()
+            if site["type"] == "sample" and not site["is_observed"] and site["fn"].support.is_discrete]
 
 
 def natural_parameter(fn):

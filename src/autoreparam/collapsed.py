@@ -39,10 +39,11 @@ from numpyro.distributions import biject_to
 from numpyro.distributions.util import sum_rightmost
 from numpyro.infer import MCMC, NUTS, HMCGibbs
 
-from .block import GaussianBlock, block_of_model
+from .block import GaussianBlock, block_of_model, discrete_latent_sites, refuse_discrete_latent
 from .conditional import DENSE_LIMIT, BlockConditional, float64_with_gradient
 from .errors import InputError, ModelError
 from .threads import one_blas_thread
+from .trace import isolated_from_handlers
 
 __all__ = ["CollapsedPosterior", "CollapsedResult", "collapsed_mcmc", "gibbs_mcmc", "gibbs_kernel", "choose_mcmc",
            "MCMCChoice", "COLLAPSED_LIMIT", "AUTO_COLLAPSED_LIMIT"]
@@ -138,13 +139,9 @@ class CollapsedPosterior:
         self.args = _int32_data(tuple(args))
         self.kwargs = _int32_data(dict(kwargs or {}))
         self.approximate = not block.exact
-        self.conditional = BlockConditional(model, block, self.args, self.kwargs, method="dense", seed=seed)
         trace = handlers.trace(handlers.seed(model, seed)).get_trace(*self.args, **self.kwargs)
-        for name in block.theta:
-            site = trace[name]
-            if site["fn"].is_discrete:
-                raise ModelError(f"collapsed NUTS: theta site '{name}' is discrete "
-                                 f"({type(site['fn']).__name__}); NUTS needs continuous theta")
+        refuse_discrete_latent(trace, "collapsed NUTS")
+        self.conditional = BlockConditional(model, block, self.args, self.kwargs, method="dense", seed=seed)
         self.theta_names = tuple(block.theta)
         self._theta_example = {n: jnp.asarray(trace[n]["value"]) for n in self.theta_names}
         self._block_names = set(block.names)
@@ -467,6 +464,11 @@ def choose_mcmc(model: Callable, *args, block: GaussianBlock | None = None, **kw
     >>> print(choose_mcmc(model, np.array([2.0, -4.0])))
     collapsed: exact Gaussian block a (2 values) integrated out; NUTS on s
     """
+    with isolated_from_handlers():
+        discrete = discrete_latent_sites(handlers.trace(handlers.seed(model, 0)).get_trace(*args, **kwargs))
+    if discrete:
+        return MCMCChoice("offsets", f"discrete latent site {', '.join(map(repr, discrete))}: collapsed NUTS needs "
+                                     "every latent site outside the block continuous", block)
     if block is None:
         block, note = block_of_model(model, args, kwargs)
         if block is None:

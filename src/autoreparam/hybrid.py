@@ -42,7 +42,7 @@ from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.initialization import init_to_median
 from numpyro.infer.util import log_density
 
-from .block import BlockLikelihood, BlockSite, GaussianBlock, block_of_model  # noqa: F401 (doctest)
+from .block import BlockLikelihood, BlockSite, GaussianBlock, block_of_model, refuse_discrete_latent  # noqa: F401 (doctest)
 from .conditional import BlockConditional
 from .errors import InputError, ModelError
 from .trace import isolated_from_handlers
@@ -152,6 +152,10 @@ class AutoHybrid(AutoGuide):
 
     # -- set-up ------------------------------------------------------------------------------------
     def _setup_prototype(self, *args, **kwargs):
+        # Before NumPyro's set-up, which would try to enumerate a discrete site (and ask for funsor).
+        with isolated_from_handlers():
+            refuse_discrete_latent(handlers.trace(handlers.seed(self.model, 0)).get_trace(*args, **kwargs),
+                                   "AutoHybrid")
         super()._setup_prototype(*args, **kwargs)
         tr = self.prototype_trace
         for name, site in tr.items():
@@ -172,10 +176,6 @@ class AutoHybrid(AutoGuide):
                                  f"says {tuple(s.shape)}")
         self.z_names = tuple(n for n in latent if n in block.names)
         self.theta_names = tuple(n for n in latent if n not in block.names)
-        for n in self.theta_names:
-            if tr[n]["fn"].support.is_discrete:
-                raise ModelError(f"AutoHybrid: site '{n}' is a discrete latent site outside the block; "
-                                 "q(theta) needs continuous theta (marginalise it, e.g. by enumeration)")
         for lik in block.likelihoods:
             site = tr.get(lik.name)
             if site is None or site["type"] != "sample":

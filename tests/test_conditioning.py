@@ -381,3 +381,25 @@ def test_change_of_variables_of_a_sample_shaped_batch_matches_a_hand_written_one
 
     expected = float(neg_log_joint(u["mu"], u["tau"], u["a"]))
     assert float(geometry._value(u, knobs)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_guard_runs_beside_a_multivariate_normal_funnel():
+    """A MultivariateNormal funnel (a Cholesky factor, no scale) beside a loc-scale funnel: the guard's
+    centre looked up the MVN site's scale and failed (KeyError), leaving every such plan unchecked."""
+    from autoreparam.notes import NoteKind
+
+    def model(g, h, y=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+        with numpyro.plate("groups", 6):
+            a = numpyro.sample("a", dist.Normal(mu, tau))
+        sd = numpyro.sample("sd", dist.HalfNormal(1.0).expand([2]).to_event(1))
+        with numpyro.plate("k", 3):
+            b = numpyro.sample("b", dist.MultivariateNormal(jnp.zeros(2), scale_tril=jnp.diag(sd)))
+        with numpyro.plate("n", len(g)):
+            numpyro.sample("y", dist.Normal(a[g] + b[h, 0] + b[h, 1], 1.0), obs=y)
+
+    g, h = np.arange(24) % 6, np.arange(24) % 3
+    plan = autoreparam.analyze(model, g, h, y=np.random.default_rng(0).normal(size=24).astype(np.float32)).plan
+    assert plan["b"].cholesky and plan["a"].noncentred
+    assert [n for n in plan.notes if n.kind is NoteKind.GUARD_FAILED] == []

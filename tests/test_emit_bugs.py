@@ -155,6 +155,16 @@ def test_in_place_backup_of_a_crlf_file_is_identical(capsys, tmp_path):
     assert path.read_bytes() == lf.replace("\n", "\r\n").encode()
 
 
+def test_crlf_source_with_noncentred_sites_has_crlf_docstrings():
+    """The helpers' multi-line docstrings (the non-centring classes) had LF inside a CRLF file: libcst
+    writes statements with the file's newline but keeps a string's text as it was parsed."""
+    source, plan = read(case_path("eight_schools")), plan_for(case_path("eight_schools"))
+    assert any(s.noncentred for s in plan.sites)
+    crlf = autoreparam.emit_source(source.replace("\n", "\r\n"), "model", plan).source
+    assert "\n" not in crlf.replace("\r\n", "")
+    assert crlf == autoreparam.emit_source(source, "model", plan).source.replace("\n", "\r\n")
+
+
 def test_cli_re_emit_of_emitted_eight_schools_is_a_no_op(capsys, tmp_path):
     """The CLI checks the autoreparam marker before it analyses FILE: re-emitting is a no-op (exit 0)."""
     first = tmp_path / "first.py"
@@ -334,4 +344,57 @@ def test_learned_centredness_of_an_event_site_has_reparameterize_param_shape(tmp
               "z_centered": np.array([0.1, 0.4, 0.6, 0.9], np.float32)}
     got = log_density(emitted, (), {"y": y}, values)[0]
     want = log_density(reparameterized, (), {"y": y}, values)[0]
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+
+MASKED_SITES = '''import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+
+KEEP = np.array([True, True, False, True, True, False])
+
+
+def model(g, h, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    with numpyro.plate("groups", 6):
+        a = numpyro.sample("a", dist.Normal(mu, tau).mask(KEEP))
+    sd = numpyro.sample("sd", dist.HalfNormal(1.0).expand([2]).to_event(1))
+    with numpyro.plate("k", 3):
+        b = numpyro.sample("b", dist.MultivariateNormal(jnp.zeros(2), scale_tril=jnp.diag(sd)).mask(KEEP[:3]))
+    with numpyro.plate("n", len(g)):
+        numpyro.sample("y", dist.Normal(a[g] + b[h, 0] + b[h, 1], 1.0), obs=y)
+'''
+
+
+def test_noncentred_sites_drawn_from_a_masked_distribution(tmp_path):
+    """``.mask(M)`` on a non-centred site with an offset and on a Cholesky MVN site: the emitted helpers
+    looked for loc and scale_tril on the MaskedDistribution itself (KeyError 'loc', AttributeError) and the
+    emitted model raised at its first run. Now its log joint is reparameterize's, masked elements included."""
+    from numpyro.infer.util import log_density
+
+    from autoreparam.plan import Offset, SparseMap
+
+    to_all = Offset("mu", SparseMap((6, 1), tuple(range(6)), (0,) * 6, (1.0,) * 6), SparseMap((1, 1), (0,), (0,), (1.0,)),
+                    (-0.5,) * 6)
+    plan = autoreparam.Plan("model", (
+        autoreparam.SitePlan("a", (6,), (6,), (to_all,), centredness=(0.3,) * 6),
+        autoreparam.SitePlan("b", (3, 2), (3,), (), (0.0,) * 3, learn_centredness=False, cholesky=True)))
+    result = autoreparam.emit_source(MASKED_SITES, "model", plan)
+    assert result.rewritten == ("a", "b") and result.warnings == []
+    original = import_source(MASKED_SITES, tmp_path, "original").model
+    emitted = import_source(result.source, tmp_path).model
+    reparameterized = autoreparam.reparameterize(original, plan)
+    g, h = np.arange(12) % 6, np.arange(12) % 3
+    kwargs = {"y": np.random.default_rng(0).normal(size=12).astype(np.float32)}
+    rng = np.random.default_rng(1)
+    values = {"mu": 0.4, "tau": 0.7, "sd": np.array([0.5, 1.5], np.float32),
+              "a_decentered": rng.normal(size=6).astype(np.float32),
+              "b_decentered": rng.normal(size=(3, 2)).astype(np.float32),
+              "a_centered": np.linspace(0.1, 0.9, 6).astype(np.float32),
+              "a_offset_mu": np.full(6, 0.2, np.float32)}
+    got = log_density(emitted, (g, h), kwargs, values)[0]
+    want = log_density(reparameterized, (g, h), kwargs, values)[0]
+    assert np.isfinite(float(want))
     assert float(got) == pytest.approx(float(want), rel=1e-6)

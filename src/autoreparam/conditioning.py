@@ -433,8 +433,9 @@ def funnel_points(curv, hyperparameters, funnels=()) -> list[dict]:
     centre = dict(theta)
     factors: dict[str, list[float]] = {}
     for f in funnels:
-        if f.site not in curv.rescaled or len(f.scale_parents) != 1 or f.scale_parents[0] not in hyper:
-            continue
+        if (f.site not in curv.rescaled or f.site not in curv.loc_scale_sites or len(f.scale_parents) != 1
+                or f.scale_parents[0] not in hyper):
+            continue  # (a MultivariateNormal funnel has a Cholesky factor, not a scale)
         h = f.scale_parents[0]
         doubled = {**curv.values, h: 2.0 * np.asarray(curv.values[h])}
         scale, scale2 = (np.asarray(params[f.site]["scale"], np.float64)

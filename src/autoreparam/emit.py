@@ -522,16 +522,18 @@ _HELPERS_HEAD = '''
 _HELPERS = string.Template("\n\n" + emitted_source(AutoreparamShifted, "Shifted") + '''
 
 def $shift_loc(fn, delta, shape):
-    """The loc-scale family of fn with loc + delta, expanded to the site's shape (for non-centring)."""
-    event_dim = fn.event_dim
-    base = fn
-    while isinstance(base, ($numpyro.distributions.Independent, $numpyro.distributions.ExpandedDistribution)):
-        base = base.base_dist
-    params = {k: getattr(base, k) for k in base.arg_constraints if hasattr(base, k)}
+    """The loc-scale family of fn with loc + delta, expanded to the site's shape, under fn's own
+    .to_event and .mask wrappers (for non-centring)."""
+    if isinstance(fn, $numpyro.distributions.MaskedDistribution):
+        return $shift_loc(fn.base_dist, delta, shape).mask(fn._mask)
+    if isinstance(fn, $numpyro.distributions.Independent):
+        return $shift_loc(fn.base_dist, delta, shape).to_event(fn.reinterpreted_batch_ndims)
+    if isinstance(fn, $numpyro.distributions.ExpandedDistribution):
+        return $shift_loc(fn.base_dist, delta, shape)  # expanded to the whole shape below
+    params = {k: getattr(fn, k) for k in fn.arg_constraints if hasattr(fn, k)}
     params["loc"] = params["loc"] + delta
-    shifted = type(base)(**params)
-    shifted = shifted.expand(shape[: len(shape) - shifted.event_dim])
-    return shifted.to_event(event_dim - shifted.event_dim) if shifted.event_dim < event_dim else shifted
+    shifted = type(fn)(**params)
+    return shifted.expand(shape[: len(shape) - shifted.event_dim])
 
 
 def $absorb(value, key):
@@ -569,7 +571,8 @@ class $Decentred($numpyro.distributions.Distribution):
 
     def _family(self):
         base = self.fn
-        while isinstance(base, ($numpyro.distributions.Independent, $numpyro.distributions.ExpandedDistribution)):
+        while isinstance(base, ($numpyro.distributions.Independent, $numpyro.distributions.ExpandedDistribution,
+                                $numpyro.distributions.MaskedDistribution)):
             base = base.base_dist
         params = {k: getattr(base, k) for k in base.arg_constraints if hasattr(base, k)}
         shape = self.fn.shape()
@@ -669,7 +672,8 @@ class $DecentredMVN($numpyro.distributions.Distribution):
 
     def _factor(self):
         base = self.fn
-        while isinstance(base, ($numpyro.distributions.Independent, $numpyro.distributions.ExpandedDistribution)):
+        while isinstance(base, ($numpyro.distributions.Independent, $numpyro.distributions.ExpandedDistribution,
+                                $numpyro.distributions.MaskedDistribution)):
             base = base.base_dist
         shape = self.fn.shape()
         return $jnp.broadcast_to(base.loc, shape), $jnp.broadcast_to(base.scale_tril, shape + shape[-1:])
@@ -814,7 +818,9 @@ def emit_source(source: str, function: str, plan: Plan) -> EmitResult:
     body = list(new_module.body)
     cholesky = any(plan[n].cholesky for n in rewriter.rewritten)
     helper_text, already = _helpers_source(names, bool(rewriter.noncentred), cholesky)
-    helpers = cst.parse_module(helper_text + _plan_data(plan_for_data, names.g))
+    # In the file's own newlines: libcst writes statements with them but keeps a docstring's as parsed.
+    helpers = cst.parse_module((helper_text + _plan_data(plan_for_data, names.g)).replace(
+        "\n", new_module.default_newline))
     helper_body = [s for i, s in enumerate(helpers.body) if not (i < len(already) and already[i])]
     helper_body[0] = helper_body[0].with_changes(
         leading_lines=(*helpers.header, *helper_body[0].leading_lines))

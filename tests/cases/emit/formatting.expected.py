@@ -40,16 +40,18 @@ class AutoreparamShifted(numpyro.distributions.Distribution):
 
 
 def _autoreparam_shift_loc(fn, delta, shape):
-  """The loc-scale family of fn with loc + delta, expanded to the site's shape (for non-centring)."""
-  event_dim = fn.event_dim
-  base = fn
-  while isinstance(base, (numpyro.distributions.Independent, numpyro.distributions.ExpandedDistribution)):
-    base = base.base_dist
-  params = {k: getattr(base, k) for k in base.arg_constraints if hasattr(base, k)}
+  """The loc-scale family of fn with loc + delta, expanded to the site's shape, under fn's own
+    .to_event and .mask wrappers (for non-centring)."""
+  if isinstance(fn, numpyro.distributions.MaskedDistribution):
+    return _autoreparam_shift_loc(fn.base_dist, delta, shape).mask(fn._mask)
+  if isinstance(fn, numpyro.distributions.Independent):
+    return _autoreparam_shift_loc(fn.base_dist, delta, shape).to_event(fn.reinterpreted_batch_ndims)
+  if isinstance(fn, numpyro.distributions.ExpandedDistribution):
+    return _autoreparam_shift_loc(fn.base_dist, delta, shape)  # expanded to the whole shape below
+  params = {k: getattr(fn, k) for k in fn.arg_constraints if hasattr(fn, k)}
   params["loc"] = params["loc"] + delta
-  shifted = type(base)(**params)
-  shifted = shifted.expand(shape[: len(shape) - shifted.event_dim])
-  return shifted.to_event(event_dim - shifted.event_dim) if shifted.event_dim < event_dim else shifted
+  shifted = type(fn)(**params)
+  return shifted.expand(shape[: len(shape) - shifted.event_dim])
 
 
 def _autoreparam_absorb(value, key):

@@ -239,8 +239,12 @@ def test_crossed_model_agrees_with_nuts_on_the_original(crossed_reference):
 
 
 def test_gibbs_with_exact_z_draws_agrees_with_nuts_on_the_original(crossed_reference):
-    result = autoreparam.gibbs_mcmc(crossed, II, JJ, Y, block=CROSSED_BLOCK, num_warmup=300, num_samples=1000,
+    y64 = Y.astype(np.float64)  # the caller's float64 data, which the chain (run in float64) must not convert
+    result = autoreparam.gibbs_mcmc(crossed, II, JJ, y64, block=CROSSED_BLOCK, num_warmup=300, num_samples=1000,
                                     num_chains=2, progress_bar=False, rng_key=4)
+    # JAX caches a numpy array's conversion by identity: converted under float64, y64 stayed float64 in the
+    # caller's float32 code afterwards (and int64 indices broke their float32 NUTS).
+    assert jnp.asarray(y64).dtype == jnp.float32
     samples = result.get_samples(group_by_chain=True)
     assert samples["a"].shape == (2, 1000, I) and samples["a"].dtype == jnp.float32
     assert_agree(samples, crossed_reference, ["s_a", "s_b", "sigma", "mu", "a", "b", "spread"])
@@ -328,6 +332,32 @@ def test_a_discrete_latent_site_outside_the_block_is_named_not_held_fixed():
     assert choice.method == "offsets" and choice.reason.startswith("discrete latent site 'k'")
     with pytest.raises(ModelError, match="AutoHybrid: latent site 'k' is discrete"):
         autoreparam.fit_hybrid(_with_a_switch, II, JJ, Y, steps=2)
+
+
+def _fixed_hyperparameters(ii, y):
+    with numpyro.plate("i", I):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+    numpyro.sample("y", dist.Normal(a[ii], 1.0), obs=y)
+    numpyro.deterministic("a_mean", jnp.mean(a))
+
+
+@pytest.mark.parametrize("x64", [False, True])  # the dense path, and the sparse precision's (float64 callers)
+def test_a_model_with_no_theta_gets_independent_exact_draws(x64):
+    """Every latent site in the block: nothing for NUTS (``constrain`` raised IndexError); p(a | y) is the
+    Gaussian itself, drawn exactly: a_i ~ N(sum of its y / (n_i + 1), 1 / (n_i + 1))."""
+    choice = autoreparam.choose_mcmc(_fixed_hyperparameters, II, Y)
+    assert choice.method == "collapsed" and choice.reason.endswith("no other latent site: independent exact draws")
+    with jax.enable_x64(x64):
+        result = collapsed_mcmc(_fixed_hyperparameters, II, Y, num_samples=4000, num_chains=2, progress_bar=False)
+    assert result.method == "exact draws (no theta)" and result.get_extra_fields() == {}
+    samples = result.get_samples(group_by_chain=True)
+    assert samples["a"].shape == (2, 4000, I) and samples["a_mean"].shape == (2, 4000)
+    n = np.bincount(II, minlength=I)
+    mean, sd = np.bincount(II, Y, minlength=I) / (n + 1), 1 / np.sqrt(n + 1)
+    draws = np.asarray(samples["a"]).reshape(-1, I)
+    np.testing.assert_allclose(draws.mean(0), mean, atol=4 * sd.max() / np.sqrt(8000))
+    np.testing.assert_allclose(draws.std(0), sd, rtol=0.05)
+    np.testing.assert_allclose(np.asarray(samples["a_mean"]).ravel(), draws.mean(1), rtol=1e-5)
 
 
 # ------------------------------------------------------------------ the automatic choice

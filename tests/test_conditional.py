@@ -491,3 +491,29 @@ def test_mean_is_differentiable_in_theta(crossed_conds, case):
             down[name] -= 1e-5
             fd = (float(objective(up)) - float(objective(down))) / 2e-5
             assert float(grad[name]) == pytest.approx(fd, rel=1e-5, abs=1e-6)
+
+
+def _effects_by_sample_shape(g, y, plate):
+    s = numpyro.sample("s", dist.HalfNormal(1.0))
+    if plate:
+        with numpyro.plate("groups", 4):
+            a = numpyro.sample("a", dist.Normal(0.0, s))
+    else:
+        a = numpyro.sample("a", dist.Normal(0.0, s), sample_shape=(4,))
+    numpyro.sample("y", dist.Normal(a[g], 1.0), obs=y)
+
+
+@pytest.mark.parametrize("method", ["cg", "dense"])
+def test_a_block_site_drawn_with_sample_shape_is_the_plate_one(method):
+    """``sample_shape=(4,)`` on a scalar law: the precision's layout counted the law's batch (1 value, not 4)
+    and the prior draws ignored the sample shape; both raised. Now mean and draws are the plate model's."""
+    g = np.arange(12) % 4
+    y = np.random.default_rng(0).normal(size=12)
+    block = GaussianBlock((BlockSite("a", (4,), "Normal"),), (BlockLikelihood("y", "Normal", "identity"),), ("s",))
+    theta = {"s": 0.8}
+    with jax.enable_x64(True):
+        got, want = (BlockConditional(_effects_by_sample_shape, block, (g, y, plate), method=method)
+                     for plate in (False, True))
+        np.testing.assert_allclose(got.mean(theta)["a"], want.mean(theta)["a"], rtol=1e-10)
+        key = jax.random.PRNGKey(1)
+        np.testing.assert_allclose(got.sample(key, theta, 3)["a"], want.sample(key, theta, 3)["a"], rtol=1e-8)

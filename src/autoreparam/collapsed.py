@@ -68,19 +68,21 @@ def _key(rng_key):
 
 
 def _int32_data(tree):
-    """Integer numpy inputs as int32 when x64 is off.
+    """Numpy inputs as fresh copies, integer ones as int32 when x64 is off.
 
     The conditional traces the model in float64 and the caller's NUTS in float32; JAX caches
     index arithmetic on an int64 numpy array with the integer width of whichever ran first, and
-    the other then fails (``lax.add`` of int32 and int64). int32 data mean the same in both.
+    the other then fails (``lax.add`` of int32 and int64). int32 data mean the same in both, and
+    copies keep the caller's own arrays out of that cache (see ``fit.inputs_for_float64``).
     """
-    if jax.config.jax_enable_x64:
-        return tree
+    narrow = not jax.config.jax_enable_x64
 
     def cast(x):
-        if isinstance(x, np.ndarray) and x.dtype.kind in "iu" and x.dtype.itemsize > 4:
+        if not isinstance(x, np.ndarray):
+            return x
+        if narrow and x.dtype.kind in "iu" and x.dtype.itemsize > 4:
             return x.astype(np.int32)
-        return x
+        return np.array(x)
 
     return jax.tree.map(cast, tree)
 
@@ -183,6 +185,8 @@ class CollapsedPosterior:
 
     def constrain(self, u: dict) -> dict:
         """Constrained theta of unconstrained ``u`` (any leading batch dims, e.g. chains and draws)."""
+        if not self.theta_names:
+            return {}
         first = np.ndim(u[self.theta_names[0]]) - np.ndim(self._theta_example[self.theta_names[0]])
         fn = lambda x: self._transformed(x)[0]
         for _ in range(first):
@@ -245,7 +249,11 @@ class CollapsedPosterior:
         cond = self.conditional
         eps = jax.vmap(lambda k: jax.random.normal(k, (self.block.size,), jnp.float64))(keys)
         if cond.sparse:  # by the marginal's own elimination, no dense H
-            _, grad0, q = jax.vmap(lambda th: cond._exact_parts(cond._as_theta(th), assemble=False))(theta)
+            parts = lambda th: cond._exact_parts(cond._as_theta(th), assemble=False)
+            if theta:
+                _, grad0, q = jax.vmap(parts)(theta)
+            else:  # no theta: one H for every draw
+                _, grad0, q = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(keys),) + jnp.shape(x)), parts({}))
             draw = lambda a: cond.precision.draw(*a)
             if cond.precision.vectorizable:  # no LAPACK call to batch
                 return jax.vmap(draw)((q, grad0, eps))
@@ -271,17 +279,24 @@ class CollapsedPosterior:
         return jax.vmap(run)(keys[self._chunk:], theta, z)
 
     @one_blas_thread()
-    def complete(self, rng_key, theta: dict) -> dict:
+    def complete(self, rng_key, theta: dict, batch_shape: tuple[int, ...] | None = None) -> dict:
         """Every latent and deterministic site of the model for each draw of (constrained) ``theta``.
 
         One exact draw of z from p(z | theta, y) per theta draw (Laplace: from N(mode, H^-1)),
         then the model is run at (theta, z) for its deterministic sites. ``theta`` values carry
         any leading batch dims (chains, draws), which the result keeps. Draws are made in chunks
-        of a fixed size by one compiled program, which every later call reuses.
+        of a fixed size by one compiled program, which every later call reuses. A model with no
+        latent site outside the block has no theta: pass ``{}`` and the ``batch_shape`` of draws.
         """
         rng_key = _key(rng_key)
-        name0 = self.theta_names[0]
-        batch = np.shape(theta[name0])[:np.ndim(theta[name0]) - np.ndim(self._theta_example[name0])]
+        if self.theta_names:
+            name0 = self.theta_names[0]
+            batch = np.shape(theta[name0])[:np.ndim(theta[name0]) - np.ndim(self._theta_example[name0])]
+        elif batch_shape is None:
+            raise InputError("CollapsedPosterior.complete: the model has no theta (every latent site is in the "
+                             "block); pass batch_shape=, the leading shape of the draws")
+        else:
+            batch = tuple(batch_shape)
         n = int(np.prod(batch))
         chunk = self._chunk
         padded = -(-n // chunk) * chunk
@@ -306,7 +321,7 @@ class CollapsedPosterior:
 class CollapsedResult:
     """The samples of a collapsed (or Gibbs) MCMC run, by chain, with MCMC-style accessors.
 
-    ``mcmc`` is the underlying ``numpyro.infer.MCMC``; ``method`` names the method, ``reason`` says why
+    ``mcmc`` is the underlying ``numpyro.infer.MCMC`` (None for exact draws: a model without theta); ``method`` names the method, ``reason`` says why
     :func:`autoreparam.auto_mcmc` chose it; ``num_gradients`` the gradient evaluations
     (leapfrog steps, all chains) after warm-up; ``seconds`` the wall time of warm-up, sampling
     and completion (compilation included).
@@ -328,7 +343,7 @@ class CollapsedResult:
         return {k: jnp.reshape(v, (-1,) + jnp.shape(v)[2:]) for k, v in self._samples.items()}
 
     def get_extra_fields(self, group_by_chain: bool = False) -> dict:
-        return self.mcmc.get_extra_fields(group_by_chain=group_by_chain)
+        return {} if self.mcmc is None else self.mcmc.get_extra_fields(group_by_chain=group_by_chain)
 
     def summary(self, prob: float = 0.9) -> dict:
         """``numpyro.diagnostics.summary`` of every site (mean, std, quantiles, n_eff, r_hat)."""
@@ -374,12 +389,18 @@ def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, n
     >>> result.print_summary()  # doctest: +SKIP
     """
     _refuse_vectorized_chains("collapsed_mcmc", chain_method)
+    args, kwargs = _int32_data(args), _int32_data(kwargs)
     if block is None:
         block = _find_block(model, args, kwargs, "collapsed NUTS")
     posterior = CollapsedPosterior(model, block, args, kwargs, approximate=approximate)
     rng_key = _key(rng_key)
     key_init, key_mcmc, key_complete = jax.random.split(rng_key, 3)
     start = time.perf_counter()
+    if not posterior.theta_names:  # p(z | y) itself is the Gaussian: independent exact draws, no chain
+        samples = posterior.complete(key_complete, {}, batch_shape=(num_chains, num_samples))
+        jax.block_until_ready(samples)
+        return CollapsedResult(samples, None, "exact draws (no theta)", seconds=time.perf_counter() - start,
+                               num_gradients=0, divergences=0)
     init = posterior.init_params(key_init, None if num_chains == 1 else num_chains)
     mcmc, counts = _run_mcmc(
         NUTS(potential_fn=posterior.potential_fn), num_warmup, num_samples, num_chains, chain_method,
@@ -405,6 +426,7 @@ def gibbs_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_w
     >>> result = autoreparam.gibbs_mcmc(model, sigma, y=y, block=block)  # doctest: +SKIP
     """
     _refuse_vectorized_chains("gibbs_mcmc", chain_method)
+    args, kwargs = _int32_data(args), _int32_data(kwargs)
     if block is None:
         block = _find_block(model, args, kwargs, "Gibbs MCMC")
     kernel, args, kwargs = gibbs_kernel(model, block, args, kwargs, approximate=approximate)
@@ -481,6 +503,9 @@ def choose_mcmc(model: Callable, *args, block: GaussianBlock | None = None, **kw
     if block.size > AUTO_COLLAPSED_LIMIT:
         return MCMCChoice("offsets", f"block {names} has {block.size} values, above {AUTO_COLLAPSED_LIMIT} for a "
                                      "dense H at every gradient", block)
+    if not block.theta:
+        return MCMCChoice("collapsed", f"exact Gaussian block {names} ({block.size} values) and no other latent "
+                                       "site: independent exact draws", block)
     return MCMCChoice("collapsed", f"exact Gaussian block {names} ({block.size} values) integrated out; NUTS on "
                                    f"{', '.join(block.theta)}", block)
 

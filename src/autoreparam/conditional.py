@@ -143,6 +143,11 @@ def _copy_numpy(tree, canonical: bool = False):
     return jax.tree.map(copy, tree)
 
 
+def _sample_shape(site) -> tuple:
+    """The ``sample_shape=`` a site was drawn with (NumPyro keeps it in the message's kwargs)."""
+    return tuple((site.get("kwargs") or {}).get("sample_shape", ()))
+
+
 def _site_key(key, name):
     return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
@@ -575,13 +580,13 @@ class BlockConditional:
             if msg["name"] in theta:
                 return theta[msg["name"]]
             if msg["name"] in self._block_names:
-                return msg["fn"].sample(_site_key(key_prior, msg["name"]))
+                return msg["fn"].sample(_site_key(key_prior, msg["name"]), _sample_shape(msg))
             return None
 
         def redraw(name):
             fn, key = at_m[name]["fn"], _site_key(key_lik, name)
             if name not in self._laplace_lik_names:
-                return fn.sample(key)
+                return fn.sample(key, _sample_shape(at_m[name]))
             # Continuous pseudo-observations with the likelihood's mean and variance: for a canonical
             # link the gradient is linear in the observation, so the noise is Gaussian with covariance
             # J^T W J exactly (redrawn counts would give that covariance but a skewed, lattice-valued

@@ -105,7 +105,9 @@ class SparsePrecision:
                 base = unwrap_distribution(fn)
                 if not isinstance(base, _GAUSSIAN_FAMILIES):
                     raise Unsupported(f"site '{name}' is {type(base).__name__}, not a Gaussian family")
-                layout[name] = (int(np.prod(fn.batch_shape, dtype=int)), int(np.prod(fn.event_shape, dtype=int)))
+                event = int(np.prod(fn.event_shape, dtype=int))
+                # Dims from sample_shape= lead the value; they are batch dims here (independent draws).
+                layout[name] = (int(np.prod(jnp.shape(tr[name]["value"]), dtype=int)) // event, event)
             return 0
 
         jax.eval_shape(record)

@@ -292,7 +292,8 @@ class AutoHybrid(AutoGuide):
         out = dict(theta)
         for name in self.z_names:
             value = lax.stop_gradient(z[name])
-            out[name] = numpyro.sample(name, dist.Delta(value, event_dim=jnp.ndim(value)))
+            # The model site's event dims, as NumPyro's ELBOs check (log q(z) is 0 whatever they are).
+            out[name] = numpyro.sample(name, dist.Delta(value, event_dim=self.prototype_trace[name]["fn"].event_dim))
         return out
 
     def _draw_block(self, key, theta, num_draws: int, *, init=None, return_info: bool = False):

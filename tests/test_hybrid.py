@@ -706,3 +706,16 @@ def test_numpyros_own_elbos_take_the_guide_and_agree_with_hybrid_elbo(x64):
         got = per_draw(elbo, seed)
         se = np.hypot(got.std(0), want.std(0)) / np.sqrt(len(got))
         np.testing.assert_array_less(np.abs(got.mean(0) - want.mean(0)), 5 * se + 1e-9)
+
+
+def test_nan_data_is_named_before_numpyros_set_up(x64):
+    """NaN in the data: NumPyro's set-up answered "Cannot find valid initial parameters"; the guide names
+    the site and the value, as the analysis does."""
+    y = np.array(Y)
+    y[3] = np.nan
+    message = r"observed site 'y' has 1 NaN value \(first at index 3\); drop them, or mask them"
+    with pytest.raises(ModelError, match=message):
+        SVI(random_intercepts, AutoHybrid(random_intercepts, block=RI_BLOCK), numpyro.optim.Adam(0.01),
+            HybridELBO()).init(jax.random.PRNGKey(0), GROUP, y=y)
+    with pytest.raises(ModelError, match=message):
+        autoreparam.fit_hybrid(random_intercepts, GROUP, y=y, steps=2)

@@ -45,7 +45,7 @@ from numpyro.infer.util import log_density
 from .block import BlockLikelihood, BlockSite, GaussianBlock, block_of_model, refuse_discrete_latent  # noqa: F401 (doctest)
 from .conditional import BlockConditional
 from .errors import InputError, ModelError
-from .trace import isolated_from_handlers
+from .trace import check_observed_sites, isolated_from_handlers
 
 __all__ = ["AutoHybrid", "HybridELBO", "THETA_GUIDES", "LAPLACE_BLOCK_DRAWS", "CG_THETA_POOL"]
 
@@ -152,10 +152,12 @@ class AutoHybrid(AutoGuide):
 
     # -- set-up ------------------------------------------------------------------------------------
     def _setup_prototype(self, *args, **kwargs):
-        # Before NumPyro's set-up, which would try to enumerate a discrete site (and ask for funsor).
+        # Before NumPyro's set-up, which would try to enumerate a discrete site (and ask for funsor) and
+        # answer NaN data with "Cannot find valid initial parameters".
         with isolated_from_handlers():
-            refuse_discrete_latent(handlers.trace(handlers.seed(self.model, 0)).get_trace(*args, **kwargs),
-                                   "AutoHybrid")
+            first = handlers.trace(handlers.seed(self.model, 0)).get_trace(*args, **kwargs)
+        check_observed_sites(first)
+        refuse_discrete_latent(first, "AutoHybrid")
         super()._setup_prototype(*args, **kwargs)
         tr = self.prototype_trace
         for name, site in tr.items():

@@ -616,6 +616,16 @@ def _check_observed_support(name, fn, value) -> bool:
     return True
 
 
+def check_observed_sites(trace: dict) -> None:
+    """The checks of every observed site's data (numeric, shape, support: NaN, inf, counts) on a NumPyro
+    trace, for entry points that run the model without tracing it here first (``AutoHybrid``)."""
+    for name, site in trace.items():
+        if site["type"] == "sample" and site["is_observed"]:
+            _check_observed_value(name, site["value"])
+            _check_observed_shape(name, site["fn"], tuple(jnp.shape(site["value"])))
+            _check_observed_support(name, site["fn"], site["value"])
+
+
 def _check_observed_shape(name, fn, value_shape):
     dist_shape = tuple(fn.batch_shape) + tuple(fn.event_shape)
     try:

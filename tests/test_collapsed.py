@@ -281,6 +281,15 @@ def test_no_block_is_one_clear_line():
         collapsed_mcmc(crossed, II, JJ, Y, block=empty)
 
 
+def test_chain_sizes_are_counts():
+    with pytest.raises(InputError, match="collapsed_mcmc: num_chains must be a positive integer, got 0"):
+        collapsed_mcmc(crossed, II, JJ, Y, block=CROSSED_BLOCK, num_chains=0)
+    with pytest.raises(InputError, match="gibbs_mcmc: num_warmup must be an integer >= 0, got 1.5"):
+        autoreparam.gibbs_mcmc(crossed, II, JJ, Y, block=CROSSED_BLOCK, num_warmup=1.5)
+    with pytest.raises(InputError, match="auto_mcmc: num_samples must be a positive integer, got -1"):
+        autoreparam.auto_mcmc(crossed, II, JJ, Y, num_samples=-1)
+
+
 def test_vectorized_chains_are_refused_in_one_line():
     with pytest.raises(InputError, match="chain_method='vectorized'") as info:
         collapsed_mcmc(crossed, II, JJ, Y, block=CROSSED_BLOCK, num_chains=2, chain_method="vectorized")

@@ -719,3 +719,22 @@ def test_nan_data_is_named_before_numpyros_set_up(x64):
             HybridELBO()).init(jax.random.PRNGKey(0), GROUP, y=y)
     with pytest.raises(ModelError, match=message):
         autoreparam.fit_hybrid(random_intercepts, GROUP, y=y, steps=2)
+
+
+def test_numpy_scalars_are_counts_and_bad_ones_are_named(x64):
+    """Counts from numpy (np.int64 steps, an np.float32 init_scale) are accepted as Python's are; a
+    non-optimizer, a NaN scale and a model that raises get one line each (optax's ImportError, a
+    bare AssertionError from NumPyro's plate before)."""
+    fit = autoreparam.fit_hybrid(random_intercepts, GROUP, y=Y, block=RI_BLOCK, steps=np.int64(3),
+                                 num_particles=np.int32(2), init_scale=np.float32(0.2), num_samples=np.int64(5),
+                                 resample_theta=np.int64(0))
+    assert fit.samples["a"].shape == (5, G)
+    with pytest.raises(InputError, match=r"fit_hybrid: optimizer=3: expected 'natural', 'adam' or a NumPyro optimizer"):
+        autoreparam.fit_hybrid(random_intercepts, GROUP, y=Y, optimizer=3)
+    with pytest.raises(InputError, match=r"fit_hybrid: num_particles must be a positive integer, got 0"):
+        autoreparam.fit_hybrid(random_intercepts, GROUP, y=Y, num_particles=0)
+    with pytest.raises(InputError, match=r"AutoHybrid: init_scale must be a positive number, got nan"):
+        AutoHybrid(random_intercepts, init_scale=float("nan"))
+    with pytest.raises(ModelError, match=r"AutoHybrid: the model raised AssertionError: size of plate should be "
+                                         r"positive when run on these inputs"):
+        autoreparam.fit_hybrid(random_intercepts, GROUP[:0], y=Y[:0], block=RI_BLOCK, steps=2)

@@ -294,8 +294,9 @@ def auto_mcmc(model: Callable, *args, num_warmup: int = 500, num_samples: int = 
     """
     # Here, not at the top: only auto_mcmc needs collapsed (with conditional and precision), and
     # every cold `autoreparam analyze` imports api.
-    from .collapsed import CollapsedResult, _key, _run_mcmc, choose_mcmc, collapsed_mcmc
+    from .collapsed import CollapsedResult, _check_chain_sizes, _key, _run_mcmc, choose_mcmc, collapsed_mcmc
 
+    _check_chain_sizes("auto_mcmc", num_warmup, num_samples, num_chains)
     choice = choose_mcmc(model, *args, **kwargs)
     if choice.method == "collapsed":
         result = collapsed_mcmc(model, *args, block=choice.block, num_warmup=num_warmup, num_samples=num_samples,

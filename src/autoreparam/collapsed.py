@@ -39,6 +39,7 @@ from numpyro.distributions import biject_to
 from numpyro.distributions.util import sum_rightmost
 from numpyro.infer import MCMC, NUTS, HMCGibbs
 
+from .arguments import whole_number
 from .block import GaussianBlock, block_of_model, discrete_latent_sites, refuse_discrete_latent
 from .conditional import DENSE_LIMIT, BlockConditional, float64_with_gradient
 from .errors import InputError, ModelError
@@ -365,6 +366,12 @@ def _run_mcmc(kernel, num_warmup, num_samples, num_chains, chain_method, progres
     return mcmc, dict(num_gradients=int(np.sum(extra[steps])), divergences=int(np.sum(extra[diverging])))
 
 
+def _check_chain_sizes(where: str, num_warmup, num_samples, num_chains) -> None:
+    whole_number(where, "num_warmup", num_warmup, minimum=0)
+    whole_number(where, "num_samples", num_samples)
+    whole_number(where, "num_chains", num_chains)
+
+
 def _refuse_vectorized_chains(where: str, chain_method: str) -> None:
     # A vmap over chains batches the block's Cholesky factorisations and triangular solves; two
     # independent batched LAPACK kernels can deadlock XLA's CPU thread pool (see complete).
@@ -388,6 +395,7 @@ def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, n
     >>> result = autoreparam.collapsed_mcmc(model, sigma, y=y, block=block)  # doctest: +SKIP
     >>> result.print_summary()  # doctest: +SKIP
     """
+    _check_chain_sizes("collapsed_mcmc", num_warmup, num_samples, num_chains)
     _refuse_vectorized_chains("collapsed_mcmc", chain_method)
     args, kwargs = _int32_data(args), _int32_data(kwargs)
     if block is None:
@@ -425,6 +433,7 @@ def gibbs_mcmc(model: Callable, *args, block: GaussianBlock | None = None, num_w
 
     >>> result = autoreparam.gibbs_mcmc(model, sigma, y=y, block=block)  # doctest: +SKIP
     """
+    _check_chain_sizes("gibbs_mcmc", num_warmup, num_samples, num_chains)
     _refuse_vectorized_chains("gibbs_mcmc", chain_method)
     args, kwargs = _int32_data(args), _int32_data(kwargs)
     if block is None:

@@ -11,6 +11,7 @@ import numpy as np
 import numpyro
 from numpyro.infer import SVI
 
+from .arguments import whole_number
 from .errors import InputError
 from .hybrid import CG_THETA_POOL, AutoHybrid, HybridELBO, check_block_draws
 from .natural import NaturalGradient, decaying_step_size
@@ -95,15 +96,20 @@ def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", opt
     >>> fit = fit_hybrid(model, g, y=y, steps=500)      # doctest: +SKIP
     >>> fit.samples["tau"].mean(), fit.elbo             # doctest: +SKIP
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise InputError(f"fit_hybrid: steps must be a positive integer, got {steps!r}")
-    if not (resample_theta == "auto" or (isinstance(resample_theta, int) and resample_theta >= 0)):
-        raise InputError(f"fit_hybrid: resample_theta must be 'auto' or an integer >= 0, got {resample_theta!r}")
-    if theta_pool is not None and (isinstance(theta_pool, bool) or not isinstance(theta_pool, int) or theta_pool < 1):
-        raise InputError(f"fit_hybrid: theta_pool must be a positive integer or None, got {theta_pool!r}")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise InputError(f"fit_hybrid: num_samples must be a positive integer, got {num_samples!r}")
+    steps = whole_number("fit_hybrid", "steps", steps)
+    if not (isinstance(resample_theta, str) and resample_theta == "auto"):
+        try:
+            resample_theta = whole_number("fit_hybrid", "resample_theta", resample_theta, minimum=0)
+        except InputError:
+            raise InputError(f"fit_hybrid: resample_theta must be 'auto' or an integer >= 0, got {resample_theta!r}") \
+                from None
+    theta_pool = whole_number("fit_hybrid", "theta_pool", theta_pool, none_ok=True)
+    num_samples = whole_number("fit_hybrid", "num_samples", num_samples)
+    num_particles = whole_number("fit_hybrid", "num_particles", num_particles)
+    seed = whole_number("fit_hybrid", "seed", seed, minimum=0)
     check_block_draws("fit_hybrid", block_draws)
+    if not (isinstance(optimizer, str) or all(callable(getattr(optimizer, m, None)) for m in ("init", "update"))):
+        raise InputError(f"fit_hybrid: optimizer={optimizer!r}: expected 'natural', 'adam' or a NumPyro optimizer")
     with jax.enable_x64(True):
         args, kwargs = inputs_for_float64((tuple(args), dict(kwargs)))
         guide = AutoHybrid(model, block=block, theta_guide=theta_guide, init_scale=init_scale)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import numbers
 import warnings
 
 import jax
@@ -44,8 +43,9 @@ from numpyro.infer.util import log_density
 
 from .block import BlockLikelihood, BlockSite, GaussianBlock, block_of_model, refuse_discrete_latent  # noqa: F401 (doctest)
 from .conditional import BlockConditional
-from .errors import InputError, ModelError
-from .trace import check_observed_sites, isolated_from_handlers
+from .arguments import positive_number, whole_number
+from .errors import AutoreparamError, InputError, ModelError
+from .trace import check_observed_sites, describe_exception, isolated_from_handlers
 
 __all__ = ["AutoHybrid", "HybridELBO", "THETA_GUIDES", "LAPLACE_BLOCK_DRAWS", "CG_THETA_POOL"]
 
@@ -73,11 +73,7 @@ _CG_DRAW_BATCH = 16
 
 def check_block_draws(where: str, block_draws) -> None:
     """``block_draws`` is None (the block's default) or a positive integer (numpy integers too)."""
-    if block_draws is None:
-        return
-    if isinstance(block_draws, (bool, np.bool_)) or not isinstance(block_draws, numbers.Integral) or block_draws < 1:
-        raise InputError(f"{where}: block_draws (z draws per theta draw) must be a positive integer or None, "
-                         f"got {block_draws!r}")
+    whole_number(where, "block_draws", block_draws, none_ok=True, what="z draws per theta draw")
 
 
 def _concrete(x) -> bool:
@@ -129,12 +125,10 @@ class AutoHybrid(AutoGuide):
                  init_loc_fn=init_to_median, **conditional_options):
         if theta_guide not in THETA_GUIDES:
             raise InputError(f"AutoHybrid: theta_guide={theta_guide!r}: expected one of {', '.join(THETA_GUIDES)}")
-        if not (isinstance(init_scale, (int, float)) and init_scale > 0):
-            raise InputError(f"AutoHybrid: init_scale must be a positive number, got {init_scale!r}")
+        init_scale = positive_number("AutoHybrid", "init_scale", init_scale)
         if block is not None and not isinstance(block, GaussianBlock):
             raise InputError(f"AutoHybrid: block must be a GaussianBlock or None, got {type(block).__name__}")
-        if rank is not None and (not isinstance(rank, int) or rank < 1):
-            raise InputError(f"AutoHybrid: rank must be a positive integer, got {rank!r}")
+        rank = whole_number("AutoHybrid", "rank", rank, none_ok=True)
         self.block = block
         self.theta_guide = theta_guide
         self.init_scale = float(init_scale)
@@ -154,8 +148,14 @@ class AutoHybrid(AutoGuide):
     def _setup_prototype(self, *args, **kwargs):
         # Before NumPyro's set-up, which would try to enumerate a discrete site (and ask for funsor) and
         # answer NaN data with "Cannot find valid initial parameters".
-        with isolated_from_handlers():
-            first = handlers.trace(handlers.seed(self.model, 0)).get_trace(*args, **kwargs)
+        try:
+            with isolated_from_handlers():
+                first = handlers.trace(handlers.seed(self.model, 0)).get_trace(*args, **kwargs)
+        except AutoreparamError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"AutoHybrid: the model raised {describe_exception(exc)} when run on these "
+                             "inputs") from exc
         check_observed_sites(first)
         refuse_discrete_latent(first, "AutoHybrid")
         super()._setup_prototype(*args, **kwargs)
@@ -424,13 +424,8 @@ class AutoHybrid(AutoGuide):
         n = max(int(np.prod(sample_shape)), 1)
         check_block_draws("AutoHybrid.sample_posterior", block_draws)
         num_draws = self.draws_per_theta(None if block_draws is None else int(block_draws))
-        if resample_theta and not (isinstance(resample_theta, int) and resample_theta >= 1):
-            raise InputError(f"AutoHybrid.sample_posterior: resample_theta must be a positive integer or 0, "
-                             f"got {resample_theta!r}")
-        if theta_pool is not None and (isinstance(theta_pool, (bool, np.bool_)) or
-                                       not isinstance(theta_pool, numbers.Integral) or theta_pool < 1):
-            raise InputError(f"AutoHybrid.sample_posterior: theta_pool must be a positive integer or None, "
-                             f"got {theta_pool!r}")
+        resample_theta = whole_number("AutoHybrid.sample_posterior", "resample_theta", resample_theta, minimum=0)
+        theta_pool = whole_number("AutoHybrid.sample_posterior", "theta_pool", theta_pool, none_ok=True)
         pool = int(theta_pool) if theta_pool is not None else n * resample_theta
         if pool and self.theta_names and not self.exact_marginal:
             raise InputError("AutoHybrid.sample_posterior: resample_theta/theta_pool need log p(y, theta), which the "
@@ -593,8 +588,7 @@ class HybridELBO(Trace_ELBO):
 
     def __init__(self, num_particles: int = 1, *, block_draws: int | None = None, exact_value: bool | None = None,
                  vectorize_particles: bool = True):
-        if not isinstance(num_particles, int) or num_particles < 1:
-            raise InputError(f"HybridELBO: num_particles must be a positive integer, got {num_particles!r}")
+        num_particles = whole_number("HybridELBO", "num_particles", num_particles)
         check_block_draws("HybridELBO", block_draws)
         super().__init__(num_particles=num_particles, vectorize_particles=vectorize_particles)
         self.block_draws = None if block_draws is None else int(block_draws)

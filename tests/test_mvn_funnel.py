@@ -194,6 +194,20 @@ def test_cholesky_needs_full_fixed_noncentring_without_offsets():
         one_line(exc.value)
 
 
+def test_editing_the_centredness_of_a_cholesky_site_keeps_the_plan_valid():
+    """It used to write a learned loc-scale centredness into the Cholesky site (refused only later)."""
+    plan = cholesky_plan()
+    assert plan.with_centredness("ab_cafe", 0.0) == plan and plan.with_centredness("ab_cafe", np.float32(0.0)) == plan
+    assert "ab_cafe" not in plan.with_centredness("ab_cafe", None).names
+    with pytest.raises(PlanError, match=r"site 'ab_cafe' is non-centred by its Cholesky factor, all or nothing: "
+                                        r"centredness 0 or 1 \(None\), got 0.5") as exc:
+        plan.with_centredness("ab_cafe", 0.5)
+    one_line(exc.value)
+    with pytest.raises(PlanError, match=r"centredness for site 'ab_cafe' must be a number in \[0, 1\] or None, "
+                                        r"got '0.5'"):
+        plan.with_centredness("ab_cafe", "0.5")
+
+
 def test_a_plan_that_noncentres_an_mvn_otherwise_or_a_normal_by_cholesky_is_refused():
     loc_scale = Plan("varying_slopes", (SitePlan("ab_cafe", (K, 2), (K,), (), (0.0,) * K, False),))
     with pytest.raises(PlanError, match="'ab_cafe' is a MultivariateNormal.*Cholesky") as exc:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -109,6 +110,9 @@ def _count(x, where: str, field_name: str) -> int:
     return int(x)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _numbers(x, where: str, field_name: str) -> tuple[float, ...]:
     """A tuple of finite floats."""
     if not isinstance(x, (list, tuple)):
@@ -118,7 +122,17 @@ def _numbers(x, where: str, field_name: str) -> tuple[float, ...]:
             _fail(where, f"'{field_name}' must be a list of numbers, got {_kind(v) if not isinstance(v, str) else repr(v)}")
         if not np.isfinite(v):
             _fail(where, f"'{field_name}' must be finite, got {float(v)}")
+        if abs(float(v)) > _FLOAT32_MAX:  # the model runs in float32, where it would be infinite
+            _fail(where, f"'{field_name}' must be finite in float32 (at most {_FLOAT32_MAX:.3g} in size), "
+                         f"got {float(v):g}")
     return tuple(float(v) for v in x)
+
+
+def _number(x, where: str, field_name: str) -> float:
+    """One finite float."""
+    if not (_is_int(x) or isinstance(x, (float, np.floating))):
+        _fail(where, f"'{field_name}' must be a number, got {_kind(x) if not isinstance(x, str) else repr(x)}")
+    return _numbers([x], where, field_name)[0]
 
 
 def _prod(shape) -> int:
@@ -556,12 +570,23 @@ class Plan:
                         f"(latent sites: {', '.join(self.order) or 'none'})")
 
     def with_centredness(self, name: str, centredness: float | None, learn: bool = True) -> "Plan":
-        """Force a site centred (``centredness=1`` or None) or (partially) non-centred (0 <= c < 1)."""
+        """Force a site centred (``centredness=1`` or None) or (partially) non-centred (0 <= c < 1).
+
+        A site non-centred by its Cholesky factor (a MultivariateNormal) is all or nothing: centred, or
+        fully non-centred (0, not learned)."""
+        if centredness is not None and (isinstance(centredness, (bool, np.bool_))
+                                        or not isinstance(centredness, numbers.Real)):
+            raise PlanError(f"centredness for site '{name}' must be a number in [0, 1] or None, got {centredness!r}")
         site = self._site_or_new(name)
         if centredness is None or centredness == 1:
-            return self._replace_site(replace(site, centredness=None, learn_centredness=True))
+            return self._replace_site(replace(site, centredness=None, learn_centredness=True, cholesky=False))
         if not 0 <= centredness <= 1:
             raise PlanError(f"centredness for site '{name}' must be in [0, 1], got {centredness}")
+        if site.cholesky:
+            if centredness != 0:
+                raise PlanError(f"site '{name}' is non-centred by its Cholesky factor, all or nothing: centredness "
+                                f"0 or 1 (None), got {centredness}")
+            return self
         n = int(np.prod(site.batch_shape, dtype=np.int64))
         return self._replace_site(replace(site, centredness=(float(centredness),) * n, learn_centredness=learn))
 
@@ -590,7 +615,7 @@ class Plan:
             if not isinstance(value, kind):
                 _fail(where, f"'{field_name}' must be a {'list' if kind is list else 'JSON object'}, "
                              f"got {_kind(value)}")
-        xi_step = _numbers([_get(d, "xi_step", where, 1.0)], where, "xi_step")[0]
+        xi_step = _number(_get(d, "xi_step", where, 1.0), where, "xi_step")
         plan = cls(_text(_get(d, "model", where), where, "model"),
                    tuple(SitePlan.from_json(s, f"sites[{i}]") for i, s in enumerate(sites)),
                    tuple((_text(_get(c, "site", f"candidates[{i}]"), f"candidates[{i}]", "site"),
@@ -614,7 +639,7 @@ class Plan:
         _text(self.model, where, "model")
         if self.init not in ("analytic", "zero"):
             _fail(where, f"'init' must be 'analytic' or 'zero', got {self.init!r}")
-        xi_step = _numbers([self.xi_step], where, "xi_step")[0]
+        xi_step = _number(self.xi_step, where, "xi_step")
         if xi_step <= 0:
             _fail(where, f"'xi_step' must be positive, got {xi_step}")
         if not isinstance(self.sites, tuple) or not all(isinstance(s, SitePlan) for s in self.sites):

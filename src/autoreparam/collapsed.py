@@ -144,6 +144,7 @@ class CollapsedPosterior:
         self.approximate = not block.exact
         trace = handlers.trace(handlers.seed(model, seed)).get_trace(*self.args, **self.kwargs)
         refuse_discrete_latent(trace, "collapsed NUTS")
+        self._model_key = jax.random.PRNGKey(0)
         self.conditional = BlockConditional(model, block, self.args, self.kwargs, method="dense", seed=seed)
         self.theta_names = tuple(block.theta)
         self._theta_example = {n: jnp.asarray(trace[n]["value"]) for n in self.theta_names}
@@ -180,7 +181,9 @@ class CollapsedPosterior:
             log_det.append(jnp.sum(ladj))
             return value
 
-        model = handlers.substitute(handlers.seed(self.model, 0), substitute_fn=constrain)
+        # A key made once, outside: a seed 0 would build it inside the potential's float64 trace,
+        # where JAX warns that it truncates an int64.
+        model = handlers.substitute(handlers.seed(self.model, self._model_key), substitute_fn=constrain)
         handlers.trace(model).get_trace(*self.args, **self.kwargs)
         return theta, sum(log_det, jnp.zeros(()))
 

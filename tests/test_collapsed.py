@@ -422,3 +422,20 @@ def test_auto_mcmc_runs_the_chosen_method_and_keeps_every_site(monkeypatch):
                                     progress_bar=False)
     assert offsets.method == "NUTS on the offsets" and offsets.reason.startswith("no conditionally Gaussian block")
     assert offsets.get_samples(group_by_chain=True)["s"].shape == (1, 10) and offsets.num_gradients > 0
+
+
+def test_laplace_draws_without_theta_are_labelled_approximate():
+    def logistic_fixed(ii, y):
+        with numpyro.plate("i", I):
+            a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        with numpyro.plate("n", len(ii)):
+            numpyro.sample("y", dist.Bernoulli(logits=a[ii]), obs=y)
+
+    result = collapsed_mcmc(logistic_fixed, II, (Y > 1).astype(np.float32), num_samples=5, approximate=True,
+                            progress_bar=False)
+    assert result.method == "Laplace draws (no theta, approximate)"
+
+
+def test_gibbs_names_a_discrete_latent_site_too():
+    with pytest.raises(ModelError, match="Gibbs MCMC: latent site 'k' is discrete"):
+        autoreparam.gibbs_mcmc(_with_a_switch, II, JJ, Y, num_warmup=5, num_samples=5)

@@ -206,6 +206,13 @@ def test_editing_the_centredness_of_a_cholesky_site_keeps_the_plan_valid():
     with pytest.raises(PlanError, match=r"centredness for site 'ab_cafe' must be a number in \[0, 1\] or None, "
                                         r"got '0.5'"):
         plan.with_centredness("ab_cafe", "0.5")
+    # Centred, the plan no longer knows it is a MultivariateNormal: cholesky=True says so, and undoes it.
+    plan = Plan("varying_slopes", plan.sites, (), (("ab_cafe", (K, 2), (K,)),))
+    centred = plan.with_centredness("ab_cafe", None)
+    assert "ab_cafe" not in centred.names and centred.with_centredness("ab_cafe", 0.0, cholesky=True) == plan
+    with pytest.raises(PlanError, match=r"with_centredness\('ab_cafe', 0.0, cholesky=True\)"):
+        handlers.seed(autoreparam.reparameterize(varying_slopes, centred.with_centredness("ab_cafe", 0.0)), 0)(
+            CAFE, AFTERNOON)
 
 
 def test_a_plan_that_noncentres_an_mvn_otherwise_or_a_normal_by_cholesky_is_refused():

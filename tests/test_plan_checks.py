@@ -108,6 +108,7 @@ CORRUPTIONS = {
     "xi_step zero": (edit(lambda d: d.update(xi_step=0)), ["xi_step", "positive"]),
     "xi_step NaN": (edit(lambda d: d.update(xi_step=math.nan)), ["xi_step", "finite"]),
     "xi_step a string": (edit(lambda d: d.update(xi_step="1")), ["'xi_step' must be a number, got '1'"]),
+    "xi_step a huge integer": (edit(lambda d: d.update(xi_step=10 ** 400)), ["'xi_step'", "401 digits"]),
     "E vals beyond float32": (edit(lambda d: _offset(d)["E"]["vals"].__setitem__(0, 1e300)),
                               ["'a'", "'E'", "vals", "finite in float32", "1e+300"]),
     "candidate init NaN": (edit(lambda d: d["candidates"][0]["init"].__setitem__(0, math.nan)), ["'a'", "init"]),

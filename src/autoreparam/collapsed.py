@@ -407,11 +407,12 @@ def collapsed_mcmc(model: Callable, *args, block: GaussianBlock | None = None, n
     rng_key = _key(rng_key)
     key_init, key_mcmc, key_complete = jax.random.split(rng_key, 3)
     start = time.perf_counter()
-    if not posterior.theta_names:  # p(z | y) itself is the Gaussian: independent exact draws, no chain
+    if not posterior.theta_names:  # p(z | y) itself is the Gaussian (or its Laplace approximation): no chain
         samples = posterior.complete(key_complete, {}, batch_shape=(num_chains, num_samples))
         jax.block_until_ready(samples)
-        return CollapsedResult(samples, None, "exact draws (no theta)", seconds=time.perf_counter() - start,
-                               num_gradients=0, divergences=0)
+        method = "Laplace draws (no theta, approximate)" if posterior.approximate else "exact draws (no theta)"
+        return CollapsedResult(samples, None, method, seconds=time.perf_counter() - start, num_gradients=0,
+                               divergences=0)
     init = posterior.init_params(key_init, None if num_chains == 1 else num_chains)
     mcmc, counts = _run_mcmc(
         NUTS(potential_fn=posterior.potential_fn), num_warmup, num_samples, num_chains, chain_method,
@@ -464,6 +465,8 @@ def gibbs_kernel(model: Callable, block: GaussianBlock, args: tuple = (), kwargs
     draws use float64 random bits."""
     _check_block(block, "Gibbs MCMC", approximate, None)
     args, kwargs = _int32_data(tuple(args)), _int32_data(dict(kwargs or {}))
+    with isolated_from_handlers():
+        refuse_discrete_latent(handlers.trace(handlers.seed(model, 0)).get_trace(*args, **kwargs), "Gibbs MCMC")
     conditional = BlockConditional(model, block, args, kwargs)
 
     def gibbs_fn(rng_key, gibbs_sites, hmc_sites):

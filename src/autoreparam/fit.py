@@ -106,7 +106,7 @@ def fit_hybrid(model, *args, steps: int = 2000, theta_guide: str = "normal", opt
     theta_pool = whole_number("fit_hybrid", "theta_pool", theta_pool, none_ok=True)
     num_samples = whole_number("fit_hybrid", "num_samples", num_samples)
     num_particles = whole_number("fit_hybrid", "num_particles", num_particles)
-    seed = whole_number("fit_hybrid", "seed", seed, minimum=0)
+    seed = whole_number("fit_hybrid", "seed", seed, minimum=None)
     check_block_draws("fit_hybrid", block_draws)
     if not (isinstance(optimizer, str) or all(callable(getattr(optimizer, m, None)) for m in ("init", "update"))):
         raise InputError(f"fit_hybrid: optimizer={optimizer!r}: expected 'natural', 'adam' or a NumPyro optimizer")

@@ -120,9 +120,14 @@ def _numbers(x, where: str, field_name: str) -> tuple[float, ...]:
     for v in x:
         if not (_is_int(v) or isinstance(v, (float, np.floating))):
             _fail(where, f"'{field_name}' must be a list of numbers, got {_kind(v) if not isinstance(v, str) else repr(v)}")
-        if not np.isfinite(v):
-            _fail(where, f"'{field_name}' must be finite, got {float(v)}")
-        if abs(float(v)) > _FLOAT32_MAX:  # the model runs in float32, where it would be infinite
+        try:
+            value = float(v)
+        except OverflowError:  # a JSON integer beyond any float
+            _fail(where, f"'{field_name}' must be finite in float32 (at most {_FLOAT32_MAX:.3g} in size), "
+                         f"got an integer of {len(str(abs(int(v))))} digits")
+        if not np.isfinite(value):
+            _fail(where, f"'{field_name}' must be finite, got {value}")
+        if abs(value) > _FLOAT32_MAX:  # the model runs in float32, where it would be infinite
             _fail(where, f"'{field_name}' must be finite in float32 (at most {_FLOAT32_MAX:.3g} in size), "
                          f"got {float(v):g}")
     return tuple(float(v) for v in x)
@@ -569,11 +574,13 @@ class Plan:
         raise PlanError(f"site '{name}' is not a latent site of {self.model} "
                         f"(latent sites: {', '.join(self.order) or 'none'})")
 
-    def with_centredness(self, name: str, centredness: float | None, learn: bool = True) -> "Plan":
+    def with_centredness(self, name: str, centredness: float | None, learn: bool = True,
+                         cholesky: bool = False) -> "Plan":
         """Force a site centred (``centredness=1`` or None) or (partially) non-centred (0 <= c < 1).
 
         A site non-centred by its Cholesky factor (a MultivariateNormal) is all or nothing: centred, or
-        fully non-centred (0, not learned)."""
+        fully non-centred (0, not learned). ``cholesky=True`` makes a site so (one the plan left centred:
+        the plan does not know the family), without offsets."""
         if centredness is not None and (isinstance(centredness, (bool, np.bool_))
                                         or not isinstance(centredness, numbers.Real)):
             raise PlanError(f"centredness for site '{name}' must be a number in [0, 1] or None, got {centredness!r}")
@@ -582,6 +589,13 @@ class Plan:
             return self._replace_site(replace(site, centredness=None, learn_centredness=True, cholesky=False))
         if not 0 <= centredness <= 1:
             raise PlanError(f"centredness for site '{name}' must be in [0, 1], got {centredness}")
+        if cholesky and not site.cholesky:
+            if centredness != 0:
+                raise PlanError(f"cholesky=True for site '{name}' needs centredness 0 (all or nothing), got "
+                                f"{centredness}")
+            n = int(np.prod(site.batch_shape, dtype=np.int64))
+            return self._replace_site(replace(site, offsets=(), centredness=(0.0,) * n, learn_centredness=False,
+                                              cholesky=True))
         if site.cholesky:
             if centredness != 0:
                 raise PlanError(f"site '{name}' is non-centred by its Cholesky factor, all or nothing: centredness "
@@ -761,7 +775,8 @@ def validate_plan(plan: Plan, sites: dict[str, TracedSite]) -> None:
                             f"{' and '.join(MVN_FAMILIES)} sites only")
         if s.noncentred and not s.cholesky and site.family in MVN_FAMILIES:
             raise PlanError(f"plan site '{s.name}' is a {site.family}: it is non-centred only by its "
-                            "Cholesky factor ('cholesky': true, centredness 0)")
+                            "Cholesky factor ('cholesky': true, centredness 0; "
+                            f"plan.with_centredness({s.name!r}, 0.0, cholesky=True))")
         if s.noncentred and not s.cholesky and site.family not in {f.__name__ for f in LOC_SCALE_FAMILIES}:
             raise PlanError(f"plan site '{s.name}' is {site.family}, not one of the loc-scale families "
                             f"({', '.join(f.__name__ for f in LOC_SCALE_FAMILIES)}); it cannot be non-centred")

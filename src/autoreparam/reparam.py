@@ -301,7 +301,8 @@ class ConditionalOffsetReparam(Reparam):
         core = unwrap_distribution(fn)
         if isinstance(core, MVN_LAWS) != site.cholesky:
             raise PlanError(f"site '{name}' is {type(core).__name__}: " + (
-                f"a {type(core).__name__} is non-centred only by its Cholesky factor (SitePlan cholesky=True)"
+                f"a {type(core).__name__} is non-centred only by its Cholesky factor (SitePlan cholesky=True; "
+                f"plan.with_centredness({name!r}, 0.0, cholesky=True))"
                 if not site.cholesky else "cholesky non-centring is for MultivariateNormal and "
                 "LowRankMultivariateNormal sites only"))
         if site.cholesky:

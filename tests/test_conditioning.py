@@ -403,3 +403,137 @@ def test_the_guard_runs_beside_a_multivariate_normal_funnel():
     plan = autoreparam.analyze(model, g, h, y=np.random.default_rng(0).normal(size=24).astype(np.float32)).plan
     assert plan["b"].cholesky and plan["a"].noncentred
     assert [n for n in plan.notes if n.kind is NoteKind.GUARD_FAILED] == []
+
+
+# -- the likelihood's curvature from its linear predictors ------------------------------------------
+ROW = np.repeat(np.arange(6), 4).astype(np.int32)
+COL = np.tile(np.arange(4), 6).astype(np.int32)
+BITS = (np.arange(24) % 3 == 0).astype(np.float32)
+COUNTS = (np.arange(24) % 5).astype(np.float32)
+GROUP = np.repeat(np.arange(10), 1000).astype(np.int32)
+
+
+def crossed_logistic(row, col, y=None):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    sigma_a = numpyro.sample("sigma_a", dist.HalfNormal(1.0))
+    sigma_b = numpyro.sample("sigma_b", dist.HalfNormal(1.0))
+    with numpyro.plate("rows", 6):
+        a = numpyro.sample("a", dist.Normal(0.0, sigma_a))
+    with numpyro.plate("cols", 4):
+        b = numpyro.sample("b", dist.Normal(0.0, sigma_b))
+    with numpyro.plate("obs", len(row)):
+        numpyro.sample("y", dist.Bernoulli(logits=mu + a[row] + b[col]), obs=y)
+
+
+def scaled_poisson(row, y=None):
+    """A log link, under ``handlers.scale`` and ``mask``."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    with numpyro.plate("rows", 6):
+        a = numpyro.sample("a", dist.Normal(mu, tau))
+    with numpyro.handlers.scale(scale=3.0), numpyro.handlers.mask(mask=np.arange(len(row)) % 4 != 1):
+        with numpyro.plate("obs", len(row)):
+            numpyro.sample("y", dist.Poisson(jnp.exp(a[row])), obs=y)
+
+
+def subsampled_events(row, y=None):
+    """The observations as one event (``to_event``), and a subsampled plate of them."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    with numpyro.plate("rows", 6):
+        a = numpyro.sample("a", dist.Normal(mu, tau))
+    numpyro.sample("y", dist.Normal(a[row], 0.7).to_event(1), obs=y)
+    with numpyro.plate("again", len(row), subsample_size=12) as idx:
+        numpyro.sample("y2", dist.Normal(a[row[idx]], 0.7), obs=y[idx])
+
+
+def sheared_by_data(group, y=None):
+    """Where float32 sums of the data's curvature cancel after an offset (xi near -1): 1,000
+    observations of sd 0.01 per group."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    with numpyro.plate("groups", 10):
+        a = numpyro.sample("a", dist.Normal(0.0, tau))
+    with numpyro.plate("obs", len(group)):
+        numpyro.sample("y", dist.Normal(mu + a[group], 0.01), obs=y)
+
+
+def _sheared_data():
+    rng = np.random.default_rng(3)
+    return (GROUP,), {"y": (1.0 + rng.normal(0, 0.3, 10)[GROUP] + rng.normal(0, 0.01, GROUP.size)).astype(np.float32)}
+
+
+STRUCTURED_CASES = {
+    "crossed_logistic": (crossed_logistic, (ROW, COL), {"y": BITS}),
+    "scaled_poisson": (scaled_poisson, (ROW,), {"y": COUNTS}),
+    "subsampled_events": (subsampled_events, (ROW,), {"y": COUNTS - 2.0}),
+    "sheared_by_data": (sheared_by_data, *_sheared_data()),
+}
+
+
+def _guard_hessians(monkeypatch, model, args, kwargs, predictors=None):
+    """The guard's Hessians by the linear predictors next to the model's own, at every point and
+    plan subset the guard visits, and the plan; ``predictors`` replaces ``linear_predictors``."""
+    from autoreparam import planning
+    from autoreparam.api import analyze
+
+    monkeypatch.setattr(conditioning, "STRUCTURED_MIN_WORK", 0)
+    if predictors is not None:
+        monkeypatch.setattr(planning, "linear_predictors", predictors)
+    pairs, fell_back = [], []
+    operator = conditioning.ReparamGeometry.operator
+
+    def spy(self, theta, knobs, sites=None):
+        structured = bool(self.likelihood)
+        out = operator(self, theta, knobs, sites)
+        if structured and not self.likelihood:
+            fell_back.append(True)
+        if self.likelihood:
+            dense = np.asarray(self._dense(theta, knobs, np.eye(out[2], dtype=np.float32)), np.float64)
+            pairs.append((out[1], 0.5 * (dense + dense.T)))
+        return out
+
+    monkeypatch.setattr(conditioning.ReparamGeometry, "operator", spy)
+    plan = analyze(model, *args, **kwargs).plan
+    return pairs, fell_back, plan
+
+
+@pytest.mark.parametrize("case", sorted(STRUCTURED_CASES))
+def test_the_guards_hessian_by_linear_predictors_is_the_models_own(monkeypatch, case):
+    model, args, kwargs = STRUCTURED_CASES[case]
+    pairs, fell_back, _ = _guard_hessians(monkeypatch, model, args, kwargs)
+    assert pairs and not fell_back
+    for structured, dense in pairs:
+        assert np.abs(structured - dense).max() <= 1e-5 * np.abs(dense).max()
+        kappa = conditioning.condition_number(None, len(dense), dense)
+        if kappa < 1e5:  # beyond, float32 rounding of the model's own Hessian decides its smallest eigenvalue
+            assert conditioning.condition_number(None, len(dense), structured) == pytest.approx(kappa, rel=1e-3)
+
+
+def test_linear_predictors_need_every_latent_parent_as_a_term():
+    """A latent observation scale is read outside the predictor: the guard keeps the model's Hessian."""
+    report = analyze_model(tutorial, *tutorial_data())[0]
+    latent = {n for n, s in report.sites.items() if s.type == "latent"}
+    assert conditioning.linear_predictors(report.terms, report.parents, latent) is None
+    report = analyze_model(crossed_logistic, (ROW, COL), {"y": BITS})[0]
+    latent = {n for n, s in report.sites.items() if s.type == "latent"}
+    (predictor,) = conditioning.linear_predictors(report.terms, report.parents, latent)
+    assert (predictor.observed, predictor.param) == ("y", "logits")
+    assert sorted(site for site, _ in predictor.terms) == ["a", "b", "mu"]
+
+
+def test_a_predictor_the_model_contradicts_falls_back_to_its_own_hessian(monkeypatch):
+    """The likelihood's gradient is checked against the predictors at every point: a map that is
+    wrong (here twice the true one) leaves the model's own Hessian, and the same plan."""
+    from autoreparam.linear_maps import GatherMap
+
+    def doubled(terms, parents, latent):
+        found = conditioning.linear_predictors(terms, parents, latent)
+        return tuple(conditioning.LinearPredictor(p.observed, p.param, tuple(
+            (site, GatherMap(m.index, 2.0 * m.coef, m.n_in)) for site, m in p.terms)) for p in found)
+
+    _, fell_back, plan = _guard_hessians(monkeypatch, crossed_logistic, (ROW, COL), {"y": BITS}, doubled)
+    assert fell_back
+    monkeypatch.setattr(conditioning, "STRUCTURED_MIN_WORK", float("inf"))
+    from autoreparam.api import analyze
+    assert plan.to_json() == analyze(crossed_logistic, ROW, COL, y=BITS).plan.to_json()

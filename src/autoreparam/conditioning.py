@@ -14,6 +14,16 @@ points with one preconditioner (the centre's): the centre, and the hyperparamete
 e down and up, so that a funnel's changing curvature counts. The centre is the curvature point,
 with a funnel's scale hyperparameter moved to the scale its centredness was estimated for.
 
+On much data (``STRUCTURED_MIN_WORK``: observed values x latent values), when every observed site
+reads the latent sites only through one parameter that the analysis found to be a constant linear
+map of them (``linear_predictors``: ``logits = mu + a[row] + b[col]``), the dense Hessian is
+assembled instead of pushing every direction through every observation: the prior and the change
+of variables by a program on the sites alone, plus ``J^T L^T W L J`` with ``W`` the likelihood's
+curvature per observation (on its link's scale) and ``L`` the maps, summed in float64, and the
+likelihood's gradient times the change of variables' second derivatives. The likelihood's gradient
+from the model itself is compared with the maps' at every point; where they differ (a latent site
+read another way, a map that does not hold there), the guard takes the model's own Hessian.
+
 With ``OFFSETS_CHECK`` (off by default: it changes the tensor example's plan, unmeasured), offsets
 are also judged on their own (``guard_offsets``): an offset is a shear of its child and
 parents given everything else, so the whole log joint's condition number can be set by other
@@ -39,11 +49,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from numpyro.distributions import biject_to
+from numpyro.distributions.transforms import IdentityTransform
 from numpyro.primitives import Messenger
 
-from .trace import jit_quick, log_joint, replayed, staged, unwrap_distribution
+from .trace import jit_quick, log_joint, replayed, staged, staged_if_possible, unwrap_distribution
 
-__all__ = ["ReparamGeometry", "condition_number", "guard_items", "guard_offsets", "check_plan_sites"]
+__all__ = ["ReparamGeometry", "LinearPredictor", "condition_number", "guard_items", "guard_offsets",
+           "check_plan_sites", "linear_predictors"]
 
 # Below this many unconstrained values the Hessian is formed densely (one vmapped HVP call).
 DENSE_LIMIT = 600
@@ -78,9 +90,10 @@ class _ChangeOfVariables(Messenger):
     ``inverse``: ``theta`` (site values) -> ``u``, recorded in ``self.u``.
     """
 
-    def __init__(self, fn, names, specs, coords, knobs, inverse):
+    def __init__(self, fn, names, specs, coords, knobs, inverse, observed=True):
         super().__init__(fn)
         self.names, self.specs, self.coords, self.knobs, self.inverse = names, specs, coords, knobs, inverse
+        self.observed = observed  # False: the observed sites' log densities left out (the prior alone)
         self.values: dict[str, Any] = {}
         self.u: dict[str, Any] = {}
         self.log_jacobian = 0.0
@@ -94,6 +107,8 @@ class _ChangeOfVariables(Messenger):
 
     def process_message(self, msg):
         name = msg.get("name")  # a numpyro.prng_key() message has none
+        if msg["type"] == "sample" and msg.get("is_observed") and not self.observed:
+            msg["fn"] = msg["fn"].mask(False)
         if msg["type"] != "sample" or msg.get("is_observed") or name not in self.names:
             return
         fn = msg["fn"]
@@ -140,6 +155,138 @@ class _ChangeOfVariables(Messenger):
         return loc + factor * (u - c * loc) + offset, u, logdet
 
 
+# -- the likelihood through its linear predictor -----------------------------------------------------
+# From this many observed values times unconstrained latent values, the dense Hessian takes the
+# likelihood's curvature from its linear predictors (``LinearPredictor``) when every observed site has
+# one: pushing every latent direction through every observation (the crossed logistic example: 403
+# x 15,000, six times) cost more than the rest of its analysis and plan together.
+STRUCTURED_MIN_WORK = 1_000_000
+
+
+@dataclass(frozen=True)
+class LinearPredictor:
+    """Observed site ``observed`` reads the latent sites only through its real parameter ``param``,
+    a constant linear map of ``terms`` (``(site, map)``, the analysis's ``Term.linear_map``, whose rows
+    are the observed site's flattened parameters) plus data."""
+
+    observed: str
+    param: str
+    terms: tuple[tuple[str, Any], ...]
+
+
+def linear_predictors(terms: dict, parents: dict, latent: set[str]) -> tuple[LinearPredictor, ...] | None:
+    """One ``LinearPredictor`` per observed site in ``terms`` (the report's ``{observed: [Term]}``),
+    or None unless each reads its latent parents only as additive terms of one real parameter."""
+    out = []
+    for observed, site_terms in terms.items():
+        read = set(parents.get(observed, ())) & latent
+        if not site_terms and not read:
+            continue  # data alone: no curvature in the latent values
+        if not site_terms or {t.site for t in site_terms} != read:
+            return None
+        params = {t.params for t in site_terms}
+        if len(params) != 1 or len(next(iter(params))) != 1 or any(t.linear_map is None for t in site_terms):
+            return None
+        out.append(LinearPredictor(observed, next(iter(params))[0], tuple((t.site, t.linear_map) for t in site_terms)))
+    return tuple(out)
+
+
+class _LikelihoodOnly(Messenger):
+    """The observed sites' log densities alone, with ``shifts[y]`` added to observed site ``y``'s
+    predictor parameter (``params[y]``): their derivatives are the likelihood's per observation."""
+
+    def __init__(self, fn, shifts, params):
+        super().__init__(fn)
+        self.shifts, self.params = shifts, params
+
+    def process_message(self, msg):
+        if msg["type"] != "sample":
+            return
+        if not msg.get("is_observed"):
+            msg["fn"] = msg["fn"].mask(False)
+        elif msg["name"] in self.shifts:
+            msg["fn"] = _shifted(msg["fn"], self.params[msg["name"]], self.shifts[msg["name"]])
+
+
+class Unstructured(Exception):
+    """The likelihood is not what its linear predictors say: the guard uses the model's own Hessian."""
+
+
+def _shifted(fn, param, shift):
+    """``fn`` with ``shift`` added to its innermost distribution's ``param`` (a pytree leaf) on the
+    scale of its link, where the analysis found it linear (``log rate`` for a Poisson ``rate``)."""
+    base = unwrap_distribution(fn)
+    target = base.__dict__.get(param)
+    leaves, tree = jax.tree.flatten(fn)
+    found = [i for i, leaf in enumerate(leaves) if leaf is target]
+    if base.event_shape or target is None or len(found) != 1 or jnp.shape(target) != jnp.shape(shift):
+        raise Unstructured(f"{type(base).__name__}.{param}")
+    try:
+        link = biject_to(base.arg_constraints[param])
+    except Exception:  # noqa: BLE001 - no bijection: the analysis took the raw parameter too
+        link = None
+    if link is None or isinstance(link, IdentityTransform):
+        leaves[found[0]] = target + shift
+    elif link.domain.event_dim == 0 and link.codomain.event_dim == 0:
+        leaves[found[0]] = link(link.inv(target) + shift)
+    else:
+        raise Unstructured(f"{type(base).__name__}.{param}")
+    return jax.tree.unflatten(tree, leaves)
+
+
+def _predictor_rows(base, param) -> slice:
+    """The rows of ``param`` among the flattened parameters the analysis's maps write to."""
+    start = 0
+    for p, c in base.arg_constraints.items():
+        if not hasattr(base, p):
+            continue
+        value = getattr(base, p)
+        if c.is_discrete or not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+            continue
+        n = int(np.prod(jnp.shape(value), dtype=np.int64))
+        if p == param:
+            return slice(start, start + n)
+        start += n
+    raise Unstructured(param)
+
+
+def _restricted(lmap, rows: slice):
+    """``lmap``'s rows ``rows``: ("gather", index, coef) for a gather map, else ("dense", matrix)."""
+    if hasattr(lmap, "index"):
+        return ("gather", lmap.index[rows], np.asarray(lmap.coef[rows], np.float64))
+    return ("dense", np.asarray(lmap.to_dense()[rows], np.float64))
+
+
+def _weighted_gram(a, b, w, n_a, n_b) -> np.ndarray:
+    """``L_a^T diag(w) L_b`` (n_a x n_b, float64) for two restricted maps."""
+    if a[0] == "gather" and b[0] == "gather":
+        flat = a[1].astype(np.int64) * n_b + b[1]
+        return np.bincount(flat, weights=a[2] * w * b[2], minlength=n_a * n_b).reshape(n_a, n_b)
+    dense_b = b[1] if b[0] == "dense" else _gather_dense(b, n_b)
+    if a[0] == "gather":
+        weighted = (a[2] * w)[:, None] * dense_b
+        return np.stack([np.bincount(a[1], weights=weighted[:, j], minlength=n_a) for j in range(n_b)], axis=1)
+    return (a[1] * w[:, None]).T @ dense_b
+
+
+def _gather_dense(m, n) -> np.ndarray:
+    out = np.zeros((m[1].shape[0], n))
+    out[np.arange(m[1].shape[0]), m[1]] = m[2]
+    return out
+
+
+def _transpose_times(m, v, n) -> np.ndarray:
+    """``L^T v`` for a restricted map."""
+    if m[0] == "gather":
+        return np.bincount(m[1], weights=m[2] * v, minlength=n)
+    return m[1].T @ v
+
+
+def _absolute(m):
+    """The restricted map with its coefficients' absolute values: ``|L|^T |v|`` bounds ``L^T v``'s rounding."""
+    return (m[0], m[1], np.abs(m[2])) if m[0] == "gather" else (m[0], np.abs(m[1]))
+
+
 class ReparamGeometry:
     """The negative log joint of a model after a plan's items, in NUTS's unconstrained coordinates.
 
@@ -149,8 +296,15 @@ class ReparamGeometry:
     compiled once per model and reused for every knob setting.
     """
 
-    def __init__(self, mt, names, specs, fixed):
-        self.mt, self.names, self.specs = mt, list(names), specs
+    def __init__(self, mt, names, specs, fixed, likelihood: tuple[LinearPredictor, ...] | None = None):
+        self.mt, self.names, self.specs, self.fixed = mt, list(names), specs, fixed
+        # With ``likelihood``, the dense Hessian is the prior's and the change of variables' (a
+        # program on the sites alone) plus the likelihood's J^T L^T W L J, with W its curvature per
+        # observation and L the linear predictors, summed in float64 (``_structured``). Summing the
+        # likelihood's curvature in float32 first and then applying J^T .. J is not exact: where an
+        # offset shears away a large data curvature, it cancels (a 1e4-fold error seen before).
+        self.likelihood = likelihood or None
+        self._at_points: list = []  # [(theta, (M, g_z))]: the likelihood's parts at each point
 
         def run(coords, knobs, inverse):
             cov = _ChangeOfVariables(None, set(self.names), specs, coords, knobs, inverse)
@@ -186,6 +340,121 @@ class ReparamGeometry:
 
         self._dense = jit_quick(staged(dense), size, runs=GUARD_RUNS)
         self._shapes = mt.unconstrained_shapes(self.names)
+        self._to_unconstrained = to_unconstrained
+        self._sites_dense = self._lik = None
+
+    # -- the structured Hessian: prior and change of variables, plus the linear predictors' curvature
+    def _build_structured(self, theta):
+        mt, fixed, specs, names = self.mt, self.fixed, self.specs, set(self.names)
+        params = {lp.observed: lp.param for lp in self.likelihood}
+        self._terms = sorted({site for lp in self.likelihood for site, _ in lp.terms})
+        if not set(self._terms) <= names:
+            raise Unstructured("a term outside the latent sites")
+        rows: dict[str, slice] = {}
+
+        def shapes(theta):
+            tr = mt.run({**theta, **fixed})
+            out = {}
+            for y, param in params.items():
+                base = unwrap_distribution(tr[y]["fn"])
+                rows[y] = _predictor_rows(base, param)
+                out[y] = getattr(base, param)
+            return out
+
+        self._shifts = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                                    jax.eval_shape(staged_if_possible(shapes), theta))
+        self._rows = rows
+
+        def likelihood_parts(theta, shifts):
+            def lik(th, sh):
+                return log_joint(mt, th, handler=_LikelihoodOnly(None, sh, params), fixed=fixed)
+
+            grad = jax.grad(lik, argnums=(0, 1))
+            ones = jax.tree.map(jnp.ones_like, shifts)
+            (g_theta, g_shift), (_, h_shift) = jax.jvp(lambda sh: grad(theta, sh), (shifts,), (ones,))
+            return g_theta, g_shift, h_shift
+
+        terms = self._terms
+
+        def sites_dense(theta, knobs, g_z, rows):
+            u = self._to_unconstrained(theta, knobs)
+            unravel = ravel_pytree(u)[1]
+
+            def phi(u):
+                cov = _ChangeOfVariables(None, names, specs, u, knobs, False, observed=False)
+                logp = log_joint(mt, {}, handler=cov, fixed=fixed)
+                z = {n: cov.values[n] for n in terms}
+                linear = sum(jnp.vdot(g_z[n], z[n]) for n in terms)
+                return -(logp + cov.log_jacobian + linear), ravel_pytree(z)[0]
+
+            grad = jax.grad(replayed(phi), has_aux=True)
+
+            def column(t):
+                h, dz = jax.jvp(grad, (u,), (unravel(t),))[1]
+                return ravel_pytree(h)[0], dz
+
+            return jax.vmap(column)(rows)
+
+        size = sum(s.size for s in mt.sites.values())
+        self._lik = jit_quick(staged(likelihood_parts), size)
+        # On the sites alone: small arrays, which XLA's quick options run in milliseconds.
+        self._sites_dense = jit_quick(staged(sites_dense), size)
+
+    def _likelihood_at(self, theta):
+        """(M = sum L^T W L over the predictors, float64; g_z = the likelihood's gradient in the
+        terms' values) at the point ``theta``, checked against the model's own gradient."""
+        for point, parts in self._at_points:
+            if point is theta:
+                return parts
+        if self._lik is None:
+            self._build_structured(theta)
+        g_theta, g_shift, h_shift = self._lik(theta, self._shifts)
+        sizes = {n: int(np.size(theta[n])) for n in self._terms}
+        starts = dict(zip(self._terms, np.cumsum([0, *sizes.values()])[:-1].tolist()))
+        total = sum(sizes.values())
+        m = np.zeros((total, total))
+        g_z, bound = np.zeros(total), np.zeros(total)
+        for lp in self.likelihood:
+            d = np.asarray(g_shift[lp.observed], np.float64).ravel()
+            w = -np.asarray(h_shift[lp.observed], np.float64).ravel()
+            maps = {}
+            for site, lmap in lp.terms:
+                if lmap.n_in != sizes[site]:
+                    raise Unstructured(f"the map of {site}")
+                maps[site] = _restricted(lmap, self._rows[lp.observed])
+                rows = maps[site][1].shape[0]
+                if rows != d.size:
+                    raise Unstructured(f"the predictor of {lp.observed}")
+            for a, ma in maps.items():
+                sa = slice(starts[a], starts[a] + sizes[a])
+                g_z[sa] += _transpose_times(ma, d, sizes[a])
+                bound[sa] += _transpose_times(_absolute(ma), np.abs(d), sizes[a])
+                for b, mb in maps.items():
+                    m[sa, starts[b]:starts[b] + sizes[b]] += _weighted_gram(ma, mb, w, sizes[a], sizes[b])
+        # The model's own gradient of its likelihood must be the predictors' (and nothing else's):
+        # a latent site read another way, or a map that does not hold at this point, falls back.
+        scale = max(float(bound.max(initial=0.0)), 1e-30)
+        for name in self.names:
+            actual = np.asarray(g_theta[name], np.float64).ravel()
+            if name in starts:
+                sl = slice(starts[name], starts[name] + sizes[name])
+                if not np.all(np.abs(actual - g_z[sl]) <= 1e-4 * bound[sl] + 1e-6 * scale):
+                    raise Unstructured(f"the likelihood's gradient in {name}")
+            elif not np.all(np.abs(actual) <= 1e-6 * scale):
+                raise Unstructured(f"the likelihood reads {name}")
+        dtype = jnp.result_type(*jax.tree.leaves(theta))
+        parts = (0.5 * (m + m.T), {n: np.reshape(g_z[starts[n]:starts[n] + sizes[n]], np.shape(theta[n])).astype(dtype)
+                                   for n in self._terms})
+        # The guard's points (three) are visited again for each plan subset; a search over many
+        # points (``offset_points``) keeps only the latest.
+        self._at_points = [*self._at_points[-3:], (theta, parts)]
+        return parts
+
+    def _structured(self, theta, knobs, n):
+        m, g_z = self._likelihood_at(theta)
+        h, dz = self._sites_dense(theta, knobs, g_z, np.eye(n, dtype=jnp.result_type(*jax.tree.leaves(theta))))
+        j = np.asarray(dz, np.float64)  # n x Z: row i is d z / d u_i
+        return np.asarray(h, np.float64) + j @ m @ j.T
 
     def operator(self, theta: dict, knobs: dict, sites=None):
         """(hvp on flat vectors, dense matrix or None, size) at ``theta`` for ``knobs``.
@@ -207,9 +476,16 @@ class ReparamGeometry:
         if sites is not None:
             keep = np.concatenate([np.arange(starts[s], starts[s] + sizes[s]) for s in sorted(sites)])
         if n <= DENSE_LIMIT:
-            # Every column, also for a restriction: one compiled program for all of them.
-            h = np.asarray(self._dense(theta, knobs, np.eye(n, dtype=jnp.result_type(*jax.tree.leaves(theta)))),
-                           np.float64)
+            h = None
+            if self.likelihood:
+                try:
+                    h = self._structured(theta, knobs, n)
+                except Exception:  # noqa: BLE001 - not what the predictors say: the model's own Hessian
+                    self.likelihood = None
+            if h is None:
+                # Every column, also for a restriction: one compiled program for all of them.
+                h = np.asarray(self._dense(theta, knobs, np.eye(n, dtype=jnp.result_type(*jax.tree.leaves(theta)))),
+                               np.float64)
             h = h if keep is None else h[np.ix_(keep, keep)]
             h = 0.5 * (h + h.T)
             return (lambda v: h @ v), h, h.shape[0]
@@ -539,11 +815,13 @@ def _summary(value) -> str:
     return f"{v[0]:.2g}" if v.size == 1 else f"{v.min():.2g}..{v.max():.2g}"
 
 
-def check_plan_sites(curv, plan_sites: list, anchors: dict, hyperparameters=(), funnels=()) -> tuple[list, list[str], dict]:
+def check_plan_sites(curv, plan_sites: list, anchors: dict, hyperparameters=(), funnels=(),
+                     likelihood: tuple[LinearPredictor, ...] | None = None) -> tuple[list, list[str], dict]:
     """The plan's sites without the items that make the log joint worse conditioned than the model's.
 
     ``curv`` is the plan's curvature object (its point, names and model trace); ``plan_sites``
-    the ``SitePlan``s about to go into the plan. Returns (kept sites, one note per dropped item,
+    the ``SitePlan``s about to go into the plan; ``likelihood`` the observed sites' linear predictors
+    (``linear_predictors``), used from ``STRUCTURED_MIN_WORK``. Returns (kept sites, one note per dropped item,
     condition numbers {"original", "plan", "kept"}).
     """
     mt = curv.mt
@@ -567,7 +845,10 @@ def check_plan_sites(curv, plan_sites: list, anchors: dict, hyperparameters=(), 
         return plan_sites, [], {}
     theta = funnel_points(curv, hyperparameters, funnels)
     fixed = {n: v for n, v in curv.values.items() if n not in curv.names}
-    geometry = ReparamGeometry(mt, curv.names, specs, fixed)
+    observed = sum(s.size for s in mt.sites.values() if s.type == "observed")
+    latent = sum(mt.sites[n].size for n in curv.names)
+    geometry = ReparamGeometry(mt, curv.names, specs, fixed,
+                               likelihood if observed * latent >= STRUCTURED_MIN_WORK else None)
     by_site = {s.name: s for s in plan_sites}
 
     def off_value(item):

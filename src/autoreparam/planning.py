@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .conditioning import check_plan_sites
+from .conditioning import check_plan_sites, linear_predictors
 from .curvature import Curvature
 from .errors import InputError
 from .notes import Note, NoteKind
@@ -180,8 +180,9 @@ def _build_plan(report, mt, init, noncentre, at, guard=True) -> tuple[Plan, list
     if curv is not None and plan_sites and guard:
         # Never make the geometry worse: drop what worsens the conditioning at the curvature point.
         try:
-            plan_sites, dropped, _ = check_plan_sites(curv, plan_sites, anchors, report.hyperparameters,
-                                                      report.funnels)
+            plan_sites, dropped, _ = check_plan_sites(
+                curv, plan_sites, anchors, report.hyperparameters, report.funnels,
+                linear_predictors(report.terms, report.parents, set(latent)))
             notes = [Note(text, NoteKind.GUARD_DROPPED) for text in dropped]
         except Exception as exc:  # the check is a safety net: an unchecked plan beats no plan
             notes = [Note(f"the conditioning check could not run ({type(exc).__name__}); the plan is unchecked",

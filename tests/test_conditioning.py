@@ -522,6 +522,25 @@ def test_linear_predictors_need_every_latent_parent_as_a_term():
     assert sorted(site for site, _ in predictor.terms) == ["a", "b", "mu"]
 
 
+def hidden_scale(group, y=None):
+    """``b`` reaches ``y`` through a deterministic site, with no gradient at its prior median 0."""
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    with numpyro.plate("groups", 10):
+        a = numpyro.sample("a", dist.Normal(0.0, tau))
+    b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+    s = numpyro.deterministic("s", jnp.exp(b ** 2))
+    with numpyro.plate("obs", len(group)):
+        numpyro.sample("y", dist.Normal(a[group], s), obs=y)
+
+
+def test_a_latent_site_read_through_a_deterministic_one_is_read():
+    group = GROUP[::100]
+    report = analyze_model(hidden_scale, (group,), {"y": np.sin(np.arange(group.size)).astype(np.float32)})[0]
+    assert report.parents["y"] == {"a", "s"}
+    latent = {n for n, s in report.sites.items() if s.type == "latent"}
+    assert conditioning.linear_predictors(report.terms, report.parents, latent) is None
+
+
 def test_a_predictor_the_model_contradicts_falls_back_to_its_own_hessian(monkeypatch):
     """The likelihood's gradient is checked against the predictors at every point: a map that is
     wrong (here twice the true one) leaves the model's own Hessian, and the same plan."""

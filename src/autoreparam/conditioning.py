@@ -179,7 +179,7 @@ def linear_predictors(terms: dict, parents: dict, latent: set[str]) -> tuple[Lin
     or None unless each reads its latent parents only as additive terms of one real parameter."""
     out = []
     for observed, site_terms in terms.items():
-        read = set(parents.get(observed, ())) & latent
+        read = _latent_reads(observed, parents, latent)
         if not site_terms and not read:
             continue  # data alone: no curvature in the latent values
         if not site_terms or {t.site for t in site_terms} != read:
@@ -189,6 +189,21 @@ def linear_predictors(terms: dict, parents: dict, latent: set[str]) -> tuple[Lin
             return None
         out.append(LinearPredictor(observed, next(iter(params))[0], tuple((t.site, t.linear_map) for t in site_terms)))
     return tuple(out)
+
+
+def _latent_reads(site: str, parents: dict, latent: set[str]) -> set[str]:
+    """The latent sites ``site`` reads, also through deterministic sites (``s = exp(b)``: ``b``)."""
+    found, seen, stack = set(), set(), list(parents.get(site, ()))
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in latent:
+            found.add(name)
+        elif name in parents:
+            stack.extend(parents[name])
+    return found
 
 
 class _LikelihoodOnly(Messenger):

@@ -463,7 +463,51 @@ def _sheared_data():
     return (GROUP,), {"y": (1.0 + rng.normal(0, 0.3, 10)[GROUP] + rng.normal(0, 0.01, GROUP.size)).astype(np.float32)}
 
 
+def weibull_scale(group, y=None, z=None):
+    """A parameter that is not the first by name (Weibull: concentration, scale): the maps' rows."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    with numpyro.plate("groups", 10):
+        a = numpyro.sample("a", dist.Normal(mu, tau))
+    with numpyro.plate("obs", len(group)):
+        numpyro.sample("y", dist.Normal(a[group], 1.0), obs=y)
+        numpyro.sample("z", dist.Weibull(jnp.exp(mu + a[group]), 1.5), obs=z)
+
+
+def scaled_by_a_latent(group, y=None):
+    """``c`` reaches the likelihood only as ``handlers.scale``'s factor, flat at its prior median 0."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    with numpyro.plate("groups", 10):
+        a = numpyro.sample("a", dist.Normal(mu, tau))
+    c = numpyro.sample("c", dist.Normal(0.0, 1.0))
+    with numpyro.handlers.scale(scale=jnp.exp(c ** 2)), numpyro.plate("obs", len(group)):
+        numpyro.sample("y", dist.Normal(a[group], 1.0), obs=y)
+
+
+def truncated_by_a_latent(group, y=None, z=None):
+    """``b`` reaches ``z`` through a truncated law, whose parameters (low, high) do not show it."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    with numpyro.plate("groups", 10):
+        a = numpyro.sample("a", dist.Normal(mu, tau))
+    b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+    with numpyro.plate("obs", len(group)):
+        numpyro.sample("y", dist.Normal(a[group], 1.0), obs=y)
+    with numpyro.plate("obs2", 40):
+        numpyro.sample("z", dist.TruncatedNormal(b ** 2 + jnp.zeros(40), 0.5, low=-3.0), obs=z)
+
+
+SMALL_GROUP = GROUP[::100]
+SMALL_Y = np.sin(np.arange(SMALL_GROUP.size, dtype=np.float32))
+HIDDEN_CASES = {
+    "scaled_by_a_latent": (scaled_by_a_latent, (SMALL_GROUP,), {"y": SMALL_Y}),
+    "truncated_by_a_latent": (truncated_by_a_latent, (SMALL_GROUP,),
+                              {"y": SMALL_Y, "z": np.cos(np.arange(40, dtype=np.float32))}),
+}
+
 STRUCTURED_CASES = {
+    "weibull_scale": (weibull_scale, (SMALL_GROUP,), {"y": SMALL_Y, "z": 1.0 + SMALL_Y ** 2}),
     "crossed_logistic": (crossed_logistic, (ROW, COL), {"y": BITS}),
     "scaled_poisson": (scaled_poisson, (ROW,), {"y": COUNTS}),
     "subsampled_events": (subsampled_events, (ROW,), {"y": COUNTS - 2.0}),
@@ -508,6 +552,19 @@ def test_the_guards_hessian_by_linear_predictors_is_the_models_own(monkeypatch, 
         kappa = conditioning.condition_number(None, len(dense), dense)
         if kappa < 1e5:  # beyond, float32 rounding of the model's own Hessian decides its smallest eigenvalue
             assert conditioning.condition_number(None, len(dense), structured) == pytest.approx(kappa, rel=1e-3)
+
+
+@pytest.mark.parametrize("case", sorted(HIDDEN_CASES))
+def test_a_latent_site_the_likelihood_reads_outside_its_parameters_falls_back(monkeypatch, case):
+    """Its gradient vanishes at the guard's points, but not its curvature: the Hessian-vector check
+    sees it, and the guard keeps the model's own Hessian and plan."""
+    from autoreparam.api import analyze
+
+    model, args, kwargs = HIDDEN_CASES[case]
+    _, fell_back, plan = _guard_hessians(monkeypatch, model, args, kwargs)
+    assert fell_back
+    monkeypatch.setattr(conditioning, "STRUCTURED_MIN_WORK", float("inf"))
+    assert plan.to_json() == analyze(model, *args, **kwargs).plan.to_json()
 
 
 def test_linear_predictors_need_every_latent_parent_as_a_term():

@@ -250,9 +250,10 @@ def _shifted(fn, param, shift):
 
 
 def _predictor_rows(base, param) -> slice:
-    """The rows of ``param`` among the flattened parameters the analysis's maps write to."""
+    """The rows of ``param`` among the flattened parameters the analysis's maps write to (in the
+    order of their names, as the analysis's dict of them is flattened)."""
     start = 0
-    for p, c in base.arg_constraints.items():
+    for p, c in sorted(base.arg_constraints.items()):
         if not hasattr(base, p):
             continue
         value = getattr(base, p)
@@ -380,14 +381,18 @@ class ReparamGeometry:
                                     jax.eval_shape(staged_if_possible(shapes), theta))
         self._rows = rows
 
-        def likelihood_parts(theta, shifts):
+        def likelihood_parts(theta, shifts, probe):
+            # Gradients in the site values and the shifts, the shifts' (diagonal) second derivatives,
+            # and one Hessian-vector product in the site values along ``probe``, for the check.
             def lik(th, sh):
                 return log_joint(mt, th, handler=_LikelihoodOnly(None, sh, params), fixed=fixed)
 
             grad = jax.grad(lik, argnums=(0, 1))
+            zeros = jax.tree.map(jnp.zeros_like, (theta, shifts))
             ones = jax.tree.map(jnp.ones_like, shifts)
-            (g_theta, g_shift), (_, h_shift) = jax.jvp(lambda sh: grad(theta, sh), (shifts,), (ones,))
-            return g_theta, g_shift, h_shift
+            (g_theta, g_shift), (_, h_shift) = jax.jvp(grad, (theta, shifts), (zeros[0], ones))
+            h_theta = jax.jvp(grad, (theta, shifts), (probe, zeros[1]))[1][0]
+            return g_theta, g_shift, h_shift, h_theta
 
         terms = self._terms
 
@@ -423,11 +428,13 @@ class ReparamGeometry:
                 return parts
         if self._lik is None:
             self._build_structured(theta)
-        g_theta, g_shift, h_shift = self._lik(theta, self._shifts)
+        rng = np.random.default_rng(0)
+        probe = {n: rng.standard_normal(np.shape(v)).astype(np.asarray(v).dtype) for n, v in theta.items()}
+        g_theta, g_shift, h_shift, h_probe = self._lik(theta, self._shifts, probe)
         sizes = {n: int(np.size(theta[n])) for n in self._terms}
         starts = dict(zip(self._terms, np.cumsum([0, *sizes.values()])[:-1].tolist()))
         total = sum(sizes.values())
-        m = np.zeros((total, total))
+        m, m_abs = np.zeros((total, total)), np.zeros((total, total))
         g_z, bound = np.zeros(total), np.zeros(total)
         for lp in self.likelihood:
             d = np.asarray(g_shift[lp.observed], np.float64).ravel()
@@ -445,18 +452,25 @@ class ReparamGeometry:
                 g_z[sa] += _transpose_times(ma, d, sizes[a])
                 bound[sa] += _transpose_times(_absolute(ma), np.abs(d), sizes[a])
                 for b, mb in maps.items():
-                    m[sa, starts[b]:starts[b] + sizes[b]] += _weighted_gram(ma, mb, w, sizes[a], sizes[b])
-        # The model's own gradient of its likelihood must be the predictors' (and nothing else's):
-        # a latent site read another way, or a map that does not hold at this point, falls back.
-        scale = max(float(bound.max(initial=0.0)), 1e-30)
-        for name in self.names:
-            actual = np.asarray(g_theta[name], np.float64).ravel()
-            if name in starts:
-                sl = slice(starts[name], starts[name] + sizes[name])
-                if not np.all(np.abs(actual - g_z[sl]) <= 1e-4 * bound[sl] + 1e-6 * scale):
-                    raise Unstructured(f"the likelihood's gradient in {name}")
-            elif not np.all(np.abs(actual) <= 1e-6 * scale):
-                raise Unstructured(f"the likelihood reads {name}")
+                    sb = slice(starts[b], starts[b] + sizes[b])
+                    m[sa, sb] += _weighted_gram(ma, mb, w, sizes[a], sizes[b])
+                    m_abs[sa, sb] += _weighted_gram(_absolute(ma), _absolute(mb), np.abs(w), sizes[a], sizes[b])
+        # The model's own gradient of its likelihood, and its Hessian along a random direction, must
+        # be the predictors' (and zero in every other site): a latent site read another way (a scale
+        # handler's factor, a truncation bound: no parameter of the site), or a map that does not
+        # hold at this point, falls back. The Hessian sees what a zero gradient hides (b**2 at 0).
+        r = np.concatenate([np.asarray(probe[n], np.float64).ravel() for n in self._terms])
+        expected, bound_h = -(m @ r), m_abs @ np.abs(r)  # m is minus the likelihood's Hessian
+        for g, want, tol in ((g_theta, g_z, bound), (h_probe, expected, bound_h)):
+            scale = max(float(tol.max(initial=0.0)), 1e-30)
+            for name in self.names:
+                actual = np.asarray(g[name], np.float64).ravel()
+                if name in starts:
+                    sl = slice(starts[name], starts[name] + sizes[name])
+                    if not np.all(np.abs(actual - want[sl]) <= 1e-4 * tol[sl] + 1e-6 * scale):
+                        raise Unstructured(f"the likelihood's derivatives in {name}")
+                elif not np.all(np.abs(actual) <= 1e-6 * scale):
+                    raise Unstructured(f"the likelihood reads {name}")
         dtype = jnp.result_type(*jax.tree.leaves(theta))
         parts = (0.5 * (m + m.T), {n: np.reshape(g_z[starts[n]:starts[n] + sizes[n]], np.shape(theta[n])).astype(dtype)
                                    for n in self._terms})

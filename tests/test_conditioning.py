@@ -498,12 +498,27 @@ def truncated_by_a_latent(group, y=None, z=None):
         numpyro.sample("z", dist.TruncatedNormal(b ** 2 + jnp.zeros(40), 0.5, low=-3.0), obs=z)
 
 
+def one_scaled_beside_much_data(group, y=None):
+    """``c`` scales one observation beside 10,000 of sd 0.01: its curvature (32) is far below the
+    data's, so it must not hide under a tolerance taken from the largest entries."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
+    with numpyro.plate("groups", 10):
+        a = numpyro.sample("a", dist.Normal(0.0, tau))
+    c = numpyro.sample("c", dist.Normal(0.0, 1.0))
+    with numpyro.plate("obs", len(group)):
+        numpyro.sample("y", dist.Normal(mu + a[group], 0.01), obs=y)
+    with numpyro.handlers.scale(scale=jnp.exp(c ** 2)):
+        numpyro.sample("y0", dist.Normal(mu + a[0], 1.0), obs=7.0)
+
+
 SMALL_GROUP = GROUP[::100]
 SMALL_Y = np.sin(np.arange(SMALL_GROUP.size, dtype=np.float32))
 HIDDEN_CASES = {
     "scaled_by_a_latent": (scaled_by_a_latent, (SMALL_GROUP,), {"y": SMALL_Y}),
     "truncated_by_a_latent": (truncated_by_a_latent, (SMALL_GROUP,),
                               {"y": SMALL_Y, "z": np.cos(np.arange(40, dtype=np.float32))}),
+    "one_scaled_beside_much_data": (one_scaled_beside_much_data, *_sheared_data()),
 }
 
 STRUCTURED_CASES = {
@@ -525,7 +540,13 @@ def _guard_hessians(monkeypatch, model, args, kwargs, predictors=None):
     if predictors is not None:
         monkeypatch.setattr(planning, "linear_predictors", predictors)
     pairs, fell_back = [], []
-    operator = conditioning.ReparamGeometry.operator
+    operator, decide = conditioning.ReparamGeometry.operator, conditioning.ReparamGeometry.use_structured_at
+
+    def spy_decide(self, points):
+        structured = bool(self.likelihood)
+        if structured and not decide(self, points):
+            fell_back.append(True)
+        return bool(self.likelihood)
 
     def spy(self, theta, knobs, sites=None):
         structured = bool(self.likelihood)
@@ -538,6 +559,7 @@ def _guard_hessians(monkeypatch, model, args, kwargs, predictors=None):
         return out
 
     monkeypatch.setattr(conditioning.ReparamGeometry, "operator", spy)
+    monkeypatch.setattr(conditioning.ReparamGeometry, "use_structured_at", spy_decide)
     plan = analyze(model, *args, **kwargs).plan
     return pairs, fell_back, plan
 

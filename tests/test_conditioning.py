@@ -10,6 +10,7 @@ import numpyro.distributions as dist
 import pytest
 
 import autoreparam
+import crossed_logistic
 from autoreparam import conditioning
 from autoreparam.analysis import analyze_model
 from autoreparam.curvature import Curvature
@@ -407,22 +408,10 @@ def test_the_guard_runs_beside_a_multivariate_normal_funnel():
 
 # -- the likelihood's curvature from its linear predictors ------------------------------------------
 ROW = np.repeat(np.arange(6), 4).astype(np.int32)
-COL = np.tile(np.arange(4), 6).astype(np.int32)
-BITS = (np.arange(24) % 3 == 0).astype(np.float32)
+# examples/crossed_logistic.py on 6 x 4 levels, every cell observed once
+CROSSED_ARGS, CROSSED_KWARGS = crossed_logistic.model_args(num_rows=6, num_cols=4, num_obs=24)
 COUNTS = (np.arange(24) % 5).astype(np.float32)
 GROUP = np.repeat(np.arange(10), 1000).astype(np.int32)
-
-
-def crossed_logistic(row, col, y=None):
-    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
-    sigma_a = numpyro.sample("sigma_a", dist.HalfNormal(1.0))
-    sigma_b = numpyro.sample("sigma_b", dist.HalfNormal(1.0))
-    with numpyro.plate("rows", 6):
-        a = numpyro.sample("a", dist.Normal(0.0, sigma_a))
-    with numpyro.plate("cols", 4):
-        b = numpyro.sample("b", dist.Normal(0.0, sigma_b))
-    with numpyro.plate("obs", len(row)):
-        numpyro.sample("y", dist.Bernoulli(logits=mu + a[row] + b[col]), obs=y)
 
 
 def scaled_poisson(row, y=None):
@@ -523,7 +512,7 @@ HIDDEN_CASES = {
 
 STRUCTURED_CASES = {
     "weibull_scale": (weibull_scale, (SMALL_GROUP,), {"y": SMALL_Y, "z": 1.0 + SMALL_Y ** 2}),
-    "crossed_logistic": (crossed_logistic, (ROW, COL), {"y": BITS}),
+    "crossed_logistic": (crossed_logistic.model, CROSSED_ARGS, CROSSED_KWARGS),
     "scaled_poisson": (scaled_poisson, (ROW,), {"y": COUNTS}),
     "subsampled_events": (subsampled_events, (ROW,), {"y": COUNTS - 2.0}),
     "sheared_by_data": (sheared_by_data, *_sheared_data()),
@@ -594,7 +583,7 @@ def test_linear_predictors_need_every_latent_parent_as_a_term():
     report = analyze_model(tutorial, *tutorial_data())[0]
     latent = {n for n, s in report.sites.items() if s.type == "latent"}
     assert conditioning.linear_predictors(report.terms, report.parents, latent) is None
-    report = analyze_model(crossed_logistic, (ROW, COL), {"y": BITS})[0]
+    report = analyze_model(crossed_logistic.model, CROSSED_ARGS, CROSSED_KWARGS)[0]
     latent = {n for n, s in report.sites.items() if s.type == "latent"}
     (predictor,) = conditioning.linear_predictors(report.terms, report.parents, latent)
     assert (predictor.observed, predictor.param) == ("y", "logits")
@@ -630,8 +619,8 @@ def test_a_predictor_the_model_contradicts_falls_back_to_its_own_hessian(monkeyp
         return tuple(conditioning.LinearPredictor(p.observed, p.param, tuple(
             (site, GatherMap(m.index, 2.0 * m.coef, m.n_in)) for site, m in p.terms)) for p in found)
 
-    _, fell_back, plan = _guard_hessians(monkeypatch, crossed_logistic, (ROW, COL), {"y": BITS}, doubled)
+    _, fell_back, plan = _guard_hessians(monkeypatch, crossed_logistic.model, CROSSED_ARGS, CROSSED_KWARGS, doubled)
     assert fell_back
     monkeypatch.setattr(conditioning, "STRUCTURED_MIN_WORK", float("inf"))
     from autoreparam.api import analyze
-    assert plan.to_json() == analyze(crossed_logistic, ROW, COL, y=BITS).plan.to_json()
+    assert plan.to_json() == analyze(crossed_logistic.model, *CROSSED_ARGS, **CROSSED_KWARGS).plan.to_json()

@@ -88,7 +88,8 @@ def _analyze(model, args, kwargs) -> tuple[Report, ModelTrace]:
             if kind == "additive":
                 structure = ("gather" if isinstance(lmap, GatherMap) else
                              "dense" if isinstance(lmap, DenseMap) else "unstructured")
-                terms[y].append(Term(y, a, params, structure, lmap))
+                rows = {p: (sl.start, sl.stop) for p, sl in probe.layout[y][0].items() if p in params}
+                terms[y].append(Term(y, a, params, structure, lmap, rows))
                 if lmap is None:
                     notes.append(Note(
                         f"site '{a}' enters '{y}' additively but neither as a gather nor as a small "

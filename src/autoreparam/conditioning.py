@@ -53,6 +53,7 @@ from numpyro.distributions import biject_to
 from numpyro.distributions.transforms import IdentityTransform
 from numpyro.primitives import Messenger
 
+from .linear_maps import GatherMap, LinearMap
 from .trace import jit_quick, log_joint, replayed, staged, staged_if_possible, unwrap_distribution
 
 __all__ = ["ReparamGeometry", "LinearPredictor", "condition_number", "guard_items", "guard_offsets",
@@ -167,12 +168,12 @@ STRUCTURED_MIN_WORK = 1_000_000
 @dataclass(frozen=True)
 class LinearPredictor:
     """Observed site ``observed`` reads the latent sites only through its real parameter ``param``,
-    a constant linear map of ``terms`` (``(site, map)``, the analysis's ``Term.linear_map``, whose rows
-    are the observed site's flattened parameters) plus data."""
+    a constant linear map of ``terms`` (``(site, map)``: the analysis's ``Term.linear_map`` onto the
+    rows of ``param``) plus data."""
 
     observed: str
     param: str
-    terms: tuple[tuple[str, Any], ...]
+    terms: tuple[tuple[str, LinearMap], ...]
 
 
 def linear_predictors(terms: dict, parents: dict, latent: set[str]) -> tuple[LinearPredictor, ...] | None:
@@ -186,9 +187,13 @@ def linear_predictors(terms: dict, parents: dict, latent: set[str]) -> tuple[Lin
         if not site_terms or {t.site for t in site_terms} != read:
             return None
         params = {t.params for t in site_terms}
-        if len(params) != 1 or len(next(iter(params))) != 1 or any(t.linear_map is None for t in site_terms):
+        if len(params) != 1 or len(next(iter(params))) != 1:
             return None
-        out.append(LinearPredictor(observed, next(iter(params))[0], tuple((t.site, t.linear_map) for t in site_terms)))
+        param = next(iter(params))[0]
+        if any(t.linear_map is None or param not in t.rows for t in site_terms):
+            return None
+        out.append(LinearPredictor(observed, param, tuple((t.site, t.linear_map.rows(slice(*t.rows[param])))
+                                                          for t in site_terms)))
     return tuple(out)
 
 
@@ -250,59 +255,22 @@ def _shifted(fn, param, shift):
     return jax.tree.unflatten(tree, leaves)
 
 
-def _predictor_rows(base, param) -> slice:
-    """The rows of ``param`` among the flattened parameters the analysis's maps write to (in the
-    order of their names, as the analysis's dict of them is flattened)."""
-    start = 0
-    for p, c in sorted(base.arg_constraints.items()):
-        if not hasattr(base, p):
-            continue
-        value = getattr(base, p)
-        if c.is_discrete or not jnp.issubdtype(jnp.result_type(value), jnp.floating):
-            continue
-        n = int(np.prod(jnp.shape(value), dtype=np.int64))
-        if p == param:
-            return slice(start, start + n)
-        start += n
-    raise Unstructured(param)
-
-
-def _restricted(lmap, rows: slice):
-    """``lmap``'s rows ``rows``: ("gather", index, coef) for a gather map, else ("dense", matrix)."""
-    if hasattr(lmap, "index"):
-        return ("gather", lmap.index[rows], np.asarray(lmap.coef[rows], np.float64))
-    return ("dense", np.asarray(lmap.to_dense()[rows], np.float64))
-
-
-def _weighted_gram(a, b, w, n_a, n_b) -> np.ndarray:
-    """``L_a^T diag(w) L_b`` (n_a x n_b, float64) for two restricted maps."""
-    if a[0] == "gather" and b[0] == "gather":
-        flat = a[1].astype(np.int64) * n_b + b[1]
-        return np.bincount(flat, weights=a[2] * w * b[2], minlength=n_a * n_b).reshape(n_a, n_b)
-    if b[0] == "gather":  # never an observations x n_b matrix for the gather
-        return _weighted_gram(b, a, w, n_b, n_a).T
-    if a[0] == "gather":
-        weighted = (a[2] * w)[:, None] * b[1]
-        return np.stack([np.bincount(a[1], weights=weighted[:, j], minlength=n_a) for j in range(n_b)], axis=1)
-    return (a[1] * w[:, None]).T @ b[1]
-
-
-def _transpose_times(m, v, n) -> np.ndarray:
-    """``L^T v`` for a restricted map."""
-    if m[0] == "gather":
-        return np.bincount(m[1], weights=m[2] * v, minlength=n)
-    return m[1].T @ v
-
-
-def _absolute(m):
-    """The restricted map with its coefficients' absolute values: ``|L|^T |v|`` bounds ``L^T v``'s rounding."""
-    return (m[0], m[1], np.abs(m[2])) if m[0] == "gather" else (m[0], np.abs(m[1]))
+def _weighted_gram(a: LinearMap, b: LinearMap, w: np.ndarray) -> np.ndarray:
+    """``a^T diag(w) b`` (float64), never an observations x inputs matrix for a gather map."""
+    if isinstance(b, GatherMap) and not isinstance(a, GatherMap):
+        return _weighted_gram(b, a, w).T
+    if isinstance(a, GatherMap) and isinstance(b, GatherMap):
+        flat = a.index.astype(np.int64) * b.n_in + b.index
+        return np.bincount(flat, weights=a.coef * w * b.coef, minlength=a.n_in * b.n_in).reshape(a.n_in, b.n_in)
+    if isinstance(a, GatherMap):
+        return a.rmatvec(w[:, None] * b.matrix)
+    return (a.matrix * w[:, None]).T @ b.matrix
 
 
 class ReparamGeometry:
     """The negative log joint of a model after a plan's items, in NUTS's unconstrained coordinates.
 
-    ``hessian_operator(theta, knobs)`` returns ``(hvp, diag, n)`` at the model point ``theta``
+    ``operator(theta, knobs)`` returns ``(hvp, dense or None, n)`` at the model point ``theta``
     (constrained site values) for the items set by ``knobs`` (``{"xi": {(site, parent): array},
     "centredness": {site: array}}``): ``hvp`` maps a flat vector to a flat vector. Everything is
     compiled once per model and reused for every knob setting.
@@ -316,6 +284,7 @@ class ReparamGeometry:
         # likelihood's curvature in float32 first and then applying J^T .. J is not exact: where an
         # offset shears away a large data curvature, it cancels (a 1e4-fold error seen before).
         self.likelihood = likelihood or None
+        self._terms = sorted({site for lp in likelihood or () for site, _ in lp.terms})
         self._at_points: list = []  # [(theta, (M, g_z))]: the likelihood's parts at each point
 
         def run(coords, knobs, inverse):
@@ -359,23 +328,15 @@ class ReparamGeometry:
     def _build_structured(self, theta):
         mt, fixed, specs, names = self.mt, self.fixed, self.specs, set(self.names)
         params = {lp.observed: lp.param for lp in self.likelihood}
-        self._terms = sorted({site for lp in self.likelihood for site, _ in lp.terms})
         if not set(self._terms) <= names:
             raise Unstructured("a term outside the latent sites")
-        rows: dict[str, slice] = {}
 
-        def shapes(theta):
+        def shifted_parameters(theta):
             tr = mt.run({**theta, **fixed})
-            out = {}
-            for y, param in params.items():
-                base = unwrap_distribution(tr[y]["fn"])
-                rows[y] = _predictor_rows(base, param)
-                out[y] = getattr(base, param)
-            return out
+            return {y: getattr(unwrap_distribution(tr[y]["fn"]), param) for y, param in params.items()}
 
         self._shifts = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
-                                    jax.eval_shape(staged_if_possible(shapes), theta))
-        self._rows = rows
+                                    jax.eval_shape(staged_if_possible(shifted_parameters), theta))
 
         def likelihood_parts(theta, shifts, probe):
             # Gradients in the site values and the shifts, the shifts' (diagonal) second derivatives,
@@ -383,16 +344,17 @@ class ReparamGeometry:
             def lik(th, sh):
                 return log_joint(mt, th, handler=_LikelihoodOnly(None, sh, params), fixed=fixed)
 
-            grad = jax.grad(lik, argnums=(0, 1))
+            grad = jax.grad(replayed(lik), argnums=(0, 1))
             zeros = jax.tree.map(jnp.zeros_like, (theta, shifts))
-            ones = jax.tree.map(jnp.ones_like, shifts)
-            (g_theta, g_shift), (_, h_shift) = jax.jvp(grad, (theta, shifts), (zeros[0], ones))
-            h_theta = jax.jvp(grad, (theta, shifts), (probe, zeros[1]))[1][0]
-            return g_theta, g_shift, h_shift, h_theta
+            along = (jax.tree.map(lambda z, t: jnp.stack([z, t]), zeros[0], probe),
+                     jax.tree.map(lambda z: jnp.stack([jnp.ones_like(z), z]), zeros[1]))
+            (g_theta, g_shift), (h_theta, h_shift) = jax.vmap(
+                lambda t: jax.jvp(grad, (theta, shifts), t), out_axes=(None, 0))(along)
+            return g_theta, g_shift, jax.tree.map(lambda h: h[0], h_shift), jax.tree.map(lambda h: h[1], h_theta)
 
         terms = self._terms
 
-        def sites_dense(theta, knobs, g_z, rows):
+        def sites_dense(theta, knobs, g_z, tangents):
             u = self._to_unconstrained(theta, knobs)
             unravel = ravel_pytree(u)[1]
 
@@ -409,7 +371,7 @@ class ReparamGeometry:
                 h, dz = jax.jvp(grad, (u,), (unravel(t),))[1]
                 return ravel_pytree(h)[0], dz
 
-            return jax.vmap(column)(rows)
+            return jax.vmap(column)(tangents)
 
         size = sum(s.size for s in mt.sites.values())
         self._lik = jit_quick(staged(likelihood_parts), size)
@@ -435,22 +397,17 @@ class ReparamGeometry:
         for lp in self.likelihood:
             d = np.asarray(g_shift[lp.observed], np.float64).ravel()
             w = -np.asarray(h_shift[lp.observed], np.float64).ravel()
-            maps = {}
             for site, lmap in lp.terms:
-                if lmap.n_in != sizes[site]:
-                    raise Unstructured(f"the map of {site}")
-                maps[site] = _restricted(lmap, self._rows[lp.observed])
-                rows = maps[site][1].shape[0]
-                if rows != d.size:
-                    raise Unstructured(f"the predictor of {lp.observed}")
-            for a, ma in maps.items():
+                if lmap.n_in != sizes[site] or lmap.n_out != d.size:
+                    raise Unstructured(f"the map of {site} into {lp.observed}")
+            for a, ma in lp.terms:
                 sa = slice(starts[a], starts[a] + sizes[a])
-                g_z[sa] += _transpose_times(ma, d, sizes[a])
-                bound[sa] += _transpose_times(_absolute(ma), np.abs(d), sizes[a])
-                for b, mb in maps.items():
+                g_z[sa] += ma.rmatvec(d)
+                bound[sa] += ma.absolute().rmatvec(np.abs(d))
+                for b, mb in lp.terms:
                     sb = slice(starts[b], starts[b] + sizes[b])
-                    m[sa, sb] += _weighted_gram(ma, mb, w, sizes[a], sizes[b])
-                    m_abs[sa, sb] += _weighted_gram(_absolute(ma), _absolute(mb), np.abs(w), sizes[a], sizes[b])
+                    m[sa, sb] += _weighted_gram(ma, mb, w)
+                    m_abs[sa, sb] += _weighted_gram(ma.absolute(), mb.absolute(), np.abs(w))
         # The model's own gradient of its likelihood, and its Hessian along a random direction, must
         # be the predictors' (and zero in every other site): a latent site read another way (a scale
         # handler's factor, a truncation bound: no parameter of the site), or a map that does not

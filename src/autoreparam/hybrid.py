@@ -424,7 +424,8 @@ class AutoHybrid(AutoGuide):
         n = max(int(np.prod(sample_shape)), 1)
         check_block_draws("AutoHybrid.sample_posterior", block_draws)
         num_draws = self.draws_per_theta(None if block_draws is None else int(block_draws))
-        resample_theta = whole_number("AutoHybrid.sample_posterior", "resample_theta", resample_theta or 0, minimum=0)
+        resample_theta = 0 if resample_theta is None or resample_theta is False else whole_number(
+            "AutoHybrid.sample_posterior", "resample_theta", resample_theta, minimum=0)
         theta_pool = whole_number("AutoHybrid.sample_posterior", "theta_pool", theta_pool, none_ok=True)
         pool = int(theta_pool) if theta_pool is not None else n * resample_theta
         if pool and self.theta_names and not self.exact_marginal:

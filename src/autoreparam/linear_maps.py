@@ -75,6 +75,14 @@ class GatherMap:
         out[np.arange(self.n_out), self.index] = self.coef
         return out
 
+    def rows(self, rows: slice) -> "GatherMap":
+        """The map onto the outputs ``rows`` only."""
+        return GatherMap(self.index[rows], self.coef[rows], self.n_in)
+
+    def absolute(self) -> "GatherMap":
+        """``|J|``: ``|J|^T |v|`` bounds the rounding of ``J^T v``."""
+        return GatherMap(self.index, np.abs(self.coef), self.n_in)
+
 
 @dataclass(frozen=True)
 class DenseMap:
@@ -122,6 +130,12 @@ class DenseMap:
 
     def to_dense(self):
         return self.matrix
+
+    def rows(self, rows: slice) -> "DenseMap":
+        return DenseMap(self.matrix[rows])
+
+    def absolute(self) -> "DenseMap":
+        return DenseMap(np.abs(self.matrix))
 
 
 LinearMap = GatherMap | DenseMap

@@ -39,6 +39,9 @@ class Term:
     params: tuple[str, ...]
     structure: str
     linear_map: LinearMap | None = field(default=None, repr=False, compare=False)
+    # {param: (start, stop)}: the rows of each of ``params`` among the map's outputs (the observed
+    # site's parameters flattened in the analysis's order)
+    rows: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
 
     def to_json(self) -> dict:
         return {"site": self.site, "params": list(self.params), "structure": self.structure}
